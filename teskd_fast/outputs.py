@@ -1,0 +1,27 @@
+"""The output contract shared by TESKD networks and the TESKD loss."""
+
+from typing import NamedTuple, Optional, Sequence, Union
+
+import torch
+
+Tensors = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+
+class TESKDOutput(NamedTuple):
+    """What a TESKD network returns, and what ``TESKDLoss`` consumes.
+
+    A NamedTuple, so that it passes through ``torch.compile``, DDP and ``torch.jit`` untouched.
+
+    Attributes:
+        logits: teacher logits ``[B, C]``: the deployed network's output.
+        student_logits: the K students' logits, deepest first: a sequence of ``[B, C]`` tensors or
+            one ``[K, B, C]`` tensor.
+        feature: teacher feature ``[B, D]`` (or ``[B, D, 1, 1]``), or None.
+        student_features: the K students' features (a sequence of ``[B, D]`` or one ``[K, B, D]``),
+            or None.
+    """
+
+    logits: torch.Tensor
+    student_logits: Tensors
+    feature: Optional[torch.Tensor] = None
+    student_features: Optional[Tensors] = None

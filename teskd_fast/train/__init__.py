@@ -1,0 +1,1 @@
+"""teskd_fast.train."""

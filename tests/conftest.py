@@ -1,0 +1,23 @@
+"""Shared test set-up: Triton kernels run under the interpreter when no GPU is present."""
+
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+# Triton reads TRITON_INTERPRET when a kernel is decorated, so it must be set before teskd_fast.kernels loads.
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(params=["cpu"] + (["cuda"] if HAS_CUDA else []))
+def device(request):
+    return torch.device(request.param)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
