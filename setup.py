@@ -37,7 +37,6 @@ setup(
             "teskd-train=teskd_fast.train.cli:main",
             "teskd-scan=teskd_fast.data.scan:main",
             "teskd-plot=teskd_fast.train.plot:main",
-            "teskd-demo-loss=teskd_fast.demo:main",
         ]
     },
 )

@@ -44,9 +44,7 @@ def versions():
 def record(benchmark, group, provider, device, baseline=False, **info):
     """Name the comparison and the provider of a benchmark and attach the environment to it."""
     benchmark.group = group
-    benchmark.extra_info.update(
-        provider=provider, baseline=baseline, device=device_name(device), **versions(), **info
-    )
+    benchmark.extra_info.update(provider=provider, baseline=baseline, device=device_name(device), **versions(), **info)
 
 
 def cpu_peak_rss_mib():

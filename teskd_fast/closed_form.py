@@ -1,0 +1,109 @@
+"""The TESKD loss with closed-form gradients over batched ops (``backend="torch"``): the CPU fast path.
+
+All K + 1 heads are stacked into one ``[K + 1, B, C]`` tensor so that each step is one op for every head.
+The forward computes the loss and the gradient of every input at once (../shared/SPEC.md, "Loss"):
+
+    d CE_h / d z_h  = w_h (softmax(z_h) - y_smooth) * valid / n_valid
+    d KD_k / d z_k  = (T / B) (Q_k (1 + C eps) - (P + eps))
+    d KD_k / d z_t  = (T / B) P (h_k - sum_j P_j h_k,j),   h_k = log(P + eps) - log Q_k
+    d FEA_k / d f_k = 2 (f_k - f_t) mask
+
+and the backward scales the stored gradients by grad_output.
+"""
+
+import torch
+
+
+class TESKDLossFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx,
+        teacher,
+        students,
+        target,
+        teacher_feature,
+        student_features,
+        head_weights,
+        temperature,
+        ce_weight,
+        kd_weight,
+        feat_weight,
+        kd_eps,
+        detach_teacher,
+        label_smoothing,
+        ignore_index,
+    ):
+        acc = torch.float64 if teacher.dtype == torch.float64 else torch.float32
+        K, B, C = students.shape
+        T = temperature
+        z = torch.cat([teacher.unsqueeze(0), students], 0).to(acc)  # [K+1, B, C]
+
+        # Softmaxes of every head at temperature 1 (cross-entropy) and T (distillation).
+        log_p1 = torch.log_softmax(z, -1)
+        log_pt = torch.log_softmax(z.mul_(1.0 / T), -1)
+
+        # Cross-entropy of every head, PyTorch's semantics for ignore_index and label smoothing.
+        valid = target != ignore_index
+        y = torch.where(valid, target, 0).view(1, B, 1).expand(K + 1, B, 1)
+        row_scale = valid.to(acc) / valid.sum()  # [B]
+        nll = log_p1.gather(-1, y).view(K + 1, B)
+        if label_smoothing > 0:
+            nll = torch.lerp(nll, log_p1.mean(-1), label_smoothing)
+        ce_heads = nll @ row_scale  # [K+1], negated
+        uniform = all(w == head_weights[0] for w in head_weights)
+        if uniform:
+            ce = ce_heads.sum() * -head_weights[0]
+            coef = row_scale.mul(ce_weight * head_weights[0]).view(1, B, 1)
+        else:
+            w = torch.tensor(head_weights, dtype=acc, device=z.device)
+            ce = -(ce_heads @ w)
+            coef = torch.outer(w * ce_weight, row_scale).view(K + 1, B, 1)
+        grad = log_p1.exp_()
+        grad.scatter_add_(-1, y, torch.full_like(y, -(1 - label_smoothing), dtype=acc))
+        if label_smoothing > 0:
+            grad.sub_(label_smoothing / C)
+        grad.mul_(coef)
+
+        # Knowledge distillation from the teacher into every student, at temperature T.
+        p_t = log_pt.exp()
+        p = p_t[0]  # [B, C]
+        p_eps = p + kd_eps
+        h = torch.log(p_eps) - log_pt[1:]  # [K, B, C]
+        h_sum = h.sum(0)
+        kd = torch.dot(p_eps.view(-1), h_sum.view(-1)) * (T * T / B)
+        scale = kd_weight * T / B
+        grad[1:].add_(p_t[1:], alpha=scale * (1 + C * kd_eps)).sub_(p_eps, alpha=scale)
+        if not detach_teacher:
+            # sum_k (h_k - A_k), A_k = sum_j P_j h_k,j.
+            grad[0].addcmul_(p, h_sum - (p * h_sum).sum(-1, keepdim=True), value=scale)
+
+        # Masked squared error of the student features against the detached teacher feature.
+        if teacher_feature is not None:
+            f_t = teacher_feature.to(acc)
+            f_s = student_features.to(acc)
+            diff = torch.where(torch.maximum(f_s, f_t) > 0, f_s - f_t, 0.0)  # [K, B, D]
+            feat = torch.dot(diff.view(-1), diff.view(-1))
+            grad_feat = diff.mul_(2 * feat_weight)
+        else:
+            feat = kd.new_zeros(())
+            grad_feat = None
+
+        parts = torch.stack([ce, kd, feat])
+        total = torch.dot(parts, parts.new_tensor([ce_weight, kd_weight, feat_weight]))
+        ctx.save_for_backward(grad, grad_feat)
+        ctx.dtypes = (teacher.dtype, students.dtype, None if grad_feat is None else student_features.dtype)
+        ctx.mark_non_differentiable(parts)
+        return total, parts
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_total, grad_parts):
+        grad, grad_feat = ctx.saved_tensors
+        t_dtype, s_dtype, f_dtype = ctx.dtypes
+        scaled = (grad * grad_total).to(t_dtype)
+        grad_teacher = scaled[0] if ctx.needs_input_grad[0] else None
+        grad_students = scaled[1:] if ctx.needs_input_grad[1] else None
+        grad_sf = None
+        if grad_feat is not None and ctx.needs_input_grad[4]:
+            grad_sf = (grad_feat * grad_total).to(f_dtype)
+        return grad_teacher, grad_students, None, None, grad_sf, *([None] * 9)

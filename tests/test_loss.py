@@ -1,0 +1,414 @@
+"""The TESKD loss: every backend against the float64 reference, values and every gradient."""
+
+import os
+
+import pytest
+import torch
+from tolerances import assert_close, assert_rms_close
+
+import teskd_fast
+from teskd_fast import TESKDLoss, TESKDOutput, teskd_loss
+
+HAS_CUDA = torch.cuda.is_available()
+TRITON_OK = HAS_CUDA or os.environ.get("TRITON_INTERPRET") == "1"
+LOW = (torch.bfloat16, torch.float16)
+
+
+def make_inputs(B, C, K, D=None, dtype=torch.float32, device="cpu", stacked=False, scale=3.0, seed=0):
+    """Logits with a realistic spread, targets, and ReLU-like features (exact zeros included)."""
+    g = torch.Generator().manual_seed(seed)
+    teacher = (torch.randn(B, C, generator=g, dtype=torch.float64) * scale).to(device, dtype)
+    students = (torch.randn(K, B, C, generator=g, dtype=torch.float64) * scale).to(device, dtype)
+    target = torch.randint(0, C, (B,), generator=g).to(device)
+    feats = None
+    if D is not None:
+        f_t = torch.randn(B, D, generator=g, dtype=torch.float64).clamp_min(0).to(device, dtype)
+        f_s = torch.randn(K, B, D, generator=g, dtype=torch.float64).clamp_min(-0.5).to(device, dtype)
+        feats = (f_t, f_s)
+    return teacher, students, target, feats
+
+
+def run(backend, teacher, students, target, feats, grad_out, stacked=True, feature_4d=False, **options):
+    """The loss and the gradients of the teacher logits, every student and every student feature."""
+    teacher = teacher.detach().clone().requires_grad_()
+    students = students.detach().clone().requires_grad_()
+    student_arg = students if stacked else list(students.unbind(0))
+    args = [teacher, student_arg, target]
+    f_s = None
+    if feats is not None:
+        f_t = feats[0].detach().clone().requires_grad_()
+        f_s = feats[1].detach().clone().requires_grad_()
+        if feature_4d:
+            args += [f_t[:, :, None, None], [f[:, :, None, None] for f in f_s.unbind(0)]]
+        else:
+            args += [f_t, f_s if stacked else list(f_s.unbind(0))]
+    total, parts = teskd_loss(*args, backend=backend, return_parts=True, **options)
+    total.backward(grad_out.to(total.dtype))
+    if feats is not None:
+        assert f_t.grad is None, "the teacher feature must receive no gradient"
+    return total, parts, teacher.grad, students.grad, None if f_s is None else f_s.grad
+
+
+def reference64(teacher, students, target, feats, grad_out, **options):
+    f64 = None if feats is None else tuple(f.double() for f in feats)
+    return run("reference", teacher.double(), students.double(), target, f64, grad_out.double(), **options)
+
+
+def check_against_reference(backend, dtype, B, C, K, D, options, grad_out, stacked=True, feature_4d=False):
+    teacher, students, target, feats = make_inputs(B, C, K, D, dtype=dtype)
+    if "ignore_index" in options:
+        target[1::3] = options["ignore_index"]
+    got = run(backend, teacher, students, target, feats, grad_out, stacked=stacked, feature_4d=feature_4d, **options)
+    want = reference64(teacher, students, target, feats, grad_out, **options)
+    names = ["total", "parts", "grad teacher", "grad students", "grad student features"]
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    # Scalars are computed in float32 at least whatever the input dtype.
+    assert_close(got[0], want[0], acc, f"{backend} total", scale=10)
+    for part in ("ce", "kd", "feat"):
+        assert_close(got[1][part], want[1][part], acc, f"{backend} {part}", scale=10)
+    for name, g, w in zip(names[2:], got[2:], want[2:]):
+        if w is None:
+            assert g is None, name
+            continue
+        assert g.dtype == dtype, f"{name}: dtype {g.dtype}, expected the input dtype {dtype}"
+        if dtype in LOW or g.numel() > 4096:
+            assert_rms_close(g, w, dtype if dtype in LOW else acc, f"{backend} {name}", scale=2)
+        else:
+            assert_close(g, w, dtype, f"{backend} {name}", scale=1)
+
+
+OPTIONS = [
+    {},
+    {"temperature": 2.0, "detach_teacher": True},
+    {"label_smoothing": 0.1, "ignore_index": 1, "head_weights": "ramp"},
+    {"ce_weight": 0.7, "kd_weight": 1.3, "feat_weight": 0.05, "kd_eps": 1e-4, "temperature": 7.5},
+]
+
+
+def grad_output(dtype):
+    # float16 training always runs with a loss scaler: without one, gradients of 1e-7 * features are subnormal.
+    return torch.tensor(1024.0 if dtype == torch.float16 else 1.7)
+
+
+def resolve(options, K):
+    options = dict(options)
+    if options.get("head_weights") == "ramp":
+        options["head_weights"] = [1.0 + 0.25 * i for i in range(K + 1)]
+    return options
+
+
+# Torch backend: the full cartesian product of the issue's shapes is cheap in float64.
+@pytest.mark.parametrize("B", [1, 3, 41, 128])
+@pytest.mark.parametrize("C", [2, 10, 100, 1000, 1271, 4099])
+@pytest.mark.parametrize("K", [1, 3, 4])
+def test_torch_backend_shapes_float64(B, C, K):
+    idx = (B + C + K) % len(OPTIONS)
+    D = None if (B + K) % 2 else 24
+    grad_out = torch.tensor(1.0) if C % 2 else torch.tensor(-0.37)
+    check_against_reference("torch", torch.float64, B, C, K, D, resolve(OPTIONS[idx], K), grad_out)
+
+
+@pytest.mark.parametrize("options", OPTIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("stacked", [True, False])
+def test_torch_backend_dtypes_and_options(options, dtype, stacked):
+    check_against_reference(
+        "torch", dtype, 41, 100, 3, 64, resolve(options, 3), grad_output(dtype), stacked=stacked, feature_4d=not stacked
+    )
+
+
+# Triton backend: under TRITON_INTERPRET=1 every program runs on the CPU, so a covering subset of the shapes.
+TRITON_CASES = [
+    # B, C, K, D, options index
+    (1, 2, 1, None, 0),
+    (3, 10, 3, 24, 1),
+    (41, 100, 3, 64, 2),
+    (3, 1000, 4, 512, 3),
+    (3, 1271, 3, None, 2),
+    (2, 4099, 1, 24, 1),
+    (128, 100, 3, 512, 0),
+    (2, 32768, 3, None, 3),
+]
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Every buffer the kernels write starts as NaN, so an unwritten element fails the comparison."""
+    from teskd_fast.kernels import teskd_loss as mod
+
+    def empty(shape, dtype=None, device=None):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    def empty_like(t, dtype=None):
+        return torch.full_like(t, float("nan"), dtype=dtype)
+
+    monkeypatch.setattr(mod, "_empty", empty)
+    monkeypatch.setattr(mod, "_empty_like", empty_like)
+
+
+@pytest.mark.skipif(not TRITON_OK, reason="Triton needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("case", TRITON_CASES, ids=lambda c: "B{}-C{}-K{}-D{}-opt{}".format(*c))
+@pytest.mark.parametrize("grad_out", [1.0, -0.37])
+def test_triton_backend_float32(case, grad_out, poisoned):
+    B, C, K, D, idx = case
+    check_against_reference("triton", torch.float32, B, C, K, D, resolve(OPTIONS[idx], K), torch.tensor(grad_out))
+
+
+@pytest.mark.skipif(not TRITON_OK, reason="Triton needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("idx", range(len(OPTIONS)))
+def test_triton_backend_low_precision(dtype, idx, poisoned):
+    check_against_reference(
+        "triton", dtype, 17, 1000, 3, 96, resolve(OPTIONS[idx], 3), grad_output(dtype), stacked=bool(idx % 2)
+    )
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("B,C", [(256, 1000), (1024, 1000), (64, 32768)])
+def test_triton_backend_gpu_sizes(B, C, poisoned):
+    for dtype in (torch.float32, torch.bfloat16):
+        teacher, students, target, feats = make_inputs(B, C, 3, 512, dtype=dtype, device="cuda")
+        got = run("triton", teacher, students, target, feats, torch.tensor(1.0, device="cuda"))
+        want = reference64(teacher, students, target, feats, torch.tensor(1.0, device="cuda"))
+        assert_close(got[0], want[0], torch.float32, "total", scale=10)
+        for g, w in zip(got[2:], want[2:]):
+            assert_rms_close(g, w, dtype if dtype in LOW else torch.float32, "grad", scale=2)
+
+
+def test_auto_backend_picks_torch_on_cpu():
+    teacher, students, target, feats = make_inputs(8, 10, 3, 16)
+    a = teskd_loss(teacher, students, target, *feats, backend="auto")
+    b = teskd_loss(teacher, students, target, *feats, backend="torch")
+    assert torch.equal(a, b)
+
+
+def test_gradcheck_torch_backend():
+    teacher, students, target, feats = make_inputs(4, 7, 3, 5, dtype=torch.float64, scale=1.0)
+    f_t, f_s = feats
+    # Features away from the mask's kink at 0, where the loss is not differentiable.
+    f_s = torch.where(f_s.abs() < 1e-3, torch.full_like(f_s, 0.1), f_s)
+    target[1] = -100
+    inputs = [t.clone().requires_grad_() for t in (teacher, students, f_s)]
+
+    def fn(t, s, fs):
+        return teskd_loss(t, s, target, f_t, fs, backend="torch", feat_weight=0.1, label_smoothing=0.1, temperature=3.0)
+
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7)
+
+
+def test_module_accepts_teskd_output_and_positional():
+    teacher, students, target, feats = make_inputs(6, 12, 3, 8)
+    crit = TESKDLoss(temperature=3.0, backend="torch")
+    out = TESKDOutput(teacher, list(students.unbind(0)), feats[0], feats[1])
+    a = crit(out, target)
+    b = crit(teacher, students, target, *feats)
+    c = teskd_loss(teacher, students, target, *feats, temperature=3.0, backend="reference")
+    assert_close(a, c, torch.float32, "module")
+    assert_close(b, c, torch.float32, "module positional")
+    with pytest.raises(TypeError, match="unknown options.*temprature"):
+        TESKDLoss(temprature=3.0)
+
+
+def test_parts_are_detached_and_sum_to_total():
+    teacher, students, target, feats = make_inputs(5, 10, 3, 8)
+    teacher.requires_grad_()
+    for backend in ["reference", "torch"] + (["triton"] if TRITON_OK else []):
+        total, parts = teskd_loss(
+            teacher, students, target, *feats, backend=backend, return_parts=True, feat_weight=0.01
+        )
+        assert set(parts) == {"ce", "kd", "feat"}
+        assert all(not p.requires_grad for p in parts.values())
+        recombined = 0.2 * parts["ce"] + 0.8 * parts["kd"] + 0.01 * parts["feat"]
+        assert_close(total, recombined, torch.float32, f"{backend} parts")
+
+
+def test_logits_are_never_overwritten():
+    teacher, students, target, feats = make_inputs(5, 10, 3, 8)
+    copies = [t.clone() for t in (teacher, students, *feats)]
+    for backend in ["torch"] + (["triton"] if TRITON_OK else []):
+        t, s = teacher.clone().requires_grad_(), students.clone().requires_grad_()
+        teskd_loss(t, s, target, *feats, backend=backend).backward()
+        assert torch.equal(t.detach(), copies[0]) and torch.equal(s.detach(), copies[1])
+    assert torch.equal(feats[0], copies[2]) and torch.equal(feats[1], copies[3])
+
+
+def test_detach_teacher_only_removes_the_kd_gradient():
+    teacher, students, target, _ = make_inputs(6, 10, 2)
+    t1 = teacher.clone().requires_grad_()
+    teskd_loss(t1, students, target, backend="torch", detach_teacher=True, kd_weight=0.8).backward()
+    t2 = teacher.clone().requires_grad_()
+    teskd_loss(t2, students, target, backend="torch", kd_weight=0.0).backward()
+    assert_close(t1.grad, t2.grad, torch.float32, "teacher grad with detach_teacher")
+
+
+def test_all_targets_ignored_gives_nan_like_pytorch():
+    teacher, students, target, _ = make_inputs(4, 10, 2)
+    target[:] = -100
+    total, parts = teskd_loss(teacher, students, target, backend="torch", return_parts=True)
+    ref, ref_parts = teskd_loss(teacher, students, target, backend="reference", return_parts=True)
+    assert torch.isnan(parts["ce"]) and torch.isnan(ref_parts["ce"])
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_compiles_without_graph_break(backend):
+    teacher, students, target, feats = make_inputs(8, 10, 3, 16)
+
+    def step(t, s, fs):
+        return teskd_loss(t, s, target, feats[0], fs, backend=backend)
+
+    inputs = [x.clone().requires_grad_() for x in (teacher, students, feats[1])]
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    out = compiled(*inputs)
+    out.backward()
+    ref_inputs = [x.clone().requires_grad_() for x in (teacher, students, feats[1])]
+    ref = step(*ref_inputs)
+    ref.backward()
+    assert_close(out, ref, torch.float32, "compiled total")
+    for a, b in zip(inputs, ref_inputs):
+        assert_close(a.grad, b.grad, torch.float32, "compiled grad")
+
+
+@pytest.mark.skipif(not TRITON_OK, reason="Triton needs CUDA or TRITON_INTERPRET=1")
+def test_triton_custom_op_compiles_without_graph_break():
+    teacher, students, target, feats = make_inputs(4, 10, 3, 16)
+
+    def step(t, s, fs):
+        return teskd_loss(t, s, target, feats[0], fs, backend="triton")
+
+    inputs = [x.clone().requires_grad_() for x in (teacher, students, feats[1])]
+    out = torch.compile(step, fullgraph=True, backend="aot_eager")(*inputs)
+    out.backward()
+    ref = run("reference", teacher, students, target, feats, torch.tensor(1.0))
+    assert_close(out, ref[0], torch.float32, "compiled triton total", scale=10)
+    assert_close(inputs[0].grad, ref[2], torch.float32, "compiled triton teacher grad")
+    assert_close(inputs[2].grad, ref[4], torch.float32, "compiled triton feature grad")
+
+
+def test_triton_kernel_opcheck():
+    """torch.library's own consistency checks of the custom ops (schema, fake tensors, autograd)."""
+    if not TRITON_OK:
+        pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1")
+    import teskd_fast.kernels.teskd_loss  # noqa: F401  (registers the ops)
+
+    teacher, students, target, feats = make_inputs(3, 10, 2, 8)
+    args = (
+        teacher.requires_grad_(),
+        students.requires_grad_(),
+        target,
+        feats[0],
+        feats[1].requires_grad_(),
+        [1.0, 1.0, 1.0],
+        4.0,
+        0.2,
+        0.8,
+        1e-7,
+        1e-7,
+        False,
+        0.0,
+        -100,
+    )
+    torch.library.opcheck(
+        torch.ops.teskd_fast.teskd_loss_fwd,
+        args,
+        test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
+    )
+
+
+# Bad input: every error names the argument and what was wrong.
+def _good():
+    teacher, students, target, feats = make_inputs(4, 10, 3, 8)
+    return dict(
+        teacher_logits=teacher,
+        student_logits=students,
+        target=target,
+        teacher_feature=feats[0],
+        student_features=feats[1],
+    )
+
+
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        (lambda a: a.update(student_logits=a["student_logits"][:, :3]), ValueError, r"student_logits.*\[4, 10\]"),
+        (lambda a: a.update(student_logits=a["student_logits"][..., :7]), ValueError, r"student_logits.*\[4, 7\]"),
+        (
+            lambda a: a.update(student_features=a["student_features"][:2]),
+            ValueError,
+            r"student_features: 2 students.*K = 3",
+        ),
+        (
+            lambda a: a.update(teacher_logits=a["teacher_logits"][None]),
+            ValueError,
+            r"teacher_logits: expected \[B, C\]",
+        ),
+        (
+            lambda a: a.update(student_logits=a["student_logits"][0]),
+            ValueError,
+            r"student_logits: expected a \[K, B, C\]",
+        ),
+        (lambda a: a.update(student_logits=[]), ValueError, r"K = 0"),
+        (lambda a: a.update(target=a["target"].float()), TypeError, r"target: expected integer.*float32"),
+        (lambda a: a.update(target=a["target"][:3]), ValueError, r"target: expected shape \[B\] = \[4\], got \(3,\)"),
+        (lambda a: a.update(target=a["target"].to("meta")), ValueError, r"target: on meta.*teacher_logits is on cpu"),
+        (
+            lambda a: a.update(teacher_logits=a["teacher_logits"].long()),
+            TypeError,
+            r"teacher_logits: dtype torch.int64",
+        ),
+        (lambda a: a.update(student_logits=a["student_logits"].double()), TypeError, r"student_logits: dtype.*float64"),
+        (
+            lambda a: a.update(teacher_logits=a["teacher_logits"][:, :1], student_logits=a["student_logits"][..., :1]),
+            ValueError,
+            r"at least 2 classes",
+        ),
+        (lambda a: a.update(teacher_feature=None), ValueError, r"give both or neither"),
+        (
+            lambda a: a.update(teacher_feature=a["teacher_feature"][:2]),
+            ValueError,
+            r"teacher_feature: expected \[B, D\]",
+        ),
+        (lambda a: a.update(student_features=a["student_features"][..., :5]), ValueError, r"student_features: each"),
+        (lambda a: a["target"].__setitem__(2, 10), ValueError, r"target: class index 10 at position 2 is out of range"),
+        (lambda a: a["target"].__setitem__(1, -3), ValueError, r"target: class index -3 at position 1"),
+    ],
+)
+def test_bad_input_errors(change, error, match):
+    args = _good()
+    change(args)
+    with pytest.raises(error, match=match):
+        teskd_loss(**args, backend="torch")
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        ({"temperature": 0.0}, r"temperature: must be a finite number > 0"),
+        ({"temperature": -1.0}, r"temperature"),
+        ({"temperature": float("nan")}, r"temperature"),
+        ({"head_weights": [1.0, 1.0]}, r"head_weights: expected K \+ 1 = 4"),
+        ({"label_smoothing": 1.5}, r"label_smoothing"),
+        ({"kd_eps": -1.0}, r"kd_eps"),
+        ({"backend": "cuda"}, r"backend: expected one of"),
+    ],
+)
+def test_bad_option_errors(options, match):
+    with pytest.raises(ValueError, match=match):
+        teskd_loss(**_good(), **options)
+
+
+def test_triton_backend_rejects_float64_and_cpu_without_interpreter(monkeypatch):
+    args = _good()
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    if not HAS_CUDA:
+        with pytest.raises(ValueError, match=r"backend='triton' needs CUDA tensors"):
+            teskd_loss(**args, backend="triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    args = {k: v.double() if v.is_floating_point() else v for k, v in args.items()}
+    with pytest.raises(TypeError, match=r"float64 is not supported by backend='triton'"):
+        teskd_loss(**args, backend="triton")
+
+
+def test_top_level_api():
+    assert {"teskd_loss", "TESKDLoss", "TESKDOutput"} <= set(teskd_fast.__all__)
+    for name in teskd_fast.__all__:
+        assert not name.startswith("_teskd") and "Function" not in name
