@@ -84,9 +84,11 @@ def test_triton_kernels_compile_for_h100():
                     sig[name] = "i32"
                 else:
                     sig[name] = "fp32"
-            triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+            target = GPUTarget("cuda", 90, 32)
+            triton.compile(ASTSource(fn, sig, consts), target=target, options={"num_warps": num_warps})
 
-        for dt, gdt, feat, detach in [("bf16", "bf16", True, False), ("fp16", "fp32", False, True), ("fp32", "fp32", True, True)]:
+        variants = [("bf16", "bf16", True, False), ("fp16", "fp32", False, True), ("fp32", "fp32", True, True)]
+        for dt, gdt, feat, detach in variants:
             ptrs = dict(t_ptr="*" + dt, s_ptr="*" + dt, y_ptr="*i64", w_ptr="*fp32", ft_ptr="*" + dt, fs_ptr="*" + dt,
                         gt_ptr="*" + gdt, gs_ptr="*" + gdt, gf_ptr="*" + gdt, part_ptr="*fp32", total_ptr="*fp32",
                         parts_ptr="*fp32", ticket_ptr="*i32")
