@@ -1,0 +1,111 @@
+"""The TESKD loss: reference vs closed-form torch vs torch.compile(reference) vs fused Triton.
+
+Forward (inputs that require grad, so the fused paths also compute the gradients), backward alone, and full
+(forward + backward); K = 3 students with ResNet-18-sized features (D = 512). Baseline of every group: the
+reference backend.
+"""
+
+import functools
+import os
+
+import pytest
+import torch
+from common import record, sync
+
+from teskd_fast import teskd_loss
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+K, D = 3, 512
+SHAPES = [(128, 100), (256, 1000), (1024, 1000)]
+DTYPES = [torch.float32, torch.bfloat16] if HAS_CUDA else [torch.float32]
+PROVIDERS = ["reference", "torch", "compiled-reference", "triton"]
+
+
+def _inputs(B, C, dtype):
+    g = torch.Generator().manual_seed(0)
+    teacher = (torch.randn(B, C, generator=g) * 3).to(DEVICE, dtype).requires_grad_()
+    students = [(torch.randn(B, C, generator=g) * 3).to(DEVICE, dtype).requires_grad_() for _ in range(K)]
+    target = torch.randint(0, C, (B,), generator=g).to(DEVICE)
+    f_t = torch.randn(B, D, generator=g).clamp_min(0).to(DEVICE, dtype)
+    f_s = [torch.randn(B, D, generator=g).clamp_min(0).to(DEVICE, dtype).requires_grad_() for _ in range(K)]
+    return teacher, students, target, f_t, f_s
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_reference():
+    return torch.compile(functools.partial(teskd_loss, backend="reference"), dynamic=False)
+
+
+def _loss_fn(provider):
+    if provider == "compiled-reference":
+        return _compiled_reference()
+    return functools.partial(teskd_loss, backend=provider)
+
+
+def _skip_reason(provider, B, C):
+    if provider == "triton" and not HAS_CUDA:
+        return "triton timings need a CUDA device (the CPU interpreter is for correctness only)"
+    if provider == "compiled-reference" and not HAS_CUDA and (B, C) != (128, 100):
+        return "compiling the reference on the CPU is measured at 128 x 100 only, to keep `pytest bench/` short"
+    if not HAS_CUDA and B * C > 256 * 1000 and provider != "reference" and provider != "torch":
+        return "CPU: large shapes for reference and torch only"
+    return None
+
+
+def _params():
+    for B, C in SHAPES:
+        for dtype in DTYPES:
+            for provider in PROVIDERS:
+                marks = [pytest.mark.smoke] if (B, C) == (128, 100) and provider in ("reference", "torch") else []
+                yield pytest.param(provider, B, C, dtype, marks=marks, id=f"{provider}-{B}x{C}x{K}-{str(dtype)[6:]}")
+
+
+@pytest.mark.parametrize("mode", ["full", "forward", "backward"])
+@pytest.mark.parametrize("provider, B, C, dtype", list(_params()))
+def test_loss(benchmark, provider, B, C, dtype, mode):
+    reason = _skip_reason(provider, B, C)
+    if reason:
+        pytest.skip(reason)
+    if os.environ.get("TRITON_INTERPRET") == "1" and provider == "triton":
+        pytest.skip("TRITON_INTERPRET=1 is set: interpreter timings mean nothing")
+    teacher, students, target, f_t, f_s = _inputs(B, C, dtype)
+    fn = _loss_fn(provider)
+    leaves = [teacher, *students, *f_s]
+
+    def forward():
+        return fn(teacher, students, target, f_t, f_s)
+
+    def full():
+        for t in leaves:
+            t.grad = None
+        forward().backward()
+        sync(DEVICE)
+
+    def fwd_only():
+        forward()
+        sync(DEVICE)
+
+    for _ in range(3):
+        full()
+    record(benchmark, f"loss-{mode}-{B}x{C}x{K}-{str(dtype)[6:]}-{DEVICE}", provider, DEVICE,
+           baseline=provider == "reference", shape=[B, C, K, D], dtype=str(dtype), mode=mode)  # fmt: skip
+    rounds = 50 if HAS_CUDA or B * C <= 128 * 100 else 10
+    if mode == "full":
+        benchmark.pedantic(full, rounds=rounds, warmup_rounds=2)
+    elif mode == "forward":
+        benchmark.pedantic(fwd_only, rounds=rounds, warmup_rounds=2)
+    else:
+
+        def setup():
+            for t in leaves:
+                t.grad = None
+            loss = forward()
+            sync(DEVICE)
+            return (loss,), {}
+
+        def backward(loss):
+            loss.backward()
+            sync(DEVICE)
+
+        benchmark.pedantic(backward, setup=setup, rounds=rounds, warmup_rounds=2)

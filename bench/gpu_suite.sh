@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Every GPU correctness test and every benchmark of teskd_fast on one CUDA device, in one call (< 10 minutes
+# on an H100). Usage: bash bench/gpu_suite.sh OUT_DIR
+# Writes OUT_DIR/env.txt (card, driver, versions, date, command), tests.log, bench.log, bench.json and
+# results.md (the summary table: group, provider, median, speed-up against the group's baseline).
+set -uo pipefail
+out=${1:?usage: bash bench/gpu_suite.sh OUT_DIR}
+mkdir -p "$out"
+cd "$(dirname "$0")/.."
+unset TRITON_INTERPRET
+
+# The GPU image may have no registry: install the package itself only (no dependencies, no build isolation).
+python -c "import teskd_fast.kernels" 2>/dev/null || python -m pip install --quiet --no-deps --no-build-isolation -e . \
+  > "$out/install.log" 2>&1
+
+{
+  date -u +"date: %Y-%m-%dT%H:%M:%SZ"
+  echo "command: bash bench/gpu_suite.sh $out"
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  python - <<'PY'
+import torch
+print("torch", torch.__version__, "cuda", torch.version.cuda, "device", torch.cuda.get_device_name())
+for name in ("triton", "torchvision", "nvidia.dali"):
+    try:
+        mod = __import__(name, fromlist=["__version__"])
+        print(name, mod.__version__)
+    except ImportError:
+        print(name, "not installed")
+PY
+} > "$out/env.txt" 2>&1
+cat "$out/env.txt"
+
+status=0
+echo "== tests (CUDA)"
+timeout 300 python -m pytest tests/ -q -x -p no:cacheprovider --durations=20 > "$out/tests.log" 2>&1 || status=1
+tail -5 "$out/tests.log"
+
+echo "== benchmarks"
+timeout 420 python -m pytest bench/ -q -p no:cacheprovider --benchmark-json="$out/bench.json" \
+  --benchmark-columns=median,iqr,rounds > "$out/bench.log" 2>&1 || status=1
+tail -5 "$out/bench.log"
+cp bench/results/latest.md "$out/results.md" 2>/dev/null && cat "$out/results.md"
+exit $status
