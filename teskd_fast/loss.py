@@ -61,6 +61,9 @@ def _flat_feature(name, t):
 
 
 def _check_target_range(target, num_classes, ignore_index):
+    low, high = torch.aminmax(target)
+    if int(low) >= 0 and int(high) < num_classes:
+        return
     bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
     if bad.any():
         idx = int(bad.nonzero()[0, 0])
