@@ -23,7 +23,6 @@ target vector (B integers), so the CE normaliser needs no extra launch. Out-of-r
 they never index memory and count like ignore_index.
 """
 
-
 import torch
 import triton
 import triton.language as tl
@@ -446,6 +445,28 @@ def _backward(ctx, grad_total, grad_parts, grad_grad, grad_grad_feat):
 _teskd_loss_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class TESKDLossTritonFunction(torch.autograd.Function):
+    """Eager-mode autograd wrapper of the launchers: less host overhead than going through the custom ops."""
+
+    @staticmethod
+    def forward(ctx, teacher, students, target, teacher_feature, student_features, head_weights, *options):
+        total, parts, grad, grad_feat = teskd_fwd(
+            teacher, students, target, teacher_feature, student_features, head_weights, *options
+        )
+        ctx.save_for_backward(grad, grad_feat)
+        ctx.dtypes = (teacher.dtype, grad_feat.dtype if student_features is None else student_features.dtype)
+        ctx.mark_non_differentiable(parts)
+        return total, parts
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_total, grad_parts):
+        grad, grad_feat = ctx.saved_tensors
+        scaled, scaled_feat = teskd_bwd(grad_total, grad, grad_feat, *ctx.dtypes)
+        has_feat = ctx.needs_input_grad[4]
+        return (scaled[0], scaled[1:], None, None, scaled_feat if has_feat else None) + (None,) * 9
+
+
 def teskd_loss_triton(
     teacher,
     students,
@@ -463,21 +484,17 @@ def teskd_loss_triton(
     label_smoothing,
     ignore_index,
 ):
-    """The fused TESKD loss (inputs validated by ``teskd_fast.teskd_loss``). Returns (total, detached parts)."""
-    total, parts, _, _ = torch.ops.teskd_fast.teskd_loss_fwd(
-        teacher,
-        students,
-        target,
-        teacher_feature,
-        student_features,
-        list(head_weights),
-        temperature,
-        ce_weight,
-        kd_weight,
-        feat_weight,
-        kd_eps,
-        detach_teacher,
-        label_smoothing,
-        ignore_index,
+    """The fused TESKD loss (inputs validated by ``teskd_fast.teskd_loss``). Returns (total, detached parts).
+
+    Eager mode goes through an autograd.Function; under ``torch.compile`` through the custom ops, which the
+    compiler treats as opaque nodes (no graph break).
+    """
+    options = (temperature, ce_weight, kd_weight, feat_weight, kd_eps, detach_teacher, label_smoothing, ignore_index)
+    if torch.compiler.is_compiling():
+        total, parts, _, _ = torch.ops.teskd_fast.teskd_loss_fwd(
+            teacher, students, target, teacher_feature, student_features, list(head_weights), *options
+        )
+        return total, parts.detach()
+    return TESKDLossTritonFunction.apply(
+        teacher, students, target, teacher_feature, student_features, head_weights, *options
     )
-    return total, parts.detach()

@@ -44,7 +44,8 @@ class TESKDLossFunction(torch.autograd.Function):
 
         # Cross-entropy of every head, PyTorch's semantics for ignore_index and label smoothing.
         valid = target != ignore_index
-        y = torch.where(valid, target, 0).view(1, B, 1).expand(K + 1, B, 1)
+        # Any in-range index for ignored rows (their weight is 0); out-of-range targets were rejected upstream.
+        y = target.clamp(0, C - 1).view(1, B, 1).expand(K + 1, B, 1)
         row_scale = valid.to(acc) / valid.sum()  # [B]
         nll = log_p1.gather(-1, y).view(K + 1, B)
         if label_smoothing > 0:
@@ -81,7 +82,9 @@ class TESKDLossFunction(torch.autograd.Function):
         if teacher_feature is not None:
             f_t = teacher_feature.to(acc)
             f_s = student_features.to(acc)
-            diff = torch.where(torch.maximum(f_s, f_t) > 0, f_s - f_t, 0.0)  # [K, B, D]
+            # [f_s > 0 or f_t > 0] as a float 0/1 mask: float ops are several times faster than bool ones on CPUs.
+            mask = torch.maximum(f_s, f_t).clamp_min_(0).sign_()
+            diff = (f_s - f_t).mul_(mask)  # [K, B, D]
             feat = torch.dot(diff.view(-1), diff.view(-1))
             grad_feat = diff.mul_(2 * feat_weight)
         else:

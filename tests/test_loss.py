@@ -412,3 +412,52 @@ def test_top_level_api():
     assert {"teskd_loss", "TESKDLoss", "TESKDOutput"} <= set(teskd_fast.__all__)
     for name in teskd_fast.__all__:
         assert not name.startswith("_teskd") and "Function" not in name
+
+
+@pytest.mark.skipif(not TRITON_OK, reason="Triton needs CUDA or TRITON_INTERPRET=1")
+def test_triton_masks_out_of_range_targets_like_ignore_index(poisoned):
+    """Unchecked out-of-range targets (the CUDA default) never index memory: they count like ignore_index."""
+    from teskd_fast.kernels.teskd_loss import teskd_fwd
+
+    device = "cuda" if HAS_CUDA else "cpu"
+    teacher, students, target, feats = make_inputs(6, 10, 2, 8, device=device)
+    bad = target.clone()
+    bad[1], bad[4] = 10 + 5, -7
+    total, parts, grad, grad_feat = teskd_fwd(teacher, students, bad, *feats, (1.0,) * 3, 4.0, 0.2, 0.8, 1e-7, 1e-7,
+                                              False, 0.0, -100)  # fmt: skip
+    masked = target.clone()
+    masked[1], masked[4] = -100, -100
+    want = run("reference", teacher.double(), students.double(), masked, tuple(f.double() for f in feats),
+               torch.tensor(1.0, dtype=torch.float64, device=device))  # fmt: skip
+    assert_close(total, want[0], torch.float32, "total", scale=10)
+    assert_close(grad[0], want[2], torch.float32, "teacher grad")
+    assert_close(grad[1:], want[3], torch.float32, "student grads")
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs need a CUDA device")
+def test_triton_loss_is_cuda_graph_capturable():
+    teacher, students, target, feats = make_inputs(64, 1000, 3, 512, dtype=torch.bfloat16, device="cuda")
+    t = teacher.clone().requires_grad_()
+    s = students.clone().requires_grad_()
+
+    def step():
+        t.grad, s.grad = None, None
+        loss = teskd_loss(t, s, target, *feats, backend="triton")
+        loss.backward()
+        return loss
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    want = run("reference", teacher.double(), students.double(), target, tuple(f.double() for f in feats),
+               torch.tensor(1.0, dtype=torch.float64, device="cuda"))  # fmt: skip
+    assert_close(loss, want[0], torch.float32, "graph total", scale=10)
+    assert_rms_close(t.grad, want[2], torch.bfloat16, "graph teacher grad", scale=2)
