@@ -36,7 +36,9 @@ class TESKDLossFunction(torch.autograd.Function):
         acc = torch.float64 if teacher.dtype == torch.float64 else torch.float32
         K, B, C = students.shape
         T = temperature
-        z = torch.cat([teacher.unsqueeze(0), students], 0).to(acc)  # [K+1, B, C]
+        z = torch.cat([teacher.unsqueeze(0), students], 0)  # [K+1, B, C]
+        if z.dtype != acc:
+            z = z.to(acc)
 
         # Softmaxes of every head at temperature 1 (cross-entropy) and T (distillation).
         log_p1 = torch.log_softmax(z, -1)
@@ -80,10 +82,10 @@ class TESKDLossFunction(torch.autograd.Function):
 
         # Masked squared error of the student features against the detached teacher feature.
         if teacher_feature is not None:
-            f_t = teacher_feature.to(acc)
-            f_s = student_features.to(acc)
+            f_t = teacher_feature if teacher_feature.dtype == acc else teacher_feature.to(acc)
+            f_s = student_features if student_features.dtype == acc else student_features.to(acc)
             # [f_s > 0 or f_t > 0] as a float 0/1 mask: float ops are several times faster than bool ones on CPUs.
-            mask = torch.maximum(f_s, f_t).clamp_min_(0).sign_()
+            mask = torch.maximum(f_s, f_t).gt_(0)
             diff = (f_s - f_t).mul_(mask)  # [K, B, D]
             feat = torch.dot(diff.view(-1), diff.view(-1))
             grad_feat = diff.mul_(2 * feat_weight)
