@@ -13,6 +13,20 @@ and the backward scales the stored gradients by grad_output.
 
 import torch
 
+_CONSTANTS = {}
+
+
+def _constant(values, dtype, device):
+    """A small constant tensor, made once per (values, dtype, device)."""
+    key = (values, dtype, device)
+    if key not in _CONSTANTS:
+        _CONSTANTS[key] = torch.tensor(values, dtype=dtype, device=device)
+    return _CONSTANTS[key]
+
+
+def _temperatures(T, dtype, device):
+    return _constant(((1.0,), (1.0 / T,)), dtype, device).view(2, 1, 1, 1)
+
 
 class TESKDLossFunction(torch.autograd.Function):
     @staticmethod
@@ -37,42 +51,37 @@ class TESKDLossFunction(torch.autograd.Function):
         K, B, C = students.shape
         T = temperature
         z = torch.cat([teacher.unsqueeze(0), students], 0)  # [K+1, B, C]
-        if z.dtype != acc:
-            z = z.to(acc)
 
-        # Softmaxes of every head at temperature 1 (cross-entropy) and T (distillation).
-        log_p1 = torch.log_softmax(z, -1)
-        log_pt = torch.log_softmax(z.mul_(1.0 / T), -1)
+        # Softmaxes of every head at temperature 1 (cross-entropy) and T (distillation), in one op each.
+        log_p = torch.log_softmax(z.unsqueeze(0) * _temperatures(T, acc, z.device), -1)  # [2, K+1, B, C]
+        probs = log_p.exp()
+        log_p1, log_pt = log_p
+        grad, p_t = probs
 
         # Cross-entropy of every head, PyTorch's semantics for ignore_index and label smoothing.
-        valid = target != ignore_index
+        row_scale = (target != ignore_index).to(acc)
+        row_scale /= row_scale.sum()  # [B]
         # Any in-range index for ignored rows (their weight is 0); out-of-range targets were rejected upstream.
         y = target.clamp(0, C - 1).view(1, B, 1).expand(K + 1, B, 1)
-        row_scale = valid.to(acc) / valid.sum()  # [B]
-        nll = log_p1.gather(-1, y).view(K + 1, B)
+        nll = log_p1.gather(-1, y).view(K + 1, B)  # negated
         if label_smoothing > 0:
             nll = torch.lerp(nll, log_p1.mean(-1), label_smoothing)
-        ce_heads = nll @ row_scale  # [K+1], negated
-        uniform = all(w == head_weights[0] for w in head_weights)
-        if uniform:
-            ce = ce_heads.sum() * -head_weights[0]
-            coef = row_scale.mul(ce_weight * head_weights[0]).view(1, B, 1)
+        if all(w == head_weights[0] for w in head_weights):
+            ce = torch.dot(nll.sum(0), row_scale) * -head_weights[0]
+            coef = (row_scale * (ce_weight * head_weights[0])).view(1, B, 1)
         else:
             w = torch.tensor(head_weights, dtype=acc, device=z.device)
-            ce = -(ce_heads @ w)
+            ce = -torch.dot(nll @ row_scale, w)
             coef = torch.outer(w * ce_weight, row_scale).view(K + 1, B, 1)
-        grad = log_p1.exp_()
-        grad.scatter_add_(-1, y, torch.full_like(y, -(1 - label_smoothing), dtype=acc))
+        grad.scatter_add_(-1, y, torch.full_like(y, label_smoothing - 1, dtype=acc))
         if label_smoothing > 0:
             grad.sub_(label_smoothing / C)
         grad.mul_(coef)
 
         # Knowledge distillation from the teacher into every student, at temperature T.
-        p_t = log_pt.exp()
         p = p_t[0]  # [B, C]
         p_eps = p + kd_eps
-        h = torch.log(p_eps) - log_pt[1:]  # [K, B, C]
-        h_sum = h.sum(0)
+        h_sum = (torch.log(p_eps) * K).sub_(log_pt[1:].sum(0))  # sum_k h_k, h_k = log(P + eps) - log Q_k
         kd = torch.dot(p_eps.view(-1), h_sum.view(-1)) * (T * T / B)
         scale = kd_weight * T / B
         grad[1:].add_(p_t[1:], alpha=scale * (1 + C * kd_eps)).sub_(p_eps, alpha=scale)
@@ -94,7 +103,7 @@ class TESKDLossFunction(torch.autograd.Function):
             grad_feat = None
 
         parts = torch.stack([ce, kd, feat])
-        total = torch.dot(parts, parts.new_tensor([ce_weight, kd_weight, feat_weight]))
+        total = torch.dot(parts, _constant((ce_weight, kd_weight, feat_weight), acc, z.device))
         ctx.save_for_backward(grad, grad_feat)
         ctx.dtypes = (teacher.dtype, students.dtype, None if grad_feat is None else student_features.dtype)
         ctx.mark_non_differentiable(parts)
