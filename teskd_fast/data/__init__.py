@@ -1,1 +1,30 @@
-"""teskd_fast.data."""
+"""Data loading for teskd_fast: device-resident CIFAR, ImageNet through DALI / nvjpeg / torchvision, file scans.
+
+DALI is imported only when a DALI loader is built, so ``import teskd_fast.data`` works without it.
+"""
+
+from teskd_fast.data.cifar import CifarLoader, cifar_loaders, load_cifar
+from teskd_fast.data.common import (
+    CIFAR_MEAN,
+    CIFAR_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    BadImageError,
+    DatasetNotFoundError,
+)
+from teskd_fast.data.imagenet import imagenet_loaders
+from teskd_fast.data.scan import scan_image_folder
+
+__all__ = [
+    "cifar_loaders",
+    "imagenet_loaders",
+    "scan_image_folder",
+    "load_cifar",
+    "CifarLoader",
+    "BadImageError",
+    "DatasetNotFoundError",
+    "CIFAR_MEAN",
+    "CIFAR_STD",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+]

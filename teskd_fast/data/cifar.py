@@ -1,0 +1,340 @@
+"""CIFAR-10 / CIFAR-100 held whole on the device as uint8 and augmented there in batches.
+
+Training batches apply torchvision's ``RandomCrop(32, padding=4)`` + ``RandomHorizontalFlip()`` distribution
+exactly (crop offsets uniform in -4..4, independently in x and y; zero padding; flip with p = 0.5), then
+normalise with SPEC's CIFAR mean and std. A batch is one gather from the zero-padded uint8 split (crop and
+flip folded into its indices), one conversion and one multiply-add: no per-image work, no workers.
+"""
+
+import io
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from teskd_fast.data.common import (
+    CIFAR_MEAN,
+    CIFAR_STD,
+    DatasetNotFoundError,
+    EpochState,
+    check_dtype,
+    check_sharding,
+    epoch_generator,
+    epoch_order,
+    normalize_,
+    num_batches,
+    resolve_device,
+)
+
+PAD = 4
+SIZE = 32
+
+_LAYOUTS = {
+    "cifar10": {
+        "folder": "cifar-10-batches-py",
+        "archive": "cifar-10-python.tar.gz",
+        "train": [f"data_batch_{i}" for i in range(1, 6)],
+        "test": ["test_batch"],
+        "meta": "batches.meta",
+        "labels": "labels",
+        "names": "label_names",
+        "classes": 10,
+        "url": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+    },
+    "cifar100": {
+        "folder": "cifar-100-python",
+        "archive": "cifar-100-python.tar.gz",
+        "train": ["train"],
+        "test": ["test"],
+        "meta": "meta",
+        "labels": "fine_labels",
+        "names": "fine_label_names",
+        "classes": 100,
+        "url": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+    },
+}
+
+
+def _layout(dataset):
+    if dataset not in _LAYOUTS:
+        raise ValueError(f"dataset must be one of {sorted(_LAYOUTS)}, got {dataset!r}")
+    return _LAYOUTS[dataset]
+
+
+def _locate(root, dataset):
+    """The extracted folder or the .tar.gz of ``dataset`` under ``root`` (or ``root`` itself)."""
+    layout = _layout(dataset)
+    root = Path(root).expanduser()
+    if root.is_file() and root.name.endswith((".tar.gz", ".tgz", ".tar")):
+        return root
+    if (root / layout["folder"] / layout["test"][0]).is_file():
+        return root / layout["folder"]
+    if (root / layout["test"][0]).is_file() and (root / layout["train"][0]).is_file():
+        return root
+    if (root / layout["archive"]).is_file():
+        return root / layout["archive"]
+    raise DatasetNotFoundError(
+        f"{dataset} not found: looked for the folder {root / layout['folder']}/ and the archive "
+        f"{root / layout['archive']} (the python version of the dataset). Get it with "
+        f"cifar_loaders({str(root)!r}, dataset={dataset!r}, download=True), or download {layout['url']} into "
+        f"{root}/ (the .tar.gz works as it is, or extracted)."
+    )
+
+
+def _unpickle(fileobj, name):
+    try:
+        return pickle.load(fileobj, encoding="latin1")
+    except (pickle.UnpicklingError, EOFError, ValueError, AttributeError) as e:
+        raise ValueError(f"{name}: not a CIFAR python-version batch file ({e})") from e
+
+
+def _read_members(source, names):
+    """Unpickled dicts of the batch files ``names`` from a folder or a tar archive."""
+    if source.is_dir():
+        out = {}
+        for name in names:
+            path = source / name
+            if not path.is_file():
+                raise DatasetNotFoundError(f"{path} is missing: the CIFAR folder {source} is incomplete")
+            with open(path, "rb") as f:
+                out[name] = _unpickle(f, str(path))
+        return out
+    try:
+        with tarfile.open(source, "r:*") as tar:
+            members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
+            out = {}
+            for name in names:
+                if name not in members:
+                    raise DatasetNotFoundError(f"{source} has no member {name}: not a CIFAR python-version archive")
+                out[name] = _unpickle(io.BytesIO(tar.extractfile(members[name]).read()), f"{source}:{name}")
+            return out
+    except (tarfile.TarError, OSError, EOFError) as e:
+        if isinstance(e, DatasetNotFoundError):
+            raise
+        raise ValueError(f"{source}: cannot read the archive ({e}); delete it and download it again") from e
+
+
+def load_cifar(root, dataset="cifar100", download=False):
+    """Read a CIFAR split pair from the standard python-version archive or its extracted folder.
+
+    Args:
+        root: folder holding ``cifar-100-python/`` or ``cifar-100-python.tar.gz`` (``cifar-10-batches-py/``,
+            ``cifar-10-python.tar.gz`` for CIFAR-10); the extracted folder or the archive itself also work.
+        dataset: "cifar10" or "cifar100".
+        download: fetch the archive into ``root`` with torchvision's downloader when it is missing.
+
+    Shapes:
+        images: [N, 3, 32, 32] uint8 (CHW, RGB); labels: [N] int64.
+
+    Returns:
+        dict with "train" and "test", each (images, labels), and "classes" (the class names).
+    """
+    layout = _layout(dataset)
+    try:
+        source = _locate(root, dataset)
+    except DatasetNotFoundError:
+        if not download:
+            raise
+        _download(root, dataset)
+        source = _locate(root, dataset)
+    batches = _read_members(source, layout["train"] + layout["test"] + [layout["meta"]])
+    out = {"classes": list(batches[layout["meta"]][layout["names"]])}
+    for split in ("train", "test"):
+        images, labels = [], []
+        for name in layout[split]:
+            batch = batches[name]
+            data = np.asarray(batch["data"], dtype=np.uint8)
+            if data.ndim != 2 or data.shape[1] != 3 * SIZE * SIZE:
+                raise ValueError(f"{source}:{name}: data has shape {data.shape}, expected [N, 3072]")
+            lab = np.asarray(batch[layout["labels"]], dtype=np.int64)
+            if lab.shape != (data.shape[0],) or lab.min() < 0 or lab.max() >= layout["classes"]:
+                raise ValueError(f"{source}:{name}: {len(lab)} labels in [{lab.min()}, {lab.max()}] for "
+                                 f"{data.shape[0]} images and {layout['classes']} classes")
+            images.append(data.reshape(-1, 3, SIZE, SIZE))
+            labels.append(lab)
+        out[split] = (torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels)))
+    return out
+
+
+def _download(root, dataset):
+    from torchvision import datasets
+
+    cls = datasets.CIFAR10 if dataset == "cifar10" else datasets.CIFAR100
+    Path(root).mkdir(parents=True, exist_ok=True)
+    try:
+        cls(str(root), train=True, download=True)
+    except (OSError, RuntimeError) as e:
+        raise DatasetNotFoundError(
+            f"downloading {dataset} into {root} failed ({e}); download {_layout(dataset)['url']} there by hand"
+        ) from e
+
+
+class CifarLoader(EpochState):
+    """Iterator over (images, labels) batches of a CIFAR split held on the device.
+
+    Args:
+        images: [N, 3, 32, 32] uint8 (any device; moved to ``device`` once).
+        labels: [N] integer class indices.
+        batch_size: images per batch (per rank).
+        train: shuffle every epoch and augment (random crop with 4-pixel zero padding, horizontal flip).
+        device: where the split lives and batches are made; None: CUDA when available.
+        seed: the epoch's order and augmentation come from a CPU generator seeded by (seed, epoch).
+        drop_last: drop the last incomplete batch.
+        rank, world_size: DDP sharding; each rank reads a disjoint part of every epoch. Training shards are
+            equal in size (the epoch is cut to a multiple of world_size); evaluation shards cover the split.
+        channels_last: batches in channels_last memory format (the shape stays [B, 3, 32, 32]).
+        dtype: float32, bfloat16 or float16 output (normalised in float32, rounded once).
+        cpu_threads: intra-op threads while a batch is made on the CPU (restored before the batch is yielded).
+            One thread makes a 128-image batch in about 1 ms and never waits on a busy core; None keeps torch's.
+
+    Shapes:
+        yields images [B, 3, 32, 32] of ``dtype`` and labels [B] int64, both on ``device``.
+
+    State: ``epoch`` (advances after a complete pass) and ``position`` (batches handed out in this epoch).
+    ``state_dict()`` / ``load_state_dict()`` resume mid-epoch exactly; ``set_epoch(e, start_batch=0)``
+    selects an epoch. The next pass after either starts where they say; any other pass restarts the epoch.
+    """
+
+    def __init__(self, images, labels, *, batch_size=128, train=True, device=None, seed=27, drop_last=False,
+                 rank=0, world_size=1, channels_last=False, dtype=torch.float32, mean=CIFAR_MEAN, std=CIFAR_STD,
+                 classes=None, cpu_threads=1):
+        check_sharding(batch_size, rank, world_size)
+        if images.dtype != torch.uint8 or images.dim() != 4 or tuple(images.shape[1:]) != (3, SIZE, SIZE):
+            raise ValueError(f"images must be uint8 [N, 3, 32, 32], got {images.dtype} {tuple(images.shape)}")
+        if labels.shape != images.shape[:1]:
+            raise ValueError(f"labels must be [N={images.shape[0]}], got {tuple(labels.shape)}")
+        self.device = resolve_device(device)
+        self.dtype = check_dtype(dtype)
+        self.batch_size, self.train, self.seed, self.drop_last = batch_size, train, seed, drop_last
+        self.rank, self.world_size, self.channels_last = rank, world_size, channels_last
+        self.mean, self.std, self.classes = tuple(mean), tuple(std), classes
+        self.cpu_threads = cpu_threads if self.device.type == "cpu" else None
+        self.num_images = images.shape[0]
+        # Training keeps the split zero-padded, so that one gather makes a padded crop; evaluation keeps it as is.
+        pad = PAD if train else 0
+        data = torch.nn.functional.pad(images, (pad, pad, pad, pad)) if pad else images
+        # [N, 3, 32 + 2 pad, 32 + 2 pad] uint8, stored in the output's memory format so that gathers read in order.
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        self.data = data.to(self.device).contiguous(memory_format=fmt)
+        self._flat = self.data.permute(0, 2, 3, 1).reshape(-1) if channels_last else self.data.view(-1)
+        self.labels = labels.to(self.device, torch.int64)
+        self._init_state()
+
+    @property
+    def images(self):
+        """The split as stored, without padding: [N, 3, 32, 32] uint8 on the device."""
+        p = PAD if self.train else 0
+        return self.data[:, :, p : p + SIZE, p : p + SIZE]
+
+    def _fingerprint(self):
+        return {"batch_size": self.batch_size, "seed": self.seed, "world_size": self.world_size, "rank": self.rank,
+                "num_images": self.num_images}
+
+    @property
+    def num_samples(self):
+        """Samples this rank reads per epoch."""
+        _, positions = epoch_order(self.num_images, shuffle=False, seed=0, epoch=0, rank=self.rank,
+                                   world_size=self.world_size, equal_shards=self.train)
+        return len(positions)
+
+    def __len__(self):
+        return num_batches(self.num_samples, self.batch_size, self.drop_last)
+
+    def epoch_plan(self, epoch):
+        """The epoch's sample indices for this rank and their crop offsets and flips (CPU tensors).
+
+        Returns:
+            indices [n] int64; offsets [n, 2] int64 (y, x) in 0..8, i.e. shifts -4..4; flips [n] bool.
+        """
+        order, positions = epoch_order(self.num_images, shuffle=self.train, seed=self.seed, epoch=epoch,
+                                       rank=self.rank, world_size=self.world_size, equal_shards=self.train)
+        if not self.train:
+            return order[positions], None, None
+        g = epoch_generator(self.seed, epoch, stream=1)
+        # Drawn for the whole epoch order, so a sample's augmentation does not depend on the sharding.
+        offsets = torch.randint(0, 2 * PAD + 1, (len(order), 2), generator=g)
+        flips = torch.rand(len(order), generator=g) < 0.5
+        return order[positions], offsets[positions], flips[positions]
+
+    def __iter__(self):
+        epoch, start = self._begin_pass()
+        indices, offsets, flips = self.epoch_plan(epoch)
+        indices = indices.to(self.device, non_blocking=True)
+        if self.train:
+            offsets = offsets.to(self.device, non_blocking=True)
+            flips = flips.to(self.device, non_blocking=True)
+        for k in range(start, len(self)):
+            sl = slice(k * self.batch_size, (k + 1) * self.batch_size)
+            threads = torch.get_num_threads()
+            if self.cpu_threads:
+                torch.set_num_threads(self.cpu_threads)
+            try:
+                if self.train:
+                    images = self._augment(indices[sl], offsets[sl], flips[sl])
+                else:
+                    images = self._plain(indices[sl])
+                labels = self.labels[indices[sl]]
+            finally:
+                torch.set_num_threads(threads)
+            self.position = k + 1
+            yield images, labels
+        self._end_pass(epoch)
+
+    def _finish(self, x):
+        # x: [B, 3, 32, 32] uint8 in the output memory format.
+        x = normalize_(x.float(), self.mean, self.std)
+        return x if self.dtype == torch.float32 else x.to(self.dtype)
+
+    def _plain(self, idx):
+        x = self.data[idx]
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self._finish(x)
+
+    def _augment(self, idx, offsets, flips):
+        dev = self.device
+        ar = torch.arange(SIZE, device=dev)
+        rows = offsets[:, :1] + ar  # [B, 32]
+        cols = torch.where(flips[:, None], offsets[:, 1:] + (SIZE - 1) - ar, offsets[:, 1:] + ar)  # [B, 32]
+        s_n, s_c, s_h, s_w = self.data.stride()
+        chan = torch.arange(3, device=dev) * s_c
+        # Linear index of every output pixel in the padded split: crop and flip in one gather.
+        pix = (idx * s_n)[:, None, None] + (rows * s_h)[:, :, None] + (cols * s_w)[:, None, :]  # [B, 32, 32]
+        if self.channels_last:
+            x = self._flat.take(pix[..., None] + chan).permute(0, 3, 1, 2)  # gathered as [B, 32, 32, 3]
+        else:
+            x = self._flat.take(pix[:, None] + chan[:, None, None])  # [B, 3, 32, 32]
+        return self._finish(x)
+
+
+def cifar_loaders(root, dataset="cifar100", batch_size=128, device="cuda", seed=27, drop_last=False,
+                  download=False, *, rank=0, world_size=1, channels_last=False, dtype=torch.float32,
+                  eval_batch_size=None):
+    """Training and test loaders over CIFAR-10 / CIFAR-100, the whole split resident on ``device``.
+
+    Args:
+        root: folder with the python-version archive (``cifar-100-python.tar.gz``) or its extracted folder.
+        dataset: "cifar100" or "cifar10".
+        batch_size: training batch per rank (evaluation uses ``eval_batch_size``, default the same).
+        device: where the data lives and batches are made ("cuda", "cpu", ...; None: CUDA when available).
+        seed: seeds each epoch's order and augmentation (same seed, same batches).
+        drop_last: drop the incomplete last training batch (the test loader never drops).
+        download: fetch the archive with torchvision's downloader when missing.
+        rank, world_size: DDP sharding (disjoint shards every epoch).
+        channels_last: channels_last memory format. dtype: float32, bfloat16 or float16 output.
+
+    Shapes:
+        each loader yields images [B, 3, 32, 32] (normalised) and labels [B] int64 on ``device``.
+
+    Returns:
+        (train, test): :class:`CifarLoader` objects; ``train.classes`` holds the class names.
+    """
+    data = load_cifar(root, dataset, download=download)
+    common = dict(device=device, seed=seed, rank=rank, world_size=world_size, channels_last=channels_last,
+                  dtype=dtype, classes=data["classes"])
+    train = CifarLoader(*data["train"], batch_size=batch_size, train=True, drop_last=drop_last, **common)
+    test = CifarLoader(*data["test"], batch_size=eval_batch_size or batch_size, train=False, drop_last=False,
+                       **common)
+    return train, test

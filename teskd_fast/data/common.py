@@ -1,0 +1,144 @@
+"""Pieces shared by every loader: normalisation constants, errors, device and dtype checks, epoch order.
+
+Every loader of this package draws its per-epoch randomness (order, and for CIFAR the augmentation) on the
+CPU from a generator seeded by ``(seed, epoch)``, so an epoch's batches depend only on the seed and the epoch:
+the same on every rank, on the CPU and on a GPU, and after a resume.
+"""
+
+import torch
+
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2023, 0.1994, 0.2010)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+OUTPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+SCAN_HINT = "run `teskd-scan {root}` to find every unreadable file and write the list of good files the loaders use"
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A dataset root, archive or split folder is missing; the message says where it looked and what to do."""
+
+
+class BadImageError(RuntimeError):
+    """An image file cannot be decoded; the message names the file and says to run ``teskd-scan``."""
+
+
+def resolve_device(device):
+    """``None`` means CUDA when available, else the CPU; a CUDA device without CUDA is an error."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device={str(device)!r} was asked for but CUDA is not available here; pass device='cpu'")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def check_dtype(dtype):
+    if isinstance(dtype, str):
+        dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+                 "float16": torch.float16, "fp16": torch.float16}.get(dtype, dtype)
+    if dtype not in OUTPUT_DTYPES:
+        raise ValueError(f"dtype must be one of {[str(d) for d in OUTPUT_DTYPES]}, got {dtype!r}")
+    return dtype
+
+
+def check_sharding(batch_size, rank, world_size):
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
+    if not isinstance(rank, int) or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be an integer in [0, world_size={world_size}), got {rank!r}")
+
+
+def epoch_generator(seed, epoch, stream=0):
+    """A CPU generator for one epoch: a pure function of ``(seed, epoch, stream)``."""
+    g = torch.Generator()
+    # Distinct (seed, epoch, stream) triples give distinct seeds for any realistic seed and epoch count.
+    g.manual_seed((int(seed) * 1_000_003 + int(epoch) * 7_919 + int(stream)) % (2**63 - 1))
+    return g
+
+
+def shard_bounds(n, rank, world_size):
+    """Contiguous shard ``[start, stop)`` of ``n`` items for ``rank``: DALI's readers split the same way."""
+    return n * rank // world_size, n * (rank + 1) // world_size
+
+
+def epoch_order(n, *, shuffle, seed, epoch, rank=0, world_size=1, equal_shards=False):
+    """Indices this rank reads in one epoch, and the positions they hold in the global epoch order.
+
+    Args:
+        n: dataset size.
+        shuffle: permute with the epoch's generator; otherwise dataset order.
+        equal_shards: truncate the epoch to a multiple of ``world_size`` (fewer than ``world_size`` samples,
+            a different few each epoch when shuffled), so every rank gets the same number of samples: needed
+            for training under DDP. Without it, shards differ in size by at most one and cover the dataset.
+
+    Returns:
+        (order, positions): int64 CPU tensors; ``order`` is the full (possibly truncated) global order and
+        ``positions`` the slice of it that belongs to ``rank`` (shards are disjoint).
+    """
+    order = torch.randperm(n, generator=epoch_generator(seed, epoch)) if shuffle else torch.arange(n)
+    if equal_shards:
+        order = order[: (n // world_size) * world_size]
+    start, stop = shard_bounds(len(order), rank, world_size)
+    return order, torch.arange(start, stop)
+
+
+def num_batches(n, batch_size, drop_last):
+    return n // batch_size if drop_last else -(-n // batch_size)
+
+
+def normalize_(images, mean, std):
+    """In place: ``images`` float in [0, 255] -> ``(images / 255 - mean) / std``, channel dim 1. Returns it."""
+    shape = (1, -1) + (1,) * (images.dim() - 2)
+    scale = torch.tensor([1.0 / (255.0 * s) for s in std], device=images.device, dtype=images.dtype).view(shape)
+    bias = torch.tensor([-m / s for m, s in zip(mean, std)], device=images.device, dtype=images.dtype).view(shape)
+    return images.mul_(scale).add_(bias)
+
+
+class EpochState:
+    """Epoch and position bookkeeping shared by the loaders (see ``state_dict`` of each loader).
+
+    ``epoch`` advances by one after a complete pass. ``position`` is the number of batches of the current
+    epoch handed out so far; a pass started after ``load_state_dict`` or ``set_epoch(e, start_batch=k)``
+    begins at that batch, any other pass at batch 0.
+    """
+
+    def _init_state(self):
+        self.epoch = 0
+        self.position = 0
+        self._start_batch = 0
+
+    def set_epoch(self, epoch, start_batch=0):
+        """Select the epoch of the next pass (its order and augmentation), starting at batch ``start_batch``."""
+        if int(epoch) < 0 or int(start_batch) < 0:
+            raise ValueError(f"epoch and start_batch must be >= 0, got {epoch}, {start_batch}")
+        self.epoch, self._start_batch, self.position = int(epoch), int(start_batch), int(start_batch)
+
+    def state_dict(self):
+        """``{"epoch", "position", ...}``: where the loader stands; restore it with ``load_state_dict``."""
+        return {"epoch": self.epoch, "position": self.position, **self._fingerprint()}
+
+    def load_state_dict(self, state):
+        """Resume: the next pass yields exactly the batches the saved loader had not yet handed out."""
+        mine = self._fingerprint()
+        for key, value in mine.items():
+            if key in state and state[key] != value:
+                raise ValueError(f"loader state was saved with {key}={state[key]!r}, this loader has {value!r}")
+        self.set_epoch(state["epoch"], state.get("position", 0))
+
+    def _fingerprint(self):
+        return {}
+
+    def _begin_pass(self):
+        start = self._start_batch
+        self._start_batch = 0
+        self.position = start
+        return self.epoch, start
+
+    def _end_pass(self, epoch):
+        self.epoch, self.position = epoch + 1, 0

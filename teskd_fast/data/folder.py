@@ -1,0 +1,131 @@
+"""The ImageFolder layout (root/<split>/<class>/<image>), its class mapping, and the scan cache that filters it.
+
+Classes are the sorted names of the class folders, as torchvision's ImageFolder maps them; every backend
+uses this index, so the class indices agree across backends.
+"""
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from teskd_fast.data.common import SCAN_HINT, DatasetNotFoundError
+
+# torchvision's ImageFolder extensions: the files a loader reads (compared case-insensitively).
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+CACHE_NAME = "teskd_scan.json"
+CACHE_FORMAT = "teskd-scan/1"
+
+
+@dataclass
+class FolderIndex:
+    """One split: its folder, its classes and its samples as (path relative to ``root``, class index)."""
+
+    root: Path
+    classes: list
+    samples: list = field(repr=False)
+    from_scan: Path | None = None
+
+    @property
+    def class_to_idx(self):
+        return {c: i for i, c in enumerate(self.classes)}
+
+    def path(self, i):
+        return str(self.root / self.samples[i][0])
+
+
+def list_classes(split_dir):
+    split_dir = Path(split_dir)
+    if not split_dir.is_dir():
+        raise DatasetNotFoundError(
+            f"image folder {split_dir} not found: expected the ImageFolder layout {split_dir}/<class>/<image>.JPEG "
+            f"(for ImageNet, ROOT/train and ROOT/val with one folder per class)"
+        )
+    classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        raise DatasetNotFoundError(f"{split_dir} has no class folders: expected {split_dir}/<class>/<image>.JPEG")
+    return classes
+
+
+def list_images(class_dir):
+    """Image files (ImageFolder's extensions) under ``class_dir``, recursively, as sorted relative paths."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
+        dirnames.sort()
+        rel = os.path.relpath(dirpath, class_dir)
+        for name in filenames:
+            if name.lower().endswith(IMG_EXTENSIONS):
+                out.append(name if rel == "." else os.path.join(rel, name))
+    return sorted(out)
+
+
+def find_scan_cache(split_dir, scan_cache=None):
+    """The scan cache that covers ``split_dir``: given, in the split folder, or in its parent (dataset root)."""
+    if scan_cache is not None:
+        path = Path(scan_cache)
+        if not path.is_file():
+            raise DatasetNotFoundError(f"scan cache {path} not found; write it with `teskd-scan ROOT --cache {path}`")
+        return path
+    split_dir = Path(split_dir)
+    for candidate in (split_dir / CACHE_NAME, split_dir.parent / CACHE_NAME):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def read_scan_cache(path):
+    with open(path, encoding="utf-8") as f:
+        cache = json.load(f)
+    if cache.get("format") != CACHE_FORMAT:
+        raise ValueError(f"{path} is not a teskd-scan cache (format {cache.get('format')!r}); run teskd-scan again")
+    return cache
+
+
+def index_image_folder(split_dir, scan_cache=None, use_scan=True):
+    """Index one ImageFolder split, using the good-file list of a ``teskd-scan`` cache when one is present.
+
+    Args:
+        split_dir: the split folder (``ROOT/train``) holding one folder per class.
+        scan_cache: path of a cache written by ``teskd-scan``; default: ``teskd_scan.json`` in the split folder
+            or in its parent.
+        use_scan: False ignores any cache (every file with an image extension is listed).
+
+    Returns:
+        FolderIndex with sorted classes and samples sorted by class, then path.
+    """
+    split_dir = Path(split_dir).expanduser().resolve()
+    classes = list_classes(split_dir)
+    cache_path = find_scan_cache(split_dir, scan_cache) if use_scan else None
+    samples = []
+    if cache_path is not None:
+        cache = read_scan_cache(cache_path)
+        # Splits are keyed by their path relative to the scanned root ("train", "val", or "" for the root itself).
+        cache_root = Path(cache.get("root", cache_path.parent)).resolve()
+        splits = cache["splits"]
+        key = os.path.relpath(split_dir, cache_root)
+        key = "" if key == "." else key
+        if key not in splits:
+            raise ValueError(f"scan cache {cache_path} does not cover {split_dir} (it holds {sorted(splits)}); "
+                             f"{SCAN_HINT.format(root=cache_root)}")
+        entry = splits[key]
+        if entry["classes"] != classes:
+            raise ValueError(f"scan cache {cache_path} lists other class folders than {split_dir} holds now; "
+                             f"{SCAN_HINT.format(root=cache_root)}")
+        counts = dict.fromkeys(range(len(classes)), 0)
+        for rel, label in entry["files"]:
+            samples.append((rel, label))
+            counts[label] += 1
+        for label, count in counts.items():
+            if count == 0:
+                raise DatasetNotFoundError(f"class folder {split_dir / classes[label]} has no readable image "
+                                           f"(scan cache {cache_path})")
+    else:
+        for label, name in enumerate(classes):
+            files = list_images(split_dir / name)
+            if not files:
+                raise DatasetNotFoundError(
+                    f"class folder {split_dir / name} holds no image file (extensions {', '.join(IMG_EXTENSIONS)}); "
+                    f"remove it or add its images, then {SCAN_HINT.format(root=split_dir)}"
+                )
+            samples.extend((f"{name}/{f}", label) for f in files)
+    return FolderIndex(split_dir, classes, samples, cache_path)

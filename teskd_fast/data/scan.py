@@ -1,0 +1,168 @@
+"""``teskd-scan ROOT``: decode-check every image of an ImageFolder tree and cache the list of good files.
+
+A file is bad when it cannot be decoded completely (truncated, not an image) or when its content is not
+JPEG (the GPU decoders read JPEG only), whatever its name says. Greyscale and CMYK JPEGs that decode are
+good: every backend converts them to RGB. The cache (``ROOT/teskd_scan.json``, or ``--cache PATH``) holds
+the good files per split; the loaders read it when it is present and then never open a bad file.
+"""
+
+import argparse
+import io
+import json
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from teskd_fast.data.common import DatasetNotFoundError
+from teskd_fast.data.folder import CACHE_FORMAT, CACHE_NAME, list_classes, list_images
+
+SPLITS = ("train", "val")
+
+
+@dataclass
+class ScanReport:
+    """Result of :func:`scan_image_folder`: counts, the bad files with reasons, and where the cache went."""
+
+    root: Path
+    splits: dict = field(repr=False)
+    bad: list
+    num_files: int
+    cache_path: Path | None
+
+    @property
+    def ok(self):
+        return not self.bad
+
+
+def check_image(path, formats=("JPEG",)):
+    """Why the file at ``path`` is unusable, or None when it decodes completely in one of ``formats``."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        return f"cannot read the file ({e.strerror or e})"
+    if not data:
+        return "empty file"
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            fmt = img.format
+            if fmt not in formats:
+                return f"{fmt} image, not {' or '.join(formats)} (the name says {Path(path).suffix})"
+            img.load()
+            mode = img.mode
+    # Pillow signals a broken file with several exception types (OSError for truncation and unknown formats,
+    # SyntaxError and ValueError from some parsers, DecompressionBombError); any of them makes the file bad.
+    except Exception as e:  # noqa: BLE001
+        return f"cannot decode: {type(e).__name__}: {e}"
+    if mode not in ("L", "RGB", "CMYK", "YCbCr", "P", "LA", "RGBA", "I;16"):
+        return f"unsupported pixel mode {mode}"
+    return None
+
+
+def _split_dirs(root):
+    """{"train": path, "val": path} when ``root`` holds split folders, else {"": root} (one ImageFolder)."""
+    present = {s: root / s for s in SPLITS if (root / s).is_dir()}
+    if present and all(any(e.is_dir() for e in os.scandir(p)) for p in present.values()):
+        return present
+    return {"": root}
+
+
+def scan_image_folder(root, workers=None, cache=None, write_cache=True, formats=("JPEG",), progress=False):
+    """Decode-check every image of an ImageFolder tree in parallel and write the list of good files.
+
+    Args:
+        root: an ImageNet-style root holding ``train/`` and/or ``val/`` (each ``<class>/<image>``), or a
+            single ImageFolder split.
+        workers: decoding threads (Pillow releases the GIL while decoding); default: all cores.
+        cache: where to write the cache; default ``root/teskd_scan.json``. The loaders look for it there
+            (or in the split folder), or take its path as ``scan_cache=``.
+        write_cache: False only reports.
+        formats: Pillow format names accepted as good ("JPEG"; add "PNG" for PNG datasets read by
+            DALI or torchvision).
+        progress: show a progress bar on stderr.
+
+    Returns:
+        ScanReport with ``bad`` = [(path, reason)] sorted by path; ``ok`` is True when nothing was bad.
+    """
+    root = Path(root).expanduser().resolve()
+    if not root.is_dir():
+        raise DatasetNotFoundError(f"{root} is not a folder: give the dataset root (holding train/ and val/) "
+                                   f"or one ImageFolder split (holding one folder per class)")
+    split_dirs = _split_dirs(root)
+    jobs = []
+    listing = {}
+    for split, split_dir in split_dirs.items():
+        classes = list_classes(split_dir)
+        listing[split] = classes
+        for label, name in enumerate(classes):
+            jobs.extend((split, f"{name}/{f}", label) for f in list_images(split_dir / name))
+    paths = [str(split_dirs[s] / rel) for s, rel, _ in jobs]
+    workers = workers or os.cpu_count() or 1
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = pool.map(lambda p: check_image(p, formats), paths, chunksize=64 if len(paths) > 4096 else 1)
+        if progress:
+            from tqdm import tqdm
+
+            results = tqdm(results, total=len(paths), desc=f"teskd-scan {root}", unit="file", file=sys.stderr)
+        reasons = list(results)
+    splits = {s: {"classes": c, "files": []} for s, c in listing.items()}
+    bad = []
+    for (split, rel, label), path, reason in zip(jobs, paths, reasons):
+        if reason is None:
+            splits[split]["files"].append([rel, label])
+        else:
+            bad.append((path, reason))
+    cache_path = None
+    if write_cache:
+        cache_path = Path(cache) if cache is not None else root / CACHE_NAME
+        payload = {"format": CACHE_FORMAT, "root": str(root), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                   "formats": list(formats), "splits": splits, "bad": [{"path": p, "reason": r} for p, r in bad]}
+        # Atomic write: a temporary file in the same folder, then a rename.
+        tmp = cache_path.with_name(cache_path.name + f".tmp{os.getpid()}")
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(payload, f)
+        os.replace(tmp, cache_path)
+    return ScanReport(root, splits, sorted(bad), len(paths), cache_path)
+
+
+def main(argv=None):
+    """Entry point of ``teskd-scan``: exit status 0 when every file is good, 1 when bad files were found."""
+    parser = argparse.ArgumentParser(
+        prog="teskd-scan",
+        description="Decode-check every image of an ImageFolder tree (ROOT/train/<class>/*.JPEG, ROOT/val/...) in "
+        "parallel, list each unreadable or non-JPEG file with the reason, and write the list of good files that "
+        "teskd_fast's loaders then use.",
+    )
+    parser.add_argument("root", help="dataset root (holding train/ and val/) or one ImageFolder split")
+    parser.add_argument("--workers", type=int, default=None, help="decoding threads (default: all cores)")
+    parser.add_argument("--cache", default=None, help=f"where to write the cache (default: ROOT/{CACHE_NAME})")
+    parser.add_argument("--no-cache", action="store_true", help="report only; write no cache")
+    parser.add_argument("--allow-png", action="store_true", help="accept PNG files (DALI and torchvision read them)")
+    parser.add_argument("--progress", action="store_true", help="progress bar on stderr")
+    args = parser.parse_args(argv)
+    if args.workers is not None and args.workers < 1:
+        parser.error(f"--workers must be >= 1, got {args.workers}")
+    formats = ("JPEG", "PNG") if args.allow_png else ("JPEG",)
+    start = time.perf_counter()
+    try:
+        report = scan_image_folder(args.root, workers=args.workers, cache=args.cache,
+                                   write_cache=not args.no_cache, formats=formats, progress=args.progress)
+    except (DatasetNotFoundError, OSError) as e:
+        print(f"teskd-scan: error: {e}", file=sys.stderr)
+        return 2
+    for path, reason in report.bad:
+        print(f"BAD {path}: {reason}")
+    summary = ", ".join(f"{s or 'root'}: {len(v['files'])} good in {len(v['classes'])} classes"
+                        for s, v in report.splits.items())
+    print(f"teskd-scan: {report.num_files} files checked in {time.perf_counter() - start:.1f}s ({summary}); "
+          f"{len(report.bad)} bad" + (f"; good-file list written to {report.cache_path}" if report.cache_path else ""))
+    return 1 if report.bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

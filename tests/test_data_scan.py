@@ -1,0 +1,116 @@
+"""Bad files: teskd-scan names exactly the bad ones, the loaders use its list, and stop with a clear message."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from test_data_imagenet import CLASSES, make_image_folder
+
+from teskd_fast.data import BadImageError, imagenet_loaders, scan_image_folder
+from teskd_fast.data.folder import index_image_folder
+from teskd_fast.data.nvjpeg import NvjpegImageLoader
+from teskd_fast.data.scan import main as scan_main
+
+# A stuck loader (a worker that never answers) fails the test instead of hanging the suite.
+pytestmark = pytest.mark.timeout(300)
+
+
+def _bad_files(root, rng):
+    """Add a truncated JPEG, random bytes named .JPEG and a PNG named .JPEG to the training classes."""
+    from PIL import Image
+
+    good = sorted((root / "train" / CLASSES[0]).glob("img_*.JPEG"))[0].read_bytes()
+    bad = {
+        "truncated": root / "train" / CLASSES[0] / "truncated.JPEG",
+        "random": root / "train" / CLASSES[1] / "random.JPEG",
+        "png": root / "train" / CLASSES[2] / "png.JPEG",
+    }
+    bad["truncated"].write_bytes(good[: len(good) // 2])
+    bad["random"].write_bytes(rng.integers(0, 256, 4000, dtype=np.uint8).tobytes())
+    Image.fromarray(rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)).save(bad["png"], format="PNG")
+    return bad
+
+
+@pytest.fixture(scope="module")
+def dirty(tmp_path_factory):
+    rng = np.random.default_rng(7)
+    root = make_image_folder(tmp_path_factory.mktemp("dirty"), rng, per_class=3)
+    return root, _bad_files(root, rng)
+
+
+def test_scan_names_exactly_the_bad_files(dirty, tmp_path, capsys):
+    root, bad = dirty
+    cache = tmp_path / "scan.json"
+    report = scan_image_folder(root, workers=2, cache=cache)
+    assert {p for p, _ in report.bad} == {str(p) for p in bad.values()}
+    reasons = dict(report.bad)
+    assert "PNG image, not JPEG" in reasons[str(bad["png"])]
+    assert "truncated" in reasons[str(bad["truncated"])]
+    assert "cannot decode" in reasons[str(bad["random"])]
+    # Greyscale and CMYK JPEGs and scikit-learn's photos are good.
+    n_good = sum(len(s["files"]) for s in report.splits.values())
+    assert n_good == report.num_files - 3 == len(list(root.glob("*/*/*.JPEG"))) - 3
+    written = json.loads(cache.read_text())
+    assert {b["path"] for b in written["bad"]} == {str(p) for p in bad.values()}
+    # The command: exit status 1, one line per bad file, nothing else flagged.
+    assert scan_main([str(root), "--workers", "2", "--no-cache"]) == 1
+    out = capsys.readouterr().out
+    flagged = [line for line in out.splitlines() if line.startswith("BAD ")]
+    assert sorted(line.split(":")[0][4:] for line in flagged) == sorted(str(p) for p in bad.values())
+
+
+def test_console_script_on_a_clean_folder(tmp_path, capsys):
+    root = make_image_folder(tmp_path / "clean", np.random.default_rng(3), per_class=2, splits=("val",))
+    done = subprocess.run([sys.executable, "-m", "teskd_fast.data.scan", str(root / "val")], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "0 bad" in done.stdout and (root / "val" / "teskd_scan.json").is_file()
+    assert scan_main([str(tmp_path / "none")]) == 2
+    assert "not a folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("backend", ["dali", "torchvision"])
+def test_loaders_use_the_scan(dirty, tmp_path, backend):
+    root, bad = dirty
+    local = tmp_path / "data"
+    shutil.copytree(root, local)
+    report = scan_image_folder(local, workers=2)
+    assert report.cache_path == local / "teskd_scan.json"
+    train, _ = imagenet_loaders(local, batch_size=4, backend=backend, image_size=32, val_resize=32, device="cpu",
+                                workers=1)
+    assert train.index.from_scan == report.cache_path
+    labels = [y for _, y in train]
+    assert sum(len(y) for y in labels) == len(train.index.samples) == len(report.splits["train"]["files"])
+
+
+@pytest.mark.parametrize("backend", ["dali", "torchvision"])
+@pytest.mark.parametrize("kind", ["truncated", "random"])
+def test_loader_without_scan_names_the_file(tmp_path, backend, kind):
+    rng = np.random.default_rng(11)
+    root = make_image_folder(tmp_path, rng, per_class=2)
+    bad = _bad_files(root, rng)
+    for other, path in bad.items():
+        if other != kind:
+            path.unlink()
+    train, _ = imagenet_loaders(root, batch_size=4, backend=backend, image_size=32, val_resize=32, device="cpu",
+                                workers=1)
+    with pytest.raises(BadImageError) as info:
+        for _ in train:
+            pass
+    message = str(info.value)
+    assert str(bad[kind]) in message and "teskd-scan" in message
+    assert "Traceback" not in message and info.value.__cause__ is None
+
+
+def test_nvjpeg_path_rejects_png_named_jpeg(dirty):
+    root, bad = dirty
+    index = index_image_folder(root / "train", use_scan=False)
+    loader = NvjpegImageLoader(index, decode_device="cpu", train=True, batch_size=8, image_size=32, device="cpu",
+                               workers=0)
+    with pytest.raises(BadImageError, match="teskd-scan") as info:
+        for _ in loader:
+            pass
+    assert any(str(p) in str(info.value) for p in bad.values())
