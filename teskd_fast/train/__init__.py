@@ -1,1 +1,20 @@
-"""teskd_fast.train."""
+"""teskd_fast.train: the ``teskd-train`` command and its parts.
+
+- :mod:`~teskd_fast.train.config`: :class:`TrainConfig`, the presets, the generated argparse flags;
+- :mod:`~teskd_fast.train.loop`: :class:`Trainer` (epochs, evaluation, checkpoints, exact resume);
+- :mod:`~teskd_fast.train.checkpoint`: atomic checkpoints and RNG states;
+- :mod:`~teskd_fast.train.metrics`: on-device accumulators and the metrics files;
+- :mod:`~teskd_fast.train.distributed`: torchrun / DDP set-up;
+- :mod:`~teskd_fast.train.plot`: ``teskd-plot`` (curves.png).
+"""
+
+from teskd_fast.train.config import PRESETS, TrainConfig
+
+__all__ = ["PRESETS", "TrainConfig", "main"]
+
+
+def main(argv=None):
+    """Run ``teskd-train`` with ``argv`` (default: the command line); returns the exit status."""
+    from teskd_fast.train.cli import main as _main
+
+    return _main(argv)

@@ -1,0 +1,196 @@
+"""``teskd-train``: train TESKD (or its same-recipe baseline) from a preset, a YAML file and flags.
+
+Examples::
+
+    teskd-train                                          # the built-in digits demo, CPU, about a minute
+    teskd-train --preset cifar100-resnet18 --data-dir data/
+    teskd-train --preset cifar100-resnet18 --method baseline --data-dir data/
+    teskd-train --resume runs/cifar100-resnet18-teskd-20250101-120000 [--epochs 300]
+    torchrun --nproc_per_node 8 -m teskd_fast.train --preset imagenet-resnet18 --data-dir /imagenet
+    teskd-train --eval-only runs/.../best.pt
+
+Exit status: 0 done; 1 a missing dataset or checkpoint; 2 a bad flag value; 3 a non-finite loss;
+128 + signal number when stopped by SIGTERM / Ctrl-C (after writing last.pt).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from teskd_fast.train.config import PRESET_HELP, PRESETS, ConfigError, TrainConfig, build_parser, load_yaml, resolve
+
+# Fields that a resumed run may change without changing what it computes.
+_SAFE_AT_RESUME = {"epochs", "device", "workers", "out", "resume", "progress", "log_every", "tensorboard", "plot",
+                   "data_dir", "download", "compile", "compile_mode", "report_after"}
+
+
+def _write_config(cfg: TrainConfig, run_dir: Path) -> None:
+    import yaml
+
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def _default_out(cfg: TrainConfig) -> Path:
+    return Path("runs") / f"{cfg.preset}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _resolve_args(argv: list[str] | None) -> tuple[TrainConfig, dict[str, Any] | None, Path]:
+    """Parse the command line into (config, checkpoint to resume from or evaluate, run folder)."""
+    parser = build_parser()
+    given = vars(parser.parse_args(argv))
+    if given.pop("list_presets", False):
+        for name in sorted(PRESETS):
+            print(f"{name:<32} {PRESET_HELP.get(name, '')}")
+        raise SystemExit(0)
+    try:
+        overrides = load_yaml(given.pop("config")) if "config" in given else {}
+        overrides.update(given)
+        if overrides.get("resume") and overrides.get("eval_only"):
+            raise ConfigError("--resume and --eval-only cannot be combined")
+        if overrides.get("resume"):
+            from teskd_fast.train.loop import load_resume
+
+            run_dir = Path(overrides["resume"])
+            ckpt = load_resume(run_dir)
+            base = ckpt["config"]
+            changed = sorted(k for k, v in overrides.items()
+                             if k not in _SAFE_AT_RESUME and k in base and _differs(base[k], v))
+            if changed:
+                print(f"teskd-train: warning: --resume with changed {', '.join(changed)}: the continued run "
+                      "will not match an uninterrupted one", file=sys.stderr)
+            cfg = resolve({**overrides, "out": str(run_dir), "resume": str(run_dir)}, base=base)
+            return cfg, ckpt, run_dir
+        if overrides.get("eval_only"):
+            return _eval_config(overrides)
+        cfg = resolve(overrides)
+        return cfg, None, Path(cfg.out) if cfg.out else _default_out(cfg)
+    except ConfigError as e:
+        parser.error(str(e))
+        raise  # parser.error exits; this line is never reached
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        # A missing or foreign checkpoint for --resume / --eval-only.
+        print(f"teskd-train: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def _differs(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
+        return list(a if isinstance(a, (list, tuple)) else [a]) != list(b if isinstance(b, (list, tuple)) else [b])
+    return a != b
+
+
+def _eval_config(overrides: dict[str, Any]) -> tuple[TrainConfig, dict[str, Any], Path]:
+    """Config for --eval-only: from a training checkpoint's config, or from teacher.json beside a teacher.pt."""
+    from teskd_fast.train.checkpoint import load_checkpoint
+    from teskd_fast.train.loop import CHECKPOINT_FORMAT
+
+    path = Path(overrides["eval_only"])
+    ckpt = load_checkpoint(path)
+    if isinstance(ckpt, dict) and ckpt.get("format") == CHECKPOINT_FORMAT:
+        cfg = resolve(overrides, base=ckpt["config"])
+        return cfg, ckpt, path.parent
+    info_path = path.with_suffix(".json")
+    base: dict[str, Any] = {}
+    if info_path.is_file():
+        info = json.loads(info_path.read_text())
+        base = {k: info[k] for k in ("arch", "stem", "width") if k in info}
+        config_yaml = path.parent / "config.yaml"
+        if config_yaml.is_file():
+            base = {**load_yaml(str(config_yaml)), **base}
+    cfg = resolve({**base, **overrides, "method": "baseline"})
+    return cfg, {"teacher_state_dict": ckpt}, path.parent
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``teskd-train`` and ``python -m teskd_fast.train``; returns the exit status."""
+    cfg, ckpt, run_dir = _resolve_args(argv)
+    import torch
+
+    threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _run(cfg, ckpt, run_dir)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(cfg: TrainConfig, ckpt: dict[str, Any] | None, run_dir: Path) -> int:
+    from teskd_fast.train import distributed as D
+    from teskd_fast.train.loop import DatasetNotFound, Interrupted, NonFiniteLoss, Trainer, check_dataset
+
+    try:
+        check_dataset(cfg)
+    except DatasetNotFound as e:
+        print(f"teskd-train: {e}", file=sys.stderr)
+        return 1
+    try:
+        env = D.setup(cfg.device)
+    except RuntimeError as e:
+        print(f"teskd-train: {e}", file=sys.stderr)
+        return 2
+    try:
+        if cfg.precision == "fp16" and env.device.type != "cuda":
+            raise ConfigError(f"--precision fp16 needs a CUDA device (this run is on {env.device}); use bf16 or fp32")
+        if cfg.eval_only:
+            return _evaluate_only(cfg, ckpt, run_dir, env)
+        if env.is_main:
+            if not cfg.resume and (run_dir / "last.pt").exists():
+                print(f"teskd-train: {run_dir} already holds a run; continue it with --resume {run_dir} or choose "
+                      "another --out", file=sys.stderr)
+                return 2
+            run_dir.mkdir(parents=True, exist_ok=True)
+            _write_config(cfg, run_dir)
+        D.barrier(env)
+        trainer = Trainer(cfg, run_dir, env, resume=ckpt)
+        if env.is_main:
+            what = "resuming" if ckpt else "training"
+            at = f" from epoch {trainer.epoch + 1}, batch {trainer.position}" if ckpt else ""
+            print(f"teskd-train: {what} {cfg.method} {cfg.arch} on {cfg.dataset}{at} | {cfg.epochs} epochs, global "
+                  f"batch {cfg.batch_size} over {env.world_size} process(es), device {env.device}, precision "
+                  f"{trainer.precision} | run folder {run_dir}", flush=True)
+        trainer.fit()
+        return 0
+    except DatasetNotFound as e:
+        print(f"teskd-train: {e}", file=sys.stderr)
+        return 1
+    except ConfigError as e:
+        print(f"teskd-train: error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteLoss as e:
+        print(f"teskd-train: {e}", file=sys.stderr)
+        return 3
+    except Interrupted as e:
+        if env.is_main:
+            print(str(e), file=sys.stderr)
+        return 128 + int(e.signum)
+    except KeyboardInterrupt:
+        # A second Ctrl-C: the step in flight is abandoned and last.pt is the one of the previous save.
+        print(f"\nteskd-train: abandoned; {run_dir / 'last.pt'} holds the last saved state", file=sys.stderr)
+        return 130
+    finally:
+        D.cleanup()
+
+
+def _evaluate_only(cfg: TrainConfig, ckpt: dict[str, Any], run_dir: Path, env) -> int:
+    from teskd_fast.train.loop import Trainer
+
+    teacher_sd = ckpt.pop("teacher_state_dict", None) if "format" not in ckpt else None
+    trainer = Trainer(cfg, run_dir, env, resume=None if teacher_sd is not None else ckpt)
+    if teacher_sd is not None:
+        trainer.raw_model.load_state_dict(teacher_sd)
+    metrics = trainer.evaluate()
+    if env.is_main:
+        heads = [k[len("val_top1_"):] for k in metrics if k.startswith("val_top1_")]
+        print(f"Evaluation of {cfg.eval_only} on {cfg.dataset} ({int(metrics['_val_images'])} images):")
+        for h in heads:
+            print(f"  {h:<10} top-1 {metrics['val_top1_' + h]:6.2f}%   top-5 {metrics['val_top5_' + h]:6.2f}%")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

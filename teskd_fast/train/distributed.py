@@ -1,0 +1,94 @@
+"""Process-group set-up for ``torchrun`` (single- or multi-node): NCCL on CUDA, gloo on the CPU."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistEnv:
+    """Where this process runs: its rank among ``world_size`` processes and its device."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """``auto`` -> this process's CUDA device if there is one, else the CPU; a clear error for a missing GPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+        index = int(name[5:]) if ":" in name else local_rank
+        if index >= torch.cuda.device_count():
+            raise RuntimeError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) visible")
+        return torch.device("cuda", index)
+    return torch.device("cpu")
+
+
+def setup(device_name: str) -> DistEnv:
+    """Join the process group that ``torchrun`` describes in the environment (RANK, WORLD_SIZE, LOCAL_RANK).
+
+    Without those variables (a plain ``teskd-train``), returns a single-process environment.
+
+    Args:
+        device_name: the ``--device`` value.
+
+    Returns:
+        a :class:`DistEnv`; each CUDA process uses ``cuda:LOCAL_RANK``.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return DistEnv(device=resolve_device(device_name))
+    rank = int(os.environ["RANK"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_name in ("auto", "cuda") and torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+    else:
+        device = resolve_device(device_name, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size)
+    return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce(tensor: torch.Tensor, env: DistEnv, op: str = "sum") -> torch.Tensor:
+    """In-place all-reduce over the job (a no-op for one process). ``op``: ``"sum"``, ``"min"`` or ``"max"``."""
+    if env.distributed:
+        ops = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
+        dist.all_reduce(tensor, op=ops[op])
+    return tensor
+
+
+def any_rank(flag: bool, env: DistEnv) -> bool:
+    """True when ``flag`` is true on any process (all processes must call this together)."""
+    if not env.distributed:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=env.device)
+    return bool(all_reduce(t, env, "max").item() > 0)
+
+
+def barrier(env: DistEnv) -> None:
+    if env.distributed:
+        dist.barrier()

@@ -1,0 +1,108 @@
+"""teskd-train configuration: presets, generated flags, YAML, validation, schedules, missing datasets."""
+
+import math
+
+import pytest
+
+from teskd_fast.train.cli import main
+from teskd_fast.train.config import PRESETS, ConfigError, TrainConfig, build_parser, resolve
+from teskd_fast.train.loop import LRSchedule, image_size_at
+
+
+def test_cifar_presets_match_the_published_recipe():
+    for arch in ("resnet18", "resnet34", "resnet50", "resnext50_32x4d"):
+        cfg = resolve({"preset": f"cifar100-{arch}"})
+        assert (cfg.arch, cfg.dataset, cfg.stem, cfg.method) == (arch, "cifar100", "cifar", "teskd")
+        assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.momentum, cfg.nesterov, cfg.weight_decay) == (
+            200, 128, 0.1, 0.9, True, 5e-4)
+        assert cfg.bn_weight_decay and cfg.schedule == "multistep" and cfg.lr_gamma == 0.1
+        assert (cfg.temperature, cfg.ce_weight, cfg.kd_weight, cfg.feat_weight, cfg.seed) == (4.0, 0.2, 0.8, 1e-7, 27)
+        sched = LRSchedule(cfg, steps_per_epoch=391)
+        # x0.1 at epochs 100 and 150 (0-based epoch 100 is the 101st).
+        assert sched(99, 390) == pytest.approx(0.1) and sched(100, 0) == pytest.approx(0.01)
+        assert sched(149, 0) == pytest.approx(0.01) and sched(150, 0) == pytest.approx(0.001)
+
+
+def test_imagenet_presets_and_our_fast_recipe():
+    for arch in ("resnet18", "resnet34", "resnet50"):
+        cfg = resolve({"preset": f"imagenet-{arch}"})
+        assert (cfg.stem, cfg.epochs, cfg.batch_size, cfg.lr, cfg.weight_decay) == ("imagenet", 90, 256, 0.1, 1e-4)
+        assert (cfg.image_size, cfg.val_resize, cfg.val_image_size) == (224, 256, 224)
+        sched = LRSchedule(cfg, 5005)
+        assert [sched(e, 0) for e in (29, 30, 59, 60, 89)] == pytest.approx([0.1, 0.01, 0.01, 0.001, 0.001])
+    fast = [name for name in PRESETS if name.startswith("imagenet") and "ours" in name]
+    assert fast, "a fast ImageNet recipe of our own, named as ours"
+    cfg = resolve({"preset": fast[0]})
+    assert cfg.label_smoothing > 0 and not cfg.bn_weight_decay and cfg.epochs < 90
+    sizes = [image_size_at(cfg, e) for e in range(cfg.epochs)]
+    assert sizes[0] == 160 and sizes[-1] == 192 and sizes == sorted(sizes) and all(s % 32 == 0 for s in sizes)
+
+
+def test_every_field_has_a_flag_and_precedence_is_preset_yaml_flags(tmp_path):
+    parser = build_parser()
+    flags = {a.dest for a in parser._actions}
+    assert {f for f in TrainConfig.__dataclass_fields__} <= flags
+    ns = vars(parser.parse_args(["--no-compile", "--lr-milestones", "0.3", "0.6", "--precision", "bf16"]))
+    assert ns == {"compile": False, "lr_milestones": [0.3, 0.6], "precision": "bf16"}
+    yml = tmp_path / "c.yaml"
+    yml.write_text("preset: cifar100-resnet50\nlr: 0.05\nbatch-size: 64\n")
+    from teskd_fast.train.config import load_yaml
+
+    cfg = resolve({**load_yaml(str(yml)), "batch_size": 32})
+    assert (cfg.arch, cfg.lr, cfg.batch_size, cfg.epochs) == ("resnet50", 0.05, 32, 200)
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--epochs", "0"], "--epochs"),
+        (["--lr", "-1"], "--lr"),
+        (["--batch-size", "abc"], "--batch-size"),
+        (["--precision", "fp8"], "--precision"),
+        (["--lr-milestones", "0.8", "0.5"], "--lr-milestones"),
+        (["--label-smoothing", "1.5"], "--label-smoothing"),
+        (["--device", "gpu0"], "--device"),
+        (["--preset", "cifar1000-resnet18"], "--preset"),
+        (["--method", "byot"], "--method"),
+        (["--resume", "x", "--eval-only", "y"], "--resume"),
+    ],
+)
+def test_bad_flag_values_are_rejected_with_the_flag_named(argv, needle, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_unknown_yaml_field_is_named(tmp_path, capsys):
+    yml = tmp_path / "c.yaml"
+    yml.write_text("learning_rate: 0.1\n")
+    with pytest.raises(SystemExit):
+        main(["--config", str(yml)])
+    assert "learning_rate" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="no such file"):
+        resolve({**__import__("teskd_fast.train.config", fromlist=["x"]).load_yaml(str(tmp_path / "nope.yaml"))})
+
+
+def test_schedules_warmup_cosine_linear_and_extension():
+    cfg = resolve({"epochs": 10, "schedule": "cosine", "warmup_epochs": 1.0, "lr": 0.4})
+    s = LRSchedule(cfg, 10)
+    assert s(0, 0) == pytest.approx(0.04) and s(0, 9) == pytest.approx(0.4)
+    assert s(1, 0) == pytest.approx(0.4) and s(5, 5) == pytest.approx(0.2)
+    assert s(9, 9) == pytest.approx(0.4 * 0.5 * (1 + math.cos(math.pi * 89 / 90)))
+    lin = LRSchedule(resolve({"epochs": 4, "schedule": "linear", "lr": 1.0, "warmup_epochs": 0}), 4)
+    assert [lin(e, 0) for e in range(4)] == pytest.approx([1.0, 0.75, 0.5, 0.25])
+    # A larger --epochs at resume: the multistep milestones follow the new total.
+    assert LRSchedule(resolve({"preset": "cifar100-resnet18", "epochs": 300}), 1)(160, 0) == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize("preset", ["cifar100-resnet18", "imagenet-resnet18"])
+def test_missing_dataset_says_where_it_looked_and_how_to_get_it(preset, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["--preset", preset, "--data-dir", str(tmp_path / "nowhere"), "--out", str(out), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert str(tmp_path / "nowhere") in err
+    assert ("download" in err) if preset.startswith("cifar") else ("image-net.org" in err and "train" in err)
+    # Before any work: no run folder, no model built.
+    assert not out.exists()
