@@ -25,7 +25,7 @@ N_TRAIN = 50_000 if HAS_CUDA else 256
 BATCH = 128 if HAS_CUDA else 16
 WIDTH = 1.0 if HAS_CUDA else 0.0625
 STEPS = 0 if HAS_CUDA else 4
-ROUNDS = 2 if HAS_CUDA else 1
+ROUNDS = 1
 
 
 @pytest.fixture(scope="module")

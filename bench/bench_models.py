@@ -1,0 +1,232 @@
+"""TESKD networks: multiply-accumulates, and the cost of a training step, faithful versus fast.
+
+Groups:
+- ``models-macs-imagenet-r18-224``: forward MACs per 224x224 image (torch.utils.flop_counter), faithful (6.36 G)
+  versus fast (target <= 5.6 G), with the forward time at batch 1.
+- ``models-step-cifar-r18-b32-float32-cpu``: CIFAR-stem ResNet-18, batch 32, float32, forward + TESKD loss +
+  backward + SGD step; faithful (baseline) versus fast (target >= 1.4x), fast compiled, and a plain torchvision
+  ResNet-18 step (cross-entropy) for the students' overhead. Peak memory of one step is recorded.
+- ``models-step-imagenet-r18-b256-cuda``: ImageNet-stem ResNet-18, batch 256, 224x224: the reference's stack
+  (faithful, eager, fp16 autocast with GradScaler, NCHW; baseline) versus fast + channels-last + bf16 + compile
+  (target >= 2.5x), and a plain torchvision ResNet-18 on the fast stack (target: TESKD step <= 3.3x of it).
+  Skipped without CUDA.
+
+Set ``TESKD_BENCH_ROUNDS`` to change the number of timed steps (default 5).
+"""
+
+import os
+import statistics
+import time
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from common import cpu_peak_rss_mib, record, sync
+from torch.profiler import ProfilerActivity, profile
+from torch.utils.flop_counter import FlopCounterMode
+
+import teskd_fast
+
+HAS_CUDA = torch.cuda.is_available()
+ROUNDS = int(os.environ.get("TESKD_BENCH_ROUNDS", "5"))
+# Medians of this run by (group, provider): the students' overhead is the TESKD step over the plain step.
+MEDIANS = {}
+CPU_MEDIANS = {}
+CPU_GROUP = "models-step-cifar-r18-b32-float32-cpu"
+CUDA_GROUP = "models-step-imagenet-r18-b256-cuda"
+TINY_GROUP = "models-step-tiny-cifar-r18w0.125-b4-cpu"
+BASELINES = {CPU_GROUP: "faithful", CUDA_GROUP: "faithful-fp16-nchw-eager", TINY_GROUP: "faithful"}
+
+
+def forward_macs(model, x):
+    """Multiply-accumulates of one forward (flop_counter counts 2 FLOPs per multiply-accumulate)."""
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x)
+    return counter.get_total_flops() / 2
+
+
+def cpu_step_peak_mib(fn):
+    """Peak of the memory allocated during ``fn()`` above what was allocated before it, in MiB (CPU profiler)."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    running = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        running += event.cpu_memory_usage if event.name == "[memory]" else event.self_cpu_memory_usage
+        peak = max(peak, running)
+    return peak / 2**20
+
+
+def plain_resnet18(num_classes, stem):
+    net = torchvision.models.resnet18(num_classes=num_classes)
+    if stem == "cifar":
+        net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        net.maxpool = nn.Identity()
+    return net
+
+
+def make_step(model, x, y, compiled=None, autocast=None, scaler=None):
+    """One training step: forward, TESKD loss (cross-entropy for a plain network), backward, SGD (the recipe's)."""
+    forward = compiled if compiled is not None else model
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    device = x.device
+
+    def step():
+        with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+            out = forward(x)
+            if isinstance(out, torch.Tensor):
+                loss = F.cross_entropy(out, y)
+            else:
+                loss = teskd_fast.teskd_loss(
+                    out.logits, out.student_logits, y, out.feature, out.student_features, backend="torch"
+                )
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        sync(device)
+
+    return step
+
+
+def run_step(benchmark, group, provider, step, device, batch, baseline=False, warmup=2, **info):
+    model_info = dict(info)
+    for _ in range(warmup):
+        step()
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        model_info["peak_step_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    else:
+        model_info["peak_step_mib"] = round(cpu_step_peak_mib(step), 1)
+    record(benchmark, group, provider, device, baseline=baseline, batch=batch, **model_info)
+    # Process CPU seconds per step beside the wall clock: on a shared CPU the wall clock also counts other
+    # processes' time slices (and OpenMP threads waiting for them), CPU time much less so.
+    cpu_seconds = []
+
+    def timed_step():
+        start = time.process_time()
+        step()
+        cpu_seconds.append(time.process_time() - start)
+
+    benchmark.pedantic(timed_step, rounds=ROUNDS, iterations=1, warmup_rounds=1)
+    median = benchmark.stats.stats.median
+    cpu_median = statistics.median(cpu_seconds[1:] or cpu_seconds)
+    MEDIANS[group, provider] = median
+    CPU_MEDIANS[group, provider] = cpu_median
+    benchmark.extra_info["images_per_s"] = round(batch / median, 1)
+    benchmark.extra_info["cpu_seconds_median"] = round(cpu_median, 4)
+    base = CPU_MEDIANS.get((group, BASELINES.get(group)))
+    if base is not None:
+        benchmark.extra_info["cpu_time_speedup_vs_baseline"] = round(base / cpu_median, 3)
+    plain = MEDIANS.get((group, "torchvision-resnet18"))
+    if plain is not None and provider != "torchvision-resnet18":
+        benchmark.extra_info["step_over_plain_resnet18"] = round(median / plain, 2)
+        benchmark.extra_info["cpu_time_over_plain_resnet18"] = round(
+            cpu_median / CPU_MEDIANS[group, "torchvision-resnet18"], 2
+        )
+    benchmark.extra_info["process_peak_rss_mib"] = round(cpu_peak_rss_mib(), 1)
+
+
+@pytest.mark.smoke
+@pytest.mark.parametrize("formulation", ["faithful", "fast"])
+def test_macs_imagenet_resnet18(benchmark, formulation):
+    model = teskd_fast.create_model("resnet18", 1000, stem="imagenet", formulation=formulation).eval()
+    x = torch.randn(1, 3, 224, 224)
+    macs = forward_macs(model, x)
+    if formulation == "fast":
+        assert macs <= 5.6e9, f"fast formulation: {macs / 1e9:.3f} G MACs > 5.6 G"
+    else:
+        assert abs(macs - 6.36e9) < 0.01e9, f"faithful formulation: {macs / 1e9:.3f} G MACs, SPEC says 6.36 G"
+    plain = forward_macs(plain_resnet18(1000, "imagenet").eval(), x)
+    record(
+        benchmark,
+        "models-macs-imagenet-r18-224",
+        formulation,
+        "cpu",
+        baseline=formulation == "faithful",
+        gmacs=round(macs / 1e9, 3),
+        plain_resnet18_gmacs=round(plain / 1e9, 3),
+        batch=1,
+    )
+
+    def forward():
+        with torch.no_grad():
+            model(x)
+
+    benchmark.pedantic(forward, rounds=3, iterations=1, warmup_rounds=1)
+
+
+@pytest.mark.smoke
+@pytest.mark.parametrize("formulation", ["faithful", "fast"])
+def test_tiny_cpu_step(benchmark, formulation):
+    torch.manual_seed(0)
+    model = teskd_fast.create_model("resnet18", 10, stem="cifar", formulation=formulation, width=0.125)
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    run_step(
+        benchmark,
+        "models-step-tiny-cifar-r18w0.125-b4-cpu",
+        formulation,
+        make_step(model, x, y),
+        "cpu",
+        4,
+        baseline=formulation == "faithful",
+    )
+
+
+# The baseline first: the CPU-time ratios in extra_info are taken against the run's earlier providers.
+@pytest.mark.parametrize("provider", ["faithful", "torchvision-resnet18", "fast", "fast-compiled"])
+def test_cpu_train_step(benchmark, provider):
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 100, (32,))
+    compiled = None
+    if provider == "torchvision-resnet18":
+        model = plain_resnet18(100, "cifar")
+    else:
+        formulation = "faithful" if provider == "faithful" else "fast"
+        model = teskd_fast.create_model("resnet18", 100, stem="cifar", formulation=formulation)
+        if provider == "fast-compiled":
+            compiled = teskd_fast.compile_model(model)
+    macs = forward_macs(model, x[:1])
+    step = make_step(model, x, y, compiled=compiled)
+    run_step(
+        benchmark,
+        CPU_GROUP,
+        provider,
+        step,
+        "cpu",
+        32,
+        baseline=provider == "faithful",
+        gmacs_per_image=round(macs / 1e9, 3),
+        dtype="float32",
+    )
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="CUDA benchmark: needs a GPU (the reference stack is fp16 autocast on CUDA)")
+@pytest.mark.parametrize("provider", ["faithful-fp16-nchw-eager", "torchvision-resnet18", "fast-bf16-cl-compiled"])
+def test_cuda_train_step(benchmark, provider):
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    torch.backends.cudnn.benchmark = True
+    x = torch.randn(256, 3, 224, 224, device=device)
+    y = torch.randint(0, 1000, (256,), device=device)
+    if provider == "faithful-fp16-nchw-eager":
+        # The reference's stack: eager, NCHW, fp16 autocast with loss scaling.
+        model = teskd_fast.create_model("resnet18", 1000, stem="imagenet", formulation="faithful").to(device)
+        step = make_step(model, x, y, autocast=torch.float16, scaler=torch.amp.GradScaler("cuda"))
+    else:
+        if provider == "torchvision-resnet18":
+            # The plain network on the fast stack, for the students' overhead.
+            model = plain_resnet18(1000, "imagenet").to(device, memory_format=torch.channels_last)
+        else:
+            model = teskd_fast.create_model("resnet18", 1000, stem="imagenet", formulation="fast").to(device)
+        x = x.contiguous(memory_format=torch.channels_last)
+        step = make_step(model, x, y, compiled=teskd_fast.compile_model(model), autocast=torch.bfloat16)
+    run_step(
+        benchmark, CUDA_GROUP, provider, step, device, 256, baseline=provider == "faithful-fp16-nchw-eager", warmup=3
+    )
