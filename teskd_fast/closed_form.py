@@ -24,10 +24,6 @@ def _constant(values, dtype, device):
     return _CONSTANTS[key]
 
 
-def _temperatures(T, dtype, device):
-    return _constant(((1.0,), (1.0 / T,)), dtype, device).view(2, 1, 1, 1)
-
-
 class TESKDLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -50,28 +46,34 @@ class TESKDLossFunction(torch.autograd.Function):
         acc = torch.float64 if teacher.dtype == torch.float64 else torch.float32
         K, B, C = students.shape
         T = temperature
-        z = torch.cat([teacher.unsqueeze(0), students], 0)  # [K+1, B, C]
+        z = torch.cat([teacher.unsqueeze(0), students], 0)  # [K+1, B, C], ours to overwrite
+        if z.dtype != acc:
+            z = z.to(acc)
 
-        # Softmaxes of every head at temperature 1 (cross-entropy) and T (distillation), in one op each.
-        log_p = torch.log_softmax(z.unsqueeze(0) * _temperatures(T, acc, z.device), -1)  # [2, K+1, B, C]
-        probs = log_p.exp()
-        log_p1, log_pt = log_p
-        grad, p_t = probs
+        # Softmaxes of every head at temperature 1, then T, in place of the logits. A softmax is one fused pass;
+        # the log-normalisers follow from the maximum: lse = max(z) - log(max(softmax(z))).
+        y = target.clamp(0, C - 1).view(1, B, 1).expand(K + 1, B, 1)
+        z_y = z.gather(-1, y).view(K + 1, B)
+        z_mean = z.mean(-1) if label_smoothing > 0 else None
+        z_max = z.amax(-1)  # [K+1, B]
+        grad = torch.softmax(z, -1)  # becomes the gradient of all K + 1 logit rows
+        lse = z_max - grad.amax(-1).log_()
+        p_t = torch.softmax(z.mul_(1.0 / T), -1)  # z now holds z / T
+        lse_t = z_max.mul_(1.0 / T).sub_(p_t.amax(-1).log_())
 
-        # Cross-entropy of every head, PyTorch's semantics for ignore_index and label smoothing.
+        # Cross-entropy of every head, PyTorch's semantics for ignore_index and label smoothing. Ignored rows
+        # (and out-of-range targets, rejected upstream in eager mode) read an in-range index with weight 0.
         row_scale = (target != ignore_index).to(acc)
         row_scale /= row_scale.sum()  # [B]
-        # Any in-range index for ignored rows (their weight is 0); out-of-range targets were rejected upstream.
-        y = target.clamp(0, C - 1).view(1, B, 1).expand(K + 1, B, 1)
-        nll = log_p1.gather(-1, y).view(K + 1, B)  # negated
+        nll = lse - z_y  # [K+1, B]
         if label_smoothing > 0:
-            nll = torch.lerp(nll, log_p1.mean(-1), label_smoothing)
+            nll = torch.lerp(nll, lse - z_mean, label_smoothing)
         if all(w == head_weights[0] for w in head_weights):
-            ce = torch.dot(nll.sum(0), row_scale) * -head_weights[0]
+            ce = torch.dot(nll.sum(0), row_scale) * head_weights[0]
             coef = (row_scale * (ce_weight * head_weights[0])).view(1, B, 1)
         else:
             w = torch.tensor(head_weights, dtype=acc, device=z.device)
-            ce = -torch.dot(nll @ row_scale, w)
+            ce = torch.dot(nll @ row_scale, w)
             coef = torch.outer(w * ce_weight, row_scale).view(K + 1, B, 1)
         grad.scatter_add_(-1, y, torch.full_like(y, label_smoothing - 1, dtype=acc))
         if label_smoothing > 0:
@@ -81,7 +83,8 @@ class TESKDLossFunction(torch.autograd.Function):
         # Knowledge distillation from the teacher into every student, at temperature T.
         p = p_t[0]  # [B, C]
         p_eps = p + kd_eps
-        h_sum = (torch.log(p_eps) * K).sub_(log_pt[1:].sum(0))  # sum_k h_k, h_k = log(P + eps) - log Q_k
+        # sum_k h_k = K log(P + eps) - sum_k log Q_k,  log Q_k = z_k / T - lse_t,k.
+        h_sum = torch.log(p_eps).mul_(K).sub_(z[1:].sum(0)).add_(lse_t[1:].sum(0).unsqueeze(-1))
         kd = torch.dot(p_eps.view(-1), h_sum.view(-1)) * (T * T / B)
         scale = kd_weight * T / B
         grad[1:].add_(p_t[1:], alpha=scale * (1 + C * kd_eps)).sub_(p_eps, alpha=scale)
