@@ -1,0 +1,28 @@
+"""torch.compile around the whole TESKD forward (shared backbone plus students)."""
+
+import torch
+
+
+def compile_model(model, mode=None, fullgraph=True, dynamic=None, backend="inductor"):
+    """Compile a TESKD network's forward (teacher backbone and students in one graph).
+
+    Model code stays eager; this is the call site of ``torch.compile``. The forward has no graph break
+    (``fullgraph=True`` by default makes one an error). A training loop compiles once per mode: one graph for
+    ``train()`` and one for ``eval()``, both cached, so switching back and forth recompiles nothing; a new input
+    shape does (drop the last partial batch in training). Works under ``torch.autocast`` (bf16/fp16).
+
+    Args:
+        model: a TESKD network (any formulation; ``fast`` is the one to compile).
+        mode: ``torch.compile`` mode (None, ``"default"``, ``"reduce-overhead"``, ``"max-autotune"``,
+            ``"max-autotune-no-cudagraphs"``).
+        fullgraph: fail on a graph break instead of splitting the graph.
+        dynamic: ``torch.compile``'s ``dynamic`` (None: static until a shape changes).
+        backend: ``torch.compile`` backend (``"inductor"``; ``"aot_eager"`` to check tracing cheaply).
+
+    Returns:
+        The compiled module (``torch._dynamo.OptimizedModule``); it shares parameters and state_dict entries
+        (prefixed ``_orig_mod.``) with ``model``; ``model`` itself is unchanged.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"compile_model needs an nn.Module, got {type(model).__name__}")
+    return torch.compile(model, mode=mode, fullgraph=fullgraph, dynamic=dynamic, backend=backend)

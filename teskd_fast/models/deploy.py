@@ -1,0 +1,44 @@
+"""Deployment: the teacher alone, as a plain torchvision ResNet."""
+
+import copy
+
+import torch
+import torch.nn as nn
+from torchvision.models import ResNet
+
+from .resnet import build_resnet
+from .teskd import RESNET_MODULES
+
+
+def export_teacher(model):
+    """The teacher of a TESKD network as a plain ``torchvision.models.ResNet``, in eval mode.
+
+    Args:
+        model: a TESKD network with a torchvision ResNet teacher (from :func:`teskd_fast.create_model`, or from
+            :func:`teskd_fast.wrap` on a torchvision ResNet), either formulation.
+
+    Returns:
+        A new ``torchvision.models.ResNet`` holding copies of the teacher's weights, contiguous (NCHW) memory
+        format, same dtype and device. With the ImageNet stem its state_dict loads strictly into
+        ``torchvision.models.<arch>(num_classes=...)``; with the CIFAR stem into the same build with
+        ``conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)`` and ``maxpool = nn.Identity()``. Its eval-mode logits equal
+        ``model.teacher_forward(x)`` in eval mode.
+    """
+    if getattr(model, "kind", None) != "resnet":
+        raise TypeError(f"export_teacher needs a TESKD network with a torchvision ResNet teacher, got {type(model)}")
+    teacher_keys = tuple(f"{name}." for name in RESNET_MODULES + ("fc",))
+    state = {k: v for k, v in model.state_dict().items() if k.startswith(teacher_keys)}
+    if getattr(model, "arch", None) is not None:
+        net = build_resnet(model.arch, model.num_classes, model.stem, model.width_factor)
+        net.load_state_dict(state, strict=True)
+    else:
+        # A wrapped torchvision model: copy its modules into a fresh ResNet shell.
+        net = ResNet.__new__(ResNet)
+        nn.Module.__init__(net)
+        for name in RESNET_MODULES + ("fc",):
+            setattr(net, name, copy.deepcopy(getattr(model, name)))
+        net.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        net._norm_layer = nn.BatchNorm2d
+        net.inplanes, net.dilation, net.groups, net.base_width = model.channels[3], 1, 1, 64
+    ref = next(model.parameters())
+    return net.to(device=ref.device, dtype=ref.dtype, memory_format=torch.contiguous_format).eval()

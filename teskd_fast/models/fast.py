@@ -1,0 +1,147 @@
+"""The ``fast`` formulation: the same parameters and the same function as the faithful network, computed cheaper.
+
+Equivalences used (all exact in real arithmetic; the tests compare both formulations in float64):
+
+- Up block: ``conv1x1(upsample(t)) == upsample(conv1x1(t))``. Both are linear; the 1x1 conv mixes channels at each
+  pixel, the bilinear resize mixes pixels within each channel, so they commute. The conv then runs at the coarse
+  level's resolution: 4x fewer multiply-accumulates (6.36 G -> 5.55 G per 224x224 image for ResNet-18).
+- Fuse block: ``W @ concat(u + l, u) == (W_a + W_b) @ u + W_a @ l`` with ``W = [W_a | W_b]`` split along its input
+  channels: no concat and no ``u + l`` tensor is materialised.
+- Student heads: a k x k conv with stride k sees disjoint patches, so it is one matmul of the patches
+  (einops: ``"b c (h i) (w j) -> b h w (i j c)"``) with the flattened weight; on the CPU this beats the
+  strided convolution by a wide margin (bench/bench_models.py).
+- Up block BatchNorm (train mode) from the coarse map: the upsampled map's per-channel mean is a weighted sum of
+  the coarse map (weights: the column sums of the interpolation matrices A_h, A_w), and its sum of squares is
+  ``sum(Y * (G_h Y G_w))`` with ``G = A^T A`` (h x h and w x w), so batch statistics need no full-resolution pass.
+  BatchNorm is then a per-channel affine map, which commutes with the bilinear resize (its weights sum to 1):
+  ``relu(bn(resize(y))) == relu(resize(a * y + b))``. Running statistics are updated as ``nn.BatchNorm2d`` does
+  (unbiased variance, momentum or cumulative average, ``num_batches_tracked``).
+- The three student linears are one batched matmul, giving student logits and features as stacked
+  ``[K, B, C]`` / ``[K, B, W]`` tensors.
+- Channels-last memory format throughout (``create_model`` converts the network; :meth:`forward` the input): 1x1
+  convs become plain GEMMs, and BatchNorm, ReLU and the bilinear resize run their vectorised channels-last kernels.
+
+BatchNorm layers are called as the faithful network calls them, so batch statistics, running statistics and
+``num_batches_tracked`` evolve identically in train mode.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from .teskd import TESKDNet, fit
+
+
+def interpolation_matrix(n_in, n_out, dtype, device):
+    """``[n_out, n_in]`` weights of 1-D linear interpolation with align_corners=True (rows sum to 1)."""
+    scale = (n_in - 1) / (n_out - 1) if n_out > 1 else 0.0
+    src = torch.arange(n_out, dtype=torch.float64, device=device) * scale
+    low = src.floor().clamp(max=n_in - 1)
+    frac = src - low
+    low = low.long()
+    high = (low + 1).clamp(max=n_in - 1)
+    a = torch.zeros(n_out, n_in, dtype=torch.float64, device=device)
+    a.scatter_add_(1, low[:, None], (1 - frac)[:, None])
+    a.scatter_add_(1, high[:, None], frac[:, None])
+    return a.to(dtype)
+
+
+def resize_bn_relu(y, bn, size):
+    """``relu(bn(interpolate(y, size, bilinear, align_corners=True)))`` with the BatchNorm computed on ``y``.
+
+    Args:
+        y: ``[B, C, h, w]`` (the up block's 1x1 conv output at the coarse resolution).
+        bn: the up block's ``nn.BatchNorm2d`` (its running statistics are updated in train mode).
+        size: the target ``(H, W)``.
+
+    Returns:
+        ``[B, C, H, W]``, equal to the faithful up block's output.
+    """
+    batch, _, h, w = y.shape
+    if bn.training:
+        # Statistics in float32 at least (y is bf16/fp16 under autocast).
+        ys = y.float() if y.dtype in (torch.float16, torch.bfloat16) else y
+        a_h = interpolation_matrix(h, size[0], ys.dtype, y.device)  # [H, h]
+        a_w = interpolation_matrix(w, size[1], ys.dtype, y.device)  # [W, w]
+        n = batch * size[0] * size[1]
+        mean = (ys * torch.outer(a_h.sum(0), a_w.sum(0))).sum((0, 2, 3)) / n  # [C]
+        centred = ys - mean[:, None, None]
+        # sum over the upsampled map of (A_h Y A_w^T)^2 = sum(Y * (A_h^T A_h) Y (A_w^T A_w)).
+        # Contracted in [B, h, w, C] order: a plain view of channels-last memory, so each product is one GEMM.
+        c_nhwc = centred.permute(0, 2, 3, 1)
+        mixed = torch.matmul(a_w.t() @ a_w, torch.matmul(a_h.t() @ a_h, c_nhwc.flatten(2)).unflatten(2, (w, -1)))
+        var = (c_nhwc * mixed).sum((0, 1, 2)) / n  # [C]
+        with torch.no_grad():
+            bn.num_batches_tracked.add_(1)
+            # momentum None: cumulative average, as nn.BatchNorm2d (a tensor here: no host sync under compile).
+            momentum = bn.momentum if bn.momentum is not None else 1.0 / bn.num_batches_tracked.to(mean.dtype)
+            bn.running_mean.mul_(1 - momentum).add_(mean.detach() * momentum)
+            bn.running_var.mul_(1 - momentum).add_(var.detach() * (momentum * n / max(n - 1, 1)))
+    else:
+        mean, var = bn.running_mean, bn.running_var
+    scale = bn.weight * torch.rsqrt(var + bn.eps)
+    shift = bn.bias - mean * scale
+    z = (y * scale[:, None, None] + shift[:, None, None]).to(y.dtype)
+    return F.relu(F.interpolate(z, size=size, mode="bilinear", align_corners=True))
+
+
+def patch_conv(x, weight, bias):
+    """A k x k convolution with stride k (disjoint patches) as one matmul.
+
+    Args:
+        x: ``[B, C, k*H, k*W]`` (any memory format).
+        weight: ``[O, C, k, k]``.
+        bias: ``[O]`` or None.
+
+    Returns:
+        ``[B, O, H, W]`` in channels-last memory format; equals ``F.conv2d(x, weight, bias, stride=k)``.
+    """
+    k = weight.shape[-1]
+    batch, channels, height, width = x.shape
+    # einops: "b c (h i) (w j) -> b h w (i j c)": the patch under each output pixel, in (row, column, channel)
+    # order. Written with torch ops: einops' backend cache would add a recompiling guard under torch.compile.
+    patches = x.unflatten(2, (height // k, k)).unflatten(4, (width // k, k)).permute(0, 2, 4, 3, 5, 1)
+    patches = patches.reshape(batch, height // k, width // k, k * k * channels)
+    # "o c i j -> o (i j c)"
+    y = F.linear(patches, weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1), bias)  # [B, H, W, O]
+    return y.permute(0, 3, 1, 2)
+
+
+class FastTESKDNet(TESKDNet):
+    """The TESKD network of :class:`TESKDNet` (same modules, same state_dict), computed the cheap way.
+
+    See the module docstring for the equivalences. Student logits and features come out stacked, deepest first:
+    ``[3, B, C]`` and ``[3, B, W]``.
+    """
+
+    formulation = "fast"
+
+    def stages(self, x):
+        self.check_input(x)
+        return super().stages(x.contiguous(memory_format=torch.channels_last))
+
+    def students(self, stages):
+        width = self.width
+        size4 = stages[3].shape[-2:]
+        t = self.laterals[3](stages[3])
+        levels = []
+        for i, fuse in ((2, self.fuse_3), (1, self.fuse_2), (0, self.fuse_1)):
+            lateral = self.laterals[i](stages[i])
+            up = self.upsample[i]
+            # 1x1 conv at the coarse resolution, then BatchNorm as an affine map, then the resize, then ReLU.
+            u = resize_bn_relu(F.conv2d(t, up[1].weight), up[2], lateral.shape[-2:])
+            w_a, w_b = fuse[0].weight.split(width, dim=1)
+            # fuse(concat(u + l, u)) without the concat: (W_a + W_b) u + W_a l.
+            t = fuse[2](fuse[1](F.conv2d(u, w_a + w_b) + F.conv2d(lateral, w_a)))
+            levels.append(t)
+        features = []
+        for t, head in zip(levels, self.heads()):
+            k = head[0].kernel_size
+            h = patch_conv(fit(t, (k[0] * size4[0], k[1] * size4[1])), head[0].weight, head[0].bias)
+            h = head[5](head[4](head[3](head[2](head[1](h)))))
+            features.append(h.mean(dim=(2, 3)))
+        features = torch.stack(features)  # [3, B, W]
+        fcs = (self.fc_b3, self.fc_b2, self.fc_b1)
+        weight = torch.stack([fc.weight for fc in fcs])  # [3, C, W]
+        bias = torch.stack([fc.bias for fc in fcs])  # [3, C]
+        logits = torch.baddbmm(bias.unsqueeze(1), features, weight.transpose(1, 2))  # [3, B, C]
+        return logits, features

@@ -1,0 +1,211 @@
+"""TESKD networks: a teacher backbone plus three students on an FPN-like top-down path (../shared/SPEC.md, "Network").
+
+``TESKDNet`` is the ``faithful`` formulation: the reference's modules, called module by module. ``FastTESKDNet``
+(``formulation="fast"``) has the very same modules and parameters (identical state_dict) and computes the same
+function with fewer operations; see :mod:`teskd_fast.models.fast`.
+
+Any input size: where a stage is not exactly half the previous one (a 200x200 ImageNet input gives s1..s4 at 50, 25,
+13, 7), the bilinear resize goes to the lateral's exact size, and the input of each student head (k x k conv with
+stride k) is zero-padded evenly on both sides (the extra row/column at the bottom/right; a negative amount crops) to
+exactly k times s4's size, so that every student ends at s4's spatial size. On sizes where every stage halves (all
+multiples of 32 for the ResNets) both are no-ops and the network is the reference's.
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from teskd_fast.outputs import TESKDOutput
+
+from .resnet import stage_channels
+
+RESNET_MODULES = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
+
+
+class ResizeTo(nn.Module):
+    """Bilinear resize (align_corners=True) to an explicit size.
+
+    The reference's ``nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True)`` wherever the target is
+    exactly twice the input (align_corners=True samples the same points either way); any size otherwise.
+    """
+
+    def forward(self, x, size):
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
+
+
+def conv_bn_relu(cin, cout, kernel=1, stride=1, bias=False):
+    return [nn.Conv2d(cin, cout, kernel, stride=stride, bias=bias), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+
+def fit(x, size):
+    """Zero-pad (or crop) the last two dims of ``x`` evenly to ``size``; the extra row/column goes bottom/right."""
+    dh, dw = size[0] - x.shape[-2], size[1] - x.shape[-1]
+    if dh == 0 and dw == 0:
+        return x
+    return F.pad(x, (dw // 2, dw - dw // 2, dh // 2, dh - dh // 2))
+
+
+class TESKDNet(nn.Module):
+    """A teacher backbone with three TESKD students, in the reference's formulation (``formulation="faithful"``).
+
+    Build it with :func:`teskd_fast.create_model` or :func:`teskd_fast.wrap`. The teacher is the backbone with its
+    head (global average pool, ``fc``); the students (``laterals``, ``upsample``, ``fuse_*``, ``downsample*``,
+    ``fc_b*``) exist for training only, and :meth:`teacher_forward` skips them. Parameter names are the reference
+    implementation's; :meth:`load_official_state_dict` loads its checkpoints.
+
+    Args:
+        backbone: a torchvision ``ResNet`` (its modules become this module's ``conv1 ... layer4``, as in the
+            reference) or a module returning a list of feature maps (a timm ``features_only`` model), of which the
+            last four are the stages s1..s4.
+        num_classes: classes of the teacher and of every student.
+        channels: c1..c4 (read from a ResNet when None).
+        strides: the stages' strides relative to the input (e.g. (4, 8, 16, 32)); the student head at level i has
+            kernel and stride s4 / s_i. Read from a ResNet when None.
+        fc: the teacher's linear (``W -> num_classes``); a new one when None.
+
+    Shapes:
+        x: ``[B, 3, H, W]``; teacher logits ``[B, C]``, student logits K = 3 ``[B, C]`` (deepest first),
+        features ``[B, c4]`` (c4 = W, the width of every student module).
+    """
+
+    formulation = "faithful"
+
+    def __init__(self, backbone, num_classes, channels=None, strides=None, fc=None):
+        super().__init__()
+        if not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        from torchvision.models import ResNet
+
+        if isinstance(backbone, ResNet):
+            self.kind = "resnet"
+            for name in RESNET_MODULES:
+                setattr(self, name, getattr(backbone, name))
+            channels = list(channels or stage_channels(backbone))
+            strides = list(strides or (1, 2, 4, 8))
+        else:
+            if channels is None or strides is None:
+                raise ValueError("a non-ResNet backbone needs its four stages' channels and strides")
+            self.kind = "features"
+            self.backbone = backbone
+        channels, strides = [int(c) for c in channels], [int(s) for s in strides]
+        if len(channels) != 4 or len(strides) != 4:
+            raise ValueError(f"TESKD needs 4 stages, got channels {channels} and strides {strides}")
+        kernels = [strides[3] // s for s in strides[:3]]
+        if any(strides[3] % s for s in strides[:3]) or any(strides[i + 1] <= strides[i] for i in range(3)):
+            raise ValueError(f"stage strides must increase and divide the last one, got {strides}")
+        self.channels, self.strides, self.num_classes = channels, strides, num_classes
+        width = channels[3]
+        self.width = width
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = fc if fc is not None else nn.Linear(width, num_classes)
+        if self.fc.in_features != width or self.fc.out_features != num_classes:
+            raise ValueError(f"teacher fc must map {width} -> {num_classes}, got {self.fc}")
+        # The students, created after the backbone: PyTorch's default initialisation, as in the reference.
+        self.laterals = nn.ModuleList(nn.Sequential(*conv_bn_relu(c, width)) for c in channels)
+        self.upsample = nn.ModuleList(nn.Sequential(ResizeTo(), *conv_bn_relu(width, width)) for _ in range(3))
+        self.fuse_1 = nn.Sequential(*conv_bn_relu(2 * width, width))
+        self.fuse_2 = nn.Sequential(*conv_bn_relu(2 * width, width))
+        self.fuse_3 = nn.Sequential(*conv_bn_relu(2 * width, width))
+        for level, k in zip((1, 2, 3), kernels):
+            head = conv_bn_relu(width, width, k, stride=k, bias=True) + conv_bn_relu(width, width, bias=True)
+            setattr(self, f"downsample{level}", nn.Sequential(*head))
+        self.fc_b3 = nn.Linear(width, num_classes)
+        self.fc_b2 = nn.Linear(width, num_classes)
+        self.fc_b1 = nn.Linear(width, num_classes)
+
+    @staticmethod
+    def check_input(x):
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            raise ValueError(f"expected an image batch [B, 3, H, W], got shape {tuple(getattr(x, 'shape', ()))}")
+
+    def stages(self, x):
+        """The backbone's stage outputs s1..s4 for the image batch ``x`` ``[B, 3, H, W]``."""
+        self.check_input(x)
+        if self.kind == "features":
+            return list(self.backbone(x))[-4:]
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        s1 = self.layer1(x)
+        s2 = self.layer2(s1)
+        s3 = self.layer3(s2)
+        return [s1, s2, s3, self.layer4(s3)]
+
+    def teacher_forward(self, x):
+        """Teacher logits ``[B, C]`` for ``x`` ``[B, 3, H, W]``: the backbone and its head, no student work at all."""
+        s4 = self.stages(x)[-1]
+        return self.fc(torch.flatten(self.avgpool(s4), 1))
+
+    def forward(self, x):
+        """Teacher and students on ``x`` ``[B, 3, H, W]``.
+
+        Returns:
+            :class:`teskd_fast.TESKDOutput`: teacher logits ``[B, C]``, student logits for levels 3, 2, 1
+            (deepest first), teacher feature ``[B, W]`` and student features in the same order.
+        """
+        stages = self.stages(x)
+        feature = torch.flatten(self.avgpool(stages[3]), 1)
+        logits = self.fc(feature)
+        student_logits, student_features = self.students(stages)
+        return TESKDOutput(logits, student_logits, feature, student_features)
+
+    def students(self, stages):
+        """Student logits and features (levels 3, 2, 1) from the stage outputs, module by module as the reference."""
+        s1, s2, s3, s4 = stages
+        t = self.laterals[3](s4)
+        size4 = s4.shape[-2:]
+        levels = []
+        for i, fuse in ((2, self.fuse_3), (1, self.fuse_2), (0, self.fuse_1)):
+            lateral = self.laterals[i](stages[i])
+            up = self.upsample[i]
+            u = up[3](up[2](up[1](up[0](t, lateral.shape[-2:]))))
+            t = fuse(torch.cat((u + lateral, u), dim=1))
+            levels.append(t)
+        logits, features = [], []
+        for t, head, fc in zip(levels, self.heads(), (self.fc_b3, self.fc_b2, self.fc_b1)):
+            k = head[0].kernel_size
+            h = head(fit(t, (k[0] * size4[0], k[1] * size4[1])))
+            f = torch.flatten(self.avgpool(h), 1)
+            features.append(f)
+            logits.append(fc(f))
+        return tuple(logits), tuple(features)
+
+    def heads(self):
+        """The student heads for levels 3, 2, 1 (``downsample3``, ``downsample2``, ``downsample1``)."""
+        return (self.downsample3, self.downsample2, self.downsample1)
+
+    def extra_repr(self):
+        return f"formulation={self.formulation!r}, kind={self.kind!r}, channels={self.channels}, width={self.width}"
+
+    def load_official_state_dict(self, state_dict):
+        """Load a checkpoint of the published reference implementation, strictly.
+
+        Args:
+            state_dict: the reference model's ``state_dict()`` (reference parameter names; a ``"module."`` prefix
+                from DataParallel/DDP is removed; a dict with a ``"state_dict"`` or ``"model"`` entry is unpacked).
+
+        Raises:
+            KeyError: the key set differs; the message lists the missing and the unexpected keys.
+            ValueError: a tensor's shape differs.
+        """
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"expected a state_dict (a dict of tensors), got {type(state_dict).__name__}")
+        for key in ("state_dict", "model"):
+            if key in state_dict and isinstance(state_dict[key], dict):
+                state_dict = state_dict[key]
+        state_dict = {k[len("module.") :] if k.startswith("module.") else k: v for k, v in state_dict.items()}
+        own = self.state_dict()
+        missing = sorted(set(own) - set(state_dict))
+        unexpected = sorted(set(state_dict) - set(own))
+        if missing or unexpected:
+            raise KeyError(
+                f"checkpoint does not match the TESKD {self.kind} network: missing keys {missing}, "
+                f"unexpected keys {unexpected}"
+            )
+        wrong = [
+            f"{k}: {tuple(v.shape)} != {tuple(own[k].shape)}"
+            for k, v in state_dict.items()
+            if tuple(v.shape) != tuple(own[k].shape)
+        ]
+        if wrong:
+            raise ValueError(f"checkpoint shapes differ from the network's: {wrong}")
+        self.load_state_dict(state_dict, strict=True)
+        return self

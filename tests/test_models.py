@@ -1,0 +1,412 @@
+"""TESKD networks: the fast formulation against the faithful one, parameter names and counts, loading, export, wrap."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+from tolerances import assert_close, assert_rms_close
+
+import teskd_fast
+from teskd_fast.models import ARCHS, patch_conv
+from teskd_fast.models.fast import resize_bn_relu
+from teskd_fast.models.teskd import ResizeTo, fit
+
+STUDENT_PARTS = {"laterals": 4, "upsample": 3}
+
+
+def official_keys(arch, num_classes, stem):
+    """The reference's state_dict keys and shapes, assembled from ../shared/SPEC.md: torchvision backbone + students."""
+    with torch.device("meta"):
+        net = getattr(torchvision.models, arch)(num_classes=num_classes)
+        if stem == "cifar":
+            net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+    shapes = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    expansion = 4 if arch not in ("resnet18", "resnet34") else 1
+    w = 512 * expansion
+    chans = [64 * expansion, 128 * expansion, 256 * expansion, 512 * expansion]
+
+    def bn(prefix):
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            shapes[f"{prefix}.{name}"] = (w,)
+        shapes[f"{prefix}.num_batches_tracked"] = ()
+
+    for i, c in enumerate(chans):
+        shapes[f"laterals.{i}.0.weight"] = (w, c, 1, 1)
+        bn(f"laterals.{i}.1")
+    for j in range(3):
+        shapes[f"upsample.{j}.1.weight"] = (w, w, 1, 1)
+        bn(f"upsample.{j}.2")
+    for level, k in ((1, 8), (2, 4), (3, 2)):
+        shapes[f"fuse_{level}.0.weight"] = (w, 2 * w, 1, 1)
+        bn(f"fuse_{level}.1")
+        shapes[f"downsample{level}.0.weight"] = (w, w, k, k)
+        shapes[f"downsample{level}.0.bias"] = (w,)
+        bn(f"downsample{level}.1")
+        shapes[f"downsample{level}.3.weight"] = (w, w, 1, 1)
+        shapes[f"downsample{level}.3.bias"] = (w,)
+        bn(f"downsample{level}.4")
+        shapes[f"fc_b{level}.weight"] = (num_classes, w)
+        shapes[f"fc_b{level}.bias"] = (num_classes,)
+    return shapes
+
+
+def pair(arch, num_classes, stem, width, dtype=torch.float64):
+    faithful = teskd_fast.create_model(arch, num_classes, stem=stem, formulation="faithful", width=width).to(dtype)
+    fast = teskd_fast.create_model(arch, num_classes, stem=stem, formulation="fast", width=width).to(dtype)
+    fast.load_state_dict(faithful.state_dict())
+    return faithful, fast
+
+
+def flat_outputs(out):
+    """Teacher logits, the 3 student logits, teacher feature, the 3 student features, as a list of tensors."""
+    return [out.logits, *out.student_logits, out.feature, *out.student_features]
+
+
+def check_pair(faithful, fast, x, dtype, scale=1.0):
+    """Outputs and parameter gradients in train mode, running statistics after the step, outputs in eval mode."""
+    names = ["logits", "student3", "student2", "student1", "feature", "feature3", "feature2", "feature1"]
+    for model in (faithful, fast):
+        model.train()
+        model.zero_grad(set_to_none=True)
+    outs_a, outs_b = flat_outputs(faithful(x)), flat_outputs(fast(x))
+    upstream = [torch.randn_like(o) for o in outs_a]
+    sum((o * g).sum() for o, g in zip(outs_a, upstream)).backward()
+    sum((o * g).sum() for o, g in zip(outs_b, upstream)).backward()
+    for name, a, b in zip(names, outs_b, outs_a):
+        assert_close(a, b, dtype, f"train {name}", scale)
+    params_b = dict(fast.named_parameters())
+    for name, p in faithful.named_parameters():
+        assert p.grad is not None, f"{name}: no gradient in the faithful network"
+        assert_close(params_b[name].grad, p.grad, dtype, f"grad {name}", scale)
+    buffers_b = dict(fast.named_buffers())
+    for name, buf in faithful.named_buffers():
+        if buf.dtype == torch.long:
+            assert torch.equal(buffers_b[name], buf), f"{name}: {buffers_b[name]} != {buf}"
+        else:
+            assert_close(buffers_b[name], buf, dtype, f"buffer {name}", scale)
+    faithful.eval()
+    fast.eval()
+    with torch.no_grad():
+        for name, a, b in zip(names, flat_outputs(fast(x)), flat_outputs(faithful(x))):
+            assert_close(a, b, dtype, f"eval {name}", scale)
+
+
+# arch, stem, input size, width: resnet18 (BasicBlock) and resnet50 (Bottleneck), both stems, the published sizes
+# and odd sizes where stages do not halve exactly (36 -> 36, 18, 9, 5; 200 -> 50, 25, 13, 7).
+CASES = [
+    ("resnet18", "cifar", (32, 32), 0.25),
+    ("resnet18", "cifar", (40, 56), 0.25),
+    ("resnet18", "cifar", (36, 36), 0.25),
+    ("resnet18", "imagenet", (224, 224), 0.125),
+    ("resnet18", "imagenet", (200, 200), 0.125),
+    ("resnet50", "cifar", (32, 32), 0.125),
+    ("resnet50", "cifar", (40, 56), 0.125),
+    ("resnet50", "imagenet", (224, 224), 0.0625),
+    ("resnet50", "imagenet", (200, 200), 0.0625),
+]
+
+
+@pytest.mark.parametrize("arch,stem,size,width", CASES, ids=lambda v: str(v).replace(" ", ""))
+def test_fast_equals_faithful_float64(arch, stem, size, width):
+    faithful, fast = pair(arch, 7, stem, width)
+    x = torch.randn(2, 3, *size, dtype=torch.float64)
+    check_pair(faithful, fast, x, torch.float64)
+
+
+def test_fast_float32_against_float64_oracle():
+    oracle, fast = pair("resnet18", 5, "cifar", 0.25, torch.float64)
+    fast = fast.float()
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    names = ["logits", "student3", "student2", "student1", "feature", "feature3", "feature2", "feature1"]
+    oracle.train(), fast.train()
+    outs_a, outs_b = flat_outputs(oracle(x)), flat_outputs(fast(x.float()))
+    upstream = [torch.randn_like(o) for o in outs_a]
+    sum((o * g).sum() for o, g in zip(outs_a, upstream)).backward()
+    sum((o * g.float()).sum() for o, g in zip(outs_b, upstream)).backward()
+    for name, a, b in zip(names, outs_b, outs_a):
+        # Sums of 64-1024 products, rounded in float32.
+        assert_close(a, b, torch.float32, f"train {name}", scale=10.0)
+    # Gradients as one vector: BatchNorm backward over 4 images amplifies float32 rounding, and a ReLU input
+    # within an ulp of 0 flips its mask; the faithful network's own float32 gradients are ~5e-3 (relative RMS)
+    # from float64 at this size, so the bound only catches a real difference (which gives errors of order 1).
+    grads_a = torch.cat([p.grad.flatten() for p in oracle.parameters()])
+    grads_b = torch.cat([p.grad.flatten() for p in fast.parameters()])
+    assert_rms_close(grads_b, grads_a, torch.float32, "gradients", scale=3000.0)
+    for (name, a), b in zip(oracle.named_buffers(), fast.buffers()):
+        assert_close(b, a, torch.float32, f"buffer {name}", scale=10.0)
+    oracle.eval(), fast.eval()
+    with torch.no_grad():
+        for name, a, b in zip(names, flat_outputs(fast(x.float())), flat_outputs(oracle(x))):
+            assert_close(a, b, torch.float32, f"eval {name}", scale=10.0)
+
+
+def test_fast_student_outputs_are_stacked():
+    _, fast = pair("resnet18", 5, "cifar", 0.125, torch.float32)
+    out = fast(torch.randn(2, 3, 32, 32))
+    assert out.student_logits.shape == (3, 2, 5)
+    assert out.student_features.shape == (3, 2, 64)
+    assert out.feature.shape == (2, 64)
+
+
+@pytest.mark.parametrize("stem,size,stages", [("cifar", 32, (32, 16, 8, 4)), ("imagenet", 224, (56, 28, 14, 7))])
+def test_reference_shapes(stem, size, stages):
+    model = teskd_fast.create_model("resnet18", 10, stem=stem, formulation="faithful", width=0.125).eval()
+    with torch.no_grad():
+        s = model.stages(torch.randn(1, 3, size, size))
+        out = model(torch.randn(1, 3, size, size))
+    assert [t.shape[-1] for t in s] == list(stages)
+    assert out.logits.shape == (1, 10) and len(out.student_logits) == 3
+    assert all(z.shape == (1, 10) for z in out.student_logits)
+    assert out.feature.shape == (1, 64) and all(f.shape == (1, 64) for f in out.student_features)
+
+
+def test_resize_equals_reference_upsample_on_halving_sizes():
+    # On stages that halve exactly, the resize to the lateral's size is the reference's x2 nn.Upsample.
+    x = torch.randn(2, 5, 7, 4, dtype=torch.float64)
+    ref = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True)(x)
+    assert_close(ResizeTo()(x, (14, 8)), ref, torch.float64, "resize")
+
+
+def test_fit_pads_evenly_and_crops():
+    x = torch.arange(1.0, 1.0 + 2 * 3 * 5).view(1, 2, 3, 5)
+    padded = fit(x, (6, 8))
+    assert padded.shape == (1, 2, 6, 8)
+    # 3 extra rows: 1 on top, 2 at the bottom; 3 extra columns: 1 left, 2 right.
+    assert torch.equal(padded[:, :, 1:4, 1:6], x)
+    assert padded.sum() == x.sum()
+    assert torch.equal(fit(x, (1, 3)), x[:, :, 1:2, 1:4])
+    assert fit(x, (3, 5)) is x
+
+
+def test_wrap_replaces_a_head_of_another_size():
+    model = teskd_fast.wrap(torchvision.models.resnet18(num_classes=1000), 7, formulation="faithful")
+    assert model.fc.out_features == 7 and model.fc_b1.out_features == 7
+    assert model.eval()(torch.randn(1, 3, 32, 32)).logits.shape == (1, 7)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("low,high", [((4, 4), (8, 8)), ((7, 13), (13, 25)), ((1, 1), (2, 2))])
+def test_resize_bn_relu_equals_modules(momentum, low, high):
+    bn_ref = nn.BatchNorm2d(6, momentum=momentum).double()
+    nn.init.uniform_(bn_ref.weight, 0.5, 1.5)
+    nn.init.uniform_(bn_ref.bias, -0.5, 0.5)
+    bn = nn.BatchNorm2d(6, momentum=momentum).double()
+    bn.load_state_dict(bn_ref.state_dict())
+    for step in range(2):
+        y = (torch.randn(3, 6, *low, dtype=torch.float64) * 2 + 1).requires_grad_()
+        g = torch.randn(3, 6, *high, dtype=torch.float64)
+        ref = torch.relu(bn_ref(ResizeTo()(y, high)))
+        out = resize_bn_relu(y, bn, high)
+        assert_close(out, ref, torch.float64, f"train output, step {step}")
+        assert_close(
+            torch.autograd.grad((out * g).sum(), y)[0],
+            torch.autograd.grad((ref * g).sum(), y)[0],
+            torch.float64,
+            "grad",
+        )
+        for name, buf in bn_ref.named_buffers():
+            assert_close(dict(bn.named_buffers())[name].double(), buf.double(), torch.float64, name)
+    bn.eval(), bn_ref.eval()
+    assert_close(resize_bn_relu(y, bn, high), torch.relu(bn_ref(ResizeTo()(y, high))), torch.float64, "eval")
+
+
+@pytest.mark.parametrize("k,size", [(2, (4, 6)), (8, (16, 8)), (3, (9, 3))])
+def test_patch_conv_equals_strided_conv(k, size):
+    x = torch.randn(2, 5, *size, dtype=torch.float64)
+    w = torch.randn(4, 5, k, k, dtype=torch.float64)
+    b = torch.randn(4, dtype=torch.float64)
+    assert_close(patch_conv(x, w, b), nn.functional.conv2d(x, w, b, stride=k), torch.float64, "patch_conv")
+
+
+def test_parameter_counts_match_spec():
+    cifar = teskd_fast.create_model("resnet18", 100, stem="cifar", formulation="faithful")
+    with torch.device("meta"):
+        imagenet = teskd_fast.create_model("resnet18", 1000, stem="imagenet")
+    teacher = teskd_fast.export_teacher(cifar)
+    assert round(sum(p.numel() for p in cifar.parameters()) / 1e6, 2) == 37.05
+    assert round(sum(p.numel() for p in imagenet.parameters()) / 1e6, 2) == 38.91
+    assert round(sum(p.numel() for p in teacher.parameters()) / 1e6, 1) == 11.2
+
+
+@pytest.mark.parametrize("arch,stem", [("resnet18", "cifar"), ("resnet50", "imagenet")])
+def test_state_dict_names_are_the_reference_ones(arch, stem):
+    expected = official_keys(arch, 10, stem)
+    for formulation in ("faithful", "fast"):
+        # Built on the meta device: names and shapes without the cost of initialising 25M parameters.
+        with torch.device("meta"):
+            model = teskd_fast.create_model(arch, 10, stem=stem, formulation=formulation)
+        got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        assert sorted(got) == sorted(expected), f"{formulation}: {sorted(set(got) ^ set(expected))}"
+        assert got == expected
+
+
+def test_state_dict_crosses_formulations_and_official_load():
+    faithful, _ = pair("resnet18", 10, "cifar", 0.125, torch.float32)
+    fast = teskd_fast.create_model("resnet18", 10, stem="cifar", formulation="fast", width=0.125)
+    # Reference checkpoints come from DataParallel: "module." prefixes.
+    checkpoint = {f"module.{k}": v.clone() for k, v in faithful.state_dict().items()}
+    fast.load_official_state_dict(checkpoint)
+    for k, v in fast.state_dict().items():
+        assert torch.equal(v, faithful.state_dict()[k]), k
+    back = teskd_fast.create_model("resnet18", 10, stem="cifar", formulation="faithful", width=0.125)
+    back.load_state_dict(fast.state_dict(), strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    faithful.eval(), back.eval()
+    with torch.no_grad():
+        assert torch.equal(back(x).logits, faithful(x).logits)
+
+
+def test_official_load_rejects_wrong_keys_and_shapes():
+    model = teskd_fast.create_model("resnet18", 10, stem="cifar", formulation="fast", width=0.125)
+    sd = model.state_dict()
+    bad = dict(sd)
+    bad["fuse_4.0.weight"] = bad.pop("fuse_3.0.weight")
+    with pytest.raises(KeyError, match=r"missing keys \['fuse_3.0.weight'\], unexpected keys \['fuse_4.0.weight'\]"):
+        model.load_official_state_dict(bad)
+    bad = dict(sd)
+    bad["fc_b1.weight"] = torch.zeros(11, 64)
+    with pytest.raises(ValueError, match=r"fc_b1.weight: \(11, 64\) != \(10, 64\)"):
+        model.load_official_state_dict(bad)
+    with pytest.raises(TypeError, match="state_dict"):
+        model.load_official_state_dict([1, 2])
+
+
+@pytest.mark.parametrize("formulation", ["faithful", "fast"])
+def test_teacher_forward_equals_logits_and_skips_students(formulation):
+    model = teskd_fast.create_model("resnet18", 10, stem="imagenet", formulation=formulation, width=0.125).eval()
+    x = torch.randn(2, 3, 64, 64)
+    called = []
+    student_modules = [
+        model.laterals,
+        model.upsample,
+        model.fuse_1,
+        model.fuse_2,
+        model.fuse_3,
+        model.downsample1,
+        model.downsample2,
+        model.downsample3,
+        model.fc_b1,
+        model.fc_b2,
+        model.fc_b3,
+    ]
+    with torch.no_grad():
+        logits = model(x).logits
+        hooks = [m.register_forward_hook(lambda *a: called.append(1)) for s in student_modules for m in s.modules()]
+        teacher = model.teacher_forward(x)
+    for h in hooks:
+        h.remove()
+    assert not called, "teacher_forward ran student modules"
+    assert_close(teacher, logits, torch.float32, "teacher_forward")
+
+
+def _torchvision_build(arch, num_classes, stem):
+    net = getattr(torchvision.models, arch)(num_classes=num_classes)
+    if stem == "cifar":
+        net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        net.maxpool = nn.Identity()
+    return net
+
+
+@pytest.mark.parametrize("stem,formulation", [("imagenet", "fast"), ("cifar", "faithful"), ("cifar", "fast")])
+def test_export_teacher_round_trip(stem, formulation):
+    model = teskd_fast.create_model("resnet18", 10, stem=stem, formulation=formulation)
+    # Train one forward so that running statistics are not the initial ones.
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(2, 3, 32, 32))
+    model.eval()
+    teacher = teskd_fast.export_teacher(model)
+    assert type(teacher) is torchvision.models.ResNet
+    fresh = _torchvision_build("resnet18", 10, stem)
+    fresh.load_state_dict(teacher.state_dict(), strict=True)
+    fresh.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model.teacher_forward(x)
+        assert_close(teacher(x), expected, torch.float32, "exported teacher")
+        assert_close(fresh(x), expected, torch.float32, "fresh torchvision")
+
+
+@pytest.mark.parametrize("formulation", ["faithful", "fast"])
+def test_wrap_torchvision_reproduces_create_model(formulation):
+    reference = teskd_fast.create_model("resnet18", 10, stem="imagenet", formulation=formulation)
+    wrapped = teskd_fast.wrap(torchvision.models.resnet18(num_classes=10), 10, formulation=formulation)
+    assert type(wrapped) is type(reference)
+    wrapped.load_official_state_dict(reference.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    reference.train(), wrapped.train()
+    for a, b in zip(flat_outputs(wrapped(x)), flat_outputs(reference(x))):
+        assert torch.equal(a, b)
+    wrapped.eval()
+    teacher = teskd_fast.export_teacher(wrapped)
+    with torch.no_grad():
+        assert_close(teacher(x), wrapped.teacher_forward(x), torch.float32, "exported wrapped teacher")
+
+
+def test_wrap_timm_features_model_trains_one_step():
+    timm = pytest.importorskip("timm", reason="timm is optional: pip install timm")
+    backbone = timm.create_model("mobilenetv3_small_050", features_only=True, pretrained=False)
+    model = teskd_fast.wrap(backbone, 6)
+    assert model.kind == "features" and model.width == backbone.feature_info.channels()[-1]
+    x, y = torch.randn(4, 3, 64, 64), torch.randint(0, 6, (4,))
+    out = model(x)
+    width = model.width
+    assert out.logits.shape == (4, 6) and out.student_logits.shape == (3, 4, 6)
+    assert out.feature.shape == (4, width) and out.student_features.shape == (3, 4, width)
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss = teskd_fast.teskd_loss(out.logits, out.student_logits, y, out.feature, out.student_features)
+    loss.backward()
+    optimizer.step()
+    assert torch.isfinite(loss)
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    changed = [k for k, v in model.named_parameters() if not torch.equal(v, before[k])]
+    assert any(k.startswith("backbone.") for k in changed) and any(k.startswith("fc_b1") for k in changed)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_every_arch_builds_and_runs(arch):
+    width = 0.25 if arch == "resnext50_32x4d" else 0.125
+    for formulation in ("faithful", "fast"):
+        model = teskd_fast.create_model(arch, 3, stem="cifar", formulation=formulation, width=width)
+        out = model(torch.randn(2, 3, 16, 16))
+        assert out.logits.shape == (2, 3) and len(out.student_logits) == 3
+        assert out.feature.shape == (2, model.width)
+
+
+def test_initialisation_follows_the_reference():
+    imagenet = teskd_fast.create_model("resnet18", 10, stem="imagenet", formulation="faithful")
+    cifar = teskd_fast.create_model("resnet18", 10, stem="cifar", formulation="faithful")
+    # kaiming-normal, fan_out: std sqrt(2 / (out * k * k)); PyTorch's default: uniform in +-1/sqrt(fan_in).
+    w = imagenet.layer3[0].conv2.weight
+    assert abs(w.std().item() / (2 / (256 * 9)) ** 0.5 - 1) < 0.05
+    assert w.abs().max() > 1 / (256 * 9) ** 0.5
+    assert cifar.layer3[0].conv2.weight.abs().max() <= 1 / (256 * 9) ** 0.5
+    assert torch.equal(imagenet.layer1[0].bn1.weight, torch.ones(64))
+    for model in (imagenet, cifar):
+        lateral = model.laterals[0][0].weight
+        assert lateral.abs().max() <= 1 / 64**0.5
+        assert model.downsample1[0].weight.abs().max() <= 1 / (512 * 64) ** 0.5
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="unknown arch 'resnet19'"):
+        teskd_fast.create_model("resnet19", 10)
+    with pytest.raises(ValueError, match="unknown stem 'tiny'"):
+        teskd_fast.create_model("resnet18", 10, stem="tiny")
+    with pytest.raises(ValueError, match="unknown formulation 'quick'"):
+        teskd_fast.create_model("resnet18", 10, formulation="quick", width=0.125)
+    with pytest.raises(ValueError, match="width"):
+        teskd_fast.create_model("resnet18", 10, width=0)
+    with pytest.raises(ValueError, match="too small"):
+        teskd_fast.create_model("resnext50_32x4d", 10, width=0.1)
+    with pytest.raises(ValueError, match="num_classes"):
+        teskd_fast.create_model("resnet18", 0, width=0.125)
+    model = teskd_fast.create_model("resnet18", 10, width=0.125)
+    with pytest.raises(ValueError, match=r"image batch \[B, 3, H, W\], got shape \(3, 32, 32\)"):
+        model(torch.randn(3, 32, 32))
+    with pytest.raises(TypeError, match="features_only"):
+        teskd_fast.wrap(nn.Linear(3, 3), 10)
+    with pytest.raises(TypeError, match="export_teacher"):
+        teskd_fast.export_teacher(nn.Linear(3, 3))
