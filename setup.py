@@ -20,7 +20,6 @@ setup(
         "torch>=2.11,<2.15",
         "torchvision>=0.26,<0.30",
         "numpy>=1.24",
-        "einops>=0.7",
         "pyyaml>=6.0",
         "tqdm>=4.60",
         "matplotlib>=3.7",
@@ -30,7 +29,10 @@ setup(
     extras_require={
         "dali": ["nvidia-dali-cuda130>=1.50"],
         "timm": ["timm>=1.0"],
-        "dev": ["pytest>=8", "pytest-benchmark>=4", "pytest-timeout>=2.2", "ruff>=0.5", "scikit-learn>=1.3"],
+        "tensorboard": ["tensorboard>=2.10"],
+        "dev": [
+            "pytest>=8", "pytest-benchmark>=4", "pytest-timeout>=2.2", "ruff>=0.5", "scikit-learn>=1.3", "timm>=1.0",
+        ],
     },
     entry_points={
         "console_scripts": [
