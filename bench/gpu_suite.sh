@@ -32,7 +32,7 @@ cat "$out/env.txt"
 
 status=0
 echo "== tests (CUDA)"
-timeout 170 python -m pytest tests/ -q -x -p no:cacheprovider --durations=20 > "$out/tests.log" 2>&1 || status=1
+timeout 170 python -m pytest tests/ -q -p no:cacheprovider --durations=20 > "$out/tests.log" 2>&1 || status=1
 tail -5 "$out/tests.log"
 
 echo "== benchmarks"
