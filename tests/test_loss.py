@@ -11,6 +11,8 @@ from teskd_fast import TESKDLoss, TESKDOutput, teskd_loss
 
 HAS_CUDA = torch.cuda.is_available()
 TRITON_OK = HAS_CUDA or os.environ.get("TRITON_INTERPRET") == "1"
+# Triton runs for real on a GPU, under the interpreter on the CPU otherwise.
+TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
 LOW = (torch.bfloat16, torch.float16)
 
 
@@ -43,7 +45,7 @@ def run(backend, teacher, students, target, feats, grad_out, stacked=True, featu
         else:
             args += [f_t, f_s if stacked else list(f_s.unbind(0))]
     total, parts = teskd_loss(*args, backend=backend, return_parts=True, **options)
-    total.backward(grad_out.to(total.dtype))
+    total.backward(grad_out.to(total))
     if feats is not None:
         assert f_t.grad is None, "the teacher feature must receive no gradient"
     return total, parts, teacher.grad, students.grad, None if f_s is None else f_s.grad
@@ -55,7 +57,9 @@ def reference64(teacher, students, target, feats, grad_out, **options):
 
 
 def check_against_reference(backend, dtype, B, C, K, D, options, grad_out, stacked=True, feature_4d=False):
-    teacher, students, target, feats = make_inputs(B, C, K, D, dtype=dtype)
+    teacher, students, target, feats = make_inputs(
+        B, C, K, D, dtype=dtype, device=TRITON_DEVICE if backend == "triton" else "cpu"
+    )
     if "ignore_index" in options:
         target[1::3] = options["ignore_index"]
     got = run(backend, teacher, students, target, feats, grad_out, stacked=stacked, feature_4d=feature_4d, **options)
@@ -210,9 +214,10 @@ def test_module_accepts_teskd_output_and_positional():
 
 
 def test_parts_are_detached_and_sum_to_total():
-    teacher, students, target, feats = make_inputs(5, 10, 3, 8)
-    teacher.requires_grad_()
     for backend in ["reference", "torch"] + (["triton"] if TRITON_OK else []):
+        device = TRITON_DEVICE if backend == "triton" else "cpu"
+        teacher, students, target, feats = make_inputs(5, 10, 3, 8, device=device)
+        teacher.requires_grad_()
         total, parts = teskd_loss(
             teacher, students, target, *feats, backend=backend, return_parts=True, feat_weight=0.01
         )
@@ -223,13 +228,14 @@ def test_parts_are_detached_and_sum_to_total():
 
 
 def test_logits_are_never_overwritten():
-    teacher, students, target, feats = make_inputs(5, 10, 3, 8)
-    copies = [t.clone() for t in (teacher, students, *feats)]
     for backend in ["torch"] + (["triton"] if TRITON_OK else []):
+        device = TRITON_DEVICE if backend == "triton" else "cpu"
+        teacher, students, target, feats = make_inputs(5, 10, 3, 8, device=device)
+        copies = [t.clone() for t in (teacher, students, *feats)]
         t, s = teacher.clone().requires_grad_(), students.clone().requires_grad_()
         teskd_loss(t, s, target, *feats, backend=backend).backward()
         assert torch.equal(t.detach(), copies[0]) and torch.equal(s.detach(), copies[1])
-    assert torch.equal(feats[0], copies[2]) and torch.equal(feats[1], copies[3])
+        assert torch.equal(feats[0], copies[2]) and torch.equal(feats[1], copies[3])
 
 
 def test_detach_teacher_only_removes_the_kd_gradient():
@@ -270,7 +276,7 @@ def test_compiles_without_graph_break(backend):
 
 @pytest.mark.skipif(not TRITON_OK, reason="Triton needs CUDA or TRITON_INTERPRET=1")
 def test_triton_custom_op_compiles_without_graph_break():
-    teacher, students, target, feats = make_inputs(4, 10, 3, 16)
+    teacher, students, target, feats = make_inputs(4, 10, 3, 16, device=TRITON_DEVICE)
 
     def step(t, s, fs):
         return teskd_loss(t, s, target, feats[0], fs, backend="triton")
@@ -278,7 +284,7 @@ def test_triton_custom_op_compiles_without_graph_break():
     inputs = [x.clone().requires_grad_() for x in (teacher, students, feats[1])]
     out = torch.compile(step, fullgraph=True, backend="aot_eager")(*inputs)
     out.backward()
-    ref = run("reference", teacher, students, target, feats, torch.tensor(1.0))
+    ref = run("reference", teacher, students, target, feats, torch.tensor(1.0, device=TRITON_DEVICE))
     assert_close(out, ref[0], torch.float32, "compiled triton total", scale=10)
     assert_close(inputs[0].grad, ref[2], torch.float32, "compiled triton teacher grad")
     assert_close(inputs[2].grad, ref[4], torch.float32, "compiled triton feature grad")
@@ -290,7 +296,7 @@ def test_triton_kernel_opcheck():
         pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1")
     import teskd_fast.kernels.teskd_loss  # noqa: F401  (registers the ops)
 
-    teacher, students, target, feats = make_inputs(3, 10, 2, 8)
+    teacher, students, target, feats = make_inputs(3, 10, 2, 8, device=TRITON_DEVICE)
     args = (
         teacher.requires_grad_(),
         students.requires_grad_(),
