@@ -410,3 +410,33 @@ def test_bad_arguments_are_named():
         teskd_fast.wrap(nn.Linear(3, 3), 10)
     with pytest.raises(TypeError, match="export_teacher"):
         teskd_fast.export_teacher(nn.Linear(3, 3))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("stem,size", [("imagenet", 224), ("cifar", 32), ("imagenet", 200)])
+def test_fast_equals_faithful_float64_on_cuda(stem, size):
+    """The same exactness check on the GPU (cuDNN convolutions, the GPU's bilinear and matmul kernels)."""
+    faithful, fast = pair("resnet18", 10, stem, 0.25)
+    faithful, fast = faithful.cuda(), fast.cuda()
+    x = torch.randn(2, 3, size, size, dtype=torch.float64, device="cuda")
+    check_pair(faithful, fast, x, torch.float64)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fast_bf16_autocast_channels_last_step_on_cuda():
+    """A bf16 training step of the fast network with the fused loss: finite, and close to the float32 step."""
+    faithful, fast = pair("resnet18", 100, "imagenet", 0.5, dtype=torch.float32)
+    fast = fast.cuda().to(memory_format=torch.channels_last)
+    x = torch.randn(8, 3, 224, 224, device="cuda").to(memory_format=torch.channels_last)
+    y = torch.randint(0, 100, (8,), device="cuda")
+    losses = []
+    for autocast in (False, True):
+        fast.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            out = fast(x)
+        loss = teskd_fast.teskd_loss(out.logits, out.student_logits, y, out.feature, out.student_features)
+        loss.backward()
+        assert torch.isfinite(loss)
+        assert all(torch.isfinite(p.grad).all() for p in fast.parameters() if p.grad is not None)
+        losses.append(float(loss))
+    assert abs(losses[0] - losses[1]) < 0.05 * abs(losses[0])
