@@ -45,10 +45,14 @@ class _TorchvisionCifar(torch.utils.data.Dataset):
 
         self.images = images.permute(0, 2, 3, 1).numpy()  # HWC, as torchvision stores CIFAR
         self.labels = labels.tolist()
-        self.transform = transforms.Compose([
-            transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(), transforms.ToTensor(),
-            transforms.Normalize(CIFAR_MEAN, CIFAR_STD),
-        ])
+        self.transform = transforms.Compose(
+            [
+                transforms.RandomCrop(32, padding=4),
+                transforms.RandomHorizontalFlip(),
+                transforms.ToTensor(),
+                transforms.Normalize(CIFAR_MEAN, CIFAR_STD),
+            ]
+        )
 
     def __len__(self):
         return len(self.labels)
@@ -75,10 +79,19 @@ def _run(benchmark, loader, device, n, rounds=3):
 
 def test_cifar_torchvision_dataloader_2_workers(benchmark, cifar_split):
     images, labels = cifar_split
-    loader = torch.utils.data.DataLoader(_TorchvisionCifar(images, labels), batch_size=CIFAR_BATCH, shuffle=True,
-                                         num_workers=2, persistent_workers=True)
-    record(benchmark, f"data-cifar-train-{CIFAR_N}x{CIFAR_BATCH}-cpu", "torchvision DataLoader (2 workers)", "cpu",
-           baseline=True, images=CIFAR_N)
+    loader = torch.utils.data.DataLoader(
+        _TorchvisionCifar(images, labels), batch_size=CIFAR_BATCH, shuffle=True, num_workers=2, persistent_workers=True
+    )
+    record(
+        benchmark,
+        f"data-cifar-train-{CIFAR_N}x{CIFAR_BATCH}-cpu",
+        "torchvision DataLoader (2 workers)",
+        "cpu",
+        baseline=True,
+        images=CIFAR_N,
+        dtype=torch.float32,
+        shape=[CIFAR_BATCH, 3, 32, 32],
+    )
     _run(benchmark, loader, "cpu", CIFAR_N)
 
 
@@ -87,11 +100,28 @@ def test_cifar_torchvision_dataloader_2_workers(benchmark, cifar_split):
 def test_cifar_resident_loader_cpu(benchmark, cifar_split, channels_last, cpu_threads):
     # cpu_threads=1 (the default): batches made on one core, free of the intra-op synchronisation that small
     # batched ops pay on a busy machine; None: torch's thread count (2 here).
-    loader = CifarLoader(*cifar_split, batch_size=CIFAR_BATCH, train=True, device="cpu", channels_last=channels_last,
-                         cpu_threads=cpu_threads)
-    name = ("teskd_fast CifarLoader" + (" channels_last" if channels_last else "")
-            + (f" {torch.get_num_threads()} threads" if cpu_threads is None else ""))
-    record(benchmark, f"data-cifar-train-{CIFAR_N}x{CIFAR_BATCH}-cpu", name, "cpu", images=CIFAR_N)
+    loader = CifarLoader(
+        *cifar_split,
+        batch_size=CIFAR_BATCH,
+        train=True,
+        device="cpu",
+        channels_last=channels_last,
+        cpu_threads=cpu_threads,
+    )
+    name = (
+        "teskd_fast CifarLoader"
+        + (" channels_last" if channels_last else "")
+        + (f" {torch.get_num_threads()} threads" if cpu_threads is None else "")
+    )
+    record(
+        benchmark,
+        f"data-cifar-train-{CIFAR_N}x{CIFAR_BATCH}-cpu",
+        name,
+        "cpu",
+        images=CIFAR_N,
+        dtype=torch.float32,
+        shape=[CIFAR_BATCH, 3, 32, 32],
+    )
     _run(benchmark, loader, "cpu", CIFAR_N)
 
 
@@ -99,8 +129,16 @@ def test_cifar_resident_loader_cpu(benchmark, cifar_split, channels_last, cpu_th
 def test_cifar_resident_loader_smoke(benchmark, cifar_split):
     images, labels = cifar_split
     loader = CifarLoader(images[:1024], labels[:1024], batch_size=CIFAR_BATCH, train=True, device="cpu")
-    record(benchmark, f"data-cifar-train-1024x{CIFAR_BATCH}-cpu-smoke", "teskd_fast CifarLoader", "cpu",
-           baseline=True, images=1024)
+    record(
+        benchmark,
+        f"data-cifar-train-1024x{CIFAR_BATCH}-cpu-smoke",
+        "teskd_fast CifarLoader",
+        "cpu",
+        baseline=True,
+        images=1024,
+        dtype=torch.float32,
+        shape=[CIFAR_BATCH, 3, 32, 32],
+    )
     _run(benchmark, loader, "cpu", 1024, rounds=1)
 
 
@@ -109,10 +147,25 @@ def test_cifar_resident_loader_smoke(benchmark, cifar_split):
 def test_cifar_resident_loader_cuda(benchmark, dtype):
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (50_000, 3, 32, 32), dtype=torch.uint8, generator=g)
-    loader = CifarLoader(images, torch.randint(0, 100, (50_000,)), batch_size=CIFAR_BATCH, train=True,
-                         device="cuda", channels_last=True, dtype=dtype)
-    record(benchmark, f"data-cifar-train-50000x{CIFAR_BATCH}-cuda", f"teskd_fast CifarLoader {dtype}", "cuda",
-           baseline=dtype == torch.float32, images=50_000)
+    loader = CifarLoader(
+        images,
+        torch.randint(0, 100, (50_000,)),
+        batch_size=CIFAR_BATCH,
+        train=True,
+        device="cuda",
+        channels_last=True,
+        dtype=dtype,
+    )
+    record(
+        benchmark,
+        f"data-cifar-train-50000x{CIFAR_BATCH}-cuda",
+        f"teskd_fast CifarLoader {dtype}",
+        "cuda",
+        baseline=dtype == torch.float32,
+        images=50_000,
+        dtype=dtype,
+        shape=[CIFAR_BATCH, 3, 32, 32],
+    )
     _run(benchmark, loader, "cuda", 50_000, rounds=5)
 
 
@@ -135,10 +188,19 @@ def jpeg_folder(tmp_path_factory):
 
 
 def _imagenet(benchmark, root, backend, device, baseline=False, workers=2):
-    train, _ = imagenet_loaders(root, batch_size=IMAGENET_BATCH, backend=backend, image_size=224, device=device,
-                                workers=workers)
-    record(benchmark, f"data-imagenet-train-{IMAGENET_N}x{IMAGENET_BATCH}-224-{device}", f"{backend} ({workers} "
-           f"{'threads' if backend == 'dali' else 'workers'})", device, baseline=baseline, images=train.num_samples)
+    train, _ = imagenet_loaders(
+        root, batch_size=IMAGENET_BATCH, backend=backend, image_size=224, device=device, workers=workers
+    )
+    record(
+        benchmark,
+        f"data-imagenet-train-{IMAGENET_N}x{IMAGENET_BATCH}-224-{device}",
+        f"{backend} ({workers} {'threads' if backend == 'dali' else 'workers'})",
+        device,
+        baseline=baseline,
+        images=train.num_samples,
+        dtype=torch.float32,
+        shape=[IMAGENET_BATCH, 3, 224, 224],
+    )
     _run(benchmark, train, device, train.num_samples)
 
 

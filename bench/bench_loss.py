@@ -32,7 +32,7 @@ def _inputs(B, C, dtype):
     return teacher, students, target, f_t, f_s
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compiled_reference():
     return torch.compile(functools.partial(teskd_loss, backend="reference"), dynamic=False)
 
@@ -89,7 +89,7 @@ def test_loss(benchmark, provider, B, C, dtype, mode):
     for _ in range(3):
         full()
     record(benchmark, f"loss-{mode}-{B}x{C}x{K}-{str(dtype)[6:]}-{DEVICE}", provider, DEVICE,
-           baseline=provider == "reference", shape=[B, C, K, D], dtype=str(dtype), mode=mode)  # fmt: skip
+           baseline=provider == "reference", shape=[B, C, K, D], dtype=dtype, mode=mode)  # fmt: skip
     rounds = 50 if HAS_CUDA or B * C <= 128 * 100 else 10
     if mode == "full":
         benchmark.pedantic(full, rounds=rounds, warmup_rounds=2)

@@ -153,6 +153,8 @@ def test_macs_imagenet_resnet18(benchmark, formulation):
         gmacs=round(macs / 1e9, 3),
         plain_resnet18_gmacs=round(plain / 1e9, 3),
         batch=1,
+        dtype=torch.float32,
+        shape=[1, 3, 224, 224],
     )
 
     def forward():
@@ -170,12 +172,14 @@ def test_tiny_cpu_step(benchmark, formulation):
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
     run_step(
         benchmark,
-        "models-step-tiny-cifar-r18w0.125-b4-cpu",
+        TINY_GROUP,
         formulation,
         make_step(model, x, y),
         "cpu",
         4,
         baseline=formulation == "faithful",
+        dtype="float32",
+        shape=[4, 3, 32, 32],
     )
 
 
@@ -204,6 +208,7 @@ def test_cpu_train_step(benchmark, provider):
         baseline=provider == "faithful",
         gmacs_per_image=round(macs / 1e9, 3),
         dtype="float32",
+        shape=[32, 3, 32, 32],
     )
 
 
@@ -228,5 +233,14 @@ def test_cuda_train_step(benchmark, provider):
         x = x.contiguous(memory_format=torch.channels_last)
         step = make_step(model, x, y, compiled=teskd_fast.compile_model(model), autocast=torch.bfloat16)
     run_step(
-        benchmark, CUDA_GROUP, provider, step, device, 256, baseline=provider == "faithful-fp16-nchw-eager", warmup=3
+        benchmark,
+        CUDA_GROUP,
+        provider,
+        step,
+        device,
+        256,
+        baseline=provider == "faithful-fp16-nchw-eager",
+        warmup=3,
+        dtype="float16" if provider.startswith("faithful") else "bfloat16",
+        shape=[256, 3, 224, 224],
     )

@@ -36,8 +36,13 @@ def cifar_root(tmp_path_factory):
     rng = np.random.default_rng(0)
     for name, n in (("train", N_TRAIN), ("test", 1000)):
         with open(folder / name, "wb") as f:
-            pickle.dump({"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-                         "fine_labels": rng.integers(0, 100, n).tolist()}, f)
+            pickle.dump(
+                {
+                    "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                    "fine_labels": rng.integers(0, 100, n).tolist(),
+                },
+                f,
+            )
     with open(folder / "meta", "wb") as f:
         pickle.dump({"fine_label_names": [f"c{i}" for i in range(100)]}, f)
     return root
@@ -48,9 +53,19 @@ def _ours(root):
     from teskd_fast.train.config import resolve
     from teskd_fast.train.loop import Trainer
 
-    cfg = resolve({"preset": "cifar100-resnet18", "data_dir": str(root), "width": WIDTH, "batch_size": BATCH,
-                   "steps_per_epoch": STEPS, "progress": False, "tensorboard": False, "plot": False,
-                   "device": DEVICE})
+    cfg = resolve(
+        {
+            "preset": "cifar100-resnet18",
+            "data_dir": str(root),
+            "width": WIDTH,
+            "batch_size": BATCH,
+            "steps_per_epoch": STEPS,
+            "progress": False,
+            "tensorboard": False,
+            "plot": False,
+            "device": DEVICE,
+        }
+    )
     trainer = Trainer(cfg, root / "run", D.DistEnv(device=torch.device(DEVICE)))
 
     def epoch():
@@ -72,8 +87,14 @@ def _reference(root):
     images, labels = load_cifar(str(root), "cifar100")["train"]
 
     class Dataset(torch.utils.data.Dataset):
-        transform = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(),
-                               T.ConvertImageDtype(torch.float32), T.Normalize(CIFAR_MEAN, CIFAR_STD)])
+        transform = T.Compose(
+            [
+                T.RandomCrop(32, padding=4),
+                T.RandomHorizontalFlip(),
+                T.ConvertImageDtype(torch.float32),
+                T.Normalize(CIFAR_MEAN, CIFAR_STD),
+            ]
+        )
 
         def __len__(self):
             return len(labels)
@@ -95,8 +116,9 @@ def _reference(root):
             x, y = x.to(DEVICE), y.to(DEVICE)
             with torch.autocast(DEVICE, dtype=torch.float16, enabled=HAS_CUDA):
                 out = model(x)
-                loss = teskd_loss(out.logits, out.student_logits, y, out.feature, out.student_features,
-                                  backend="reference")
+                loss = teskd_loss(
+                    out.logits, out.student_logits, y, out.feature, out.student_features, backend="reference"
+                )
             if scaler is not None:
                 scaler.scale(loss).backward()
                 scaler.step(opt)
@@ -114,7 +136,14 @@ def _reference(root):
 @pytest.mark.parametrize("provider", ["reference-stack", "teskd-train"])
 def test_cifar100_resnet18_epoch(benchmark, cifar_root, provider):
     epoch = _reference(cifar_root) if provider == "reference-stack" else _ours(cifar_root)
-    record(benchmark, f"train-epoch-cifar100-resnet18-{N_TRAIN}img-b{BATCH}-w{WIDTH}-{DEVICE}", provider, DEVICE,
-           baseline=provider == "reference-stack", images=N_TRAIN if not STEPS else STEPS * BATCH)
+    record(
+        benchmark,
+        f"train-epoch-cifar100-resnet18-{N_TRAIN}img-b{BATCH}-w{WIDTH}-{DEVICE}",
+        provider,
+        DEVICE,
+        baseline=provider == "reference-stack",
+        images=N_TRAIN if not STEPS else STEPS * BATCH,
+        shape=[BATCH, 3, 32, 32],
+    )
     benchmark.pedantic(epoch, rounds=ROUNDS, iterations=1, warmup_rounds=1)
     benchmark.extra_info["projected_200_epochs_min"] = 200 * benchmark.stats.stats.median / 60

@@ -41,10 +41,22 @@ def versions():
     return info
 
 
-def record(benchmark, group, provider, device, baseline=False, **info):
-    """Name the comparison and the provider of a benchmark and attach the environment to it."""
+def record(benchmark, group, provider, device, baseline=False, dtype=None, shape=None, **info):
+    """Name the comparison and the provider of a benchmark and attach the environment to it.
+
+    Every figure carries its device name, dtype, problem shape and library versions; the conftest adds its
+    speed-up against the group's baseline (``speedup_vs_baseline``) to the saved JSON and the summary table.
+    """
     benchmark.group = group
-    benchmark.extra_info.update(provider=provider, baseline=baseline, device=device_name(device), **versions(), **info)
+    benchmark.extra_info.update(
+        provider=provider,
+        baseline=baseline,
+        device=device_name(device),
+        dtype=None if dtype is None else str(dtype).replace("torch.", ""),
+        shape=None if shape is None else list(shape),
+        **versions(),
+        **info,
+    )
 
 
 def cpu_peak_rss_mib():

@@ -47,6 +47,14 @@ def _table(rows):
     return "\n".join(lines)
 
 
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    """Each saved figure also carries its speed-up against its group's baseline from the same run."""
+    baselines = {b["group"]: b["stats"]["median"] for b in output_json["benchmarks"] if b["extra_info"].get("baseline")}
+    for b in output_json["benchmarks"]:
+        base = baselines.get(b["group"])
+        b["extra_info"]["speedup_vs_baseline"] = base / b["stats"]["median"] if base else None
+
+
 def pytest_sessionfinish(session, exitstatus):
     rows = _rows(session)
     if not rows:
