@@ -31,7 +31,7 @@ setup(
         "timm": ["timm>=1.0"],
         "tensorboard": ["tensorboard>=2.10"],
         "dev": [
-            "pytest>=8", "pytest-benchmark>=4", "pytest-timeout>=2.2", "ruff>=0.5", "scikit-learn>=1.3", "timm>=1.0",
+            "pytest>=8", "pytest-benchmark>=4", "pytest-timeout>=2.2", "ruff==0.17.6", "scikit-learn>=1.3", "timm>=1.0",
         ],
     },
     entry_points={

@@ -53,7 +53,7 @@ def _stack(name, value, expect_rank):
     return torch.stack(list(value), 0)
 
 
-def _flat_feature(name, t):
+def _flat_feature(t):
     """``[B, D]`` or ``[B, D, 1, 1]`` -> ``[B, D]`` (and ``[K, B, D, 1, 1]`` -> ``[K, B, D]``)."""
     if t.dim() >= 4 and t.shape[-1] == 1 and t.shape[-2] == 1:
         return t.flatten(-3)
@@ -120,17 +120,17 @@ def _validate(
     if teacher_feature is not None:
         if not isinstance(teacher_feature, torch.Tensor):
             raise TypeError(f"teacher_feature: expected a tensor, got {type(teacher_feature).__name__}")
-        f_t = _flat_feature("teacher_feature", teacher_feature)
+        f_t = _flat_feature(teacher_feature)
         if f_t.dim() != 2 or f_t.shape[0] != B:
             raise ValueError(
                 f"teacher_feature: expected [B, D] or [B, D, 1, 1] with B = {B}, got {_shape(teacher_feature)}"
             )
         if isinstance(student_features, torch.Tensor):
-            f_s = _flat_feature("student_features", student_features)
+            f_s = _flat_feature(student_features)
         else:
             if isinstance(student_features, Sequence) and not isinstance(student_features, str):
                 student_features = [
-                    _flat_feature("student_features", f) if isinstance(f, torch.Tensor) else f for f in student_features
+                    _flat_feature(f) if isinstance(f, torch.Tensor) else f for f in student_features
                 ]
             f_s = student_features
         f_s = _stack("student_features", f_s, 2)

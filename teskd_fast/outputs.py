@@ -1,10 +1,11 @@
 """The output contract shared by TESKD networks and the TESKD loss."""
 
-from typing import NamedTuple, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import NamedTuple, Union
 
 import torch
 
-Tensors = Union[torch.Tensor, Sequence[torch.Tensor]]
+Tensors = Union[torch.Tensor, Sequence[torch.Tensor]]  # noqa: UP007 (a runtime alias, kept for Python 3.10)
 
 
 class TESKDOutput(NamedTuple):
@@ -23,5 +24,5 @@ class TESKDOutput(NamedTuple):
 
     logits: torch.Tensor
     student_logits: Tensors
-    feature: Optional[torch.Tensor] = None
-    student_features: Optional[Tensors] = None
+    feature: torch.Tensor | None = None
+    student_features: Tensors | None = None
