@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Every GPU correctness test and every benchmark of teskd_fast on one CUDA device, in one call (< 10 minutes
 # on an H100). Usage: bash bench/gpu_suite.sh OUT_DIR
-# Writes OUT_DIR/env.txt (card, driver, versions, date, command), tests.log, bench.log, bench.json and
-# results.md (the summary table: group, provider, median, speed-up against the group's baseline).
+# Writes OUT_DIR/env.txt (card, driver, versions, date, command), tests.log, profile_loss.txt, profile_step.txt,
+# bench.log, bench.json and results.md (the summary table: group, provider, median, speed-up against the
+# group's baseline). Time caps: tests 170 s, profiles 90 s, benchmarks 330 s.
 set -uo pipefail
 out=${1:?usage: bash bench/gpu_suite.sh OUT_DIR}
 mkdir -p "$out"
@@ -35,8 +36,12 @@ echo "== tests (CUDA)"
 timeout 170 python -m pytest tests/ -q -p no:cacheprovider --durations=20 > "$out/tests.log" 2>&1 || status=1
 tail -5 "$out/tests.log"
 
+echo "== profiles"
+timeout 90 python bench/profile_gpu.py "$out" > "$out/profile.log" 2>&1 || status=1
+tail -5 "$out/profile.log"
+
 echo "== benchmarks"
-timeout 420 python -m pytest bench/ -q -p no:cacheprovider --benchmark-json="$out/bench.json" \
+timeout 330 python -m pytest bench/ -q -p no:cacheprovider --benchmark-json="$out/bench.json" \
   --benchmark-columns=median,iqr,rounds > "$out/bench.log" 2>&1 || status=1
 tail -5 "$out/bench.log"
 cp bench/results/latest.md "$out/results.md" 2>/dev/null && cat "$out/results.md"
