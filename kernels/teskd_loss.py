@@ -242,8 +242,10 @@ _WEIGHTS = {}
 
 
 def _ticket(device):
-    # One zeroed counter per device, reset to 0 by the kernel itself after every launch.
-    key = str(device)
+    # One zeroed counter per device and stream (launches on one stream never overlap), reset to 0 by the kernel
+    # itself after every launch.
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
     if key not in _TICKETS:
         _TICKETS[key] = torch.zeros(1, dtype=torch.int32, device=device)
     return _TICKETS[key]
