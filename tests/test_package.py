@@ -90,12 +90,16 @@ def test_triton_kernels_compile_for_h100():
             target = GPUTarget("cuda", 90, 32)
             triton.compile(ASTSource(fn, sig, consts), target=target, options={"num_warps": num_warps})
 
-        variants = [("bf16", "bf16", True, False), ("fp16", "fp32", False, True), ("fp32", "fp32", True, True)]
-        for dt, gdt, feat, detach in variants:
+        variants = [
+            ("bf16", "bf16", True, False, 4, 1024),
+            ("fp16", "fp32", False, True, 1, 16),
+            ("fp32", "fp32", True, True, 2, 4096),
+        ]
+        for dt, gdt, feat, detach, block_k, block_c in variants:
             ptrs = dict(t_ptr="*" + dt, s_ptr="*" + dt, y_ptr="*i64", w_ptr="*fp32", ft_ptr="*" + dt, fs_ptr="*" + dt,
                         gt_ptr="*" + gdt, gs_ptr="*" + gdt, gf_ptr="*" + gdt, part_ptr="*fp32", total_ptr="*fp32",
                         parts_ptr="*fp32", ticket_ptr="*i32")
-            consts = dict(HAS_FEAT=feat, DETACH=detach, BLOCK_K=4, BLOCK_C=1024, BLOCK_D=512, BLOCK_B=256)
+            consts = dict(HAS_FEAT=feat, DETACH=detach, BLOCK_K=block_k, BLOCK_C=block_c, BLOCK_D=512, BLOCK_B=256)
             build(_teskd_fwd_kernel, ptrs, consts, num_warps=4)
         build(_teskd_bwd_kernel, dict(g_ptr="*fp32", x_ptr="*fp32", y_ptr="*bf16", x2_ptr="*fp32", y2_ptr="*bf16"),
               dict(BLOCK=4096))
