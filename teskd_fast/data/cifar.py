@@ -24,7 +24,6 @@ from teskd_fast.data.common import (
     epoch_generator,
     epoch_order,
     normalize_,
-    num_batches,
     resolve_device,
 )
 
@@ -231,16 +230,6 @@ class CifarLoader(EpochState):
     def _fingerprint(self):
         return {"batch_size": self.batch_size, "seed": self.seed, "world_size": self.world_size, "rank": self.rank,
                 "num_images": self.num_images}
-
-    @property
-    def num_samples(self):
-        """Samples this rank reads per epoch."""
-        _, positions = epoch_order(self.num_images, shuffle=False, seed=0, epoch=0, rank=self.rank,
-                                   world_size=self.world_size, equal_shards=self.train)
-        return len(positions)
-
-    def __len__(self):
-        return num_batches(self.num_samples, self.batch_size, self.drop_last)
 
     def epoch_plan(self, epoch):
         """The epoch's sample indices for this rank and their crop offsets and flips (CPU tensors).

@@ -134,6 +134,16 @@ class EpochState:
     def _fingerprint(self):
         return {}
 
+    @property
+    def num_samples(self):
+        """Samples this rank reads per epoch (training shards are equal in size, evaluation shards cover all)."""
+        _, positions = epoch_order(self.num_images, shuffle=False, seed=0, epoch=0, rank=self.rank,
+                                   world_size=self.world_size, equal_shards=self.train)
+        return len(positions)
+
+    def __len__(self):
+        return num_batches(self.num_samples, self.batch_size, self.drop_last)
+
     def _begin_pass(self):
         start = self._start_batch
         self._start_batch = 0

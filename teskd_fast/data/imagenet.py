@@ -29,7 +29,6 @@ from teskd_fast.data.common import (
     check_sharding,
     epoch_order,
     normalize_,
-    num_batches,
     resolve_device,
 )
 from teskd_fast.data.folder import index_image_folder
@@ -101,15 +100,6 @@ class ImageLoaderBase(EpochState):
         order, positions = epoch_order(self.num_images, shuffle=self.train, seed=self.seed, epoch=epoch,
                                        rank=self.rank, world_size=self.world_size, equal_shards=self.train)
         return order[positions]
-
-    @property
-    def num_samples(self):
-        _, positions = epoch_order(self.num_images, shuffle=False, seed=0, epoch=0, rank=self.rank,
-                                   world_size=self.world_size, equal_shards=self.train)
-        return len(positions)
-
-    def __len__(self):
-        return num_batches(self.num_samples, self.batch_size, self.drop_last)
 
     def set_image_size(self, image_size):
         """Training resolution of the next passes (progressive resizing); evaluation keeps its crop."""
