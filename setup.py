@@ -15,6 +15,8 @@ setup(
     python_requires=">=3.10",
     packages=["teskd_fast", "teskd_fast.kernels", "teskd_fast.models", "teskd_fast.data", "teskd_fast.train"],
     package_dir={"teskd_fast": "teskd_fast", "teskd_fast.kernels": "kernels"},
+    # The fused CPU loss kernel ships as C source, built at first use (teskd_fast/cpu_kernel.py).
+    package_data={"teskd_fast": ["csrc/*.c", "csrc/*.h"]},
     # torch 2.11 (with Triton 3.6) is the oldest release the code is tested on; 2.14.1 is pinned for CI.
     install_requires=[
         "torch>=2.11,<2.15",

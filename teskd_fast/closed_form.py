@@ -8,10 +8,15 @@ The forward computes the loss and the gradient of every input at once (../shared
     d KD_k / d z_t  = (T / B) P (h_k - sum_j P_j h_k,j),   h_k = log(P + eps) - log Q_k
     d FEA_k / d f_k = 2 (f_k - f_t) mask
 
-and the backward scales the stored gradients by grad_output.
+and the backward scales the stored gradients by grad_output. On the CPU (outside ``torch.compile``) the forward
+runs the fused C kernel of :mod:`teskd_fast.cpu_kernel`, one pass per row over all heads, which computes the same
+closed form; the batched ops below are its fallback where no C compiler is found, and what ``torch.compile``
+traces.
 """
 
 import torch
+
+from teskd_fast import cpu_kernel
 
 _CONSTANTS = {}
 
@@ -25,28 +30,33 @@ def _constant(values, dtype, device):
 
 
 class TESKDLossFunction(torch.autograd.Function):
+    """``apply(teacher, target, teacher_feature, head_weights, options, K, *students, *student_features)``:
+    the K students' logits (and features, when ``teacher_feature`` is given) as separate tensors, so that lists
+    are never stacked; ``options`` = (temperature, ce_weight, kd_weight, feat_weight, kd_eps, detach_teacher,
+    label_smoothing, ignore_index). Returns ``(total, parts)``."""
+
     @staticmethod
-    def forward(
-        ctx,
-        teacher,
-        students,
-        target,
-        teacher_feature,
-        student_features,
-        head_weights,
-        temperature,
-        ce_weight,
-        kd_weight,
-        feat_weight,
-        kd_eps,
-        detach_teacher,
-        label_smoothing,
-        ignore_index,
-    ):
+    def forward(ctx, teacher, target, teacher_feature, head_weights, options, K, *tensors):
+        T, ce_weight, kd_weight, feat_weight, kd_eps, detach_teacher, label_smoothing, ignore_index = options
+        students, student_features = tensors[:K], tensors[K:] or None
         acc = torch.float64 if teacher.dtype == torch.float64 else torch.float32
-        K, B, C = students.shape
-        T = temperature
-        z = torch.cat([teacher.unsqueeze(0), students], 0)  # [K+1, B, C], ours to overwrite
+        ctx.dtypes = (teacher.dtype, students[0].dtype, None if teacher_feature is None else tensors[K].dtype)
+        ctx.K = K
+        if teacher.device.type == "cpu" and not torch.compiler.is_compiling() and cpu_kernel.enabled():
+            cast = [t if t.dtype == acc and t.is_contiguous() else t.to(acc).contiguous() for t in (teacher, *tensors)]
+            f_t = None if teacher_feature is None else teacher_feature.to(acc).contiguous()
+            total, parts, grad = cpu_kernel.fused_loss(
+                cast[0], cast[1 : K + 1], target.contiguous(), f_t, cast[K + 1 :] or None, head_weights, *options
+            )
+            # The feature gradient is linear in the inputs: the backward computes it from them, scaled once.
+            ctx.feat_scale = 2.0 * feat_weight
+            ctx.save_for_backward(grad, *(() if f_t is None else (f_t, *cast[K + 1 :])))
+            ctx.mark_non_differentiable(parts)
+            return total, parts
+
+        ctx.feat_scale = None
+        B, C = teacher.shape
+        z = torch.cat([teacher.unsqueeze(0), *(s.unsqueeze(0) for s in students)], 0)  # [K+1, B, C], ours
         if z.dtype != acc:
             z = z.to(acc)
 
@@ -95,32 +105,41 @@ class TESKDLossFunction(torch.autograd.Function):
         # Masked squared error of the student features against the detached teacher feature.
         if teacher_feature is not None:
             f_t = teacher_feature if teacher_feature.dtype == acc else teacher_feature.to(acc)
-            f_s = student_features if student_features.dtype == acc else student_features.to(acc)
+            f_s = torch.stack(student_features, 0)
+            f_s = f_s if f_s.dtype == acc else f_s.to(acc)
             # [f_s > 0 or f_t > 0] as a float 0/1 mask: float ops are several times faster than bool ones on CPUs.
             mask = torch.maximum(f_s, f_t).gt_(0)
             diff = (f_s - f_t).mul_(mask)  # [K, B, D]
             feat = torch.dot(diff.view(-1), diff.view(-1))
-            grad_feat = diff.mul_(2 * feat_weight)
+            grad_feat = diff * (2 * feat_weight)
         else:
             feat = kd.new_zeros(())
             grad_feat = None
 
         parts = torch.stack([ce, kd, feat])
         total = torch.dot(parts, _constant((ce_weight, kd_weight, feat_weight), acc, z.device))
-        ctx.save_for_backward(grad, grad_feat)
-        ctx.dtypes = (teacher.dtype, students.dtype, None if grad_feat is None else student_features.dtype)
+        ctx.save_for_backward(grad, *(() if grad_feat is None else (grad_feat,)))
         ctx.mark_non_differentiable(parts)
         return total, parts
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_total, grad_parts):
-        grad, grad_feat = ctx.saved_tensors
+        grad, *feats = ctx.saved_tensors
         t_dtype, s_dtype, f_dtype = ctx.dtypes
+        K = ctx.K
+        needs = ctx.needs_input_grad
         scaled = (grad * grad_total).to(t_dtype)
-        grad_teacher = scaled[0] if ctx.needs_input_grad[0] else None
-        grad_students = scaled[1:] if ctx.needs_input_grad[1] else None
-        grad_sf = None
-        if grad_feat is not None and ctx.needs_input_grad[4]:
-            grad_sf = (grad_feat * grad_total).to(f_dtype)
-        return grad_teacher, grad_students, None, None, grad_sf, *([None] * 9)
+        grad_teacher = scaled[0] if needs[0] else None
+        grad_students = [scaled[k] if needs[5 + k] else None for k in range(1, K + 1)]
+        grad_features = []
+        if feats and any(needs[6 + K :]):
+            if ctx.feat_scale is None:  # stored by the batched path
+                grad_feat = feats[0] * grad_total
+            else:  # recomputed by the fused kernel from the saved features
+                grad_feat = cpu_kernel.feature_grad(feats[0], feats[1:], ctx.feat_scale * float(grad_total))
+            grad_feat = grad_feat.to(f_dtype)
+            grad_features = [grad_feat[k] if needs[6 + K + k] else None for k in range(K)]
+        elif feats:
+            grad_features = [None] * K
+        return grad_teacher, None, None, None, None, None, *grad_students, *grad_features

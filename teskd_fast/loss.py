@@ -28,15 +28,18 @@ def _shape(t):
     return tuple(t.shape)
 
 
-def _stack(name, value, expect_rank):
-    """A sequence of K tensors, or one tensor with a leading K dimension -> one ``[K, ...]`` tensor."""
+def _heads(name, value, expect_rank):
+    """A sequence of K tensors, or one tensor with a leading K dimension -> :class:`_Heads`.
+
+    Lists are not stacked here: the torch backend takes the K tensors as they are (no copy); the others stack.
+    """
     if isinstance(value, torch.Tensor):
         if value.dim() != expect_rank + 1:
             raise ValueError(
                 f"{name}: expected a [K, B, {'C' if name == 'student_logits' else 'D'}] tensor or a sequence of K "
                 f"tensors, got a tensor of shape {_shape(value)}"
             )
-        return value
+        return _Heads(value, value.unbind(0))
     if not isinstance(value, Sequence) or isinstance(value, str):
         raise TypeError(f"{name}: expected a tensor or a sequence of tensors, got {type(value).__name__}")
     if len(value) == 0:
@@ -44,13 +47,40 @@ def _stack(name, value, expect_rank):
     for i, t in enumerate(value):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}[{i}]: expected a tensor, got {type(t).__name__}")
-    shapes = {_shape(t) for t in value}
-    if len(shapes) != 1:
+    shape, dtype = value[0].shape, value[0].dtype
+    if any(t.shape != shape for t in value):
         raise ValueError(f"{name}: the K tensors differ in shape: {[_shape(t) for t in value]}")
-    dtypes = {t.dtype for t in value}
-    if len(dtypes) != 1:
+    if any(t.dtype != dtype for t in value):
         raise TypeError(f"{name}: the K tensors differ in dtype: {[t.dtype for t in value]}")
-    return torch.stack(list(value), 0)
+    return _Heads(None, tuple(value))
+
+
+class _Heads:
+    """K per-student tensors, with the stacked ``[K, ...]`` form made on demand (once)."""
+
+    def __init__(self, stacked, tensors):
+        self._stacked, self.tensors = stacked, tensors
+
+    def __len__(self):
+        return len(self.tensors)
+
+    @property
+    def stacked(self):
+        if self._stacked is None:
+            self._stacked = torch.stack(self.tensors, 0)
+        return self._stacked
+
+    @property
+    def shape(self):
+        return (len(self.tensors), *self.tensors[0].shape)
+
+    @property
+    def dtype(self):
+        return self.tensors[0].dtype
+
+    @property
+    def device(self):
+        return self.tensors[0].device
 
 
 def _flat_feature(t):
@@ -90,7 +120,7 @@ def _validate(
             f"teacher_logits: dtype {teacher_logits.dtype} is not one of float32, bfloat16, float16, float64"
         )
 
-    students = _stack("student_logits", student_logits, 2)
+    students = _heads("student_logits", student_logits, 2)
     K = students.shape[0]
     if K == 0:
         raise ValueError("student_logits: K = 0 students; TESKD needs at least one student")
@@ -133,7 +163,7 @@ def _validate(
                     _flat_feature(f) if isinstance(f, torch.Tensor) else f for f in student_features
                 ]
             f_s = student_features
-        f_s = _stack("student_features", f_s, 2)
+        f_s = _heads("student_features", f_s, 2)
         if f_s.shape[0] != K:
             raise ValueError(f"student_features: {f_s.shape[0]} students, but student_logits has K = {K}")
         if f_s.shape[1:] != f_t.shape:
@@ -148,7 +178,7 @@ def _validate(
             raise TypeError(f"student_features: dtype {f_s.dtype} differs from teacher_feature dtype {f_t.dtype}")
         tensors.update(teacher_feature=f_t, student_features=f_s)
         feats = (f_t, f_s)
-    for name, t in tensors.items():
+    for name, t in [(n, t) for n, v in tensors.items() for t in (v.tensors if isinstance(v, _Heads) else (v,))]:
         if t.device != device:
             raise ValueError(
                 f"{name}: on {t.device}, but teacher_logits is on {device}: all inputs must share a device"
@@ -274,36 +304,26 @@ def teskd_loss(
     if backend == "reference":
         total, ce, kd, feat = teskd_loss_naive(
             teacher_logits,
-            list(students.unbind(0)),
+            list(students.tensors),
             target.long(),
             f_t,
-            None if f_s is None else list(f_s.unbind(0)),
+            None if f_s is None else list(f_s.tensors),
             head_weights=head_weights,
             **options,
         )
         parts = torch.stack([ce, kd, feat]).detach()
     elif backend == "torch":
         o = options
+        opts = tuple(o[name] for name in _FUNCTION_OPTIONS)
+        features = () if f_s is None else f_s.tensors
         total, parts = TESKDLossFunction.apply(
-            teacher_logits,
-            students,
-            target.long(),
-            f_t,
-            f_s,
-            head_weights,
-            o["temperature"],
-            o["ce_weight"],
-            o["kd_weight"],
-            o["feat_weight"],
-            o["kd_eps"],
-            o["detach_teacher"],
-            o["label_smoothing"],
-            o["ignore_index"],
+            teacher_logits, target.long(), f_t, head_weights, opts, len(students), *students.tensors, *features
         )
     else:
         from teskd_fast.kernels.teskd_loss import teskd_loss_triton
 
-        total, parts = teskd_loss_triton(teacher_logits, students, target, f_t, f_s, head_weights, **options)
+        f_s = None if f_s is None else f_s.stacked
+        total, parts = teskd_loss_triton(teacher_logits, students.stacked, target, f_t, f_s, head_weights, **options)
     if return_parts:
         return total, {"ce": parts[0], "kd": parts[1], "feat": parts[2]}
     return total
@@ -338,6 +358,16 @@ class TESKDLoss(nn.Module):
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
 
 
+_FUNCTION_OPTIONS = (
+    "temperature",
+    "ce_weight",
+    "kd_weight",
+    "feat_weight",
+    "kd_eps",
+    "detach_teacher",
+    "label_smoothing",
+    "ignore_index",
+)
 _OPTION_NAMES = (
     "temperature",
     "ce_weight",

@@ -1,0 +1,285 @@
+"""The fused CPU kernel of the TESKD loss: ``teskd_fast/csrc``, built at first use and called through ctypes.
+
+One pass per batch row computes every head's cross-entropy, every student's KL divergence, the feature term
+and the gradients of all inputs, as the Triton kernel does on the GPU; ``closed_form.TESKDLossFunction`` calls
+it for CPU tensors, and falls back to its batched PyTorch ops where no C compiler is found.
+
+The source is plain C (no Python or torch headers: it compiles in about a second) and is built with the
+system's C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``) for this CPU (``-march=native``) into a
+per-user cache, ``$TESKD_FAST_CACHE_DIR`` or ``~/.cache/teskd_fast``, keyed by the source, compiler, flags and
+CPU; it is written atomically, so concurrent processes never load a partial file. ctypes releases the GIL for
+the call, so large batches are split into row ranges computed on several threads, and the per-row partial
+sums are then reduced in row order: the result does not depend on the split.
+
+``TESKD_FAST_CPU_KERNEL=0`` turns the kernel off (the batched-op path is then used).
+"""
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+ENV_SWITCH = "TESKD_FAST_CPU_KERNEL"
+ENV_CACHE = "TESKD_FAST_CACHE_DIR"
+_ABI_VERSION = 1
+_CSRC = Path(__file__).with_name("csrc")
+_SOURCES = ("teskd_loss_cpu.c", "teskd_loss_cpu_impl.h")
+_FLAGS = ("-O3", "-std=c11", "-fPIC", "-shared", "-fopenmp-simd", "-fno-math-errno")
+_NATIVE = ("-march=native",)
+# Below this many logits (K + 1) * B * C, one thread: handing rows to a second thread costs more than it saves.
+_MIN_PARALLEL_WORK = 1 << 18
+
+
+class _Options(ctypes.Structure):
+    """Mirror of ``teskd_options`` in teskd_loss_cpu.c."""
+
+    _fields_ = [
+        *((name, ctypes.c_int64) for name in ("K", "B", "C", "D", "row_begin", "row_end")),
+        ("ignore_index", ctypes.c_int64),
+        ("detach_teacher", ctypes.c_int64),
+        *(
+            (name, ctypes.c_double)
+            for name in ("temperature", "ce_weight", "kd_weight", "feat_weight", "kd_eps", "label_smoothing")
+        ),
+    ]
+
+
+_lock = threading.Lock()
+_state = {"lib": None, "error": None, "warned": False}
+_pool = None
+
+
+def _compiler():
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cpu_identity():
+    """What -march=native depends on: the machine and its CPU flags."""
+    ident = platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith(("flags", "Features", "model name")):
+                    ident += line
+    except OSError:
+        ident += platform.processor()
+    return ident
+
+
+def _cache_dir():
+    root = os.environ.get(ENV_CACHE) or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "teskd_fast"
+    )
+    return Path(root)
+
+
+def _build(cc):
+    """Compile the kernel (once per source/compiler/CPU) and return the path of the shared library."""
+    source = b"".join((_CSRC / name).read_bytes() for name in _SOURCES)
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    key = hashlib.sha256(b"\0".join([source, cc.encode(), version.encode(), " ".join(_FLAGS).encode(),
+                                     _cpu_identity().encode()])).hexdigest()[:20]  # fmt: skip
+    cache = _cache_dir()
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=cache, delete=True)
+        probe.close()
+    except OSError:
+        cache = Path(tempfile.mkdtemp(prefix="teskd_fast_"))
+    target = cache / f"teskd_loss_cpu_{key}.so"
+    if target.exists():
+        return target
+    errors = []
+    for extra in (_NATIVE, ()):
+        fd, tmp = tempfile.mkstemp(dir=cache, suffix=".so.tmp")
+        os.close(fd)
+        cmd = [cc, *_FLAGS, *extra, str(_CSRC / "teskd_loss_cpu.c"), "-o", tmp, "-lm"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if proc.returncode == 0:
+            os.replace(tmp, target)  # atomic: another process sees the whole file or none
+            return target
+        os.unlink(tmp)
+        errors.append(f"$ {' '.join(cmd)}\n{proc.stderr.strip()}")
+    raise RuntimeError("compiling the fused CPU kernel failed:\n" + "\n".join(errors))
+
+
+def _load():
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (set $CC, or install cc/gcc/clang)")
+    lib = ctypes.CDLL(str(_build(cc)))
+    lib.teskd_abi_version.restype = ctypes.c_int64
+    if lib.teskd_abi_version() != _ABI_VERSION:
+        raise RuntimeError(f"kernel ABI {lib.teskd_abi_version()} != {_ABI_VERSION}")
+    ptr = ctypes.c_void_p
+    for suffix in ("f32", "f64"):
+        rows = getattr(lib, f"teskd_rows_{suffix}")
+        rows.argtypes = [ctypes.POINTER(_Options), *([ptr] * 8)]
+        rows.restype = ctypes.c_int64
+        feature_grad = getattr(lib, f"teskd_feature_grad_{suffix}")
+        feature_grad.argtypes = [ctypes.POINTER(_Options), ptr, ptr, ptr, ctypes.c_double]
+        feature_grad.restype = None
+        reduce = getattr(lib, f"teskd_reduce_{suffix}")
+        reduce.argtypes = [ctypes.POINTER(_Options), ptr, ptr, ptr, ptr]
+        reduce.restype = None
+    for name in ("teskd_exp_f32", "teskd_log_f32"):
+        getattr(lib, name).argtypes = [ptr, ptr, ctypes.c_int64]
+        getattr(lib, name).restype = None
+    return lib
+
+
+def library():
+    """The loaded kernel library, or None (with the reason in :func:`status`) where it cannot be built."""
+    if _state["lib"] is not None or _state["error"] is not None:
+        return _state["lib"]
+    with _lock:
+        if _state["lib"] is None and _state["error"] is None:
+            try:
+                _state["lib"] = _load()
+            except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+                _state["error"] = str(exc)
+    return _state["lib"]
+
+
+def enabled():
+    """True when the fused CPU kernel will be used: not switched off, and built."""
+    if os.environ.get(ENV_SWITCH, "1") == "0":
+        return False
+    if library() is None:
+        if not _state["warned"]:
+            _state["warned"] = True
+            warnings.warn(
+                f"teskd_fast: the fused CPU loss kernel is unavailable, using batched PyTorch ops instead "
+                f"(slower, same results): {_state['error']}. Set {ENV_SWITCH}=0 to silence this.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return False
+    return True
+
+
+def status():
+    """``(available, reason)``: whether the kernel is built, and why not."""
+    return library() is not None, _state["error"]
+
+
+def _thread_pool():
+    global _pool
+    if _pool is None:
+        with _lock:
+            if _pool is None:
+                _pool = ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1), thread_name_prefix="teskd_cpu")
+    return _pool
+
+
+def _chunks(B, work):
+    threads = min(torch.get_num_threads(), B, max(1, work // _MIN_PARALLEL_WORK))
+    bounds = [B * i // threads for i in range(threads + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+_HEAD_WEIGHTS = {}
+
+
+def _pointers(tensors):
+    return (ctypes.c_void_p * len(tensors))(*(t.data_ptr() for t in tensors))
+
+
+def _run_rows(fn, opts, *args):
+    """``fn(options, *args)`` for every row range, on the thread pool when there are several."""
+    if len(opts) == 1:
+        return [fn(ctypes.byref(opts[0]), *args)]
+    return list(_thread_pool().map(lambda o: fn(ctypes.byref(o), *args), opts))
+
+
+def _options(K, B, C, D, work, *rest):
+    return [_Options(K, B, C, D, begin, end, *rest) for begin, end in _chunks(B, work)]
+
+
+def fused_loss(
+    teacher,
+    students,
+    target,
+    teacher_feature,
+    student_features,
+    head_weights,
+    temperature,
+    ce_weight,
+    kd_weight,
+    feat_weight,
+    kd_eps,
+    detach_teacher,
+    label_smoothing,
+    ignore_index,
+):
+    """Loss and unscaled logit gradients in one call.
+
+    Inputs: contiguous CPU tensors of one dtype, float32 or float64: teacher ``[B, C]``, students a sequence of
+    K ``[B, C]``, features ``[B, D]`` and K ``[B, D]`` (or None); target int64 ``[B]``.
+    Returns ``(total, parts, grad)``, ``grad`` the ``[K + 1, B, C]`` gradient of the logits (teacher first).
+    """
+    lib = library()
+    K = len(students)
+    B, C = teacher.shape
+    D = 0 if teacher_feature is None else teacher_feature.shape[1]
+    dtype = teacher.dtype
+    suffix = "f64" if dtype == torch.float64 else "f32"
+    hw = _HEAD_WEIGHTS.get(head_weights)
+    if hw is None:
+        hw = _HEAD_WEIGHTS.setdefault(head_weights, (ctypes.c_double * len(head_weights))(*head_weights))
+    grad = torch.empty((K + 1, B, C), dtype=dtype)
+    rows = torch.empty((B, 3), dtype=torch.float64)
+    total = torch.empty((), dtype=dtype)
+    parts = torch.empty(3, dtype=dtype)
+    opts = _options(K, B, C, D, (K + 1) * B * C + K * B * D, ignore_index, detach_teacher, temperature, ce_weight,
+                    kd_weight, feat_weight, kd_eps, label_smoothing)  # fmt: skip
+    codes = _run_rows(
+        getattr(lib, f"teskd_rows_{suffix}"),
+        opts,
+        teacher.data_ptr(),
+        _pointers(students),
+        target.data_ptr(),
+        ctypes.addressof(hw),
+        teacher_feature.data_ptr() if D else None,
+        _pointers(student_features) if D else None,
+        grad.data_ptr(),
+        rows.data_ptr(),
+    )
+    if any(codes):
+        raise MemoryError(f"teskd_fast CPU kernel: could not allocate its scratch rows (C = {C}, K = {K})")
+    getattr(lib, f"teskd_reduce_{suffix}")(
+        ctypes.byref(opts[0]), target.data_ptr(), rows.data_ptr(), total.data_ptr(), parts.data_ptr()
+    )
+    return total, parts, grad
+
+
+def feature_grad(teacher_feature, student_features, scale):
+    """``scale * (f_k - f_t) * [f_k > 0 or f_t > 0]`` for the K student features, as one ``[K, B, D]`` tensor."""
+    K = len(student_features)
+    B, D = teacher_feature.shape
+    dtype = teacher_feature.dtype
+    grad = torch.empty((K, B, D), dtype=dtype)
+    opts = _options(K, B, 0, D, 2 * K * B * D, 0, 0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+    fn = getattr(library(), f"teskd_feature_grad_{'f64' if dtype == torch.float64 else 'f32'}")
+    _run_rows(fn, opts, teacher_feature.data_ptr(), _pointers(student_features), grad.data_ptr(), float(scale))
+    return grad
+
+
+def _elementwise(name, x):
+    """``exp`` or ``log`` of a float32 CPU tensor through the kernel's polynomials (for the tests)."""
+    x = x.to(torch.float32).contiguous()
+    out = torch.empty_like(x)
+    getattr(library(), f"teskd_{name}_f32")(x.data_ptr(), out.data_ptr(), x.numel())
+    return out
