@@ -32,42 +32,62 @@ static inline int32_t float_to_bits(float f) {
     return i;
 }
 
-/* exp(x) for x <= 88 (here x <= 0 always: logits minus their row maximum). Cephes' range reduction and
- * polynomial, branch-free so that loops over it vectorise: x below log(FLT_MIN) (-inf included) gives 0 through
- * a 0/1 factor rather than a select, which compilers would turn into masking the whole polynomial; NaN
- * propagates (NaN * 0 is NaN). */
-static inline float exp_f32(float x) {
-    const float lo = -87.33654475f;
-    float xc = x < lo ? lo : x; /* comparisons are false for NaN: NaN passes through */
-    xc = xc > 88.0f ? 88.0f : xc;
-    float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round(x / ln 2) */
-    float r = xc - n * 0.693359375f;
+/* 64-byte vectors (one AVX-512 register; two AVX2 or four SSE/NEON ones elsewhere, split by the compiler). */
+typedef float v_f32 __attribute__((vector_size(64)));
+typedef int32_t vi_f32 __attribute__((vector_size(64)));
+typedef double v_f64 __attribute__((vector_size(64)));
+typedef int64_t vi_f64 __attribute__((vector_size(64)));
+
+static inline v_f32 vsel32(vi_f32 mask, v_f32 a, v_f32 b) {
+    vi_f32 ai, bi;
+    memcpy(&ai, &a, sizeof a);
+    memcpy(&bi, &b, sizeof b);
+    vi_f32 ri = (mask & ai) | (~mask & bi);
+    v_f32 r;
+    memcpy(&r, &ri, sizeof r);
+    return r;
+}
+
+/* exp(x), x <= 88 (here x <= 0 always: logits minus their row maximum): Cephes' range reduction and degree-6
+ * polynomial, about 1 ulp. x below log(FLT_MIN) (-inf included) gives 0 through a 0/1 factor; NaN propagates
+ * (a comparison with NaN is false, and NaN * 0 is NaN). */
+static inline v_f32 vexp_f32(v_f32 x) {
+    const v_f32 zero = {0}, lo = zero - 87.33654475f, hi = zero + 88.0f;
+    v_f32 xc = vsel32(x < lo, lo, x);
+    xc = vsel32(xc > hi, hi, xc);
+    const v_f32 n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round(x / ln 2) */
+    v_f32 r = xc - n * 0.693359375f;
     r = r - n * -2.12194440e-4f;
-    float p = 1.9875691500e-4f;
+    v_f32 p = zero + 1.9875691500e-4f;
     p = p * r + 1.3981999507e-3f;
     p = p * r + 8.3334519073e-3f;
     p = p * r + 4.1665795894e-2f;
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     p = p * r * r + r + 1.0f;
-    float scale = bits_to_float(((int32_t)n + 127) << 23); /* 2^n, n in [-126, 127] */
-    return p * scale * (float)(x >= lo);
+    const vi_f32 bits = (__builtin_convertvector(n, vi_f32) + 127) << 23; /* 2^n, n in [-126, 127] */
+    v_f32 scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale * __builtin_convertvector(-(x >= lo), v_f32);
 }
 
-/* log(x): Cephes' polynomial on the mantissa, branch-free. x = 0 gives -inf, x < 0 or NaN gives NaN,
- * subnormal x is rescaled first. */
-static inline float log_f32(float x) {
-    const float tiny = 1.17549435e-38f; /* FLT_MIN */
-    float xs = x < tiny ? x * 8388608.0f : x; /* 2^23 */
-    float e_adjust = x < tiny ? -23.0f : 0.0f;
-    int32_t ix = float_to_bits(xs);
-    float e = (float)(((ix >> 23) & 0xff) - 126) + e_adjust;
-    float m = bits_to_float((ix & 0x007fffff) | 0x3f000000); /* [0.5, 1) */
-    int below = m < 0.707106781186547524f;
-    e = below ? e - 1.0f : e;
-    m = below ? m + m - 1.0f : m - 1.0f;
-    float z = m * m;
-    float y = 7.0376836292e-2f;
+/* log(x): Cephes' polynomial on the mantissa, about 1 ulp. x = 0 gives -inf, x < 0 or NaN gives NaN, +inf gives
+ * +inf, subnormal x is rescaled first. */
+static inline v_f32 vlog_f32(v_f32 x) {
+    const v_f32 zero = {0}, one = zero + 1.0f;
+    const vi_f32 sub = x < 1.17549435e-38f; /* FLT_MIN */
+    const v_f32 xs = vsel32(sub, x * 8388608.0f, x); /* 2^23 */
+    vi_f32 ix;
+    memcpy(&ix, &xs, sizeof ix);
+    v_f32 e = __builtin_convertvector(((ix >> 23) & 0xff) - 126, v_f32) + vsel32(sub, zero - 23.0f, zero);
+    const vi_f32 mbits = (ix & 0x007fffff) | 0x3f000000;
+    v_f32 m; /* [0.5, 1) */
+    memcpy(&m, &mbits, sizeof m);
+    const vi_f32 below = m < 0.707106781186547524f;
+    e = vsel32(below, e - one, e);
+    m = vsel32(below, m + m - one, m - one);
+    const v_f32 z = m * m;
+    v_f32 y = zero + 7.0376836292e-2f;
     y = y * m - 1.1514610310e-1f;
     y = y * m + 1.1676998740e-1f;
     y = y * m - 1.2420140846e-1f;
@@ -79,46 +99,146 @@ static inline float log_f32(float x) {
     y = y * m * z;
     y = y + e * -2.12194440e-4f;
     y = y - 0.5f * z;
-    float res = m + y + e * 0.693359375f;
-    res = x == INFINITY ? x : res;
-    res = x > 0.0f ? res : (x == 0.0f ? -INFINITY : NAN);
+    v_f32 res = m + y + e * 0.693359375f;
+    res = vsel32(x == (zero + INFINITY), x, res);
+    res = vsel32(x > zero, res, vsel32(x == zero, zero - INFINITY, zero + NAN));
     return res;
 }
 
-/* Values per vector block of the row loops (16 floats: one AVX-512 register). */
-#define TESKD_BLOCK 16
+/* Horizontal sums and maxima as trees of half-width operations, in registers where the compiler has
+ * __builtin_shufflevector (GCC >= 12, Clang); through memory otherwise. */
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+#define TESKD_SHUFFLE 1
+typedef float v8_f32 __attribute__((vector_size(32)));
+typedef float v4_f32 __attribute__((vector_size(16)));
+typedef double v4_f64 __attribute__((vector_size(32)));
+typedef double v2_f64 __attribute__((vector_size(16)));
+#endif
+
+static inline float hsum_f32(v_f32 v) {
+#ifdef TESKD_SHUFFLE
+    v8_f32 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+               __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+    v4_f32 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+    return (b[0] + b[2]) + (b[1] + b[3]);
+#else
+    float t[16];
+    memcpy(t, &v, sizeof t);
+    for (int w = 8; w >= 1; w /= 2)
+        for (int j = 0; j < w; ++j) t[j] += t[j + w];
+    return t[0];
+#endif
+}
+
+static inline float hmax_f32(v_f32 v) {
+    float t[16];
+    memcpy(t, &v, sizeof t);
+    for (int w = 8; w >= 1; w /= 2)
+        for (int j = 0; j < w; ++j) t[j] = t[j + w] > t[j] ? t[j + w] : t[j];
+    return t[0];
+}
+
+static inline double hsum_f64(v_f64 v) {
+#ifdef TESKD_SHUFFLE
+    v4_f64 a = __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
+    return (a[0] + a[2]) + (a[1] + a[3]);
+#else
+    double t[8];
+    memcpy(t, &v, sizeof t);
+    for (int w = 4; w >= 1; w /= 2)
+        for (int j = 0; j < w; ++j) t[j] += t[j + w];
+    return t[0];
+#endif
+}
+
+static inline double hmax_f64(v_f64 v) {
+    double t[8];
+    memcpy(t, &v, sizeof t);
+    for (int w = 4; w >= 1; w /= 2)
+        for (int j = 0; j < w; ++j) t[j] = t[j + w] > t[j] ? t[j + w] : t[j];
+    return t[0];
+}
+
+/* float64 (inputs of that dtype, and the tests): libm, lane by lane. */
+static inline v_f64 vexp_f64(v_f64 x) {
+    double t[8];
+    memcpy(t, &x, sizeof t);
+    for (int j = 0; j < 8; ++j) t[j] = exp(t[j]);
+    memcpy(&x, t, sizeof t);
+    return x;
+}
+
+static inline v_f64 vlog_f64(v_f64 x) {
+    double t[8];
+    memcpy(t, &x, sizeof t);
+    for (int j = 0; j < 8; ++j) t[j] = log(t[j]);
+    memcpy(&x, t, sizeof t);
+    return x;
+}
 
 #define R float
-#define TESKD_TINY 1.17549435e-38 /* FLT_MIN */
-#define EXP exp_f32
-#define LOG log_f32
+#define V v_f32
+#define VI vi_f32
+#define VEXP vexp_f32
+#define VLOG vlog_f32
+#define VHSUM hsum_f32
+#define VHMAX hmax_f32
+#define TESKD_TINY 1.17549435e-38f /* FLT_MIN */
 #define SUFFIX f32
 #include "teskd_loss_cpu_impl.h"
 #undef R
+#undef V
+#undef VI
+#undef VEXP
+#undef VLOG
+#undef VHSUM
+#undef VHMAX
 #undef TESKD_TINY
-#undef EXP
-#undef LOG
 #undef SUFFIX
 
 #define R double
+#define V v_f64
+#define VI vi_f64
+#define VEXP vexp_f64
+#define VLOG vlog_f64
+#define VHSUM hsum_f64
+#define VHMAX hmax_f64
 #define TESKD_TINY 2.2250738585072014e-308 /* DBL_MIN */
-#define EXP exp
-#define LOG log
 #define SUFFIX f64
 #include "teskd_loss_cpu_impl.h"
 #undef R
+#undef V
+#undef VI
+#undef VEXP
+#undef VLOG
+#undef VHSUM
+#undef VHMAX
 #undef TESKD_TINY
-#undef EXP
-#undef LOG
 #undef SUFFIX
 
 /* Checks of the polynomials, used by the tests: out[i] = exp(x[i]) or log(x[i]) in float. */
 void teskd_exp_f32(const float* x, float* out, int64_t n) {
-    for (int64_t i = 0; i < n; ++i) out[i] = exp_f32(x[i]);
+    for (int64_t i = 0; i < n; i += 16) {
+        float t[16] = {0};
+        memcpy(t, x + i, sizeof(float) * (size_t)(n - i < 16 ? n - i : 16));
+        v_f32 v;
+        memcpy(&v, t, sizeof v);
+        v = vexp_f32(v);
+        memcpy(t, &v, sizeof v);
+        memcpy(out + i, t, sizeof(float) * (size_t)(n - i < 16 ? n - i : 16));
+    }
 }
 
 void teskd_log_f32(const float* x, float* out, int64_t n) {
-    for (int64_t i = 0; i < n; ++i) out[i] = log_f32(x[i]);
+    for (int64_t i = 0; i < n; i += 16) {
+        float t[16] = {0};
+        memcpy(t, x + i, sizeof(float) * (size_t)(n - i < 16 ? n - i : 16));
+        v_f32 v;
+        memcpy(&v, t, sizeof v);
+        v = vlog_f32(v);
+        memcpy(t, &v, sizeof v);
+        memcpy(out + i, t, sizeof(float) * (size_t)(n - i < 16 ? n - i : 16));
+    }
 }
 
 int64_t teskd_abi_version(void) { return 1; }

@@ -1,5 +1,6 @@
-/* One instantiation of the fused TESKD loss for the element type R (float or double), with EXP and LOG its
- * exponential and logarithm and SUFFIX the name suffix. Included twice by teskd_loss_cpu.c.
+/* One instantiation of the fused TESKD loss for the element type R (float or double). Included twice by
+ * teskd_loss_cpu.c, which defines R, its 64-byte vector type V (W lanes) and the matching integer vector VI,
+ * VEXP and VLOG (exponential and logarithm of a vector), TESKD_TINY (the smallest normal R) and SUFFIX.
  *
  * Rows [row_begin, row_end) of the batch, for each row b:
  *   every head h (teacher h = 0, students 1..K): m = max z, s1 = sum exp(z - m), sT = sum exp((z - m) / T);
@@ -9,12 +10,43 @@
  *     d/dz_h  += ce_weight w_h (softmax(z_h) - y_smooth) valid / n_valid
  *     d/dz_k  += kd_weight T / B (Q_k (1 + C eps) - (P + eps))
  *     d/dz_0  += kd_weight T / B P (h - sum P h)          (unless detach_teacher)
- *     d/df_k   = feat_weight 2 (f_k - f_t) [f_k > 0 or f_t > 0]
+ *   FEA row = sum_k sum_d ((f_k - f_t) [f_k > 0 or f_t > 0])^2; its gradient is teskd_feature_grad's.
  * Per-row sums go to rows[3 b + {0, 1, 2}] (CE, KD, FEA) in double; teskd_reduce sums them in row order, so the
  * result does not depend on how rows were split between calls.
+ *
+ * Every logit row is first copied into a scratch row padded to a whole number of vectors (padding -inf: its
+ * exponentials are 0; quantities derived from it are zeroed or never read), so that all loops over classes are
+ * whole vectors: explicit vector code (GCC/Clang vector extensions), no scalar tails, sums reduced as trees.
  */
 #define CAT_(a, b) a##_##b
 #define CAT(a, b) CAT_(a, b)
+#define W ((int64_t)(sizeof(V) / sizeof(R)))
+
+static inline V CAT(vload, SUFFIX)(const R* p) {
+    V v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline void CAT(vstore, SUFFIX)(R* p, V v) { memcpy(p, &v, sizeof v); }
+
+static inline V CAT(vsplat, SUFFIX)(R x) { return (V){0} + x; }
+
+/* mask ? a : b, mask lanes all ones or all zeros (the result of a vector comparison). */
+static inline V CAT(vselect, SUFFIX)(VI mask, V a, V b) {
+    VI ai, bi;
+    memcpy(&ai, &a, sizeof a);
+    memcpy(&bi, &b, sizeof b);
+    VI ri = (mask & ai) | (~mask & bi);
+    V r;
+    memcpy(&r, &ri, sizeof r);
+    return r;
+}
+
+/* 1 where mask, else 0 (multiplying by it keeps NaN, unlike a select). */
+static inline V CAT(vindicator, SUFFIX)(VI mask) { return __builtin_convertvector(-mask, V); }
+
+static inline V CAT(vmax, SUFFIX)(V a, V b) { return CAT(vselect, SUFFIX)(a > b, a, b); }
 
 static int64_t CAT(count_valid, SUFFIX)(const teskd_options* o, const int64_t* target) {
     int64_t n = 0;
@@ -22,80 +54,84 @@ static int64_t CAT(count_valid, SUFFIX)(const teskd_options* o, const int64_t* t
     return n;
 }
 
-/* Loops over a padded row: n is a whole number of vector blocks (the hint lets the compiler drop scalar tails);
- * reductions through `omp simd`, which keeps one accumulator per lane in registers. */
-#define TESKD_PADDED(n)                                   \
-    do {                                                  \
-        if ((n) % TESKD_BLOCK != 0) __builtin_unreachable(); \
-    } while (0)
-
-/* e1 = exp(z - m), et = exp((z - m) / T) over a padded row; returns their sums. For T = 1, 2, 3, 4 (the
+/* e1 = exp(z - m), et = exp((z - m) / T) over a padded row of n values; their sums. For T = 1, 2, 3, 4 (the
  * published recipe's is 4), exp(d) = exp(d / T)^T: one exponential per value instead of two (relative error
- * T ulp); values below the smallest normal number flush to 0, as the exponential itself does. */
-static inline void CAT(exp_pair, SUFFIX)(const R* restrict z, R m, R inv_t, int t_int, int64_t n, R* restrict e1,
-                                         R* restrict et, R* sum1, R* sum_t) {
-    R s1 = 0, st = 0;
-    const R tiny = (R)TESKD_TINY;
-    TESKD_PADDED(n);
-#define TESKD_EXP_LOOP(E1_OF_E2)                                  \
-    _Pragma("omp simd reduction(+ : s1, st)")                     \
-    for (int64_t c = 0; c < n; ++c) {                             \
-        const R d = z[c] - m;                                     \
-        const R e2 = EXP(d * inv_t);                              \
-        R e = E1_OF_E2;                                           \
-        e = e * (R)(e >= tiny);                                   \
-        e1[c] = e;                                                \
-        et[c] = e2;                                               \
-        s1 += e;                                                  \
-        st += e2;                                                 \
+ * T ulp); results below the smallest normal number flush to 0, as the exponential itself does. */
+static inline void CAT(exp_pair, SUFFIX)(const R* z, R m, R inv_t, int t_int, int64_t n, R* e1, R* et, R* sum1,
+                                         R* sum_t) {
+    const V vm = CAT(vsplat, SUFFIX)(m), vit = CAT(vsplat, SUFFIX)(inv_t), tiny = CAT(vsplat, SUFFIX)(TESKD_TINY);
+    V s1 = {0}, st = {0};
+    for (int64_t c = 0; c < n; c += W) {
+        const V d = CAT(vload, SUFFIX)(z + c) - vm;
+        const V e2 = VEXP(d * vit);
+        V e;
+        switch (t_int) {
+            case 1:
+                e = e2;
+                break;
+            case 2:
+                e = e2 * e2;
+                break;
+            case 3:
+                e = e2 * e2 * e2;
+                break;
+            case 4:
+                e = (e2 * e2) * (e2 * e2);
+                break;
+            default:
+                e = VEXP(d);
+                break;
+        }
+        e = e * CAT(vindicator, SUFFIX)(e >= tiny);
+        CAT(vstore, SUFFIX)(e1 + c, e);
+        CAT(vstore, SUFFIX)(et + c, e2);
+        s1 += e;
+        st += e2;
     }
-    switch (t_int) {
-        case 1:
-            TESKD_EXP_LOOP(e2)
-            break;
-        case 2:
-            TESKD_EXP_LOOP(e2 * e2)
-            break;
-        case 3:
-            TESKD_EXP_LOOP(e2 * e2 * e2)
-            break;
-        case 4:
-            TESKD_EXP_LOOP((e2 * e2) * (e2 * e2))
-            break;
-        default:
-            TESKD_EXP_LOOP(EXP(d))
-            break;
+    *sum1 = VHSUM(s1);
+    *sum_t = VHSUM(st);
+}
+
+/* sum over d of ((f_s - f_t) [f_s > 0 or f_t > 0])^2, in double across vectors. */
+static inline double CAT(masked_sq, SUFFIX)(const R* fs, const R* ft, int64_t D) {
+    const V zero = {0};
+    V acc = {0};
+    int64_t d = 0;
+    for (; d + W <= D; d += W) {
+        const V a = CAT(vload, SUFFIX)(fs + d), b = CAT(vload, SUFFIX)(ft + d);
+        const V diff = (a - b) * CAT(vindicator, SUFFIX)((a > zero) | (b > zero));
+        acc += diff * diff;
     }
-#undef TESKD_EXP_LOOP
-    *sum1 = s1;
-    *sum_t = st;
+    R sq = VHSUM(acc);
+    for (; d < D; ++d) {
+        const R diff = (fs[d] - ft[d]) * (R)((fs[d] > 0) | (ft[d] > 0));
+        sq += diff * diff;
+    }
+    return (double)sq;
 }
 
 /* teacher [B, C]; students: K pointers to [B, C]; f_t [B, D] and f_s: K pointers to [B, D] (or NULL when D = 0);
  * grad [K + 1, B, C]; rows [B, 3]. All contiguous. Returns 0, or -1 when the scratch rows cannot be allocated. */
-int64_t CAT(teskd_rows, SUFFIX)(const teskd_options* o, const R* restrict teacher, const R* const* students,
-                                const int64_t* restrict target, const double* restrict head_weights,
-                                const R* restrict f_t, const R* const* f_s, R* restrict grad,
-                                double* restrict rows) {
+int64_t CAT(teskd_rows, SUFFIX)(const teskd_options* o, const R* teacher, const R* const* students,
+                                const int64_t* target, const double* head_weights, const R* f_t, const R* const* f_s,
+                                R* grad, double* rows) {
     const int64_t K = o->K, B = o->B, C = o->C, D = o->D, H = o->K + 1;
-    /* Every row is copied into a scratch row padded to a whole number of blocks: logits -inf (their exponentials
-     * are 0), everything derived from the padding is 0 or never read. */
-    const int64_t Cp = (C + TESKD_BLOCK - 1) / TESKD_BLOCK * TESKD_BLOCK;
-    const int64_t Hp = (2 * H + TESKD_BLOCK - 1) / TESKD_BLOCK * TESKD_BLOCK;
+    const int64_t Cp = (C + W - 1) / W * W, Hp = (2 * H + W - 1) / W * W;
     const R inv_t = (R)(1.0 / o->temperature);
     const int t_int = (o->temperature == 1.0 || o->temperature == 2.0 || o->temperature == 3.0 ||
                        o->temperature == 4.0) ? (int)o->temperature : 0;
-    const R eps = (R)o->kd_eps;
     const R ls = (R)o->label_smoothing;
-    const R ls_c = (R)(o->label_smoothing / (double)C);
-    const R q_coef = (R)(1.0 + (double)C * o->kd_eps);
-    const R kd_scale = (R)(o->kd_weight * o->temperature / (double)B);
     const double n_valid = (double)CAT(count_valid, SUFFIX)(o, target);
+    const V eps = CAT(vsplat, SUFFIX)((R)o->kd_eps);
+    const V ls_c = CAT(vsplat, SUFFIX)((R)(o->label_smoothing / (double)C));
+    const V kd_scale = CAT(vsplat, SUFFIX)((R)(o->kd_weight * o->temperature / (double)B));
+    const V kd_teacher = o->detach_teacher ? (V){0} : kd_scale;
+    const R q_coef = (R)(1.0 + (double)C * o->kd_eps);
 
-    /* Scratch: per head the padded logits, exp(z - m), exp((z - m) / T); then h, one gradient row, and the
-     * sums whose logarithms are taken together. */
+    /* Scratch: per head the padded logits, exp(z - m), exp((z - m) / T); then h, one gradient row, the 2H
+     * sums whose logarithms are taken together, and per-head statistics. */
     R* zp = (R*)malloc(sizeof(R) * (size_t)((3 * H + 2) * Cp + 2 * Hp));
-    double* stats = (double*)malloc(sizeof(double) * (size_t)(4 * H));
+    double* stats = (double*)malloc(sizeof(double) * (size_t)(3 * H));
     if (zp == NULL || stats == NULL) {
         free(zp);
         free(stats);
@@ -105,11 +141,9 @@ int64_t CAT(teskd_rows, SUFFIX)(const teskd_options* o, const R* restrict teache
     R* et = e1 + H * Cp;
     R* hs = et + H * Cp;
     R* gp = hs + Cp;
-    R* sums = gp + Cp;     /* [Hp]: sum exp(z - m) of every head, then sum exp((z - m) / T) */
+    R* sums = gp + Cp; /* [Hp]: sum exp(z - m) of every head, then sum exp((z - m) / T); padding 1 */
     R* logsums = sums + Hp;
-    TESKD_PADDED(Cp);
-    TESKD_PADDED(Hp);
-    double *lse_t = stats, *ce_coef = stats + H, *m_h = stats + 2 * H;
+    double *m_h = stats, *lse_t = stats + H, *ce_coef = stats + 2 * H;
     for (int64_t h = 0; h < H; ++h)
         for (int64_t c = C; c < Cp; ++c) zp[h * Cp + c] = -(R)INFINITY;
     for (int64_t j = 0; j < Hp; ++j) sums[j] = 1;
@@ -120,27 +154,24 @@ int64_t CAT(teskd_rows, SUFFIX)(const teskd_options* o, const R* restrict teache
         const int64_t y = valid ? t : 0;
 
         for (int64_t h = 0; h < H; ++h) {
-            R* restrict z = zp + h * Cp;
+            R* z = zp + h * Cp;
             memcpy(z, (h == 0 ? teacher : students[h - 1]) + b * C, sizeof(R) * (size_t)C);
-            R m = z[0];
-#pragma omp simd reduction(max : m)
-            for (int64_t c = 0; c < Cp; ++c) m = z[c] > m ? z[c] : m;
+            V vm = CAT(vload, SUFFIX)(z);
+            for (int64_t c = W; c < Cp; c += W) vm = CAT(vmax, SUFFIX)(vm, CAT(vload, SUFFIX)(z + c));
+            const R m = VHMAX(vm);
             CAT(exp_pair, SUFFIX)(z, m, inv_t, t_int, Cp, e1 + h * Cp, et + h * Cp, &sums[h], &sums[H + h]);
             m_h[h] = (double)m;
         }
-        /* log of the 2H sums at once. */
-#pragma omp simd
-        for (int64_t c = 0; c < Hp; ++c) logsums[c] = LOG(sums[c]);
+        for (int64_t c = 0; c < Hp; c += W) CAT(vstore, SUFFIX)(logsums + c, VLOG(CAT(vload, SUFFIX)(sums + c)));
 
         double ce_row = 0.0;
         for (int64_t h = 0; h < H; ++h) {
-            const R* restrict z = zp + h * Cp;
+            const R* z = zp + h * Cp;
             const double lse1 = m_h[h] + (double)logsums[h];
             double nll = lse1 - (double)z[y];
             if (o->label_smoothing > 0) {
-                R zsum = 0;
-#pragma omp simd reduction(+ : zsum)
-                for (int64_t c = 0; c < C; ++c) zsum += z[c];
+                double zsum = 0.0;
+                for (int64_t c = 0; c < C; ++c) zsum += (double)z[c];
                 nll = (1.0 - o->label_smoothing) * nll + o->label_smoothing * (lse1 - zsum / (double)C);
             }
             if (valid) ce_row += head_weights[h] * nll;
@@ -149,65 +180,57 @@ int64_t CAT(teskd_rows, SUFFIX)(const teskd_options* o, const R* restrict teache
         }
 
         /* Teacher probabilities P (in place of exp((z_0 - m) / T)) and h = K log(P + eps) - sum_k log Q_k;
-         * h of the padding is set to 0 (its P is 0). */
-        R* restrict p = et;
-        const R inv_st0 = (R)1 / sums[H];
+         * h of the padding is then set to 0 (its P is 0). */
+        R* p = et;
         double lse_sum = 0.0;
         for (int64_t k = 1; k < H; ++k) lse_sum += lse_t[k];
-        const R kk = (R)K, lse_s = (R)lse_sum;
-#pragma omp simd
-        for (int64_t c = 0; c < Cp; ++c) {
-            p[c] *= inv_st0;
-            hs[c] = kk * LOG(p[c] + eps) + lse_s;
-        }
-        for (int64_t k = 1; k < H; ++k) {
-            const R* restrict z = zp + k * Cp;
-#pragma omp simd
-            for (int64_t c = 0; c < Cp; ++c) hs[c] -= z[c] * inv_t;
+        const V inv_st0 = CAT(vsplat, SUFFIX)((R)1 / sums[H]), kk = CAT(vsplat, SUFFIX)((R)K);
+        const V lse_s = CAT(vsplat, SUFFIX)((R)lse_sum), vit = CAT(vsplat, SUFFIX)(inv_t);
+        for (int64_t c = 0; c < Cp; c += W) {
+            const V pc = CAT(vload, SUFFIX)(p + c) * inv_st0;
+            CAT(vstore, SUFFIX)(p + c, pc);
+            V hc = kk * VLOG(pc + eps) + lse_s;
+            for (int64_t k = 1; k < H; ++k) hc -= CAT(vload, SUFFIX)(zp + k * Cp + c) * vit;
+            CAT(vstore, SUFFIX)(hs + c, hc);
         }
         for (int64_t c = C; c < Cp; ++c) hs[c] = 0;
-        R kd_row = 0, ph = 0;
-#pragma omp simd reduction(+ : kd_row, ph)
-        for (int64_t c = 0; c < Cp; ++c) {
-            kd_row += (p[c] + eps) * hs[c];
-            ph += p[c] * hs[c];
+        V akd = {0}, aph = {0};
+        for (int64_t c = 0; c < Cp; c += W) {
+            const V pc = CAT(vload, SUFFIX)(p + c), hc = CAT(vload, SUFFIX)(hs + c);
+            akd += (pc + eps) * hc;
+            aph += pc * hc;
         }
+        const R kd_row = VHSUM(akd);
+        const V ph = CAT(vsplat, SUFFIX)(VHSUM(aph));
 
         /* Gradients of the students, then of the teacher, through the padded row gp. */
-        for (int64_t h = 1; h < H; ++h) {
-            const R* restrict e = e1 + h * Cp;
-            const R* restrict e_t = et + h * Cp;
-            const R cc = (R)ce_coef[h], inv1 = (R)1 / sums[h], q_scale = q_coef / sums[H + h];
-#pragma omp simd
-            for (int64_t c = 0; c < Cp; ++c)
-                gp[c] = cc * (e[c] * inv1 - ls_c) + kd_scale * (q_scale * e_t[c] - (p[c] + eps));
+        for (int64_t h = 0; h < H; ++h) {
+            const R* e = e1 + h * Cp;
+            const R* e_t = et + h * Cp;
+            const R cc = (R)ce_coef[h];
+            const V vcc = CAT(vsplat, SUFFIX)(cc), inv1 = CAT(vsplat, SUFFIX)((R)1 / sums[h]);
+            if (h > 0) {
+                const V q_scale = CAT(vsplat, SUFFIX)(q_coef / sums[H + h]);
+                for (int64_t c = 0; c < Cp; c += W) {
+                    const V g = vcc * (CAT(vload, SUFFIX)(e + c) * inv1 - ls_c) +
+                                kd_scale * (q_scale * CAT(vload, SUFFIX)(e_t + c) - (CAT(vload, SUFFIX)(p + c) + eps));
+                    CAT(vstore, SUFFIX)(gp + c, g);
+                }
+            } else {
+                for (int64_t c = 0; c < Cp; c += W) {
+                    const V pc = CAT(vload, SUFFIX)(p + c);
+                    const V g = vcc * (CAT(vload, SUFFIX)(e + c) * inv1 - ls_c) +
+                                kd_teacher * pc * (CAT(vload, SUFFIX)(hs + c) - ph);
+                    CAT(vstore, SUFFIX)(gp + c, g);
+                }
+            }
             gp[y] -= cc * (1 - ls);
             memcpy(grad + (h * B + b) * C, gp, sizeof(R) * (size_t)C);
-        }
-        {
-            const R cc = (R)ce_coef[0], inv1 = (R)1 / sums[0];
-            const R kd_t = o->detach_teacher ? (R)0 : kd_scale;
-#pragma omp simd
-            for (int64_t c = 0; c < Cp; ++c) gp[c] = cc * (e1[c] * inv1 - ls_c) + kd_t * p[c] * (hs[c] - ph);
-            gp[y] -= cc * (1 - ls);
-            memcpy(grad + b * C, gp, sizeof(R) * (size_t)C);
         }
 
         /* Masked squared error of the student features against the (detached) teacher feature. */
         double feat_row = 0.0;
-        if (D > 0) {
-            const R* restrict ft = f_t + b * D;
-            for (int64_t k = 0; k < K; ++k) {
-                const R* restrict fs = f_s[k] + b * D;
-                R sq = 0;
-#pragma omp simd reduction(+ : sq)
-                for (int64_t d = 0; d < D; ++d) {
-                    const R diff = (fs[d] - ft[d]) * (R)((fs[d] > 0) | (ft[d] > 0));
-                    sq += diff * diff;
-                }
-                feat_row += (double)sq;
-            }
-        }
+        for (int64_t k = 0; D > 0 && k < K; ++k) feat_row += CAT(masked_sq, SUFFIX)(f_s[k] + b * D, f_t + b * D, D);
         rows[3 * b] = ce_row;
         rows[3 * b + 1] = (double)kd_row;
         rows[3 * b + 2] = feat_row;
@@ -219,16 +242,20 @@ int64_t CAT(teskd_rows, SUFFIX)(const teskd_options* o, const R* restrict teache
 
 /* The feature gradient, computed in the backward from the inputs (it is linear in them), already scaled:
  * grad_f[k, b] = scale (f_s[k][b] - f_t[b]) [f_s[k][b] > 0 or f_t[b] > 0] for rows [row_begin, row_end). */
-void CAT(teskd_feature_grad, SUFFIX)(const teskd_options* o, const R* restrict f_t, const R* const* f_s,
-                                     R* restrict grad_f, double scale) {
-    const int64_t B = o->B, D = o->D;
+void CAT(teskd_feature_grad, SUFFIX)(const teskd_options* o, const R* f_t, const R* const* f_s, R* grad_f,
+                                     double scale) {
+    const int64_t B = o->B, D = o->D, end = o->row_end * D;
     const R sc = (R)scale;
+    const V vsc = CAT(vsplat, SUFFIX)(sc), zero = {0};
     for (int64_t k = 0; k < o->K; ++k) {
-        const R* restrict fs = f_s[k];
-        R* restrict gf = grad_f + k * B * D;
-#pragma omp simd
-        for (int64_t i = o->row_begin * D; i < o->row_end * D; ++i)
-            gf[i] = sc * (fs[i] - f_t[i]) * (R)((fs[i] > 0) | (f_t[i] > 0));
+        const R* fs = f_s[k];
+        R* gf = grad_f + k * B * D;
+        int64_t i = o->row_begin * D;
+        for (; i + W <= end; i += W) {
+            const V a = CAT(vload, SUFFIX)(fs + i), b = CAT(vload, SUFFIX)(f_t + i);
+            CAT(vstore, SUFFIX)(gf + i, vsc * (a - b) * CAT(vindicator, SUFFIX)((a > zero) | (b > zero)));
+        }
+        for (; i < end; ++i) gf[i] = sc * (fs[i] - f_t[i]) * (R)((fs[i] > 0) | (f_t[i] > 0));
     }
 }
 
@@ -249,5 +276,6 @@ void CAT(teskd_reduce, SUFFIX)(const teskd_options* o, const int64_t* target, co
     *total = (R)(o->ce_weight * ce + o->kd_weight * kd + o->feat_weight * feat);
 }
 
+#undef W
 #undef CAT
 #undef CAT_
