@@ -49,12 +49,12 @@ class TESKDLossFunction(torch.autograd.Function):
                 cast[0], cast[1 : K + 1], target.contiguous(), f_t, cast[K + 1 :] or None, head_weights, *options
             )
             # The feature gradient is linear in the inputs: the backward computes it from them, scaled once.
-            ctx.feat_scale = 2.0 * feat_weight
+            ctx.fused, ctx.feat_scale = True, 2.0 * feat_weight
             ctx.save_for_backward(grad, *(() if f_t is None else (f_t, *cast[K + 1 :])))
             ctx.mark_non_differentiable(parts)
             return total, parts
 
-        ctx.feat_scale = None
+        ctx.fused = False
         B, C = teacher.shape
         z = torch.cat([teacher.unsqueeze(0), *(s.unsqueeze(0) for s in students)], 0)  # [K+1, B, C], ours
         if z.dtype != acc:
@@ -126,18 +126,21 @@ class TESKDLossFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_total, grad_parts):
         grad, *feats = ctx.saved_tensors
-        t_dtype, s_dtype, f_dtype = ctx.dtypes
+        t_dtype, _, f_dtype = ctx.dtypes
         K = ctx.K
         needs = ctx.needs_input_grad
-        scaled = (grad * grad_total).to(t_dtype)
+        if ctx.fused:
+            scaled = cpu_kernel.scaled(grad, float(grad_total)).to(t_dtype)
+        else:
+            scaled = (grad * grad_total).to(t_dtype)
         grad_teacher = scaled[0] if needs[0] else None
         grad_students = [scaled[k] if needs[5 + k] else None for k in range(1, K + 1)]
         grad_features = []
         if feats and any(needs[6 + K :]):
-            if ctx.feat_scale is None:  # stored by the batched path
-                grad_feat = feats[0] * grad_total
-            else:  # recomputed by the fused kernel from the saved features
+            if ctx.fused:  # recomputed by the fused kernel from the saved features
                 grad_feat = cpu_kernel.feature_grad(feats[0], feats[1:], ctx.feat_scale * float(grad_total))
+            else:  # stored by the batched path
+                grad_feat = feats[0] * grad_total
             grad_feat = grad_feat.to(f_dtype)
             grad_features = [grad_feat[k] if needs[6 + K + k] else None for k in range(K)]
         elif feats:

@@ -131,6 +131,9 @@ def _load():
         feature_grad = getattr(lib, f"teskd_feature_grad_{suffix}")
         feature_grad.argtypes = [ctypes.POINTER(_Options), ptr, ptr, ptr, ctypes.c_double]
         feature_grad.restype = None
+        scale = getattr(lib, f"teskd_scale_{suffix}")
+        scale.argtypes = [ptr, ptr, ctypes.c_int64, ctypes.c_double]
+        scale.restype = None
         reduce = getattr(lib, f"teskd_reduce_{suffix}")
         reduce.argtypes = [ctypes.POINTER(_Options), ptr, ptr, ptr, ptr]
         reduce.restype = None
@@ -275,6 +278,14 @@ def feature_grad(teacher_feature, student_features, scale):
     fn = getattr(library(), f"teskd_feature_grad_{'f64' if dtype == torch.float64 else 'f32'}")
     _run_rows(fn, opts, teacher_feature.data_ptr(), _pointers(student_features), grad.data_ptr(), float(scale))
     return grad
+
+
+def scaled(grad, scale):
+    """``grad * scale`` as a new tensor (single-threaded: no OpenMP fork at these sizes)."""
+    out = torch.empty_like(grad)
+    fn = library().teskd_scale_f64 if grad.dtype == torch.float64 else library().teskd_scale_f32
+    fn(grad.data_ptr(), out.data_ptr(), grad.numel(), scale)
+    return out
 
 
 def _elementwise(name, x):

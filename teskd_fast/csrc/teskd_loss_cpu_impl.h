@@ -259,6 +259,15 @@ void CAT(teskd_feature_grad, SUFFIX)(const teskd_options* o, const R* f_t, const
     }
 }
 
+/* dst = scale * src over n values (the backward's grad_output scaling of the stored logit gradients). */
+void CAT(teskd_scale, SUFFIX)(const R* src, R* dst, int64_t n, double scale) {
+    const R sc = (R)scale;
+    const V vsc = CAT(vsplat, SUFFIX)(sc);
+    int64_t i = 0;
+    for (; i + W <= n; i += W) CAT(vstore, SUFFIX)(dst + i, vsc * CAT(vload, SUFFIX)(src + i));
+    for (; i < n; ++i) dst[i] = sc * src[i];
+}
+
 /* parts = (CE, KD, FEA) unweighted, total = ce_weight CE + kd_weight KD + feat_weight FEA; rows summed in order. */
 void CAT(teskd_reduce, SUFFIX)(const teskd_options* o, const int64_t* target, const double* rows, R* total,
                                R* parts) {
