@@ -8,6 +8,9 @@
  */
 #include <math.h>
 #include <stdint.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 #include <stdlib.h>
 #include <string.h>
 
@@ -130,7 +133,80 @@ static inline float hsum_f32(v_f32 v) {
 #endif
 }
 
+/* The first n < 16 (or 8) values at p as a vector, the other lanes pad; and the first n lanes of v stored at p.
+ * Masked loads and stores with AVX-512; through a padded copy elsewhere. */
+static inline v_f32 vload_tail_f32(const float* p, int64_t n, float pad) {
+#ifdef __AVX512F__
+    return (v_f32)_mm512_mask_loadu_ps(_mm512_set1_ps(pad), (__mmask16)((1u << n) - 1), p);
+#else
+    float t[16];
+    for (int j = 0; j < 16; ++j) t[j] = pad;
+    memcpy(t, p, sizeof(float) * (size_t)n);
+    v_f32 v;
+    memcpy(&v, t, sizeof v);
+    return v;
+#endif
+}
+
+static inline void vstore_tail_f32(float* p, v_f32 v, int64_t n) {
+#ifdef __AVX512F__
+    _mm512_mask_storeu_ps(p, (__mmask16)((1u << n) - 1), (__m512)v);
+#else
+    float t[16];
+    memcpy(t, &v, sizeof t);
+    memcpy(p, t, sizeof(float) * (size_t)n);
+#endif
+}
+
+static inline v_f64 vload_tail_f64(const double* p, int64_t n, double pad) {
+#ifdef __AVX512F__
+    return (v_f64)_mm512_mask_loadu_pd(_mm512_set1_pd(pad), (__mmask8)((1u << n) - 1), p);
+#else
+    double t[8];
+    for (int j = 0; j < 8; ++j) t[j] = pad;
+    memcpy(t, p, sizeof(double) * (size_t)n);
+    v_f64 v;
+    memcpy(&v, t, sizeof v);
+    return v;
+#endif
+}
+
+static inline void vstore_tail_f64(double* p, v_f64 v, int64_t n) {
+#ifdef __AVX512F__
+    _mm512_mask_storeu_pd(p, (__mmask8)((1u << n) - 1), (__m512d)v);
+#else
+    double t[8];
+    memcpy(t, &v, sizeof t);
+    memcpy(p, t, sizeof(double) * (size_t)n);
+#endif
+}
+
+/* Lane-wise maximum (a > b ? a : b) and the horizontal maximum. */
+static inline v_f32 vmax_f32(v_f32 a, v_f32 b) {
+#ifdef __AVX512F__
+    return (v_f32)_mm512_max_ps((__m512)b, (__m512)a);
+#else
+    return vsel32(a > b, a, b);
+#endif
+}
+
+static inline v_f64 vmax_f64(v_f64 a, v_f64 b) {
+#ifdef __AVX512F__
+    return (v_f64)_mm512_max_pd((__m512d)b, (__m512d)a);
+#else
+    vi_f64 mask = a > b, ai, bi;
+    memcpy(&ai, &a, sizeof a);
+    memcpy(&bi, &b, sizeof b);
+    vi_f64 ri = (mask & ai) | (~mask & bi);
+    memcpy(&a, &ri, sizeof a);
+    return a;
+#endif
+}
+
 static inline float hmax_f32(v_f32 v) {
+#ifdef __AVX512F__
+    return _mm512_reduce_max_ps((__m512)v);
+#endif
     float t[16];
     memcpy(t, &v, sizeof t);
     for (int w = 8; w >= 1; w /= 2)
@@ -152,6 +228,9 @@ static inline double hsum_f64(v_f64 v) {
 }
 
 static inline double hmax_f64(v_f64 v) {
+#ifdef __AVX512F__
+    return _mm512_reduce_max_pd((__m512d)v);
+#endif
     double t[8];
     memcpy(t, &v, sizeof t);
     for (int w = 4; w >= 1; w /= 2)
@@ -183,6 +262,9 @@ static inline v_f64 vlog_f64(v_f64 x) {
 #define VLOG vlog_f32
 #define VHSUM hsum_f32
 #define VHMAX hmax_f32
+#define VMAX vmax_f32
+#define VLOAD_TAIL vload_tail_f32
+#define VSTORE_TAIL vstore_tail_f32
 #define TESKD_TINY 1.17549435e-38f /* FLT_MIN */
 #define SUFFIX f32
 #include "teskd_loss_cpu_impl.h"
@@ -193,6 +275,9 @@ static inline v_f64 vlog_f64(v_f64 x) {
 #undef VLOG
 #undef VHSUM
 #undef VHMAX
+#undef VMAX
+#undef VLOAD_TAIL
+#undef VSTORE_TAIL
 #undef TESKD_TINY
 #undef SUFFIX
 
@@ -203,6 +288,9 @@ static inline v_f64 vlog_f64(v_f64 x) {
 #define VLOG vlog_f64
 #define VHSUM hsum_f64
 #define VHMAX hmax_f64
+#define VMAX vmax_f64
+#define VLOAD_TAIL vload_tail_f64
+#define VSTORE_TAIL vstore_tail_f64
 #define TESKD_TINY 2.2250738585072014e-308 /* DBL_MIN */
 #define SUFFIX f64
 #include "teskd_loss_cpu_impl.h"
@@ -213,6 +301,9 @@ static inline v_f64 vlog_f64(v_f64 x) {
 #undef VLOG
 #undef VHSUM
 #undef VHMAX
+#undef VMAX
+#undef VLOAD_TAIL
+#undef VSTORE_TAIL
 #undef TESKD_TINY
 #undef SUFFIX
 

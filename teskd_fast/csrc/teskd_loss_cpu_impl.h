@@ -46,7 +46,6 @@ static inline V CAT(vselect, SUFFIX)(VI mask, V a, V b) {
 /* 1 where mask, else 0 (multiplying by it keeps NaN, unlike a select). */
 static inline V CAT(vindicator, SUFFIX)(VI mask) { return __builtin_convertvector(-mask, V); }
 
-static inline V CAT(vmax, SUFFIX)(V a, V b) { return CAT(vselect, SUFFIX)(a > b, a, b); }
 
 static int64_t CAT(count_valid, SUFFIX)(const teskd_options* o, const int64_t* target) {
     int64_t n = 0;
@@ -54,15 +53,17 @@ static int64_t CAT(count_valid, SUFFIX)(const teskd_options* o, const int64_t* t
     return n;
 }
 
-/* e1 = exp(z - m), et = exp((z - m) / T) over a padded row of n values; their sums. For T = 1, 2, 3, 4 (the
- * published recipe's is 4), exp(d) = exp(d / T)^T: one exponential per value instead of two (relative error
- * T ulp); results below the smallest normal number flush to 0, as the exponential itself does. */
-static inline void CAT(exp_pair, SUFFIX)(const R* z, R m, R inv_t, int t_int, int64_t n, R* e1, R* et, R* sum1,
+/* e1 = exp(z - m), et = exp((z - m) / T) of one row of C logits, stored padded to whole vectors (padding 0),
+ * and their sums. For T = 1, 2, 3, 4 (the published recipe's is 4), exp(d) = exp(d / T)^T: one exponential per
+ * value instead of two (relative error T ulp); results below the smallest normal number flush to 0, as the
+ * exponential itself does. */
+static inline void CAT(exp_pair, SUFFIX)(const R* z, int64_t C, R m, R inv_t, int t_int, R* e1, R* et, R* sum1,
                                          R* sum_t) {
     const V vm = CAT(vsplat, SUFFIX)(m), vit = CAT(vsplat, SUFFIX)(inv_t), tiny = CAT(vsplat, SUFFIX)(TESKD_TINY);
     V s1 = {0}, st = {0};
-    for (int64_t c = 0; c < n; c += W) {
-        const V d = CAT(vload, SUFFIX)(z + c) - vm;
+    for (int64_t c = 0; c < C; c += W) {
+        const V zc = c + W <= C ? CAT(vload, SUFFIX)(z + c) : VLOAD_TAIL(z + c, C - c, -(R)INFINITY);
+        const V d = zc - vm;
         const V e2 = VEXP(d * vit);
         V e;
         switch (t_int) {
@@ -128,45 +129,43 @@ int64_t CAT(teskd_rows, SUFFIX)(const teskd_options* o, const R* teacher, const 
     const V kd_teacher = o->detach_teacher ? (V){0} : kd_scale;
     const R q_coef = (R)(1.0 + (double)C * o->kd_eps);
 
-    /* Scratch: per head the padded logits, exp(z - m), exp((z - m) / T); then h, one gradient row, the 2H
-     * sums whose logarithms are taken together, and per-head statistics. */
-    R* zp = (R*)malloc(sizeof(R) * (size_t)((3 * H + 2) * Cp + 2 * Hp));
+    /* Scratch: per head exp(z - m) and exp((z - m) / T) padded to whole vectors; then h; the 2H sums whose
+     * logarithms are taken together; per-head statistics. */
+    R* e1 = (R*)malloc(sizeof(R) * (size_t)((2 * H + 1) * Cp + 2 * Hp));
     double* stats = (double*)malloc(sizeof(double) * (size_t)(3 * H));
-    if (zp == NULL || stats == NULL) {
-        free(zp);
+    if (e1 == NULL || stats == NULL) {
+        free(e1);
         free(stats);
         return -1;
     }
-    R* e1 = zp + H * Cp;
     R* et = e1 + H * Cp;
     R* hs = et + H * Cp;
-    R* gp = hs + Cp;
-    R* sums = gp + Cp; /* [Hp]: sum exp(z - m) of every head, then sum exp((z - m) / T); padding 1 */
+    R* sums = hs + Cp; /* [Hp]: sum exp(z - m) of every head, then sum exp((z - m) / T); padding 1 */
     R* logsums = sums + Hp;
     double *m_h = stats, *lse_t = stats + H, *ce_coef = stats + 2 * H;
-    for (int64_t h = 0; h < H; ++h)
-        for (int64_t c = C; c < Cp; ++c) zp[h * Cp + c] = -(R)INFINITY;
     for (int64_t j = 0; j < Hp; ++j) sums[j] = 1;
 
     for (int64_t b = o->row_begin; b < o->row_end; ++b) {
         const int64_t t = target[b];
         const int valid = t != o->ignore_index && t >= 0 && t < C;
         const int64_t y = valid ? t : 0;
+#define ROW(h) ((h) == 0 ? teacher + b * C : students[(h) - 1] + b * C)
 
         for (int64_t h = 0; h < H; ++h) {
-            R* z = zp + h * Cp;
-            memcpy(z, (h == 0 ? teacher : students[h - 1]) + b * C, sizeof(R) * (size_t)C);
-            V vm = CAT(vload, SUFFIX)(z);
-            for (int64_t c = W; c < Cp; c += W) vm = CAT(vmax, SUFFIX)(vm, CAT(vload, SUFFIX)(z + c));
+            const R* z = ROW(h);
+            V vm = C >= W ? CAT(vload, SUFFIX)(z) : VLOAD_TAIL(z, C, -(R)INFINITY);
+            int64_t c = W;
+            for (; c + W <= C; c += W) vm = VMAX(vm, CAT(vload, SUFFIX)(z + c));
+            if (c < C) vm = VMAX(vm, VLOAD_TAIL(z + c, C - c, -(R)INFINITY));
             const R m = VHMAX(vm);
-            CAT(exp_pair, SUFFIX)(z, m, inv_t, t_int, Cp, e1 + h * Cp, et + h * Cp, &sums[h], &sums[H + h]);
+            CAT(exp_pair, SUFFIX)(z, C, m, inv_t, t_int, e1 + h * Cp, et + h * Cp, &sums[h], &sums[H + h]);
             m_h[h] = (double)m;
         }
         for (int64_t c = 0; c < Hp; c += W) CAT(vstore, SUFFIX)(logsums + c, VLOG(CAT(vload, SUFFIX)(sums + c)));
 
         double ce_row = 0.0;
         for (int64_t h = 0; h < H; ++h) {
-            const R* z = zp + h * Cp;
+            const R* z = ROW(h);
             const double lse1 = m_h[h] + (double)logsums[h];
             double nll = lse1 - (double)z[y];
             if (o->label_smoothing > 0) {
@@ -186,11 +185,14 @@ int64_t CAT(teskd_rows, SUFFIX)(const teskd_options* o, const R* teacher, const 
         for (int64_t k = 1; k < H; ++k) lse_sum += lse_t[k];
         const V inv_st0 = CAT(vsplat, SUFFIX)((R)1 / sums[H]), kk = CAT(vsplat, SUFFIX)((R)K);
         const V lse_s = CAT(vsplat, SUFFIX)((R)lse_sum), vit = CAT(vsplat, SUFFIX)(inv_t);
-        for (int64_t c = 0; c < Cp; c += W) {
+        for (int64_t c = 0; c < C; c += W) {
             const V pc = CAT(vload, SUFFIX)(p + c) * inv_st0;
             CAT(vstore, SUFFIX)(p + c, pc);
             V hc = kk * VLOG(pc + eps) + lse_s;
-            for (int64_t k = 1; k < H; ++k) hc -= CAT(vload, SUFFIX)(zp + k * Cp + c) * vit;
+            if (c + W <= C)
+                for (int64_t k = 1; k < H; ++k) hc -= CAT(vload, SUFFIX)(ROW(k) + c) * vit;
+            else
+                for (int64_t k = 1; k < H; ++k) hc -= VLOAD_TAIL(ROW(k) + c, C - c, (R)0) * vit;
             CAT(vstore, SUFFIX)(hs + c, hc);
         }
         for (int64_t c = C; c < Cp; ++c) hs[c] = 0;
@@ -203,30 +205,27 @@ int64_t CAT(teskd_rows, SUFFIX)(const teskd_options* o, const R* teacher, const 
         const R kd_row = VHSUM(akd);
         const V ph = CAT(vsplat, SUFFIX)(VHSUM(aph));
 
-        /* Gradients of the students, then of the teacher, through the padded row gp. */
+        /* Gradients of the teacher and the students, written straight into grad (the last vector masked). */
         for (int64_t h = 0; h < H; ++h) {
             const R* e = e1 + h * Cp;
             const R* e_t = et + h * Cp;
+            R* g = grad + (h * B + b) * C;
             const R cc = (R)ce_coef[h];
             const V vcc = CAT(vsplat, SUFFIX)(cc), inv1 = CAT(vsplat, SUFFIX)((R)1 / sums[h]);
-            if (h > 0) {
-                const V q_scale = CAT(vsplat, SUFFIX)(q_coef / sums[H + h]);
-                for (int64_t c = 0; c < Cp; c += W) {
-                    const V g = vcc * (CAT(vload, SUFFIX)(e + c) * inv1 - ls_c) +
-                                kd_scale * (q_scale * CAT(vload, SUFFIX)(e_t + c) - (CAT(vload, SUFFIX)(p + c) + eps));
-                    CAT(vstore, SUFFIX)(gp + c, g);
-                }
-            } else {
-                for (int64_t c = 0; c < Cp; c += W) {
-                    const V pc = CAT(vload, SUFFIX)(p + c);
-                    const V g = vcc * (CAT(vload, SUFFIX)(e + c) * inv1 - ls_c) +
-                                kd_teacher * pc * (CAT(vload, SUFFIX)(hs + c) - ph);
-                    CAT(vstore, SUFFIX)(gp + c, g);
-                }
+            const V q_scale = CAT(vsplat, SUFFIX)(q_coef / sums[H + h]);
+            for (int64_t c = 0; c < C; c += W) {
+                const V pc = CAT(vload, SUFFIX)(p + c);
+                const V ce = vcc * (CAT(vload, SUFFIX)(e + c) * inv1 - ls_c);
+                const V gc = h > 0 ? ce + kd_scale * (q_scale * CAT(vload, SUFFIX)(e_t + c) - (pc + eps))
+                                   : ce + kd_teacher * pc * (CAT(vload, SUFFIX)(hs + c) - ph);
+                if (c + W <= C)
+                    CAT(vstore, SUFFIX)(g + c, gc);
+                else
+                    VSTORE_TAIL(g + c, gc, C - c);
             }
-            gp[y] -= cc * (1 - ls);
-            memcpy(grad + (h * B + b) * C, gp, sizeof(R) * (size_t)C);
+            g[y] -= cc * (1 - ls);
         }
+#undef ROW
 
         /* Masked squared error of the student features against the (detached) teacher feature. */
         double feat_row = 0.0;
@@ -235,7 +234,7 @@ int64_t CAT(teskd_rows, SUFFIX)(const teskd_options* o, const R* teacher, const 
         rows[3 * b + 1] = (double)kd_row;
         rows[3 * b + 2] = feat_row;
     }
-    free(zp);
+    free(e1);
     free(stats);
     return 0;
 }
