@@ -126,7 +126,7 @@ def _load():
     ptr = ctypes.c_void_p
     for suffix in ("f32", "f64"):
         rows = getattr(lib, f"teskd_rows_{suffix}")
-        rows.argtypes = [ctypes.POINTER(_Options), *([ptr] * 8)]
+        rows.argtypes = [ctypes.POINTER(_Options), *([ptr] * 9)]
         rows.restype = ctypes.c_int64
         feature_grad = getattr(lib, f"teskd_feature_grad_{suffix}")
         feature_grad.argtypes = [ctypes.POINTER(_Options), ptr, ptr, ptr, ctypes.c_double]
@@ -134,8 +134,8 @@ def _load():
         scale = getattr(lib, f"teskd_scale_{suffix}")
         scale.argtypes = [ptr, ptr, ctypes.c_int64, ctypes.c_double]
         scale.restype = None
-        reduce = getattr(lib, f"teskd_reduce_{suffix}")
-        reduce.argtypes = [ctypes.POINTER(_Options), ptr, ptr, ptr, ptr]
+        reduce = getattr(lib, f"teskd_reduce_rows_{suffix}")
+        reduce.argtypes = [ctypes.POINTER(_Options), ptr, ptr, ptr]
         reduce.restype = None
     for name in ("teskd_exp_f32", "teskd_log_f32"):
         getattr(lib, name).argtypes = [ptr, ptr, ctypes.c_int64]
@@ -194,6 +194,7 @@ def _chunks(B, work):
 
 
 _HEAD_WEIGHTS = {}
+_OPTIONS = {}
 
 
 def _pointers(tensors):
@@ -208,7 +209,22 @@ def _run_rows(fn, opts, *args):
 
 
 def _options(K, B, C, D, work, *rest):
-    return [_Options(K, B, C, D, begin, end, *rest) for begin, end in _chunks(B, work)]
+    """The kernel's options, one per row range; cached (a loss is called with the same few shapes)."""
+    key = (K, B, C, D, work, torch.get_num_threads(), _MIN_PARALLEL_WORK, *rest)
+    opts = _OPTIONS.get(key)
+    if opts is None:
+        if len(_OPTIONS) > 256:
+            _OPTIONS.clear()
+        opts = _OPTIONS[key] = [_Options(K, B, C, D, begin, end, *rest) for begin, end in _chunks(B, work)]
+    return opts
+
+
+def target_error(target, index, num_classes, ignore_index):
+    """The error for an out-of-range class index (shared with ``teskd_fast.loss``)."""
+    return ValueError(
+        f"target: class index {int(target[index])} at position {index} is out of range [0, {num_classes}) "
+        f"(and is not ignore_index={ignore_index})"
+    )
 
 
 def fused_loss(
@@ -227,7 +243,8 @@ def fused_loss(
     label_smoothing,
     ignore_index,
 ):
-    """Loss and unscaled logit gradients in one call.
+    """Loss and unscaled logit gradients in one call; also checks the targets (a ValueError names the first
+    out-of-range one).
 
     Inputs: contiguous CPU tensors of one dtype, float32 or float64: teacher ``[B, C]``, students a sequence of
     K ``[B, C]``, features ``[B, D]`` and K ``[B, D]`` (or None); target int64 ``[B]``.
@@ -238,18 +255,18 @@ def fused_loss(
     B, C = teacher.shape
     D = 0 if teacher_feature is None else teacher_feature.shape[1]
     dtype = teacher.dtype
-    suffix = "f64" if dtype == torch.float64 else "f32"
+    f64 = dtype == torch.float64
     hw = _HEAD_WEIGHTS.get(head_weights)
     if hw is None:
         hw = _HEAD_WEIGHTS.setdefault(head_weights, (ctypes.c_double * len(head_weights))(*head_weights))
     grad = torch.empty((K + 1, B, C), dtype=dtype)
     rows = torch.empty((B, 3), dtype=torch.float64)
-    total = torch.empty((), dtype=dtype)
-    parts = torch.empty(3, dtype=dtype)
+    out = torch.empty(4, dtype=dtype)  # ce, kd, feat, total
     opts = _options(K, B, C, D, (K + 1) * B * C + K * B * D, ignore_index, detach_teacher, temperature, ce_weight,
                     kd_weight, feat_weight, kd_eps, label_smoothing)  # fmt: skip
+    single = len(opts) == 1
     codes = _run_rows(
-        getattr(lib, f"teskd_rows_{suffix}"),
+        lib.teskd_rows_f64 if f64 else lib.teskd_rows_f32,
         opts,
         teacher.data_ptr(),
         _pointers(students),
@@ -259,13 +276,18 @@ def fused_loss(
         _pointers(student_features) if D else None,
         grad.data_ptr(),
         rows.data_ptr(),
+        out.data_ptr() if single else None,
     )
     if any(codes):
+        code = max(codes)
+        if code > 0:
+            raise target_error(target, code - 1, C, ignore_index)
         raise MemoryError(f"teskd_fast CPU kernel: could not allocate its scratch rows (C = {C}, K = {K})")
-    getattr(lib, f"teskd_reduce_{suffix}")(
-        ctypes.byref(opts[0]), target.data_ptr(), rows.data_ptr(), total.data_ptr(), parts.data_ptr()
-    )
-    return total, parts, grad
+    if not single:
+        (lib.teskd_reduce_rows_f64 if f64 else lib.teskd_reduce_rows_f32)(
+            ctypes.byref(opts[0]), target.data_ptr(), rows.data_ptr(), out.data_ptr()
+        )
+    return out[3], out[:3], grad
 
 
 def feature_grad(teacher_feature, student_features, scale):

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from teskd_fast import cpu_kernel
 from teskd_fast.closed_form import TESKDLossFunction
 from teskd_fast.naive import teskd_loss_naive
 from teskd_fast.outputs import TESKDOutput
@@ -96,11 +97,7 @@ def _check_target_range(target, num_classes, ignore_index):
         return
     bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
     if bad.any():
-        idx = int(bad.nonzero()[0, 0])
-        raise ValueError(
-            f"target: class index {int(target[idx])} at position {idx} is out of range [0, {num_classes}) "
-            f"(and is not ignore_index={ignore_index})"
-        )
+        raise cpu_kernel.target_error(target, int(bad.nonzero()[0, 0]), num_classes, ignore_index)
 
 
 def _validate(
@@ -219,7 +216,9 @@ def _validate(
         for name, t in [("teacher_logits", teacher_logits)] + ([("teacher_feature", feats[0])] if feats else []):
             if t.dtype == torch.float64:
                 raise TypeError(f"{name}: float64 is not supported by backend='triton'; use 'torch' or 'reference'")
-    if device.type != "cuda" and not torch.compiler.is_compiling():
+    # On the CPU in eager mode, targets are range-checked: here, or by the fused CPU kernel as it reads them.
+    fused = backend == "torch" and device.type == "cpu" and cpu_kernel.enabled()
+    if device.type != "cuda" and not torch.compiler.is_compiling() and not fused:
         _check_target_range(target, C, options["ignore_index"])
     return students, feats, head_weights, backend
 
