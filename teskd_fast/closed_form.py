@@ -29,20 +29,26 @@ def _constant(values, dtype, device):
     return _CONSTANTS[key]
 
 
+def use_fused(device):
+    """Whether the torch backend runs the fused CPU kernel for tensors on ``device``."""
+    return device.type == "cpu" and not torch.compiler.is_compiling() and cpu_kernel.enabled()
+
+
 class TESKDLossFunction(torch.autograd.Function):
-    """``apply(teacher, target, teacher_feature, head_weights, options, K, *students, *student_features)``:
+    """``apply(teacher, target, teacher_feature, head_weights, options, K, fused, *students, *student_features)``:
     the K students' logits (and features, when ``teacher_feature`` is given) as separate tensors, so that lists
     are never stacked; ``options`` = (temperature, ce_weight, kd_weight, feat_weight, kd_eps, detach_teacher,
-    label_smoothing, ignore_index). Returns ``(total, parts)``."""
+    label_smoothing, ignore_index); ``fused``: run the fused CPU kernel (CPU tensors, eager mode, kernel built:
+    see :func:`use_fused`), else the batched ops. Returns ``(total, parts)``."""
 
     @staticmethod
-    def forward(ctx, teacher, target, teacher_feature, head_weights, options, K, *tensors):
+    def forward(ctx, teacher, target, teacher_feature, head_weights, options, K, fused, *tensors):
         T, ce_weight, kd_weight, feat_weight, kd_eps, detach_teacher, label_smoothing, ignore_index = options
         students, student_features = tensors[:K], tensors[K:] or None
         acc = torch.float64 if teacher.dtype == torch.float64 else torch.float32
         ctx.dtypes = (teacher.dtype, students[0].dtype, None if teacher_feature is None else tensors[K].dtype)
         ctx.K = K
-        if teacher.device.type == "cpu" and not torch.compiler.is_compiling() and cpu_kernel.enabled():
+        if fused:
             cast = [t if t.dtype == acc and t.is_contiguous() else t.to(acc).contiguous() for t in (teacher, *tensors)]
             f_t = None if teacher_feature is None else teacher_feature.to(acc).contiguous()
             total, parts, grad = cpu_kernel.fused_loss(
@@ -134,15 +140,15 @@ class TESKDLossFunction(torch.autograd.Function):
         else:
             scaled = (grad * grad_total).to(t_dtype)
         grad_teacher = scaled[0] if needs[0] else None
-        grad_students = [scaled[k] if needs[5 + k] else None for k in range(1, K + 1)]
+        grad_students = [scaled[k] if needs[6 + k] else None for k in range(1, K + 1)]
         grad_features = []
-        if feats and any(needs[6 + K :]):
+        if feats and any(needs[7 + K :]):
             if ctx.fused:  # recomputed by the fused kernel from the saved features
                 grad_feat = cpu_kernel.feature_grad(feats[0], feats[1:], ctx.feat_scale * float(grad_total))
             else:  # stored by the batched path
                 grad_feat = feats[0] * grad_total
             grad_feat = grad_feat.to(f_dtype)
-            grad_features = [grad_feat[k] if needs[6 + K + k] else None for k in range(K)]
+            grad_features = [grad_feat[k] if needs[7 + K + k] else None for k in range(K)]
         elif feats:
             grad_features = [None] * K
-        return grad_teacher, None, None, None, None, None, *grad_students, *grad_features
+        return grad_teacher, None, None, None, None, None, None, *grad_students, *grad_features

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from teskd_fast import cpu_kernel
-from teskd_fast.closed_form import TESKDLossFunction
+from teskd_fast.closed_form import TESKDLossFunction, use_fused
 from teskd_fast.naive import teskd_loss_naive
 from teskd_fast.outputs import TESKDOutput
 
@@ -217,10 +217,10 @@ def _validate(
             if t.dtype == torch.float64:
                 raise TypeError(f"{name}: float64 is not supported by backend='triton'; use 'torch' or 'reference'")
     # On the CPU in eager mode, targets are range-checked: here, or by the fused CPU kernel as it reads them.
-    fused = backend == "torch" and device.type == "cpu" and cpu_kernel.enabled()
+    fused = backend == "torch" and use_fused(device)
     if device.type != "cuda" and not torch.compiler.is_compiling() and not fused:
         _check_target_range(target, C, options["ignore_index"])
-    return students, feats, head_weights, backend
+    return students, feats, head_weights, backend, fused
 
 
 def teskd_loss(
@@ -292,7 +292,7 @@ def teskd_loss(
         label_smoothing=float(label_smoothing),
         ignore_index=int(ignore_index),
     )
-    students, feats, head_weights, backend = _validate(
+    students, feats, head_weights, backend, fused = _validate(
         teacher_logits, student_logits, target, teacher_feature, student_features, head_weights, options, backend
     )
     if check_target and teacher_logits.device.type == "cuda":
@@ -316,7 +316,7 @@ def teskd_loss(
         opts = tuple(o[name] for name in _FUNCTION_OPTIONS)
         features = () if f_s is None else f_s.tensors
         total, parts = TESKDLossFunction.apply(
-            teacher_logits, target.long(), f_t, head_weights, opts, len(students), *students.tensors, *features
+            teacher_logits, target.long(), f_t, head_weights, opts, len(students), fused, *students.tensors, *features
         )
     else:
         from teskd_fast.kernels.teskd_loss import teskd_loss_triton
