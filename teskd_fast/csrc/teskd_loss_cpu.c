@@ -23,18 +23,6 @@ typedef struct {
     double temperature, ce_weight, kd_weight, feat_weight, kd_eps, label_smoothing;
 } teskd_options;
 
-static inline float bits_to_float(int32_t i) {
-    float f;
-    memcpy(&f, &i, sizeof f);
-    return f;
-}
-
-static inline int32_t float_to_bits(float f) {
-    int32_t i;
-    memcpy(&i, &f, sizeof i);
-    return i;
-}
-
 /* 64-byte vectors (one AVX-512 register; two AVX2 or four SSE/NEON ones elsewhere, split by the compiler). */
 typedef float v_f32 __attribute__((vector_size(64)));
 typedef int32_t vi_f32 __attribute__((vector_size(64)));
@@ -51,13 +39,17 @@ static inline v_f32 vsel32(vi_f32 mask, v_f32 a, v_f32 b) {
     return r;
 }
 
-/* exp(x), x <= 88 (here x <= 0 always: logits minus their row maximum): Cephes' range reduction and degree-6
- * polynomial, about 1 ulp. x below log(FLT_MIN) (-inf included) gives 0 through a 0/1 factor; NaN propagates
- * (a comparison with NaN is false, and NaN * 0 is NaN). */
+/* exp(x) for x <= 88 (here x <= 0 always: logits minus their row maximum): Cephes' range reduction and degree-6
+ * polynomial, about 1 ulp. x below about -87.4 (-inf included) gives 0 (2^n for n <= -127 is taken as 0); NaN
+ * propagates (a comparison with NaN is false, and NaN * 0 is NaN). With AVX-512, vscalefps applies 2^n. */
 static inline v_f32 vexp_f32(v_f32 x) {
-    const v_f32 zero = {0}, lo = zero - 87.33654475f, hi = zero + 88.0f;
-    v_f32 xc = vsel32(x < lo, lo, x);
-    xc = vsel32(xc > hi, hi, xc);
+    const v_f32 zero = {0};
+#ifdef __AVX512F__
+    const v_f32 xc = (v_f32)_mm512_max_ps(_mm512_set1_ps(-104.0f), (__m512)x); /* NaN passes through */
+#else
+    const v_f32 lo = zero - 88.0f;
+    const v_f32 xc = vsel32(x < lo, lo, x);
+#endif
     const v_f32 n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round(x / ln 2) */
     v_f32 r = xc - n * 0.693359375f;
     r = r - n * -2.12194440e-4f;
@@ -68,16 +60,31 @@ static inline v_f32 vexp_f32(v_f32 x) {
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     p = p * r * r + r + 1.0f;
-    const vi_f32 bits = (__builtin_convertvector(n, vi_f32) + 127) << 23; /* 2^n, n in [-126, 127] */
+#ifdef __AVX512F__
+    return (v_f32)_mm512_scalef_ps((__m512)p, (__m512)n); /* p 2^n; underflows to 0 below 2^-149 */
+#else
+    vi_f32 ni = __builtin_convertvector(n, vi_f32);
+    const vi_f32 small = ni < -127;
+    ni = (small & -127) | (~small & ni);
+    const vi_f32 bits = (ni + 127) << 23; /* 2^n, n in [-127, 127]; 2^-127 is encoded as 0 */
     v_f32 scale;
     memcpy(&scale, &bits, sizeof scale);
-    return p * scale * __builtin_convertvector(-(x >= lo), v_f32);
+    return p * scale;
+#endif
 }
 
 /* log(x): Cephes' polynomial on the mantissa, about 1 ulp. x = 0 gives -inf, x < 0 or NaN gives NaN, +inf gives
- * +inf, subnormal x is rescaled first. */
+ * +inf, subnormal x is exact too. With AVX-512, vgetexpps / vgetmantps split x (subnormals and specials included). */
 static inline v_f32 vlog_f32(v_f32 x) {
     const v_f32 zero = {0}, one = zero + 1.0f;
+#ifdef __AVX512F__
+    __m512 mant = _mm512_getmant_ps((__m512)x, _MM_MANT_NORM_1_2, _MM_MANT_SIGN_nan); /* [1, 2); NaN if x < 0 */
+    __m512 expo = _mm512_getexp_ps((__m512)x); /* floor(log2 x); -inf for 0, +inf for +inf */
+    const __mmask16 above = _mm512_cmp_ps_mask(mant, _mm512_set1_ps(1.41421356237309505f), _CMP_GT_OQ);
+    mant = _mm512_mask_mul_ps(mant, above, mant, _mm512_set1_ps(0.5f)); /* [sqrt(1/2), sqrt(2)) */
+    expo = _mm512_mask_add_ps(expo, above, expo, _mm512_set1_ps(1.0f));
+    const v_f32 m = (v_f32)mant - one, e = (v_f32)expo;
+#else
     const vi_f32 sub = x < 1.17549435e-38f; /* FLT_MIN */
     const v_f32 xs = vsel32(sub, x * 8388608.0f, x); /* 2^23 */
     vi_f32 ix;
@@ -89,6 +96,7 @@ static inline v_f32 vlog_f32(v_f32 x) {
     const vi_f32 below = m < 0.707106781186547524f;
     e = vsel32(below, e - one, e);
     m = vsel32(below, m + m - one, m - one);
+#endif
     const v_f32 z = m * m;
     v_f32 y = zero + 7.0376836292e-2f;
     y = y * m - 1.1514610310e-1f;
@@ -103,9 +111,16 @@ static inline v_f32 vlog_f32(v_f32 x) {
     y = y + e * -2.12194440e-4f;
     y = y - 0.5f * z;
     v_f32 res = m + y + e * 0.693359375f;
+#ifdef __AVX512F__
+    __m512 r = _mm512_mask_mov_ps((__m512)res, _mm512_cmp_ps_mask((__m512)x, _mm512_setzero_ps(), _CMP_EQ_OQ),
+                                  _mm512_set1_ps(-INFINITY));
+    r = _mm512_mask_mov_ps(r, _mm512_cmp_ps_mask((__m512)x, _mm512_set1_ps(INFINITY), _CMP_EQ_OQ), (__m512)x);
+    return (v_f32)r;
+#else
     res = vsel32(x == (zero + INFINITY), x, res);
     res = vsel32(x > zero, res, vsel32(x == zero, zero - INFINITY, zero + NAN));
     return res;
+#endif
 }
 
 /* Horizontal sums and maxima as trees of half-width operations, in registers where the compiler has
@@ -132,6 +147,7 @@ static inline float hsum_f32(v_f32 v) {
     return t[0];
 #endif
 }
+
 
 /* The first n < 16 (or 8) values at p as a vector, the other lanes pad; and the first n lanes of v stored at p.
  * Masked loads and stores with AVX-512; through a padded copy elsewhere. */

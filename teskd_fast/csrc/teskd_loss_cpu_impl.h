@@ -55,11 +55,10 @@ static int64_t CAT(count_valid, SUFFIX)(const teskd_options* o, const int64_t* t
 
 /* e1 = exp(z - m), et = exp((z - m) / T) of one row of C logits, stored padded to whole vectors (padding 0),
  * and their sums. For T = 1, 2, 3, 4 (the published recipe's is 4), exp(d) = exp(d / T)^T: one exponential per
- * value instead of two (relative error T ulp); results below the smallest normal number flush to 0, as the
- * exponential itself does. */
+ * value instead of two (relative error T ulp). */
 static inline void CAT(exp_pair, SUFFIX)(const R* z, int64_t C, R m, R inv_t, int t_int, R* e1, R* et, R* sum1,
                                          R* sum_t) {
-    const V vm = CAT(vsplat, SUFFIX)(m), vit = CAT(vsplat, SUFFIX)(inv_t), tiny = CAT(vsplat, SUFFIX)(TESKD_TINY);
+    const V vm = CAT(vsplat, SUFFIX)(m), vit = CAT(vsplat, SUFFIX)(inv_t);
     V s1 = {0}, st = {0};
     for (int64_t c = 0; c < C; c += W) {
         const V zc = c + W <= C ? CAT(vload, SUFFIX)(z + c) : VLOAD_TAIL(z + c, C - c, -(R)INFINITY);
@@ -83,7 +82,6 @@ static inline void CAT(exp_pair, SUFFIX)(const R* z, int64_t C, R m, R inv_t, in
                 e = VEXP(d);
                 break;
         }
-        e = e * CAT(vindicator, SUFFIX)(e >= tiny);
         CAT(vstore, SUFFIX)(e1 + c, e);
         CAT(vstore, SUFFIX)(et + c, e2);
         s1 += e;
