@@ -51,12 +51,14 @@ class TESKDLossFunction(torch.autograd.Function):
         if fused:
             cast = [t if t.dtype == acc and t.is_contiguous() else t.to(acc).contiguous() for t in (teacher, *tensors)]
             f_t = None if teacher_feature is None else teacher_feature.to(acc).contiguous()
-            total, parts, grad = cpu_kernel.fused_loss(
-                cast[0], cast[1 : K + 1], target.contiguous(), f_t, cast[K + 1 :] or None, head_weights, *options
-            )
-            # The feature gradient is linear in the inputs: the backward computes it from them, scaled once.
-            ctx.fused, ctx.feat_scale = True, 2.0 * feat_weight
-            ctx.save_for_backward(grad, *(() if f_t is None else (f_t, *cast[K + 1 :])))
+            kernel_args = (cast[0], cast[1 : K + 1], target.contiguous(), f_t, cast[K + 1 :] or None, head_weights)
+            total, parts, grad = cpu_kernel.fused_loss(*kernel_args, *options)
+            # The first backward hands this buffer out as the gradients (scaled in place); a second one
+            # (retain_graph=True) recomputes it from the inputs, checked unmodified. The feature gradient, linear
+            # in the inputs, is always computed in the backward.
+            ctx.fused, ctx.feat_scale, ctx.grad = True, 2.0 * feat_weight, grad
+            ctx.kernel = (kernel_args, options, [t._version for t in cast])
+            ctx.save_for_backward(*(() if f_t is None else (f_t, *cast[K + 1 :])))
             ctx.mark_non_differentiable(parts)
             return total, parts
 
@@ -131,24 +133,43 @@ class TESKDLossFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_total, grad_parts):
-        grad, *feats = ctx.saved_tensors
         t_dtype, _, f_dtype = ctx.dtypes
         K = ctx.K
         needs = ctx.needs_input_grad
         if ctx.fused:
-            scaled = cpu_kernel.scaled(grad, float(grad_total)).to(t_dtype)
+            feats = ctx.saved_tensors
+            g = float(grad_total)
+            grad, ctx.grad = ctx.grad, None
+            if grad is None:  # a second backward through this graph
+                grad = TESKDLossFunction._recompute(ctx)
+            if g != 1.0:
+                cpu_kernel.scale_(grad, g)
         else:
-            scaled = (grad * grad_total).to(t_dtype)
-        grad_teacher = scaled[0] if needs[0] else None
-        grad_students = [scaled[k] if needs[6 + k] else None for k in range(1, K + 1)]
+            grad, *feats = ctx.saved_tensors
+            grad = grad * grad_total
+        grads = (grad if grad.dtype == t_dtype else grad.to(t_dtype)).unbind(0)
+        grad_teacher = grads[0] if needs[0] else None
+        grad_students = [grads[k] if needs[6 + k] else None for k in range(1, K + 1)]
         grad_features = []
         if feats and any(needs[7 + K :]):
-            if ctx.fused:  # recomputed by the fused kernel from the saved features
-                grad_feat = cpu_kernel.feature_grad(feats[0], feats[1:], ctx.feat_scale * float(grad_total))
+            if ctx.fused:  # computed by the fused kernel from the saved features
+                grad_feat = cpu_kernel.feature_grad(feats[0], feats[1:], ctx.feat_scale * g)
             else:  # stored by the batched path
                 grad_feat = feats[0] * grad_total
-            grad_feat = grad_feat.to(f_dtype)
+            grad_feat = (grad_feat if grad_feat.dtype == f_dtype else grad_feat.to(f_dtype)).unbind(0)
             grad_features = [grad_feat[k] if needs[7 + K + k] else None for k in range(K)]
         elif feats:
             grad_features = [None] * K
         return grad_teacher, None, None, None, None, None, None, *grad_students, *grad_features
+
+    @staticmethod
+    def _recompute(ctx):
+        """The unscaled logit gradients again, from the inputs of the forward (for a second backward)."""
+        kernel_args, options, versions = ctx.kernel
+        inputs = [kernel_args[0], *kernel_args[1], *(kernel_args[4] or ())]
+        if [t._version for t in inputs] != versions:
+            raise RuntimeError(
+                "teskd_loss: the logits or student features were modified in place after the forward; a second "
+                "backward through this graph (retain_graph=True) needs them unchanged"
+            )
+        return cpu_kernel.fused_loss(*kernel_args, *options)[2]

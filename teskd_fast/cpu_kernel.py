@@ -302,12 +302,11 @@ def feature_grad(teacher_feature, student_features, scale):
     return grad
 
 
-def scaled(grad, scale):
-    """``grad * scale`` as a new tensor (single-threaded: no OpenMP fork at these sizes)."""
-    out = torch.empty_like(grad)
+def scale_(grad, scale):
+    """``grad *= scale`` in place (single-threaded: no OpenMP fork at these sizes)."""
     fn = library().teskd_scale_f64 if grad.dtype == torch.float64 else library().teskd_scale_f32
-    fn(grad.data_ptr(), out.data_ptr(), grad.numel(), scale)
-    return out
+    fn(grad.data_ptr(), grad.data_ptr(), grad.numel(), scale)
+    return grad
 
 
 def _elementwise(name, x):
