@@ -57,7 +57,7 @@ class TESKDLossFunction(torch.autograd.Function):
             # (retain_graph=True) recomputes it from the inputs, checked unmodified. The feature gradient, linear
             # in the inputs, is always computed in the backward.
             ctx.fused, ctx.feat_scale, ctx.grad = True, 2.0 * feat_weight, grad
-            ctx.kernel = (kernel_args, options, [t._version for t in cast])
+            ctx.kernel = (kernel_args, options, [t._version for t in (*cast, kernel_args[2])])
             ctx.save_for_backward(*(() if f_t is None else (f_t, *cast[K + 1 :])))
             ctx.mark_non_differentiable(parts)
             return total, parts
@@ -81,11 +81,13 @@ class TESKDLossFunction(torch.autograd.Function):
 
         # Cross-entropy of every head, PyTorch's semantics for ignore_index and label smoothing. Ignored rows
         # (and out-of-range targets, rejected upstream in eager mode) read an in-range index with weight 0.
-        row_scale = (target != ignore_index).to(acc)
+        valid = target != ignore_index
+        row_scale = valid.to(acc)
         row_scale /= row_scale.sum()  # [B]
         nll = lse - z_y  # [K+1, B]
         if label_smoothing > 0:
             nll = torch.lerp(nll, lse - z_mean, label_smoothing)
+        nll = nll.masked_fill(~valid, 0.0)  # ignored rows add nothing, even non-finite ones (as in PyTorch)
         if all(w == head_weights[0] for w in head_weights):
             ce = torch.dot(nll.sum(0), row_scale) * head_weights[0]
             coef = (row_scale * (ce_weight * head_weights[0])).view(1, B, 1)
@@ -166,10 +168,10 @@ class TESKDLossFunction(torch.autograd.Function):
     def _recompute(ctx):
         """The unscaled logit gradients again, from the inputs of the forward (for a second backward)."""
         kernel_args, options, versions = ctx.kernel
-        inputs = [kernel_args[0], *kernel_args[1], *(kernel_args[4] or ())]
+        inputs = [kernel_args[0], *kernel_args[1], *(kernel_args[4] or ()), kernel_args[2]]
         if [t._version for t in inputs] != versions:
             raise RuntimeError(
-                "teskd_loss: the logits or student features were modified in place after the forward; a second "
-                "backward through this graph (retain_graph=True) needs them unchanged"
+                "teskd_loss: the logits, student features or target were modified in place after the forward; a "
+                "second backward through this graph (retain_graph=True) needs them unchanged"
             )
         return cpu_kernel.fused_loss(*kernel_args, *options)[2]

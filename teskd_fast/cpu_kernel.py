@@ -126,7 +126,7 @@ def _load():
     ptr = ctypes.c_void_p
     for suffix in ("f32", "f64"):
         rows = getattr(lib, f"teskd_rows_{suffix}")
-        rows.argtypes = [ctypes.POINTER(_Options), *([ptr] * 9)]
+        rows.argtypes = [ctypes.POINTER(_Options), *([ptr] * 10)]
         rows.restype = ctypes.c_int64
         feature_grad = getattr(lib, f"teskd_feature_grad_{suffix}")
         feature_grad.argtypes = [ctypes.POINTER(_Options), ptr, ptr, ptr, ctypes.c_double]
@@ -135,7 +135,7 @@ def _load():
         scale.argtypes = [ptr, ptr, ctypes.c_int64, ctypes.c_double]
         scale.restype = None
         reduce = getattr(lib, f"teskd_reduce_rows_{suffix}")
-        reduce.argtypes = [ctypes.POINTER(_Options), ptr, ptr, ptr]
+        reduce.argtypes = [ctypes.POINTER(_Options), ptr, ptr, ptr, ptr]
         reduce.restype = None
     for name in ("teskd_exp_f32", "teskd_log_f32"):
         getattr(lib, name).argtypes = [ptr, ptr, ctypes.c_int64]
@@ -261,7 +261,8 @@ def fused_loss(
         hw = _HEAD_WEIGHTS.setdefault(head_weights, (ctypes.c_double * len(head_weights))(*head_weights))
     grad = torch.empty((K + 1, B, C), dtype=dtype)
     rows = torch.empty((B, 3), dtype=torch.float64)
-    out = torch.empty(4, dtype=dtype)  # ce, kd, feat, total
+    parts = torch.empty(3, dtype=dtype)  # ce, kd, feat
+    total = torch.empty((), dtype=dtype)
     opts = _options(K, B, C, D, (K + 1) * B * C + K * B * D, ignore_index, detach_teacher, temperature, ce_weight,
                     kd_weight, feat_weight, kd_eps, label_smoothing)  # fmt: skip
     single = len(opts) == 1
@@ -276,7 +277,8 @@ def fused_loss(
         _pointers(student_features) if D else None,
         grad.data_ptr(),
         rows.data_ptr(),
-        out.data_ptr() if single else None,
+        parts.data_ptr() if single else None,
+        total.data_ptr() if single else None,
     )
     if any(codes):
         code = max(codes)
@@ -285,9 +287,9 @@ def fused_loss(
         raise MemoryError(f"teskd_fast CPU kernel: could not allocate its scratch rows (C = {C}, K = {K})")
     if not single:
         (lib.teskd_reduce_rows_f64 if f64 else lib.teskd_reduce_rows_f32)(
-            ctypes.byref(opts[0]), target.data_ptr(), rows.data_ptr(), out.data_ptr()
+            ctypes.byref(opts[0]), target.data_ptr(), rows.data_ptr(), parts.data_ptr(), total.data_ptr()
         )
-    return out[3], out[:3], grad
+    return total, parts, grad
 
 
 def feature_grad(teacher_feature, student_features, scale):

@@ -94,6 +94,20 @@ def grad_output(dtype):
     return torch.tensor(1024.0 if dtype == torch.float16 else 1.7)
 
 
+@pytest.fixture(params=["fused", "batched"])
+def cpu_path(request, monkeypatch):
+    """The torch backend's two CPU forwards: the fused C kernel (teskd_fast.cpu_kernel) or the batched ops."""
+    from teskd_fast import cpu_kernel
+
+    fused = request.param == "fused"
+    monkeypatch.setenv("TESKD_FAST_CPU_KERNEL", "1" if fused else "0")
+    if fused:
+        available, reason = cpu_kernel.status()
+        assert available, f"the fused CPU kernel must build here (CI has a C compiler): {reason}"
+    assert cpu_kernel.enabled() == fused
+    return request.param
+
+
 def resolve(options, K):
     options = dict(options)
     if options.get("head_weights") == "ramp":
@@ -101,11 +115,11 @@ def resolve(options, K):
     return options
 
 
-# Torch backend: the full cartesian product of the issue's shapes is cheap in float64.
+# Torch backend: the full cartesian product of the issue's shapes is cheap in float64, on both CPU paths.
 @pytest.mark.parametrize("B", [1, 3, 41, 128])
 @pytest.mark.parametrize("C", [2, 10, 100, 1000, 1271, 4099])
 @pytest.mark.parametrize("K", [1, 3, 4])
-def test_torch_backend_shapes_float64(B, C, K):
+def test_torch_backend_shapes_float64(B, C, K, cpu_path):
     idx = (B + C + K) % len(OPTIONS)
     D = None if (B + K) % 2 else 24
     grad_out = torch.tensor(1.0) if C % 2 else torch.tensor(-0.37)
@@ -115,7 +129,7 @@ def test_torch_backend_shapes_float64(B, C, K):
 @pytest.mark.parametrize("options", OPTIONS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("stacked", [True, False])
-def test_torch_backend_dtypes_and_options(options, dtype, stacked):
+def test_torch_backend_dtypes_and_options(options, dtype, stacked, cpu_path):
     check_against_reference(
         "torch", dtype, 41, 100, 3, 64, resolve(options, 3), grad_output(dtype), stacked=stacked, feature_4d=not stacked
     )
@@ -186,7 +200,7 @@ def test_auto_backend_picks_torch_on_cpu():
     assert torch.equal(a, b)
 
 
-def test_gradcheck_torch_backend():
+def test_gradcheck_torch_backend(cpu_path):
     teacher, students, target, feats = make_inputs(4, 7, 3, 5, dtype=torch.float64, scale=1.0)
     f_t, f_s = feats
     # Features away from the mask's kink at 0, where the loss is not differentiable.
@@ -227,8 +241,9 @@ def test_parts_are_detached_and_sum_to_total():
         assert_close(total, recombined, torch.float32, f"{backend} parts")
 
 
-def test_logits_are_never_overwritten():
-    for backend in ["torch"] + (["triton"] if TRITON_OK else []):
+def test_logits_are_never_overwritten(cpu_path):
+    # cpu_path only concerns the torch backend: triton runs once.
+    for backend in ["torch"] + (["triton"] if TRITON_OK and cpu_path == "fused" else []):
         device = TRITON_DEVICE if backend == "triton" else "cpu"
         teacher, students, target, feats = make_inputs(5, 10, 3, 8, device=device)
         copies = [t.clone() for t in (teacher, students, *feats)]
@@ -247,7 +262,7 @@ def test_detach_teacher_only_removes_the_kd_gradient():
     assert_close(t1.grad, t2.grad, torch.float32, "teacher grad with detach_teacher")
 
 
-def test_all_targets_ignored_gives_nan_like_pytorch():
+def test_all_targets_ignored_gives_nan_like_pytorch(cpu_path):
     teacher, students, target, _ = make_inputs(4, 10, 2)
     target[:] = -100
     total, parts = teskd_loss(teacher, students, target, backend="torch", return_parts=True)

@@ -109,15 +109,16 @@ static inline double CAT(masked_sq, SUFFIX)(const R* fs, const R* ft, int64_t D)
     return (double)sq;
 }
 
-static void CAT(teskd_reduce, SUFFIX)(const teskd_options* o, const int64_t* target, const double* rows, R* out);
+static void CAT(teskd_reduce, SUFFIX)(const teskd_options* o, const int64_t* target, const double* rows, R* parts,
+                                      R* total);
 
 /* teacher [B, C]; students: K pointers to [B, C]; f_t [B, D] and f_s: K pointers to [B, D] (or NULL when D = 0);
- * grad [K + 1, B, C]; rows [B, 3]; out [4] or NULL. All contiguous. When out is given (one call for all rows),
- * the rows are also reduced into it (see teskd_reduce). Returns 0; 1 + b when target[b] is neither a class
+ * grad [K + 1, B, C]; rows [B, 3]; parts [3] and total [1], or NULL. All contiguous. When parts and total are
+ * given (one call for all rows), the rows are also reduced into them (see teskd_reduce). Returns 0; 1 + b when target[b] is neither a class
  * index in [0, C) nor ignore_index (nothing is computed); -1 when the scratch rows cannot be allocated. */
 int64_t CAT(teskd_rows, SUFFIX)(const teskd_options* o, const R* teacher, const R* const* students,
                                 const int64_t* target, const double* head_weights, const R* f_t, const R* const* f_s,
-                                R* grad, double* rows, R* out) {
+                                R* grad, double* rows, R* parts, R* total) {
     const int64_t K = o->K, B = o->B, C = o->C, D = o->D, H = o->K + 1;
     for (int64_t b = 0; b < B; ++b)
         if (target[b] != o->ignore_index && (target[b] < 0 || target[b] >= C)) return 1 + b;
@@ -240,7 +241,7 @@ int64_t CAT(teskd_rows, SUFFIX)(const teskd_options* o, const R* teacher, const 
     }
     free(e1);
     free(stats);
-    if (out != NULL) CAT(teskd_reduce, SUFFIX)(o, target, rows, out);
+    if (parts != NULL) CAT(teskd_reduce, SUFFIX)(o, target, rows, parts, total);
     return 0;
 }
 
@@ -272,9 +273,10 @@ void CAT(teskd_scale, SUFFIX)(const R* src, R* dst, int64_t n, double scale) {
     for (; i < n; ++i) dst[i] = sc * src[i];
 }
 
-/* out = (CE, KD, FEA) unweighted, then total = ce_weight CE + kd_weight KD + feat_weight FEA; rows summed in
+/* parts = (CE, KD, FEA) unweighted, total = ce_weight CE + kd_weight KD + feat_weight FEA; rows summed in
  * order. */
-static void CAT(teskd_reduce, SUFFIX)(const teskd_options* o, const int64_t* target, const double* rows, R* out) {
+static void CAT(teskd_reduce, SUFFIX)(const teskd_options* o, const int64_t* target, const double* rows, R* parts,
+                                      R* total) {
     double ce = 0.0, kd = 0.0, feat = 0.0;
     for (int64_t b = 0; b < o->B; ++b) {
         ce += rows[3 * b];
@@ -283,14 +285,15 @@ static void CAT(teskd_reduce, SUFFIX)(const teskd_options* o, const int64_t* tar
     }
     ce /= (double)CAT(count_valid, SUFFIX)(o, target);
     kd *= o->temperature * o->temperature / (double)o->B;
-    out[0] = (R)ce;
-    out[1] = (R)kd;
-    out[2] = (R)feat;
-    out[3] = (R)(o->ce_weight * ce + o->kd_weight * kd + o->feat_weight * feat);
+    parts[0] = (R)ce;
+    parts[1] = (R)kd;
+    parts[2] = (R)feat;
+    *total = (R)(o->ce_weight * ce + o->kd_weight * kd + o->feat_weight * feat);
 }
 
-void CAT(teskd_reduce_rows, SUFFIX)(const teskd_options* o, const int64_t* target, const double* rows, R* out) {
-    CAT(teskd_reduce, SUFFIX)(o, target, rows, out);
+void CAT(teskd_reduce_rows, SUFFIX)(const teskd_options* o, const int64_t* target, const double* rows, R* parts,
+                                    R* total) {
+    CAT(teskd_reduce, SUFFIX)(o, target, rows, parts, total);
 }
 
 #undef W
