@@ -24,10 +24,14 @@ NAN, INF = math.nan, math.inf
 
 @pytest.fixture(autouse=True)
 def fused(monkeypatch):
-    """Every test here runs the fused kernel for real (CI has a C compiler), unless it switches it off."""
+    """Every test here runs the fused kernel for real, unless it switches it off. A machine without any C compiler
+    skips them (the torch backend then runs its batched ops, tested in test_loss.py); with one, the kernel must
+    build."""
     monkeypatch.setenv(cpu_kernel.ENV_SWITCH, "1")
+    if cpu_kernel._compiler() is None:
+        pytest.skip("no C compiler on this machine: the fused CPU kernel cannot be built")
     available, reason = cpu_kernel.status()
-    assert available, f"the fused CPU kernel must build here: {reason}"
+    assert available, f"a C compiler is here, so the fused CPU kernel must build: {reason}"
 
 
 @pytest.fixture(scope="module")

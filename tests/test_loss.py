@@ -102,8 +102,10 @@ def cpu_path(request, monkeypatch):
     fused = request.param == "fused"
     monkeypatch.setenv("TESKD_FAST_CPU_KERNEL", "1" if fused else "0")
     if fused:
+        if cpu_kernel._compiler() is None:
+            pytest.skip("no C compiler on this machine: the fused CPU kernel cannot be built (batched path tested)")
         available, reason = cpu_kernel.status()
-        assert available, f"the fused CPU kernel must build here (CI has a C compiler): {reason}"
+        assert available, f"a C compiler is here, so the fused CPU kernel must build: {reason}"
     assert cpu_kernel.enabled() == fused
     return request.param
 
