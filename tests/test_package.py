@@ -30,22 +30,28 @@ def test_non_editable_install_maps_kernels_into_the_package(tmp_path):
     assert build.returncode == 0, build.stderr[-2000:]
     assert (target / "teskd_fast" / "kernels" / "teskd_loss.py").is_file()
     assert not (target / "kernels").exists(), "kernels/ must not install as a global module"
+    for name in ("teskd_loss_cpu.c", "teskd_loss_cpu_impl.h"):  # the fused CPU kernel's source ships as data
+        assert (target / "teskd_fast" / "csrc" / name).is_file(), name
     # Run from an empty folder with only the installed copy on the path: no source checkout visible.
     out = _run(
         """
-        import importlib.util
+        import importlib.util, shutil
         import teskd_fast, teskd_fast.kernels.teskd_loss as k
+        from teskd_fast import cpu_kernel
         print(teskd_fast.__file__)
         print(k.__file__)
         print(importlib.util.find_spec("kernels"))
+        # Built from the installed source, where a C compiler exists.
+        print(cpu_kernel.status()[0] if cpu_kernel._compiler() else "no-compiler")
         """,
         cwd=tmp_path,
-        env_extra={"PYTHONPATH": str(target), "TRITON_INTERPRET": "1"},
+        env_extra={"PYTHONPATH": str(target), "TRITON_INTERPRET": "1", "TESKD_FAST_CACHE_DIR": str(tmp_path / "cache")},
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    pkg, kern, spec = out.stdout.split()
+    pkg, kern, spec, kernel = out.stdout.split()
     assert pkg.startswith(str(target)) and kern.startswith(str(target / "teskd_fast" / "kernels"))
     assert spec == "None"
+    assert kernel in ("True", "no-compiler"), f"the fused CPU kernel did not build from the installed copy: {kernel}"
 
 
 def test_import_is_light():
