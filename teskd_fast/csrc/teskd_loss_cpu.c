@@ -281,7 +281,6 @@ static inline v_f64 vlog_f64(v_f64 x) {
 #define VMAX vmax_f32
 #define VLOAD_TAIL vload_tail_f32
 #define VSTORE_TAIL vstore_tail_f32
-#define TESKD_TINY 1.17549435e-38f /* FLT_MIN */
 #define SUFFIX f32
 #include "teskd_loss_cpu_impl.h"
 #undef R
@@ -294,7 +293,6 @@ static inline v_f64 vlog_f64(v_f64 x) {
 #undef VMAX
 #undef VLOAD_TAIL
 #undef VSTORE_TAIL
-#undef TESKD_TINY
 #undef SUFFIX
 
 #define R double
@@ -307,7 +305,6 @@ static inline v_f64 vlog_f64(v_f64 x) {
 #define VMAX vmax_f64
 #define VLOAD_TAIL vload_tail_f64
 #define VSTORE_TAIL vstore_tail_f64
-#define TESKD_TINY 2.2250738585072014e-308 /* DBL_MIN */
 #define SUFFIX f64
 #include "teskd_loss_cpu_impl.h"
 #undef R
@@ -320,7 +317,6 @@ static inline v_f64 vlog_f64(v_f64 x) {
 #undef VMAX
 #undef VLOAD_TAIL
 #undef VSTORE_TAIL
-#undef TESKD_TINY
 #undef SUFFIX
 
 /* Checks of the polynomials, used by the tests: out[i] = exp(x[i]) or log(x[i]) in float. */

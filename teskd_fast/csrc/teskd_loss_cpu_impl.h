@@ -1,6 +1,7 @@
 /* One instantiation of the fused TESKD loss for the element type R (float or double). Included twice by
  * teskd_loss_cpu.c, which defines R, its 64-byte vector type V (W lanes) and the matching integer vector VI,
- * VEXP and VLOG (exponential and logarithm of a vector), TESKD_TINY (the smallest normal R) and SUFFIX.
+ * VEXP and VLOG (exponential and logarithm of a vector), VHSUM and VHMAX (horizontal sum and maximum), VMAX
+ * (lane-wise maximum), VLOAD_TAIL and VSTORE_TAIL (the first n < W lanes) and SUFFIX.
  *
  * Rows [row_begin, row_end) of the batch, for each row b:
  *   every head h (teacher h = 0, students 1..K): m = max z, s1 = sum exp(z - m), sT = sum exp((z - m) / T);
@@ -31,17 +32,6 @@ static inline V CAT(vload, SUFFIX)(const R* p) {
 static inline void CAT(vstore, SUFFIX)(R* p, V v) { memcpy(p, &v, sizeof v); }
 
 static inline V CAT(vsplat, SUFFIX)(R x) { return (V){0} + x; }
-
-/* mask ? a : b, mask lanes all ones or all zeros (the result of a vector comparison). */
-static inline V CAT(vselect, SUFFIX)(VI mask, V a, V b) {
-    VI ai, bi;
-    memcpy(&ai, &a, sizeof a);
-    memcpy(&bi, &b, sizeof b);
-    VI ri = (mask & ai) | (~mask & bi);
-    V r;
-    memcpy(&r, &ri, sizeof r);
-    return r;
-}
 
 /* 1 where mask, else 0 (multiplying by it keeps NaN, unlike a select). */
 static inline V CAT(vindicator, SUFFIX)(VI mask) { return __builtin_convertvector(-mask, V); }
