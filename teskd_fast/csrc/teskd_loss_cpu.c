@@ -1,10 +1,11 @@
 /* The TESKD loss on the CPU, fused: one pass per batch row computes every head's cross-entropy, every student's
- * KL divergence from the teacher, the feature term, and the gradients of all inputs (../shared/SPEC.md, "Loss";
- * the same closed form as teskd_fast/closed_form.py and the Triton kernel).
+ * KL divergence from the teacher, the feature term, and the gradients of all logits (../shared/SPEC.md, "Loss";
+ * the same closed form as teskd_fast/closed_form.py and the Triton kernel); teskd_feature_grad gives the feature
+ * gradient in the backward, teskd_scale the grad_output scaling.
  *
  * Built at first use by teskd_fast/cpu_kernel.py (plain C, no Python or torch headers) and called through ctypes,
  * which releases the GIL: row ranges may run on several threads. Two instantiations of teskd_loss_cpu_impl.h:
- * float (vectorisable exp/log polynomials below, about 1 ulp) and double (libm, for float64 inputs and tests).
+ * float (vector exp/log polynomials below, about 1 ulp) and double (libm, for float64 inputs and tests).
  */
 #include <math.h>
 #include <stdint.h>
