@@ -7,8 +7,9 @@ tensors, and falls back to its batched PyTorch ops where no C compiler is found.
 
 The source is plain C (no Python or torch headers: it compiles in about a second) and is built with the
 system's C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``) for this CPU (``-march=native``; without it if
-the compiler rejects the flag) into a per-user cache, ``$TESKD_FAST_CACHE_DIR`` or ``~/.cache/teskd_fast``, keyed by the source, compiler, flags and
-CPU; it is written atomically, so concurrent processes never load a partial file. ctypes releases the GIL for
+the compiler rejects the flag) into a per-user cache, ``$TESKD_FAST_CACHE_DIR`` or ``~/.cache/teskd_fast``,
+keyed by the source, compiler, flags and CPU; it is written atomically, so concurrent processes never load a
+partial file. ctypes releases the GIL for
 the call, so large batches are split into row ranges computed on several threads, and the per-row partial
 sums are then reduced in row order: the result does not depend on the split.
 
