@@ -46,7 +46,8 @@ class TESKDLossFunction(torch.autograd.Function):
         T, ce_weight, kd_weight, feat_weight, kd_eps, detach_teacher, label_smoothing, ignore_index = options
         students, student_features = tensors[:K], tensors[K:] or None
         acc = torch.float64 if teacher.dtype == torch.float64 else torch.float32
-        ctx.dtypes = (teacher.dtype, students[0].dtype, None if teacher_feature is None else tensors[K].dtype)
+        # Gradients go back in the input dtypes (the students share the teacher's, checked by teskd_loss).
+        ctx.dtypes = (teacher.dtype, None if teacher_feature is None else tensors[K].dtype)
         ctx.K = K
         if fused:
             cast = [t if t.dtype == acc and t.is_contiguous() else t.to(acc).contiguous() for t in (teacher, *tensors)]
@@ -64,7 +65,7 @@ class TESKDLossFunction(torch.autograd.Function):
 
         ctx.fused = False
         B, C = teacher.shape
-        z = torch.cat([teacher.unsqueeze(0), *(s.unsqueeze(0) for s in students)], 0)  # [K+1, B, C], ours
+        z = torch.stack([teacher, *students], 0)  # [K+1, B, C], ours to overwrite
         if z.dtype != acc:
             z = z.to(acc)
 
@@ -135,7 +136,7 @@ class TESKDLossFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_total, grad_parts):
-        t_dtype, _, f_dtype = ctx.dtypes
+        t_dtype, f_dtype = ctx.dtypes
         K = ctx.K
         needs = ctx.needs_input_grad
         if ctx.fused:

@@ -79,10 +79,6 @@ class _Heads:
     def dtype(self):
         return self.tensors[0].dtype
 
-    @property
-    def device(self):
-        return self.tensors[0].device
-
 
 def _flat_feature(t):
     """``[B, D]`` or ``[B, D, 1, 1]`` -> ``[B, D]`` (and ``[K, B, D, 1, 1]`` -> ``[K, B, D]``)."""
