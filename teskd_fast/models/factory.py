@@ -3,6 +3,7 @@
 import torch
 import torch.nn as nn
 
+from .cpu_conv import avoid_strided_pointwise_bug
 from .fast import FastTESKDNet
 from .resnet import build_resnet, check_arch
 from .teskd import TESKDNet
@@ -14,6 +15,8 @@ def _network(formulation, backbone, num_classes, **kwargs):
     if formulation not in FORMULATIONS:
         raise ValueError(f"unknown formulation {formulation!r}; choose 'fast' or 'faithful'")
     model = FORMULATIONS[formulation](backbone, num_classes, **kwargs)
+    # Strided 1x1 convs with few input channels crash oneDNN's backward on the CPU: see cpu_conv.
+    avoid_strided_pointwise_bug(model)
     if formulation == "fast":
         model = model.to(memory_format=torch.channels_last)
     return model
