@@ -8,6 +8,7 @@ from tolerances import assert_close, assert_rms_close
 
 import teskd_fast
 from teskd_fast import TESKDLoss, TESKDOutput, teskd_loss
+from teskd_fast.loss import LossOptions
 
 HAS_CUDA = torch.cuda.is_available()
 TRITON_OK = HAS_CUDA or os.environ.get("TRITON_INTERPRET") == "1"
@@ -96,8 +97,8 @@ def grad_output(dtype):
 
 @pytest.fixture(params=["fused", "batched"])
 def cpu_path(request, monkeypatch):
-    """The torch backend's two CPU forwards: the fused C kernel (teskd_fast.cpu_kernel) or the batched ops."""
-    from teskd_fast import cpu_kernel
+    """The torch backend's two CPU forwards: the fused C kernel (kernels/teskd_loss_cpu.py) or the batched ops."""
+    from teskd_fast.kernels import teskd_loss_cpu as cpu_kernel
 
     fused = request.param == "fused"
     monkeypatch.setenv("TESKD_FAST_CPU_KERNEL", "1" if fused else "0")
@@ -446,8 +447,7 @@ def test_triton_masks_out_of_range_targets_like_ignore_index(poisoned):
     teacher, students, target, feats = make_inputs(6, 10, 2, 8, device=device)
     bad = target.clone()
     bad[1], bad[4] = 10 + 5, -7
-    total, parts, grad, grad_feat = teskd_fwd(teacher, students, bad, *feats, (1.0,) * 3, 4.0, 0.2, 0.8, 1e-7, 1e-7,
-                                              False, 0.0, -100)  # fmt: skip
+    total, parts, grad, grad_feat = teskd_fwd(teacher, students, bad, *feats, (1.0,) * 3, LossOptions())
     masked = target.clone()
     masked[1], masked[4] = -100, -100
     want = run("reference", teacher.double(), students.double(), masked, tuple(f.double() for f in feats),
