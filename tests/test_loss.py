@@ -371,6 +371,7 @@ def _good():
             r"student_logits: expected a \[K, B, C\]",
         ),
         (lambda a: a.update(student_logits=[]), ValueError, r"K = 0"),
+        (lambda a: a.update(student_logits=a["student_logits"][:0]), ValueError, r"student_logits: K = 0 students"),
         (lambda a: a.update(target=a["target"].float()), TypeError, r"target: expected integer.*float32"),
         (lambda a: a.update(target=a["target"][:3]), ValueError, r"target: expected shape \[B\] = \[4\], got \(3,\)"),
         (lambda a: a.update(target=a["target"].to("meta")), ValueError, r"target: on meta.*teacher_logits is on cpu"),
@@ -410,13 +411,15 @@ def test_bad_input_errors(change, error, match):
         ({"temperature": -1.0}, r"temperature"),
         ({"temperature": float("nan")}, r"temperature"),
         ({"head_weights": [1.0, 1.0]}, r"head_weights: expected K \+ 1 = 4"),
+        ({"head_weights": torch.ones(2, 2)}, r"head_weights: expected K \+ 1 = 4 numbers .*shape \(2, 2\)"),
+        ({"head_weights": ["a"] * 4}, r"head_weights: expected K \+ 1 = 4 numbers"),
         ({"label_smoothing": 1.5}, r"label_smoothing"),
         ({"kd_eps": -1.0}, r"kd_eps"),
         ({"backend": "cuda"}, r"backend: expected one of"),
     ],
 )
 def test_bad_option_errors(options, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises((ValueError, TypeError), match=match):
         teskd_loss(**_good(), **options)
 
 
