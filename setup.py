@@ -1,7 +1,7 @@
 """teskd_fast: fast, faithful TESKD (Teacher Evolution via Self-Knowledge Distillation).
 
-The Triton kernels live in the top-level ``kernels/`` folder of the source tree and install as the
-subpackage ``teskd_fast.kernels`` (never as a global module named ``kernels``).
+The hand-written kernels (Triton, and the C kernel for the CPU) live in the top-level ``kernels/`` folder of the
+source tree and install as the subpackage ``teskd_fast.kernels`` (never as a global module named ``kernels``).
 """
 
 from setuptools import setup
@@ -13,10 +13,13 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["teskd_fast", "teskd_fast.kernels", "teskd_fast.models", "teskd_fast.data", "teskd_fast.train"],
+    packages=[
+        "teskd_fast", "teskd_fast.kernels", "teskd_fast.loss", "teskd_fast.models", "teskd_fast.data",
+        "teskd_fast.train",
+    ],  # fmt: skip
     package_dir={"teskd_fast": "teskd_fast", "teskd_fast.kernels": "kernels"},
-    # The fused CPU loss kernel ships as C source, built at first use (teskd_fast/cpu_kernel.py).
-    package_data={"teskd_fast": ["csrc/*.c", "csrc/*.h"]},
+    # The fused CPU loss kernel ships as C source, built at first use (kernels/teskd_loss_cpu.py).
+    package_data={"teskd_fast.kernels": ["csrc/*.c", "csrc/*.h"]},
     # torch 2.11 (with Triton 3.6) is the oldest release the code is tested on; 2.14.1 is pinned for CI.
     install_requires=[
         "torch>=2.11,<2.15",

@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from teskd_fast.loss.options import LossOptions
+
 MAX_TILE = 8192
 
 # Allocators of every buffer a kernel writes; the tests swap in NaN-filled ones to catch unwritten elements.
@@ -271,16 +273,9 @@ def teskd_fwd(
     teacher_feature,
     student_features,
     head_weights,
-    temperature,
-    ce_weight,
-    kd_weight,
-    feat_weight,
-    kd_eps,
-    detach_teacher,
-    label_smoothing,
-    ignore_index,
+    options,
 ):
-    """Launch the forward kernel.
+    """Launch the forward kernel (``options``: a :class:`~teskd_fast.loss.options.LossOptions`).
 
     Returns:
         total ``[]`` float32, parts ``[3]`` float32 (ce, kd, feat, unweighted), the logit gradients
@@ -311,7 +306,7 @@ def teskd_fwd(
     BLOCK_C = max(16, min(triton.next_power_of_2(C), MAX_TILE // BLOCK_K))
     BLOCK_D = max(16, min(triton.next_power_of_2(D), MAX_TILE // BLOCK_K))
     num_warps = 8 if BLOCK_K * BLOCK_C >= 4096 else 4
-    T = temperature
+    T = options.temperature
     _teskd_fwd_kernel[(B,)](
         teacher,
         students,
@@ -339,14 +334,14 @@ def teskd_fwd(
         1.0 / T,
         T / B,
         T * T / B,
-        kd_eps,
-        label_smoothing,
-        ce_weight,
-        kd_weight,
-        feat_weight,
-        ignore_index,
+        options.kd_eps,
+        options.label_smoothing,
+        options.ce_weight,
+        options.kd_weight,
+        options.feat_weight,
+        options.ignore_index,
         HAS_FEAT=has_feat,
-        DETACH=detach_teacher,
+        DETACH=options.detach_teacher,
         BLOCK_K=BLOCK_K,
         BLOCK_C=BLOCK_C,
         BLOCK_D=BLOCK_D,
@@ -384,22 +379,11 @@ def _teskd_loss_fwd_op(
     label_smoothing: float,
     ignore_index: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return teskd_fwd(
-        teacher,
-        students,
-        target,
-        teacher_feature,
-        student_features,
-        head_weights,
-        temperature,
-        ce_weight,
-        kd_weight,
-        feat_weight,
-        kd_eps,
-        detach_teacher,
-        label_smoothing,
-        ignore_index,
+    # A custom op's schema takes plain scalars: the options are unpacked at this boundary only.
+    options = LossOptions(
+        temperature, ce_weight, kd_weight, feat_weight, kd_eps, detach_teacher, label_smoothing, ignore_index
     )
+    return teskd_fwd(teacher, students, target, teacher_feature, student_features, head_weights, options)
 
 
 @_teskd_loss_fwd_op.register_fake
@@ -451,9 +435,9 @@ class TESKDLossTritonFunction(torch.autograd.Function):
     """Eager-mode autograd wrapper of the launchers: less host overhead than going through the custom ops."""
 
     @staticmethod
-    def forward(ctx, teacher, students, target, teacher_feature, student_features, head_weights, *options):
+    def forward(ctx, teacher, students, target, teacher_feature, student_features, head_weights, options):
         total, parts, grad, grad_feat = teskd_fwd(
-            teacher, students, target, teacher_feature, student_features, head_weights, *options
+            teacher, students, target, teacher_feature, student_features, head_weights, options
         )
         ctx.save_for_backward(grad, grad_feat)
         ctx.dtypes = (teacher.dtype, grad_feat.dtype if student_features is None else student_features.dtype)
@@ -466,7 +450,7 @@ class TESKDLossTritonFunction(torch.autograd.Function):
         grad, grad_feat = ctx.saved_tensors
         scaled, scaled_feat = teskd_bwd(grad_total, grad, grad_feat, *ctx.dtypes)
         has_feat = ctx.needs_input_grad[4]
-        return (scaled[0], scaled[1:], None, None, scaled_feat if has_feat else None) + (None,) * 9
+        return scaled[0], scaled[1:], None, None, scaled_feat if has_feat else None, None, None
 
 
 def teskd_loss_triton(
@@ -476,27 +460,18 @@ def teskd_loss_triton(
     teacher_feature,
     student_features,
     head_weights,
-    *,
-    temperature,
-    ce_weight,
-    kd_weight,
-    feat_weight,
-    kd_eps,
-    detach_teacher,
-    label_smoothing,
-    ignore_index,
+    options,
 ):
     """The fused TESKD loss (inputs validated by ``teskd_fast.teskd_loss``). Returns (total, detached parts).
 
     Eager mode goes through an autograd.Function; under ``torch.compile`` through the custom ops, which the
     compiler treats as opaque nodes (no graph break).
     """
-    options = (temperature, ce_weight, kd_weight, feat_weight, kd_eps, detach_teacher, label_smoothing, ignore_index)
     if torch.compiler.is_compiling():
         total, parts, _, _ = torch.ops.teskd_fast.teskd_loss_fwd(
             teacher, students, target, teacher_feature, student_features, list(head_weights), *options
         )
         return total, parts.detach()
     return TESKDLossTritonFunction.apply(
-        teacher, students, target, teacher_feature, student_features, head_weights, *options
+        teacher, students, target, teacher_feature, student_features, head_weights, options
     )

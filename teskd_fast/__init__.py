@@ -9,6 +9,7 @@ import importlib
 __version__ = "0.1.0"
 
 __all__ = [
+    "LossOptions",
     "TESKDLoss",
     "TESKDOutput",
     "teskd_loss",
@@ -23,6 +24,7 @@ __all__ = [
 _LAZY = {
     "TESKDLoss": "teskd_fast.loss",
     "teskd_loss": "teskd_fast.loss",
+    "LossOptions": "teskd_fast.loss",
     "TESKDOutput": "teskd_fast.outputs",
     "create_model": "teskd_fast.models",
     "wrap": "teskd_fast.models",

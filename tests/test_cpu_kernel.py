@@ -1,4 +1,4 @@
-"""The fused CPU kernel of the torch backend: teskd_fast/csrc, built and called by :mod:`teskd_fast.cpu_kernel`.
+"""The fused CPU kernel of the torch backend: kernels/csrc, built and called by teskd_fast.kernels.teskd_loss_cpu.
 
 Its exp/log polynomials, invariance to how rows are split between threads, the feature gradient, NaN/inf
 semantics, large C, the integer-temperature special path, repeated backwards, non-contiguous inputs, and the
@@ -16,7 +16,9 @@ import torch
 from test_loss import make_inputs, reference64, run
 from tolerances import assert_close, assert_rms_close
 
-from teskd_fast import cpu_kernel, teskd_loss
+from teskd_fast import teskd_loss
+from teskd_fast.kernels import teskd_loss_cpu as cpu_kernel
+from teskd_fast.loss import LossOptions
 
 F32_ULP = 2.0**-23  # relative spacing of float32 numbers in [1, 2)
 NAN, INF = math.nan, math.inf
@@ -176,14 +178,7 @@ def kernel_args(dtype, B=41, C=1000, K=3, D=64, temperature=4.0):
         teacher_feature=f_t,
         student_features=list(f_s.unbind(0)),
         head_weights=tuple(1.0 + 0.25 * h for h in range(K + 1)),
-        temperature=temperature,
-        ce_weight=0.2,
-        kd_weight=0.8,
-        feat_weight=1e-3,
-        kd_eps=1e-7,
-        detach_teacher=False,
-        label_smoothing=0.1,
-        ignore_index=-100,
+        options=LossOptions(temperature=temperature, feat_weight=1e-3, label_smoothing=0.1),
     )
 
 
@@ -518,7 +513,8 @@ def test_torch_backend_calls_the_kernel_only_when_enabled(monkeypatch):
 LOSS_SCRIPT = r"""
 import sys, warnings
 import torch
-from teskd_fast import cpu_kernel, teskd_loss
+from teskd_fast import teskd_loss
+from teskd_fast.kernels import teskd_loss_cpu as cpu_kernel
 
 g = torch.Generator().manual_seed(0)
 teacher = torch.randn(6, 10, generator=g) * 3

@@ -8,6 +8,7 @@ from tolerances import assert_close, assert_rms_close
 
 import teskd_fast
 from teskd_fast import TESKDLoss, TESKDOutput, teskd_loss
+from teskd_fast.loss import LossOptions
 
 HAS_CUDA = torch.cuda.is_available()
 TRITON_OK = HAS_CUDA or os.environ.get("TRITON_INTERPRET") == "1"
@@ -96,8 +97,8 @@ def grad_output(dtype):
 
 @pytest.fixture(params=["fused", "batched"])
 def cpu_path(request, monkeypatch):
-    """The torch backend's two CPU forwards: the fused C kernel (teskd_fast.cpu_kernel) or the batched ops."""
-    from teskd_fast import cpu_kernel
+    """The torch backend's two CPU forwards: the fused C kernel (kernels/teskd_loss_cpu.py) or the batched ops."""
+    from teskd_fast.kernels import teskd_loss_cpu as cpu_kernel
 
     fused = request.param == "fused"
     monkeypatch.setenv("TESKD_FAST_CPU_KERNEL", "1" if fused else "0")
@@ -370,6 +371,7 @@ def _good():
             r"student_logits: expected a \[K, B, C\]",
         ),
         (lambda a: a.update(student_logits=[]), ValueError, r"K = 0"),
+        (lambda a: a.update(student_logits=a["student_logits"][:0]), ValueError, r"student_logits: K = 0 students"),
         (lambda a: a.update(target=a["target"].float()), TypeError, r"target: expected integer.*float32"),
         (lambda a: a.update(target=a["target"][:3]), ValueError, r"target: expected shape \[B\] = \[4\], got \(3,\)"),
         (lambda a: a.update(target=a["target"].to("meta")), ValueError, r"target: on meta.*teacher_logits is on cpu"),
@@ -409,13 +411,15 @@ def test_bad_input_errors(change, error, match):
         ({"temperature": -1.0}, r"temperature"),
         ({"temperature": float("nan")}, r"temperature"),
         ({"head_weights": [1.0, 1.0]}, r"head_weights: expected K \+ 1 = 4"),
+        ({"head_weights": torch.ones(2, 2)}, r"head_weights: expected K \+ 1 = 4 numbers .*shape \(2, 2\)"),
+        ({"head_weights": ["a"] * 4}, r"head_weights: expected K \+ 1 = 4 numbers"),
         ({"label_smoothing": 1.5}, r"label_smoothing"),
         ({"kd_eps": -1.0}, r"kd_eps"),
         ({"backend": "cuda"}, r"backend: expected one of"),
     ],
 )
 def test_bad_option_errors(options, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises((ValueError, TypeError), match=match):
         teskd_loss(**_good(), **options)
 
 
@@ -446,8 +450,7 @@ def test_triton_masks_out_of_range_targets_like_ignore_index(poisoned):
     teacher, students, target, feats = make_inputs(6, 10, 2, 8, device=device)
     bad = target.clone()
     bad[1], bad[4] = 10 + 5, -7
-    total, parts, grad, grad_feat = teskd_fwd(teacher, students, bad, *feats, (1.0,) * 3, 4.0, 0.2, 0.8, 1e-7, 1e-7,
-                                              False, 0.0, -100)  # fmt: skip
+    total, parts, grad, grad_feat = teskd_fwd(teacher, students, bad, *feats, (1.0,) * 3, LossOptions())
     masked = target.clone()
     masked[1], masked[4] = -100, -100
     want = run("reference", teacher.double(), students.double(), masked, tuple(f.double() for f in feats),

@@ -15,7 +15,7 @@ STUDENT_PARTS = {"laterals": 4, "upsample": 3}
 
 
 def official_keys(arch, num_classes, stem):
-    """The reference's state_dict keys and shapes, assembled from ../shared/SPEC.md: torchvision backbone + students."""
+    """The reference's state_dict keys and shapes, assembled from docs/method.md: torchvision backbone + students."""
     with torch.device("meta"):
         net = getattr(torchvision.models, arch)(num_classes=num_classes)
         if stem == "cifar":

@@ -62,15 +62,16 @@ def test_only_small_strided_pointwise_convs_are_routed(formulation):
     full = teskd_fast.create_model("resnet18", 10, stem="cifar", formulation=formulation)
     assert not any(isinstance(m, UnitStridePointwiseConv2d) for m in full.modules())
     assert small.state_dict().keys() == full.state_dict().keys()
-    assert all(m.in_channels >= SMALL_CHANNELS for m in full.modules() if isinstance(m, nn.Conv2d) and m.stride != (1, 1)
-               and m.kernel_size == (1, 1))
+    strided_pointwise = [m for m in full.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1)
+                         and m.stride != (1, 1)]  # fmt: skip
+    assert strided_pointwise and all(m.in_channels >= SMALL_CHANNELS for m in strided_pointwise)
 
 
 @pytest.mark.parametrize("dispatch", sorted(DISPATCHES))
 def test_strided_pointwise_weight_gradients_are_right_on_every_dispatch(dispatch):
     # Every input channel count below the block, at the sizes where the raw op fails: the module's weight
     # gradient (float32, oneDNN) against float64 (PyTorch's own kernel).
-    out = run_isolated(f"""
+    out = run_isolated("""
         import torch, torch.nn as nn
         from teskd_fast.models.cpu_conv import UnitStridePointwiseConv2d, SMALL_CHANNELS
         torch.manual_seed(0)

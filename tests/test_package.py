@@ -31,13 +31,13 @@ def test_non_editable_install_maps_kernels_into_the_package(tmp_path):
     assert (target / "teskd_fast" / "kernels" / "teskd_loss.py").is_file()
     assert not (target / "kernels").exists(), "kernels/ must not install as a global module"
     for name in ("teskd_loss_cpu.c", "teskd_loss_cpu_impl.h"):  # the fused CPU kernel's source ships as data
-        assert (target / "teskd_fast" / "csrc" / name).is_file(), name
+        assert (target / "teskd_fast" / "kernels" / "csrc" / name).is_file(), name
     # Run from an empty folder with only the installed copy on the path: no source checkout visible.
     out = _run(
         """
         import importlib.util, shutil
         import teskd_fast, teskd_fast.kernels.teskd_loss as k
-        from teskd_fast import cpu_kernel
+        from teskd_fast.kernels import teskd_loss_cpu as cpu_kernel
         print(teskd_fast.__file__)
         print(k.__file__)
         print(importlib.util.find_spec("kernels"))

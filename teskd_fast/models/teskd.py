@@ -1,4 +1,4 @@
-"""TESKD networks: a teacher backbone plus three students on an FPN-like top-down path (../shared/SPEC.md, "Network").
+"""TESKD networks: a teacher backbone plus three students on an FPN-like top-down path (docs/method.md, "Network").
 
 ``TESKDNet`` is the ``faithful`` formulation: the reference's modules, called module by module. ``FastTESKDNet``
 (``formulation="fast"``) has the very same modules and parameters (identical state_dict) and computes the same

@@ -1,9 +1,10 @@
-"""The fused CPU kernel of the TESKD loss: ``teskd_fast/csrc``, built at first use and called through ctypes.
+"""The fused CPU kernel of the TESKD loss: ``kernels/csrc`` (installed as ``teskd_fast/kernels/csrc``), built at
+first use and called through ctypes.
 
 One pass per batch row computes every head's cross-entropy, every student's KL divergence, the feature term
 and the gradients of all logits, as the Triton kernel does on the GPU (the feature gradient, linear in the
-inputs, comes from :func:`feature_grad` in the backward); ``closed_form.TESKDLossFunction`` calls it for CPU
-tensors, and falls back to its batched PyTorch ops where no C compiler is found.
+inputs, comes from :func:`feature_grad` in the backward); ``teskd_fast.loss.closed_form.TESKDLossFunction``
+calls it for CPU tensors, and falls back to its batched PyTorch ops where no C compiler is found.
 
 The source is plain C (no Python or torch headers: it compiles in about a second) and is built with the
 system's C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``) for this CPU (``-march=native``; without it if
@@ -42,7 +43,7 @@ _MIN_PARALLEL_WORK = 1 << 18
 
 
 class _Options(ctypes.Structure):
-    """Mirror of ``teskd_options`` in teskd_loss_cpu.c."""
+    """Mirror of ``teskd_options`` in teskd_loss_cpu.c: the shape, a row range and the loss's options."""
 
     _fields_ = [
         *((name, ctypes.c_int64) for name in ("K", "B", "C", "D", "row_begin", "row_end")),
@@ -210,46 +211,38 @@ def _run_rows(fn, opts, *args):
     return list(_thread_pool().map(lambda o: fn(ctypes.byref(o), *args), opts))
 
 
-def _options(K, B, C, D, work, *rest):
-    """The kernel's options, one per row range; cached (a loss is called with the same few shapes)."""
-    key = (K, B, C, D, work, torch.get_num_threads(), _MIN_PARALLEL_WORK, *rest)
+def _options(K, B, C, D, work, options):
+    """The kernel's struct, one per row range; cached (a loss is called with the same few shapes).
+
+    ``options`` (a :class:`~teskd_fast.loss.options.LossOptions`) is unpacked here, by field name; None for the
+    feature gradient, which reads only the shape and the row range."""
+    key = (K, B, C, D, work, torch.get_num_threads(), _MIN_PARALLEL_WORK, options)
     opts = _OPTIONS.get(key)
     if opts is None:
         if len(_OPTIONS) > 256:
             _OPTIONS.clear()
-        opts = _OPTIONS[key] = [_Options(K, B, C, D, begin, end, *rest) for begin, end in _chunks(B, work)]
+        fields = {} if options is None else options._asdict()
+        opts = _OPTIONS[key] = [
+            _Options(K=K, B=B, C=C, D=D, row_begin=begin, row_end=end, **fields) for begin, end in _chunks(B, work)
+        ]
     return opts
 
 
 def target_error(target, index, num_classes, ignore_index):
-    """The error for an out-of-range class index (shared with ``teskd_fast.loss``)."""
+    """The error for an out-of-range class index (also raised by ``teskd_fast.teskd_loss``'s own check)."""
     return ValueError(
         f"target: class index {int(target[index])} at position {index} is out of range [0, {num_classes}) "
         f"(and is not ignore_index={ignore_index})"
     )
 
 
-def fused_loss(
-    teacher,
-    students,
-    target,
-    teacher_feature,
-    student_features,
-    head_weights,
-    temperature,
-    ce_weight,
-    kd_weight,
-    feat_weight,
-    kd_eps,
-    detach_teacher,
-    label_smoothing,
-    ignore_index,
-):
+def fused_loss(teacher, students, target, teacher_feature, student_features, head_weights, options):
     """Loss and unscaled logit gradients in one call; also checks the targets (a ValueError names the first
     out-of-range one).
 
     Inputs: contiguous CPU tensors of one dtype, float32 or float64: teacher ``[B, C]``, students a sequence of
-    K ``[B, C]``, features ``[B, D]`` and K ``[B, D]`` (or None); target int64 ``[B]``.
+    K ``[B, C]``, features ``[B, D]`` and K ``[B, D]`` (or None); target int64 ``[B]``; ``options`` a
+    :class:`~teskd_fast.loss.options.LossOptions`.
     Returns ``(total, parts, grad)``, ``grad`` the ``[K + 1, B, C]`` gradient of the logits (teacher first).
     """
     lib = library()
@@ -265,8 +258,7 @@ def fused_loss(
     rows = torch.empty((B, 3), dtype=torch.float64)
     parts = torch.empty(3, dtype=dtype)  # ce, kd, feat
     total = torch.empty((), dtype=dtype)
-    opts = _options(K, B, C, D, (K + 1) * B * C + K * B * D, ignore_index, detach_teacher, temperature, ce_weight,
-                    kd_weight, feat_weight, kd_eps, label_smoothing)  # fmt: skip
+    opts = _options(K, B, C, D, (K + 1) * B * C + K * B * D, options)
     single = len(opts) == 1
     codes = _run_rows(
         lib.teskd_rows_f64 if f64 else lib.teskd_rows_f32,
@@ -285,7 +277,7 @@ def fused_loss(
     if any(codes):
         code = max(codes)
         if code > 0:
-            raise target_error(target, code - 1, C, ignore_index)
+            raise target_error(target, code - 1, C, options.ignore_index)
         raise MemoryError(f"teskd_fast CPU kernel: could not allocate its scratch rows (C = {C}, K = {K})")
     if not single:
         (lib.teskd_reduce_rows_f64 if f64 else lib.teskd_reduce_rows_f32)(
@@ -300,7 +292,7 @@ def feature_grad(teacher_feature, student_features, scale):
     B, D = teacher_feature.shape
     dtype = teacher_feature.dtype
     grad = torch.empty((K, B, D), dtype=dtype)
-    opts = _options(K, B, 0, D, 2 * K * B * D, 0, 0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+    opts = _options(K, B, 0, D, 2 * K * B * D, None)
     fn = getattr(library(), f"teskd_feature_grad_{'f64' if dtype == torch.float64 else 'f32'}")
     _run_rows(fn, opts, teacher_feature.data_ptr(), _pointers(student_features), grad.data_ptr(), float(scale))
     return grad

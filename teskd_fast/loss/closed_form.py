@@ -1,7 +1,7 @@
 """The TESKD loss with closed-form gradients over batched ops (``backend="torch"``): the CPU fast path.
 
 All K + 1 heads are stacked into one ``[K + 1, B, C]`` tensor so that each step is one op for every head.
-The forward computes the loss and the gradient of every input at once (../shared/SPEC.md, "Loss"):
+The forward computes the loss and the gradient of every input at once (docs/method.md, "Loss"):
 
     d CE_h / d z_h  = w_h (softmax(z_h) - y_smooth) * valid / n_valid
     d KD_k / d z_k  = (T / B) (Q_k (1 + C eps) - (P + eps))
@@ -9,14 +9,14 @@ The forward computes the loss and the gradient of every input at once (../shared
     d FEA_k / d f_k = 2 (f_k - f_t) mask
 
 and the backward scales the stored gradients by grad_output. On the CPU (outside ``torch.compile``) the forward
-runs the fused C kernel of :mod:`teskd_fast.cpu_kernel`, one pass per row over all heads, which computes the same
-closed form; the batched ops below are its fallback where no C compiler is found, and what ``torch.compile``
-traces.
+runs the fused C kernel of :mod:`teskd_fast.kernels.teskd_loss_cpu`, one pass per row over all heads, which
+computes the same closed form; the batched ops below are its fallback where no C compiler is found, and what
+``torch.compile`` traces.
 """
 
 import torch
 
-from teskd_fast import cpu_kernel
+from teskd_fast.kernels import teskd_loss_cpu as cpu_kernel
 
 _CONSTANTS = {}
 
@@ -37,9 +37,9 @@ def use_fused(device):
 class TESKDLossFunction(torch.autograd.Function):
     """``apply(teacher, target, teacher_feature, head_weights, options, K, fused, *students, *student_features)``:
     the K students' logits (and features, when ``teacher_feature`` is given) as separate tensors, so that lists
-    are never stacked; ``options`` = (temperature, ce_weight, kd_weight, feat_weight, kd_eps, detach_teacher,
-    label_smoothing, ignore_index); ``fused``: run the fused CPU kernel (CPU tensors, eager mode, kernel built:
-    see :func:`use_fused`), else the batched ops. Returns ``(total, parts)``."""
+    are never stacked; ``options`` a :class:`~teskd_fast.loss.options.LossOptions`; ``fused``: run the fused CPU
+    kernel (CPU tensors, eager mode, kernel built: see :func:`use_fused`), else the batched ops.
+    Returns ``(total, parts)``."""
 
     @staticmethod
     def forward(ctx, teacher, target, teacher_feature, head_weights, options, K, fused, *tensors):
@@ -53,7 +53,7 @@ class TESKDLossFunction(torch.autograd.Function):
             cast = [t if t.dtype == acc and t.is_contiguous() else t.to(acc).contiguous() for t in (teacher, *tensors)]
             f_t = None if teacher_feature is None else teacher_feature.to(acc).contiguous()
             kernel_args = (cast[0], cast[1 : K + 1], target.contiguous(), f_t, cast[K + 1 :] or None, head_weights)
-            total, parts, grad = cpu_kernel.fused_loss(*kernel_args, *options)
+            total, parts, grad = cpu_kernel.fused_loss(*kernel_args, options)
             # The first backward hands this buffer out as the gradients (scaled in place); a second one
             # (retain_graph=True) recomputes it from the inputs, checked unmodified. The feature gradient, linear
             # in the inputs, is always computed in the backward.
@@ -175,4 +175,4 @@ class TESKDLossFunction(torch.autograd.Function):
                 "teskd_loss: the logits, student features or target were modified in place after the forward; a "
                 "second backward through this graph (retain_graph=True) needs them unchanged"
             )
-        return cpu_kernel.fused_loss(*kernel_args, *options)[2]
+        return cpu_kernel.fused_loss(*kernel_args, options)[2]

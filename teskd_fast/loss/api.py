@@ -1,9 +1,11 @@
-"""The TESKD loss: one function, one module, three backends.
+"""The TESKD loss's public API: ``teskd_loss`` and ``TESKDLoss``.
 
-``teskd_loss`` validates its inputs (clear errors naming the argument, shapes and dtypes) and dispatches to
+``teskd_loss`` validates its inputs (clear errors naming the argument, shapes and dtypes), gathers its options in
+one :class:`~teskd_fast.loss.options.LossOptions` and dispatches to
 
-- ``"reference"``: :mod:`teskd_fast.naive`, the plain PyTorch composition (the oracle);
-- ``"torch"``: :mod:`teskd_fast.closed_form`, closed-form gradients over batched ops (the CPU fast path);
+- ``"reference"``: :mod:`teskd_fast.loss.reference`, the plain PyTorch composition (the oracle);
+- ``"torch"``: :mod:`teskd_fast.loss.closed_form`, closed-form gradients in one autograd Function (the fused C
+  kernel ``teskd_fast.kernels.teskd_loss_cpu`` on the CPU, else batched ops);
 - ``"triton"``: ``teskd_fast.kernels.teskd_loss``, fused Triton kernels (CUDA; or the CPU under
   ``TRITON_INTERPRET=1``);
 - ``"auto"``: triton for CUDA tensors, torch elsewhere.
@@ -16,10 +18,12 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from teskd_fast import cpu_kernel
-from teskd_fast.closed_form import TESKDLossFunction, use_fused
-from teskd_fast.naive import teskd_loss_naive
+from teskd_fast.kernels.teskd_loss_cpu import target_error
 from teskd_fast.outputs import TESKDOutput
+
+from .closed_form import TESKDLossFunction, use_fused
+from .options import LossOptions
+from .reference import teskd_loss_reference
 
 BACKENDS = ("auto", "reference", "torch", "triton")
 _LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -40,6 +44,8 @@ def _heads(name, value, expect_rank):
                 f"{name}: expected a [K, B, {'C' if name == 'student_logits' else 'D'}] tensor or a sequence of K "
                 f"tensors, got a tensor of shape {_shape(value)}"
             )
+        if value.shape[0] == 0:
+            raise ValueError(f"{name}: K = 0 students (a tensor of shape {_shape(value)}); TESKD needs at least one")
         return _Heads(value, value.unbind(0))
     if not isinstance(value, Sequence) or isinstance(value, str):
         raise TypeError(f"{name}: expected a tensor or a sequence of tensors, got {type(value).__name__}")
@@ -93,12 +99,15 @@ def _check_target_range(target, num_classes, ignore_index):
         return
     bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
     if bad.any():
-        raise cpu_kernel.target_error(target, int(bad.nonzero()[0, 0]), num_classes, ignore_index)
+        raise target_error(target, int(bad.nonzero()[0, 0]), num_classes, ignore_index)
 
 
-def _validate(
-    teacher_logits, student_logits, target, teacher_feature, student_features, head_weights, options, backend
-):
+def _check_float(name, t):
+    if t.dtype not in _LOGIT_DTYPES:
+        raise TypeError(f"{name}: dtype {t.dtype} is not one of float32, bfloat16, float16, float64")
+
+
+def _check_teacher(teacher_logits):
     if not isinstance(teacher_logits, torch.Tensor):
         raise TypeError(f"teacher_logits: expected a tensor, got {type(teacher_logits).__name__}")
     if teacher_logits.dim() != 2:
@@ -108,15 +117,11 @@ def _validate(
         raise ValueError(f"teacher_logits: empty batch, shape {_shape(teacher_logits)}")
     if C < 2:
         raise ValueError(f"teacher_logits: need at least 2 classes, got C = {C} (shape {_shape(teacher_logits)})")
-    if teacher_logits.dtype not in _LOGIT_DTYPES:
-        raise TypeError(
-            f"teacher_logits: dtype {teacher_logits.dtype} is not one of float32, bfloat16, float16, float64"
-        )
+    _check_float("teacher_logits", teacher_logits)
 
-    students = _heads("student_logits", student_logits, 2)
-    K = students.shape[0]
-    if K == 0:
-        raise ValueError("student_logits: K = 0 students; TESKD needs at least one student")
+
+def _check_students(students, teacher_logits):
+    K, (B, C) = len(students), teacher_logits.shape
     if students.shape[1:] != teacher_logits.shape:
         raise ValueError(
             f"student_logits: each student must match teacher_logits [B, C] = {[B, C]}, "
@@ -127,82 +132,85 @@ def _validate(
             f"student_logits: dtype {students.dtype} differs from teacher_logits dtype {teacher_logits.dtype}"
         )
 
+
+def _check_target(target, batch):
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"target: expected a tensor of class indices, got {type(target).__name__}")
     if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
         raise TypeError(f"target: expected integer class indices, got dtype {target.dtype}")
-    if target.dim() != 1 or target.shape[0] != B:
-        raise ValueError(f"target: expected shape [B] = [{B}], got {_shape(target)}")
+    if target.dim() != 1 or target.shape[0] != batch:
+        raise ValueError(f"target: expected shape [B] = [{batch}], got {_shape(target)}")
 
-    device = teacher_logits.device
-    tensors = {"student_logits": students, "target": target}
 
+def _features(teacher_feature, student_features, K, B):
+    """The ``[B, D]`` teacher feature and the K student features as :class:`_Heads`, checked; or None."""
     if (teacher_feature is None) != (student_features is None):
         raise ValueError("teacher_feature and student_features: give both or neither")
-    feats = None
-    if teacher_feature is not None:
-        if not isinstance(teacher_feature, torch.Tensor):
-            raise TypeError(f"teacher_feature: expected a tensor, got {type(teacher_feature).__name__}")
-        f_t = _flat_feature(teacher_feature)
-        if f_t.dim() != 2 or f_t.shape[0] != B:
-            raise ValueError(
-                f"teacher_feature: expected [B, D] or [B, D, 1, 1] with B = {B}, got {_shape(teacher_feature)}"
-            )
-        if isinstance(student_features, torch.Tensor):
-            f_s = _flat_feature(student_features)
-        else:
-            if isinstance(student_features, Sequence) and not isinstance(student_features, str):
-                student_features = [
-                    _flat_feature(f) if isinstance(f, torch.Tensor) else f for f in student_features
-                ]
-            f_s = student_features
-        f_s = _heads("student_features", f_s, 2)
-        if f_s.shape[0] != K:
-            raise ValueError(f"student_features: {f_s.shape[0]} students, but student_logits has K = {K}")
-        if f_s.shape[1:] != f_t.shape:
-            raise ValueError(
-                f"student_features: each student feature must match teacher_feature [B, D] = {list(f_t.shape)}, "
-                f"got {list(f_s.shape[1:])}"
-            )
-        for name, t in (("teacher_feature", f_t), ("student_features", f_s)):
-            if t.dtype not in _LOGIT_DTYPES:
-                raise TypeError(f"{name}: dtype {t.dtype} is not one of float32, bfloat16, float16, float64")
-        if f_s.dtype != f_t.dtype:
-            raise TypeError(f"student_features: dtype {f_s.dtype} differs from teacher_feature dtype {f_t.dtype}")
-        tensors.update(teacher_feature=f_t, student_features=f_s)
-        feats = (f_t, f_s)
-    for name, t in [(n, t) for n, v in tensors.items() for t in (v.tensors if isinstance(v, _Heads) else (v,))]:
+    if teacher_feature is None:
+        return None
+    if not isinstance(teacher_feature, torch.Tensor):
+        raise TypeError(f"teacher_feature: expected a tensor, got {type(teacher_feature).__name__}")
+    f_t = _flat_feature(teacher_feature)
+    if f_t.dim() != 2 or f_t.shape[0] != B:
+        raise ValueError(
+            f"teacher_feature: expected [B, D] or [B, D, 1, 1] with B = {B}, got {_shape(teacher_feature)}"
+        )
+    if isinstance(student_features, torch.Tensor):
+        student_features = _flat_feature(student_features)
+    elif isinstance(student_features, Sequence) and not isinstance(student_features, str):
+        student_features = [_flat_feature(f) if isinstance(f, torch.Tensor) else f for f in student_features]
+    f_s = _heads("student_features", student_features, 2)
+    if len(f_s) != K:
+        raise ValueError(f"student_features: {len(f_s)} students, but student_logits has K = {K}")
+    if f_s.shape[1:] != f_t.shape:
+        raise ValueError(
+            f"student_features: each student feature must match teacher_feature [B, D] = {list(f_t.shape)}, "
+            f"got {list(f_s.shape[1:])}"
+        )
+    _check_float("teacher_feature", f_t)
+    _check_float("student_features", f_s)
+    if f_s.dtype != f_t.dtype:
+        raise TypeError(f"student_features: dtype {f_s.dtype} differs from teacher_feature dtype {f_t.dtype}")
+    return f_t, f_s
+
+
+def _check_devices(device, named):
+    for name, t in named:
         if t.device != device:
             raise ValueError(
                 f"{name}: on {t.device}, but teacher_logits is on {device}: all inputs must share a device"
             )
 
-    temperature = options["temperature"]
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature: must be a finite number > 0, got {temperature!r}")
-    for name in ("ce_weight", "kd_weight", "feat_weight"):
-        if not math.isfinite(options[name]):
-            raise ValueError(f"{name}: must be finite, got {options[name]!r}")
-    if not (options["kd_eps"] >= 0 and math.isfinite(options["kd_eps"])):
-        raise ValueError(f"kd_eps: must be finite and >= 0, got {options['kd_eps']!r}")
-    if not 0.0 <= options["label_smoothing"] <= 1.0:
-        raise ValueError(f"label_smoothing: must lie in [0, 1], got {options['label_smoothing']!r}")
-    if head_weights is None:
-        head_weights = (1.0,) * (K + 1)
-    else:
-        head_weights = tuple(float(w) for w in head_weights)
-        if len(head_weights) != K + 1:
-            raise ValueError(
-                f"head_weights: expected K + 1 = {K + 1} weights (teacher first, then the {K} students), "
-                f"got {len(head_weights)}"
-            )
-        if not all(math.isfinite(w) for w in head_weights):
-            raise ValueError(f"head_weights: must be finite, got {head_weights}")
 
+def _head_weights(head_weights, K):
+    if head_weights is None:
+        return (1.0,) * (K + 1)
+    if isinstance(head_weights, torch.Tensor) and head_weights.dim() != 1:
+        raise ValueError(
+            f"head_weights: expected K + 1 = {K + 1} numbers (teacher first), got a tensor of shape "
+            f"{_shape(head_weights)}"
+        )
+    try:
+        weights = tuple(float(w) for w in head_weights)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(
+            f"head_weights: expected K + 1 = {K + 1} numbers (teacher first), got {head_weights!r}"
+        ) from exc
+    if len(weights) != K + 1:
+        raise ValueError(
+            f"head_weights: expected K + 1 = {K + 1} weights (teacher first, then the {K} students), got {len(weights)}"
+        )
+    if not all(math.isfinite(w) for w in weights):
+        raise ValueError(f"head_weights: must be finite, got {weights}")
+    return weights
+
+
+def _backend(backend, teacher_logits, feats):
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    device = teacher_logits.device
     if backend == "auto":
-        backend = "triton" if device.type == "cuda" and teacher_logits.dtype != torch.float64 else "torch"
+        return "triton" if device.type == "cuda" and teacher_logits.dtype != torch.float64 else "torch"
     if backend == "triton":
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError(
@@ -212,11 +220,22 @@ def _validate(
         for name, t in [("teacher_logits", teacher_logits)] + ([("teacher_feature", feats[0])] if feats else []):
             if t.dtype == torch.float64:
                 raise TypeError(f"{name}: float64 is not supported by backend='triton'; use 'torch' or 'reference'")
-    # On the CPU in eager mode, targets are range-checked: here, or by the fused CPU kernel as it reads them.
-    fused = backend == "torch" and use_fused(device)
-    if device.type != "cuda" and not torch.compiler.is_compiling() and not fused:
-        _check_target_range(target, C, options["ignore_index"])
-    return students, feats, head_weights, backend, fused
+    return backend
+
+
+def _validate(teacher_logits, student_logits, target, teacher_feature, student_features, head_weights, backend):
+    """Check every input; returns ``(students, feats, head_weights, backend)``."""
+    _check_teacher(teacher_logits)
+    B, _ = teacher_logits.shape
+    students = _heads("student_logits", student_logits, 2)
+    _check_students(students, teacher_logits)
+    _check_target(target, B)
+    feats = _features(teacher_feature, student_features, len(students), B)
+    named = [("target", target), *(("student_logits", t) for t in students.tensors)]
+    if feats is not None:
+        named += [("teacher_feature", feats[0]), *(("student_features", t) for t in feats[1].tensors)]
+    _check_devices(teacher_logits.device, named)
+    return students, feats, _head_weights(head_weights, len(students)), _backend(backend, teacher_logits, feats)
 
 
 def teskd_loss(
@@ -239,7 +258,7 @@ def teskd_loss(
     return_parts=False,
     check_target=False,
 ):
-    """The TESKD loss of ../shared/SPEC.md: ``ce_weight * CE + kd_weight * KD + feat_weight * FEA``.
+    """The TESKD loss (docs/method.md, "Loss"): ``ce_weight * CE + kd_weight * KD + feat_weight * FEA``.
 
     CE is the cross-entropy of every head (teacher and students, weighted by ``head_weights``), mean over
     the batch (samples equal to ``ignore_index`` excluded, as in PyTorch). KD is the teacher-to-student
@@ -255,7 +274,7 @@ def teskd_loss(
         teacher_feature: the teacher's pooled feature, or None (then the feature term is skipped).
         student_features: the K students' pooled features, or None.
         temperature: T > 0 of the distillation softmaxes.
-        ce_weight, kd_weight, feat_weight: alpha, beta, gamma of SPEC.
+        ce_weight, kd_weight, feat_weight: alpha, beta, gamma of the method.
         head_weights: K + 1 weights of the cross-entropy terms, teacher first; default all 1.
         kd_eps: added to every class of the teacher's softened probabilities.
         detach_teacher: stop the KD gradient into the teacher logits (not TESKD; for ablations).
@@ -278,47 +297,39 @@ def teskd_loss(
         where ``parts`` holds the detached unweighted ``"ce"``, ``"kd"`` and ``"feat"`` scalars (no host
         synchronisation).
     """
-    options = dict(
-        temperature=temperature,
-        ce_weight=float(ce_weight),
-        kd_weight=float(kd_weight),
-        feat_weight=float(feat_weight),
-        kd_eps=float(kd_eps),
-        detach_teacher=bool(detach_teacher),
-        label_smoothing=float(label_smoothing),
-        ignore_index=int(ignore_index),
+    options = LossOptions.checked(
+        temperature=temperature, ce_weight=ce_weight, kd_weight=kd_weight, feat_weight=feat_weight, kd_eps=kd_eps,
+        detach_teacher=detach_teacher, label_smoothing=label_smoothing, ignore_index=ignore_index,
+    )  # fmt: skip
+    students, feats, head_weights, backend = _validate(
+        teacher_logits, student_logits, target, teacher_feature, student_features, head_weights, backend
     )
-    students, feats, head_weights, backend, fused = _validate(
-        teacher_logits, student_logits, target, teacher_feature, student_features, head_weights, options, backend
-    )
-    if check_target and teacher_logits.device.type == "cuda":
-        _check_target_range(target, teacher_logits.shape[1], options["ignore_index"])
-    options["temperature"] = float(temperature)
     f_t, f_s = feats if feats is not None else (None, None)
+    device = teacher_logits.device
+    # Targets are range-checked on the CPU in eager mode (by the fused kernel as it reads them, else here), and on
+    # CUDA when asked (a host synchronisation).
+    fused = backend == "torch" and use_fused(device)
+    eager_cpu = device.type != "cuda" and not torch.compiler.is_compiling()
+    if (eager_cpu and not fused) or (check_target and device.type == "cuda"):
+        _check_target_range(target, teacher_logits.shape[1], options.ignore_index)
 
     if backend == "reference":
-        total, ce, kd, feat = teskd_loss_naive(
-            teacher_logits,
-            list(students.tensors),
-            target.long(),
-            f_t,
-            None if f_s is None else list(f_s.tensors),
-            head_weights=head_weights,
-            **options,
-        )
+        total, ce, kd, feat = teskd_loss_reference(
+            teacher_logits, students.tensors, target.long(), f_t, None if f_s is None else f_s.tensors, head_weights,
+            options,
+        )  # fmt: skip
         parts = torch.stack([ce, kd, feat]).detach()
     elif backend == "torch":
-        o = options
-        opts = tuple(o[name] for name in _FUNCTION_OPTIONS)
         features = () if f_s is None else f_s.tensors
         total, parts = TESKDLossFunction.apply(
-            teacher_logits, target.long(), f_t, head_weights, opts, len(students), fused, *students.tensors, *features
-        )
+            teacher_logits, target.long(), f_t, head_weights, options, len(students), fused, *students.tensors,
+            *features,
+        )  # fmt: skip
     else:
         from teskd_fast.kernels.teskd_loss import teskd_loss_triton
 
         f_s = None if f_s is None else f_s.stacked
-        total, parts = teskd_loss_triton(teacher_logits, students.stacked, target, f_t, f_s, head_weights, **options)
+        total, parts = teskd_loss_triton(teacher_logits, students.stacked, target, f_t, f_s, head_weights, options)
     if return_parts:
         return total, {"ce": parts[0], "kd": parts[1], "feat": parts[2]}
     return total
@@ -353,27 +364,5 @@ class TESKDLoss(nn.Module):
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
 
 
-_FUNCTION_OPTIONS = (
-    "temperature",
-    "ce_weight",
-    "kd_weight",
-    "feat_weight",
-    "kd_eps",
-    "detach_teacher",
-    "label_smoothing",
-    "ignore_index",
-)
-_OPTION_NAMES = (
-    "temperature",
-    "ce_weight",
-    "kd_weight",
-    "feat_weight",
-    "head_weights",
-    "kd_eps",
-    "detach_teacher",
-    "label_smoothing",
-    "ignore_index",
-    "backend",
-    "return_parts",
-    "check_target",
-)
+# The keyword options of teskd_loss, the ones TESKDLoss accepts.
+_OPTION_NAMES = (*LossOptions._fields, "head_weights", "backend", "return_parts", "check_target")

@@ -1,9 +1,9 @@
 /* The TESKD loss on the CPU, fused: one pass per batch row computes every head's cross-entropy, every student's
- * KL divergence from the teacher, the feature term, and the gradients of all logits (../shared/SPEC.md, "Loss";
- * the same closed form as teskd_fast/closed_form.py and the Triton kernel); teskd_feature_grad gives the feature
+ * KL divergence from the teacher, the feature term, and the gradients of all logits (docs/method.md, "Loss";
+ * the same closed form as teskd_fast/loss/closed_form.py and the Triton kernel); teskd_feature_grad gives the feature
  * gradient in the backward, teskd_scale the grad_output scaling.
  *
- * Built at first use by teskd_fast/cpu_kernel.py (plain C, no Python or torch headers) and called through ctypes,
+ * Built at first use by kernels/teskd_loss_cpu.py (plain C, no Python or torch headers) and called through ctypes,
  * which releases the GIL: row ranges may run on several threads. Two instantiations of teskd_loss_cpu_impl.h:
  * float (vector exp/log polynomials below, about 1 ulp) and double (libm, for float64 inputs and tests).
  */
@@ -15,7 +15,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* Options shared by both instantiations; mirrored by a ctypes.Structure in cpu_kernel.py (keep in step). */
+/* Options shared by both instantiations; mirrored by a ctypes.Structure in teskd_loss_cpu.py (keep in step). */
 typedef struct {
     int64_t K, B, C, D;          /* students, batch, classes, feature width (0: no feature term) */
     int64_t row_begin, row_end;  /* the rows this call computes */
