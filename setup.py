@@ -30,6 +30,7 @@ setup(
         "matplotlib>=3.7",
         "scikit-learn>=1.3",
         "pillow>=9.0",
+        "einops>=0.8",
     ],
     extras_require={
         "dali": ["nvidia-dali-cuda130>=1.50"],

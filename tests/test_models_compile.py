@@ -126,3 +126,19 @@ def test_inductor_fullgraph_train_step_matches_eager():
 def test_compile_model_rejects_non_modules():
     with pytest.raises(TypeError, match="nn.Module"):
         teskd_fast.compile_model(lambda x: x)
+
+
+def test_einops_rearrangements_add_no_graph_break_and_no_recompile():
+    # einops (>= 0.8) registers its functions with dynamo: the student heads' patch convolution and the stacked
+    # heads are traced as plain reshapes/permutes, one graph, reused.
+    from torch._dynamo.utils import counters
+
+    from teskd_fast.models import patch_conv
+
+    compiled = torch.compile(patch_conv, fullgraph=True, backend="aot_eager")
+    x, weight, bias = torch.randn(2, 3, 8, 12), torch.randn(5, 3, 4, 4), torch.randn(5)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(3):
+            got = compiled(x, weight, bias)
+    assert unique_graphs() == 1 and not counters["graph_break"], (unique_graphs(), dict(counters["graph_break"]))
+    assert_close(got, torch.nn.functional.conv2d(x, weight, bias, stride=4), torch.float32, "patch conv")

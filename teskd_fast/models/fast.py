@@ -8,7 +8,7 @@ Equivalences used (all exact in real arithmetic; the tests compare both formulat
 - Fuse block: ``W @ concat(u + l, u) == (W_a + W_b) @ u + W_a @ l`` with ``W = [W_a | W_b]`` split along its input
   channels: no concat and no ``u + l`` tensor is materialised.
 - Student heads: a k x k conv with stride k sees disjoint patches, so it is one matmul of the patches
-  (einops: ``"b c (h i) (w j) -> b h w (i j c)"``) with the flattened weight; on the CPU this beats the
+  (``"b c (h i) (w j) -> b h w (i j c)"``) with the flattened weight; on the CPU this beats the
   strided convolution by a wide margin (bench/bench_models.py).
 - Up block BatchNorm (train mode) from the coarse map: the upsampled map's per-channel mean is a weighted sum of
   the coarse map (weights: the column sums of the interpolation matrices A_h, A_w), and its sum of squares is
@@ -27,8 +27,15 @@ BatchNorm layers are called as the faithful network calls them, so batch statist
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 from .teskd import TESKDNet, fit
+
+# einops keeps a cache of backends by tensor type, and torch.compile guards on its size: a type first seen after
+# a compilation (a Parameter, after plain tensors) would recompile every graph. Fill it now, for both types.
+for _t in (torch.empty(0), torch.nn.Parameter(torch.empty(0))):
+    rearrange(_t, "n -> n")
+del _t
 
 
 def interpolation_matrix(n_in, n_out, dtype, device):
@@ -96,14 +103,11 @@ def patch_conv(x, weight, bias):
         ``[B, O, H, W]`` in channels-last memory format; equals ``F.conv2d(x, weight, bias, stride=k)``.
     """
     k = weight.shape[-1]
-    batch, channels, height, width = x.shape
-    # einops: "b c (h i) (w j) -> b h w (i j c)": the patch under each output pixel, in (row, column, channel)
-    # order. Written with torch ops: einops' backend cache would add a recompiling guard under torch.compile.
-    patches = x.unflatten(2, (height // k, k)).unflatten(4, (width // k, k)).permute(0, 2, 4, 3, 5, 1)
-    patches = patches.reshape(batch, height // k, width // k, k * k * channels)
-    # "o c i j -> o (i j c)"
-    y = F.linear(patches, weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1), bias)  # [B, H, W, O]
-    return y.permute(0, 3, 1, 2)
+    # The patch under each output pixel, flattened in (row, column, channel) order: a plain view of channels-last
+    # memory up to the final copy; the weight flattened in the same order.
+    patches = rearrange(x, "b c (h i) (w j) -> b h w (i j c)", i=k, j=k)
+    y = F.linear(patches, rearrange(weight, "o c i j -> o (i j c)"), bias)
+    return rearrange(y, "b h w o -> b o h w")
 
 
 class FastTESKDNet(TESKDNet):
@@ -139,9 +143,9 @@ class FastTESKDNet(TESKDNet):
             h = patch_conv(fit(t, (k[0] * size4[0], k[1] * size4[1])), head[0].weight, head[0].bias)
             h = head[5](head[4](head[3](head[2](head[1](h)))))
             features.append(h.mean(dim=(2, 3)))
-        features = torch.stack(features)  # [3, B, W]
+        features = rearrange(features, "k b w -> k b w")  # the three heads stacked, deepest first
         fcs = (self.fc_b3, self.fc_b2, self.fc_b1)
-        weight = torch.stack([fc.weight for fc in fcs])  # [3, C, W]
-        bias = torch.stack([fc.bias for fc in fcs])  # [3, C]
-        logits = torch.baddbmm(bias.unsqueeze(1), features, weight.transpose(1, 2))  # [3, B, C]
+        weight = rearrange([fc.weight for fc in fcs], "k c w -> k w c")
+        bias = rearrange([fc.bias for fc in fcs], "k c -> k 1 c")
+        logits = torch.baddbmm(bias, features, weight)  # [3, B, C]
         return logits, features
