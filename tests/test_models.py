@@ -440,3 +440,29 @@ def test_fast_bf16_autocast_channels_last_step_on_cuda():
         assert all(torch.isfinite(p.grad).all() for p in fast.parameters() if p.grad is not None)
         losses.append(float(loss))
     assert abs(losses[0] - losses[1]) < 0.05 * abs(losses[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_up_block_statistics_are_float32_under_autocast(dtype):
+    # Under autocast the up block's conv output arrives in half precision; its batch statistics (and so the
+    # running statistics) must still be those of the upsampled map in float32, as nn.BatchNorm2d computes them.
+    torch.manual_seed(0)
+    y = (torch.randn(8, 16, 7, 5) * 3 + 1).to(dtype).contiguous(memory_format=torch.channels_last)
+    bn, ref = nn.BatchNorm2d(16), nn.BatchNorm2d(16)
+    with torch.autocast("cpu", dtype=dtype):
+        resize_bn_relu(y, bn, (14, 9))
+    ref(torch.nn.functional.interpolate(y.float(), size=(14, 9), mode="bilinear", align_corners=True))
+    # float32 rounding of the same statistics: 1e-5 relative; half-precision matmuls would be off by ~1e-3.
+    torch.testing.assert_close(bn.running_mean, ref.running_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(bn.running_var, ref.running_var, rtol=1e-5, atol=1e-6)
+
+
+def test_interpolation_statistics_are_built_once():
+    from teskd_fast.models.fast import interpolation_matrix, resize_statistics
+
+    first = resize_statistics(7, 14, torch.float32, torch.device("cpu"))
+    assert all(a is b for a, b in zip(first, resize_statistics(7, 14, torch.float32, torch.device("cpu"))))
+    a = interpolation_matrix(7, 14, torch.float64, "cpu")
+    col, gram = resize_statistics(7, 14, torch.float64, torch.device("cpu"))
+    assert_close(col, a.sum(0), torch.float64, "column sums")
+    assert_close(gram, a.t() @ a, torch.float64, "Gram matrix")

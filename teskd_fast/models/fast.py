@@ -52,6 +52,25 @@ def interpolation_matrix(n_in, n_out, dtype, device):
     return a.to(dtype)
 
 
+# (n_in, n_out, dtype, device) -> the column sums and Gram matrix of the interpolation matrix, built once.
+_RESIZE_STATS = {}
+
+
+def resize_statistics(n_in, n_out, dtype, device):
+    """``(A.sum(0), A.T @ A)`` of :func:`interpolation_matrix` ``A`` (``[n_in]``, ``[n_in, n_in]``).
+
+    Cached per (sizes, dtype, device) in eager mode: a dozen tiny launches per up block and step otherwise. Under
+    ``torch.compile`` they are traced (constants the compiler folds)."""
+    key = (n_in, n_out, dtype, device)
+    stats = None if torch.compiler.is_compiling() else _RESIZE_STATS.get(key)
+    if stats is None:
+        a = interpolation_matrix(n_in, n_out, dtype, device)
+        stats = (a.sum(0), a.t() @ a)
+        if not torch.compiler.is_compiling():
+            _RESIZE_STATS[key] = stats
+    return stats
+
+
 def resize_bn_relu(y, bn, size):
     """``relu(bn(interpolate(y, size, bilinear, align_corners=True)))`` with the BatchNorm computed on ``y``.
 
@@ -63,20 +82,11 @@ def resize_bn_relu(y, bn, size):
     Returns:
         ``[B, C, H, W]``, equal to the faithful up block's output.
     """
-    batch, _, h, w = y.shape
     if bn.training:
-        # Statistics in float32 at least (y is bf16/fp16 under autocast).
-        ys = y.float() if y.dtype in (torch.float16, torch.bfloat16) else y
-        a_h = interpolation_matrix(h, size[0], ys.dtype, y.device)  # [H, h]
-        a_w = interpolation_matrix(w, size[1], ys.dtype, y.device)  # [W, w]
-        n = batch * size[0] * size[1]
-        mean = (ys * torch.outer(a_h.sum(0), a_w.sum(0))).sum((0, 2, 3)) / n  # [C]
-        centred = ys - mean[:, None, None]
-        # sum over the upsampled map of (A_h Y A_w^T)^2 = sum(Y * (A_h^T A_h) Y (A_w^T A_w)).
-        # Contracted in [B, h, w, C] order: a plain view of channels-last memory, so each product is one GEMM.
-        c_nhwc = centred.permute(0, 2, 3, 1)
-        mixed = torch.matmul(a_w.t() @ a_w, torch.matmul(a_h.t() @ a_h, c_nhwc.flatten(2)).unflatten(2, (w, -1)))
-        var = (c_nhwc * mixed).sum((0, 1, 2)) / n  # [C]
+        # Statistics in float32 at least (y is bf16/fp16 under autocast), with autocast off: it would run the
+        # matmuls below in half precision, and the running statistics would drift from the faithful network's.
+        with torch.autocast(y.device.type, enabled=False):
+            mean, var, n = _upsampled_statistics(y.float() if y.dtype in (torch.float16, torch.bfloat16) else y, size)
         with torch.no_grad():
             bn.num_batches_tracked.add_(1)
             # momentum None: cumulative average, as nn.BatchNorm2d (a tensor here: no host sync under compile).
@@ -89,6 +99,22 @@ def resize_bn_relu(y, bn, size):
     shift = bn.bias - mean * scale
     z = (y * scale[:, None, None] + shift[:, None, None]).to(y.dtype)
     return F.relu(F.interpolate(z, size=size, mode="bilinear", align_corners=True))
+
+
+def _upsampled_statistics(y, size):
+    """Per-channel mean and (biased) variance of ``interpolate(y, size)`` (bilinear, align_corners) from ``y``."""
+    batch, _, h, w = y.shape
+    col_h, gram_h = resize_statistics(h, size[0], y.dtype, y.device)
+    col_w, gram_w = resize_statistics(w, size[1], y.dtype, y.device)
+    n = batch * size[0] * size[1]
+    mean = (y * torch.outer(col_h, col_w)).sum((0, 2, 3)) / n  # [C]
+    centred = y - mean[:, None, None]
+    # sum over the upsampled map of (A_h Y A_w^T)^2 = sum(Y * (A_h^T A_h) Y (A_w^T A_w)).
+    # Contracted in [B, h, w, C] order: a plain view of channels-last memory, so each product is one GEMM.
+    c_nhwc = centred.permute(0, 2, 3, 1)
+    mixed = torch.matmul(gram_w, torch.matmul(gram_h, c_nhwc.flatten(2)).unflatten(2, (w, -1)))
+    var = (c_nhwc * mixed).sum((0, 1, 2)) / n  # [C]
+    return mean, var, n
 
 
 def patch_conv(x, weight, bias):
