@@ -23,13 +23,16 @@ target vector (B integers), so the CE normaliser needs no extra launch. Out-of-r
 they never index memory and count like ignore_index.
 """
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
 
 from teskd_fast.loss.options import LossOptions
 
-MAX_TILE = 8192
+MAX_TILE = 4096
+MAX_FEATURE_TILE = 512
 
 # Allocators of every buffer a kernel writes; the tests swap in NaN-filled ones to catch unwritten elements.
 _empty = torch.empty
@@ -72,13 +75,15 @@ def _teskd_fwd_kernel(
     ignore_index,
     HAS_FEAT: tl.constexpr,
     DETACH: tl.constexpr,
+    NEED_GRAD: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_B: tl.constexpr,
 ):
+    # Offsets in 64 bits: K * B * C or K * B * D elements may exceed 2^31.
     i_b = tl.program_id(0).to(tl.int64)
-    o_k = tl.arange(0, BLOCK_K)
+    o_k = tl.arange(0, BLOCK_K).to(tl.int64)
     m_k = o_k < K
 
     # CE normaliser: the number of valid targets in the batch.
@@ -158,9 +163,9 @@ def _teskd_fwd_kernel(
         a_k += tl.sum(b_p[None, :] * b_h, axis=1)
     kd_row = kd_loss_scale * tl.sum(kl, axis=0)
 
-    # Pass 3: gradients of the K + 1 logit rows.
+    # Pass 3: gradients of the K + 1 logit rows (none when no gradient is needed: an evaluation call).
     ce_scale = alpha * ce_row_scale
-    for i_c in range(0, C, BLOCK_C):
+    for i_c in range(0, C if NEED_GRAD else 0, BLOCK_C):
         o_c = i_c + tl.arange(0, BLOCK_C)
         m_c = o_c < C
         m_kc = m_k[:, None] & m_c[None, :]
@@ -196,7 +201,8 @@ def _teskd_fwd_kernel(
             b_fs = tl.load(fs_ptr + o_fs, mask=m_kd, other=0.0).to(tl.float32)
             b_diff = tl.where(m_kd & ((b_fs > 0) | (b_ft[None, :] > 0)), b_fs - b_ft[None, :], 0.0)
             b_fsum += b_diff * b_diff
-            tl.store(gf_ptr + o_fs, (2.0 * gamma * b_diff).to(gf_ptr.dtype.element_ty), mask=m_kd)
+            if NEED_GRAD:
+                tl.store(gf_ptr + o_fs, (2.0 * gamma * b_diff).to(gf_ptr.dtype.element_ty), mask=m_kd)
         feat_row = tl.sum(tl.sum(b_fsum, axis=1), axis=0)
 
     o_p = part_ptr + i_b * 4
@@ -205,7 +211,7 @@ def _teskd_fwd_kernel(
     tl.store(o_p + 2, kd_row)
     tl.store(o_p + 3, feat_row)
 
-    # The last program to finish sums the partials in row order, then resets the ticket for the next launch.
+    # The last program to finish sums the partials in row order. The ticket is this launch's own zeroed counter.
     ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
     if ticket == B - 1:
         b_acc = tl.zeros([BLOCK_B, 4], dtype=tl.float32)
@@ -218,7 +224,6 @@ def _teskd_fwd_kernel(
         b_sum = tl.sum(b_acc, axis=0)  # [4]: total, ce, kd, feat
         tl.store(total_ptr + o_4 * 0, b_sum, mask=o_4 == 0)
         tl.store(parts_ptr + o_4 - 1, b_sum, mask=o_4 > 0)
-        tl.atomic_xchg(ticket_ptr, 0, sem="relaxed")
 
 
 @triton.jit
@@ -239,18 +244,38 @@ def _teskd_bwd_kernel(g_ptr, x_ptr, y_ptr, N1, x2_ptr, y2_ptr, N2, BLOCK: tl.con
         tl.store(y2_ptr + o, (b_x * g).to(y2_ptr.dtype.element_ty), mask=m)
 
 
-_TICKETS = {}
 _WEIGHTS = {}
 
 
 def _ticket(device):
-    # One zeroed counter per device and stream (launches on one stream never overlap), reset to 0 by the kernel
-    # itself after every launch.
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (str(device), stream)
-    if key not in _TICKETS:
-        _TICKETS[key] = torch.zeros(1, dtype=torch.int32, device=device)
-    return _TICKETS[key]
+    """A zeroed counter for one launch's reduction (one memset). A counter shared between calls would be broken by
+    two CUDA graphs replayed concurrently, or by one allocated during a capture."""
+    return torch.zeros(1, dtype=torch.int32, device=device)
+
+
+def launch_config(K, B, C, D):
+    """``(BLOCK_K, BLOCK_C, BLOCK_D, BLOCK_B, num_warps)`` of the forward kernel for K students, B rows, C classes
+    and D features.
+
+    A logit tile holds BLOCK_K x BLOCK_C values (at most MAX_TILE), a feature tile BLOCK_K x BLOCK_D (at most
+    MAX_FEATURE_TILE), the final reduction BLOCK_B x 4, with 4 or 8 warps. These bounds come from ptxas' report for
+    sm_90: the earlier 8192-value tiles spilled registers (K = 1, 8192 classes: 8 bytes with 8 warps, 20 with 16;
+    32 warps leave 64 registers a thread and spill hundreds of bytes for K >= 8), and so did 1024- and 2048-value
+    feature tiles and a [1024, 4] reduction over 4 warps. tests/test_package.py compiles every configuration this
+    function gives and asserts that none spills. Their speed on a GPU is not measured yet.
+    """
+    BLOCK_K = triton.next_power_of_2(K)
+    BLOCK_C = max(16, min(triton.next_power_of_2(C), MAX_TILE // BLOCK_K))
+    BLOCK_D = max(16, min(triton.next_power_of_2(D), MAX_FEATURE_TILE // BLOCK_K))
+    tile = BLOCK_K * max(BLOCK_C, BLOCK_D)
+    num_warps = min(8, max(4, tile // (8 * 32)))
+    BLOCK_B = max(16, min(triton.next_power_of_2(B), 32 * num_warps, 1024))
+    return BLOCK_K, BLOCK_C, BLOCK_D, BLOCK_B, num_warps
+
+
+def _on_device(device):
+    """Launch on ``device`` (Triton launches on the current CUDA device, not on the tensors')."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _head_weights(weights, device):
@@ -274,8 +299,10 @@ def teskd_fwd(
     student_features,
     head_weights,
     options,
+    need_grad=True,
 ):
-    """Launch the forward kernel (``options``: a :class:`~teskd_fast.loss.options.LossOptions`).
+    """Launch the forward kernel (``options``: a :class:`~teskd_fast.loss.options.LossOptions`); without
+    ``need_grad`` the gradients are neither computed nor stored (their buffers are empty).
 
     Returns:
         total ``[]`` float32, parts ``[3]`` float32 (ce, kd, feat, unweighted), the logit gradients
@@ -289,12 +316,14 @@ def teskd_fwd(
         target = target.long()
     target = target.contiguous()
     has_feat = teacher_feature is not None
-    grad = _empty((K + 1, B, C), dtype=_grad_dtype(teacher.dtype), device=teacher.device)
+    grad_shape = (K + 1, B, C) if need_grad else (K + 1, 0, C)
+    grad = _empty(grad_shape, dtype=_grad_dtype(teacher.dtype), device=teacher.device)
     if has_feat:
         teacher_feature = teacher_feature.contiguous()
         student_features = student_features.contiguous()
         D = teacher_feature.shape[1]
-        grad_feat = _empty_like(student_features, dtype=_grad_dtype(student_features.dtype))
+        grad_feat = _empty_like(student_features if need_grad else student_features[:, :0],
+                                dtype=_grad_dtype(student_features.dtype))  # fmt: skip
     else:
         D = 1
         teacher_feature = student_features = grad_feat = grad.new_empty((0,))
@@ -302,52 +331,51 @@ def teskd_fwd(
     total = _empty((), dtype=torch.float32, device=teacher.device)
     parts = _empty((3,), dtype=torch.float32, device=teacher.device)
 
-    BLOCK_K = triton.next_power_of_2(K)
-    BLOCK_C = max(16, min(triton.next_power_of_2(C), MAX_TILE // BLOCK_K))
-    BLOCK_D = max(16, min(triton.next_power_of_2(D), MAX_TILE // BLOCK_K))
-    num_warps = 8 if BLOCK_K * BLOCK_C >= 4096 else 4
+    BLOCK_K, BLOCK_C, BLOCK_D, BLOCK_B, num_warps = launch_config(K, B, C, D)
     T = options.temperature
-    _teskd_fwd_kernel[(B,)](
-        teacher,
-        students,
-        target,
-        _head_weights(head_weights, teacher.device),
-        teacher_feature,
-        student_features,
-        grad[0],
-        grad[1:],
-        grad_feat,
-        partials,
-        total,
-        parts,
-        _ticket(teacher.device),
-        B,
-        C,
-        D,
-        K,
-        teacher.stride(0),
-        students.stride(0),
-        students.stride(1),
-        teacher_feature.stride(0) if has_feat else 0,
-        student_features.stride(0) if has_feat else 0,
-        student_features.stride(1) if has_feat else 0,
-        1.0 / T,
-        T / B,
-        T * T / B,
-        options.kd_eps,
-        options.label_smoothing,
-        options.ce_weight,
-        options.kd_weight,
-        options.feat_weight,
-        options.ignore_index,
-        HAS_FEAT=has_feat,
-        DETACH=options.detach_teacher,
-        BLOCK_K=BLOCK_K,
-        BLOCK_C=BLOCK_C,
-        BLOCK_D=BLOCK_D,
-        BLOCK_B=min(1024, max(16, triton.next_power_of_2(B))),
-        num_warps=num_warps,
-    )
+    with _on_device(teacher.device):
+        _teskd_fwd_kernel[(B,)](
+            teacher,
+            students,
+            target,
+            _head_weights(head_weights, teacher.device),
+            teacher_feature,
+            student_features,
+            grad[0],
+            grad[1:],
+            grad_feat,
+            partials,
+            total,
+            parts,
+            _ticket(teacher.device),
+            B,
+            C,
+            D,
+            K,
+            teacher.stride(0),
+            students.stride(0),
+            students.stride(1),
+            teacher_feature.stride(0) if has_feat else 0,
+            student_features.stride(0) if has_feat else 0,
+            student_features.stride(1) if has_feat else 0,
+            1.0 / T,
+            T / B,
+            T * T / B,
+            options.kd_eps,
+            options.label_smoothing,
+            options.ce_weight,
+            options.kd_weight,
+            options.feat_weight,
+            options.ignore_index,
+            HAS_FEAT=has_feat,
+            DETACH=options.detach_teacher,
+            NEED_GRAD=need_grad,
+            BLOCK_K=BLOCK_K,
+            BLOCK_C=BLOCK_C,
+            BLOCK_D=BLOCK_D,
+            BLOCK_B=BLOCK_B,
+            num_warps=num_warps,
+        )
     return total, parts, grad, grad_feat
 
 
@@ -358,7 +386,8 @@ def teskd_bwd(grad_output, grad, grad_feat, logit_dtype, feat_dtype):
     BLOCK = 4096
     n1, n2 = grad.numel(), grad_feat.numel()
     grid = (triton.cdiv(n1, BLOCK) + triton.cdiv(n2, BLOCK),)
-    _teskd_bwd_kernel[grid](grad_output.contiguous(), grad, scaled, n1, grad_feat, scaled_feat, n2, BLOCK=BLOCK)
+    with _on_device(grad.device):
+        _teskd_bwd_kernel[grid](grad_output.contiguous(), grad, scaled, n1, grad_feat, scaled_feat, n2, BLOCK=BLOCK)
     return scaled, scaled_feat
 
 
@@ -467,11 +496,18 @@ def teskd_loss_triton(
     Eager mode goes through an autograd.Function; under ``torch.compile`` through the custom ops, which the
     compiler treats as opaque nodes (no graph break).
     """
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():  # the custom op's outputs have fixed shapes: it always makes the gradients
         total, parts, _, _ = torch.ops.teskd_fast.teskd_loss_fwd(
             teacher, students, target, teacher_feature, student_features, list(head_weights), *options
         )
         return total, parts.detach()
+    inputs = (teacher, students) if student_features is None else (teacher, students, student_features)
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in inputs)):
+        # An evaluation call: the loss alone, no gradient computed or stored.
+        total, parts, _, _ = teskd_fwd(
+            teacher, students, target, teacher_feature, student_features, head_weights, options, need_grad=False
+        )
+        return total, parts
     return TESKDLossTritonFunction.apply(
         teacher, students, target, teacher_feature, student_features, head_weights, options
     )

@@ -487,3 +487,24 @@ def test_triton_loss_is_cuda_graph_capturable():
                torch.tensor(1.0, dtype=torch.float64, device="cuda"))  # fmt: skip
     assert_close(loss, want[0], torch.float32, "graph total", scale=10)
     assert_rms_close(t.grad, want[2], torch.bfloat16, "graph teacher grad", scale=2)
+
+
+@pytest.mark.skipif(not TRITON_OK, reason="Triton needs CUDA or TRITON_INTERPRET=1")
+def test_triton_evaluation_call_stores_no_gradients():
+    """A call that needs no gradient (no input requires one, or under no_grad) computes the loss alone."""
+    from teskd_fast.kernels.teskd_loss import teskd_fwd
+
+    device = "cuda" if HAS_CUDA else "cpu"
+    teacher, students, target, feats = make_inputs(6, 10, 3, 8, device=device)
+    options = LossOptions(label_smoothing=0.1, feat_weight=0.01)
+    full = teskd_fwd(teacher, students, target, *feats, (1.0,) * 4, options)
+    bare = teskd_fwd(teacher, students, target, *feats, (1.0,) * 4, options, need_grad=False)
+    assert bare[2].numel() == 0 and bare[3].numel() == 0, "gradient buffers were allocated"
+    torch.testing.assert_close(bare[0], full[0], rtol=0, atol=0)
+    torch.testing.assert_close(bare[1], full[1], rtol=0, atol=0)
+    with torch.no_grad():
+        got = teskd_loss(teacher.requires_grad_(), students, target, *feats, backend="triton", feat_weight=0.01,
+                         label_smoothing=0.1)  # fmt: skip
+    want = teskd_loss(teacher.double(), students.double(), target, *(f.double() for f in feats), backend="reference",
+                      feat_weight=0.01, label_smoothing=0.1)  # fmt: skip
+    assert_close(got, want, torch.float32, "no_grad total")

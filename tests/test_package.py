@@ -68,19 +68,19 @@ def test_import_is_light():
     assert out.stdout.strip() == "[]"
 
 
-@pytest.mark.skipif(
-    __import__("torch").cuda.is_available(), reason="on a CUDA machine the GPU tests compile and run the kernels"
-)
-def test_triton_kernels_compile_for_h100():
-    """Compile every kernel variant ahead of time for sm_90 (no GPU needed): the interpreter does not type-check."""
+def test_triton_kernels_compile_for_h100_without_register_spills():
+    """Compile the kernels ahead of time for sm_90 (no GPU needed; the interpreter does not type-check), in every
+    configuration the launcher can pick, and read ptxas' report: no register may spill."""
     out = _run(
         """
-        import triton
+        import itertools, os, re, subprocess, tempfile, triton
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
-        from teskd_fast.kernels.teskd_loss import _teskd_bwd_kernel, _teskd_fwd_kernel
+        from teskd_fast.kernels.teskd_loss import _teskd_bwd_kernel, _teskd_fwd_kernel, launch_config
 
         INTS = {"B", "C", "D", "K", "N1", "N2", "ignore_index"}
+        PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+        SPILLS = []
 
         def build(fn, ptrs, consts, num_warps=4):
             sig = {}
@@ -94,21 +94,40 @@ def test_triton_kernels_compile_for_h100():
                 else:
                     sig[name] = "fp32"
             target = GPUTarget("cuda", 90, 32)
-            triton.compile(ASTSource(fn, sig, consts), target=target, options={"num_warps": num_warps})
+            kernel = triton.compile(ASTSource(fn, sig, consts), target=target, options={"num_warps": num_warps})
+            with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+                f.write(kernel.asm["ptx"])
+            report = subprocess.run([PTXAS, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True,
+                                    text=True, check=True).stderr
+            spilled = [int(n) for n in re.findall(r"(\\d+) bytes spill stores", report)]
+            assert spilled, report
+            if any(spilled):
+                SPILLS.append((fn.__name__, consts, num_warps, max(spilled)))
 
-        variants = [
-            ("bf16", "bf16", True, False, 4, 1024),
-            ("fp16", "fp32", False, True, 1, 16),
-            ("fp32", "fp32", True, True, 2, 4096),
-        ]
-        for dt, gdt, feat, detach, block_k, block_c in variants:
-            ptrs = dict(t_ptr="*" + dt, s_ptr="*" + dt, y_ptr="*i64", w_ptr="*fp32", ft_ptr="*" + dt, fs_ptr="*" + dt,
+        def fwd_ptrs(dt, gdt):
+            return dict(t_ptr="*" + dt, s_ptr="*" + dt, y_ptr="*i64", w_ptr="*fp32", ft_ptr="*" + dt, fs_ptr="*" + dt,
                         gt_ptr="*" + gdt, gs_ptr="*" + gdt, gf_ptr="*" + gdt, part_ptr="*fp32", total_ptr="*fp32",
                         parts_ptr="*fp32", ticket_ptr="*i32")
-            consts = dict(HAS_FEAT=feat, DETACH=detach, BLOCK_K=block_k, BLOCK_C=block_c, BLOCK_D=512, BLOCK_B=256)
-            build(_teskd_fwd_kernel, ptrs, consts, num_warps=4)
+
+        # Every configuration the launcher gives (B large: the largest reduction tile), in the variant with the most
+        # live values (features, gradients, KD into the teacher).
+        configs = sorted({launch_config(K, 65536, C, D) for K, C, D in itertools.product(
+            (1, 2, 3, 4, 8, 16, 32), (2, 100, 1000, 4096, 8192, 32768), (1, 512, 2048, 8192))})
+        for block_k, block_c, block_d, block_b, num_warps in configs:
+            consts = dict(HAS_FEAT=True, DETACH=False, NEED_GRAD=True, BLOCK_K=block_k, BLOCK_C=block_c,
+                          BLOCK_D=block_d, BLOCK_B=block_b)
+            build(_teskd_fwd_kernel, fwd_ptrs("fp32", "fp32"), consts, num_warps)
+        # The other dtypes and flags type-check too.
+        for dt, gdt, feat, detach, grad in (("bf16", "bf16", True, True, False), ("fp16", "fp32", False, False, True)):
+            block_k, block_c, block_d, block_b, num_warps = launch_config(3, 256, 8192, 512)
+            consts = dict(HAS_FEAT=feat, DETACH=detach, NEED_GRAD=grad, BLOCK_K=block_k, BLOCK_C=block_c,
+                          BLOCK_D=block_d, BLOCK_B=block_b)
+            build(_teskd_fwd_kernel, fwd_ptrs(dt, gdt), consts, num_warps)
         build(_teskd_bwd_kernel, dict(g_ptr="*fp32", x_ptr="*fp32", y_ptr="*bf16", x2_ptr="*fp32", y2_ptr="*bf16"),
               dict(BLOCK=4096))
+        print(len(configs), "configurations")
+        for spill in SPILLS:
+            print("SPILL", *spill)
         print("ok")
         """,
         cwd=ROOT,
@@ -117,3 +136,5 @@ def test_triton_kernels_compile_for_h100():
         pytest.skip("this Triton release has no ahead-of-time compile API at triton.compiler.ASTSource")
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().endswith("ok")
+    spills = [line for line in out.stdout.splitlines() if line.startswith("SPILL")]
+    assert not spills, "register spills on sm_90:\n" + "\n".join(spills)
