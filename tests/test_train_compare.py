@@ -274,3 +274,20 @@ def test_baseline_starts_from_the_teskd_teacher_and_sees_the_same_data(tmp_path)
         assert rows["teskd"]["teacher_top1_last"] == rows["baseline"]["teacher_top1_last"]
     # And the seeds differ: another seed, other weights.
     assert not torch.allclose(teachers["teskd-seed27"]["conv1.weight"], teachers["teskd-seed28"]["conv1.weight"])
+
+
+def test_torchrun_runs_each_run_on_all_ranks_one_after_another(tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "teskd_fast.train.compare", "--epochs", "2", "--steps-per-epoch", "2", "--width", "0.125",
+           "--no-progress", "--no-tensorboard", "--no-plot", "--device", "cpu", "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # Only rank 0 prints and writes the report; every run is one 2-process job.
+    assert proc.stdout.count("teskd-compare: [") == 4
+    assert proc.stdout.count("over 2 process(es)") == 4
+    report = json.loads((out / "compare.json").read_text())
+    assert [(r["method"], r["seed"]) for r in report["runs"]] == [("teskd", 27), ("baseline", 27), ("teskd", 28),
+                                                                 ("baseline", 28)]
+    assert all(r["epochs"] == 2 for r in report["runs"])

@@ -282,8 +282,14 @@ def train_argv(cmp: Comparison, run: Run, state: str) -> list[str]:
 
 def execute(cmp: Comparison, is_main: bool) -> int:
     """Train the runs that are not finished, one after another; returns 0 or the first failing run's status."""
+    from teskd_fast.train import distributed
     from teskd_fast.train.cli import main as train_main
 
+    with distributed.keep_process_group():
+        return _execute(cmp, is_main, train_main)
+
+
+def _execute(cmp: Comparison, is_main: bool, train_main) -> int:
     for i, run in enumerate(cmp.runs, 1):
         state = run_state(run)
         if is_main:
