@@ -469,6 +469,7 @@ def plot_curves(report: dict[str, Any], results: list[dict[str, Any]], path: Pat
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
     epochs = report["epochs"]
@@ -491,6 +492,7 @@ def plot_curves(report: dict[str, Any], results: list[dict[str, Any]], path: Pat
     axes[0].set(title="teacher test top-1 (%)", xlabel="epoch")
     axes[1].set(title=f"from epoch {first_zoomed + 1}", xlabel="epoch")
     for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(f"TESKD against its baseline: {report['preset']}, seeds {', '.join(map(str, report['seeds']))}")
@@ -535,6 +537,10 @@ def main(argv: list[str] | None = None) -> int:
         if is_main:
             print(f"teskd-compare: {e}", file=sys.stderr)
         return e.status
+    except OSError as e:
+        # OUT not writable, a file where a folder should be, a disk full.
+        print(f"teskd-compare: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("\nteskd-compare: interrupted; run the same command again to continue", file=sys.stderr)
         return 130
