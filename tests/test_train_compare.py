@@ -235,6 +235,11 @@ def test_a_changed_flag_is_refused_and_more_seeds_reuse_the_finished_runs(finish
     assert report["seeds"] == [27] and report["difference"]["teacher_top1_last"]["low"] is None
     assert "one seed: no interval" in (out / "compare.md").read_text()
     assert {p.name: _mtimes(p) for p in out.iterdir() if p.is_dir()} == runs
+    # Three seeds: only seed 29 is trained.
+    assert main(TINY + ["--seeds", "3", "--out", str(out), "--no-plot"]) == 0
+    assert "[5/6] TESKD seed 29: training" in capsys.readouterr().out
+    assert {p.name: _mtimes(p) for p in out.iterdir() if p.is_dir() and p.name in runs} == runs
+    assert json.loads((out / "compare.json").read_text())["difference"]["teacher_top1_last"]["n"] == 3
 
 
 def test_bad_flags_exit_2_with_a_message(capsys):
