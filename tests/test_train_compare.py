@@ -144,7 +144,9 @@ def test_report_from_hand_written_run_folders(tmp_path):
     assert "| 27 | TESKD | 74.00 | 74.00 | 73.00 | 72.00 | 71.00 | 74.50 | 6.0 |" in md
     assert "| TESKD (ours) | 2 | 75.50 ± 2.12 |" in md
     assert "[-2.85, +9.85]" in md and "the interval contains 0" in md
-    assert "+4.74" in md
+    assert "| teacher (best after epoch 150 of 200) (paper's figure) | +4.74 |" in md
+    assert report["paper"]["recipe_changes"] == ["epochs"] and "changes the published recipe (epochs)" in md
+    assert summarise(parse(["--preset", "cifar100-resnet18", "--seed", "3"]), results)["paper"]["recipe_changes"] == []
     # A preset without published figures has no paper rows.
     demo = parse(TINY + ["--out", str(tmp_path / "demo")])
     assert len(demo.seeds) == 2 and summarise(demo, [read_run(r) for r in cmp.runs])["paper"] is None
