@@ -45,6 +45,7 @@ setup(
             "teskd-train=teskd_fast.train.cli:main",
             "teskd-scan=teskd_fast.data.scan:main",
             "teskd-plot=teskd_fast.train.plot:main",
+            "teskd-compare=teskd_fast.train.compare:main",
         ]
     },
 )

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -68,7 +70,29 @@ def setup(device_name: str) -> DistEnv:
     return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
+# Inside keep_process_group(), cleanup() leaves the process group alone.
+_keep_depth = 0
+
+
+@contextlib.contextmanager
+def keep_process_group() -> Iterator[None]:
+    """Keep the process group for several runs in one process (``teskd-compare``), destroying it at the end.
+
+    Re-creating a group after destroying it hangs under torchrun (its rendezvous store keeps the first group's
+    keys), so the first :func:`setup` inside creates it, the next ones reuse it, and :func:`cleanup` waits.
+    """
+    global _keep_depth
+    _keep_depth += 1
+    try:
+        yield
+    finally:
+        _keep_depth -= 1
+        cleanup()
+
+
 def cleanup() -> None:
+    if _keep_depth:
+        return
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
