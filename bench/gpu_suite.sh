@@ -11,8 +11,21 @@ cd "$(dirname "$0")/.."
 unset TRITON_INTERPRET
 
 # The GPU image may have no registry: install the package itself only (no dependencies, no build isolation).
-python -c "import teskd_fast.kernels" 2>/dev/null || python -m pip install --quiet --no-deps --no-build-isolation -e . \
-  > "$out/install.log" 2>&1
+# A failed install stops the suite here, with its log: every later import would fail otherwise.
+if ! python -c "import teskd_fast.kernels.teskd_loss, teskd_fast.loss" 2>/dev/null; then
+  if ! python -m pip install --quiet --no-deps --no-build-isolation -e . > "$out/install.log" 2>&1; then
+    echo "gpu_suite: installing teskd_fast failed; $out/install.log:" >&2
+    tail -30 "$out/install.log" >&2
+    exit 2
+  fi
+fi
+# What the package needs and the image must already have (no registry there): fail loudly if one is missing.
+if ! python -c "import torch, triton, torchvision, einops, yaml, tqdm, matplotlib, sklearn, PIL, teskd_fast.kernels.teskd_loss" \
+    2> "$out/import.log"; then
+  echo "gpu_suite: a dependency does not import; $out/import.log:" >&2
+  cat "$out/import.log" >&2
+  exit 2
+fi
 
 {
   date -u +"date: %Y-%m-%dT%H:%M:%SZ"
