@@ -508,3 +508,44 @@ def test_triton_evaluation_call_stores_no_gradients():
     want = teskd_loss(teacher.double(), students.double(), target, *(f.double() for f in feats), backend="reference",
                       feat_weight=0.01, label_smoothing=0.1)  # fmt: skip
     assert_close(got, want, torch.float32, "no_grad total")
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs need a CUDA device")
+def test_triton_loss_graphs_replayed_concurrently_each_reduce_their_own_rows():
+    # Two captured losses of different batches, replayed at once on two streams, many times: a reduction counter
+    # shared between calls would let one launch's last program see the other's ticket and sum the wrong rows.
+    inputs = [make_inputs(B, 1000, 3, 512, device="cuda", seed=B) for B in (96, 160)]
+    wants = [run("reference", t.double(), s.double(), y, tuple(f.double() for f in fs),
+                 torch.tensor(1.0, dtype=torch.float64, device="cuda"))[0] for t, s, y, fs in inputs]  # fmt: skip
+    graphs, losses, streams = [], [], [torch.cuda.Stream(), torch.cuda.Stream()]
+    for (t, s, y, fs), stream in zip(inputs, streams):
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            teskd_loss(t, s, y, *fs, backend="triton")  # warm-up (compiles the kernels) outside the capture
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            losses.append(teskd_loss(t, s, y, *fs, backend="triton"))
+        graphs.append(graph)
+    for _ in range(50):
+        for graph, stream in zip(graphs, streams):
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                graph.replay()
+        for stream in streams:
+            torch.cuda.current_stream().wait_stream(stream)
+        for loss, want in zip(losses, wants):
+            assert_close(loss, want, torch.float32, "concurrently replayed total", scale=10)
+
+
+@pytest.mark.skipif(not HAS_CUDA or torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_triton_loss_launches_on_the_tensors_device():
+    teacher, students, target, feats = make_inputs(32, 100, 3, 64, device="cuda:1")
+    t = teacher.clone().requires_grad_()
+    with torch.cuda.device(0):
+        loss = teskd_loss(t, students, target, *feats, backend="triton")
+        loss.backward()
+    want = run("reference", teacher.double(), students.double(), target, tuple(f.double() for f in feats),
+               torch.tensor(1.0, dtype=torch.float64, device="cuda:1"))  # fmt: skip
+    assert_close(loss, want[0], torch.float32, "total on cuda:1", scale=10)
+    assert_close(t.grad, want[2], torch.float32, "teacher grad on cuda:1", scale=10)
