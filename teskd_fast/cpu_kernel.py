@@ -6,12 +6,20 @@ inputs, comes from :func:`feature_grad` in the backward); ``closed_form.TESKDLos
 tensors, and falls back to its batched PyTorch ops where no C compiler is found.
 
 The source is plain C (no Python or torch headers: it compiles in about a second) and is built with the
-system's C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``) for this CPU (``-march=native``; without it if
-the compiler rejects the flag) into a per-user cache, ``$TESKD_FAST_CACHE_DIR`` or ``~/.cache/teskd_fast``,
-keyed by the source, compiler, flags and CPU; it is written atomically, so concurrent processes never load a
-partial file. ctypes releases the GIL for
-the call, so large batches are split into row ranges computed on several threads, and the per-row partial
-sums are then reduced in row order: the result does not depend on the split.
+system's C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``) into a per-user cache,
+``$TESKD_FAST_CACHE_DIR`` or ``~/.cache/teskd_fast``, keyed by the source, compiler, flags, instruction set and
+CPU; it is written atomically, so concurrent processes never load a partial file. ``$TESKD_FAST_CPU_KERNEL_ISA``
+chooses the instruction set (read once, at the first build):
+
+- ``native`` (default): ``-march=native``, this CPU's best (the AVX-512 branches where it has AVX-512); built
+  without the flag where the compiler rejects it;
+- ``avx2``: ``-march=native -mno-avx512f``, the code an AVX2-only x86 CPU runs (for tests and benchmarks of that
+  branch on an AVX-512 machine);
+- ``generic``: the baseline of the architecture (``-march=x86-64`` on x86, SSE2 only; the compiler's default
+  elsewhere).
+
+ctypes releases the GIL for the call, so large batches are split into row ranges computed on several threads,
+and the per-row partial sums are then reduced in row order: the result does not depend on the split.
 
 ``TESKD_FAST_CPU_KERNEL=0`` turns the kernel off (the batched-op path is then used).
 """
@@ -32,11 +40,19 @@ import torch
 
 ENV_SWITCH = "TESKD_FAST_CPU_KERNEL"
 ENV_CACHE = "TESKD_FAST_CACHE_DIR"
+ENV_ISA = "TESKD_FAST_CPU_KERNEL_ISA"
 _ABI_VERSION = 1
 _CSRC = Path(__file__).with_name("csrc")
 _SOURCES = ("teskd_loss_cpu.c", "teskd_loss_cpu_impl.h")
 _FLAGS = ("-O3", "-std=c11", "-ffp-contract=fast", "-fPIC", "-shared", "-fno-math-errno")
 _NATIVE = ("-march=native",)
+_X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+# Instruction set -> the extra flags to try, in order (the first that compiles is used).
+_ISA_FLAGS = {
+    "native": (_NATIVE, ()),
+    "avx2": (("-march=native", "-mno-avx512f"),),
+    "generic": (("-march=x86-64", "-mtune=generic") if _X86 else (),),
+}
 # Below this many logits (K + 1) * B * C, one thread: handing rows to a second thread costs more than it saves.
 _MIN_PARALLEL_WORK = 1 << 18
 
@@ -87,11 +103,25 @@ def _cache_dir():
     return Path(root)
 
 
+def isa():
+    """The instruction set the kernel is built for: ``$TESKD_FAST_CPU_KERNEL_ISA``, default ``native``."""
+    name = os.environ.get(ENV_ISA, "").strip().lower() or "native"
+    if name not in _ISA_FLAGS:
+        raise RuntimeError(f"{ENV_ISA}={name!r}: expected one of {', '.join(_ISA_FLAGS)}")
+    if name == "avx2" and not _X86:
+        raise RuntimeError(f"{ENV_ISA}=avx2 needs an x86 CPU (this one is {platform.machine()})")
+    return name
+
+
 def _build(cc):
-    """Compile the kernel (once per source/compiler/CPU) and return the path of the shared library."""
+    """Compile the kernel (once per source/compiler/flags/instruction set/CPU) and return the path of the shared
+    library."""
+    isa_name = isa()
+    attempts = _ISA_FLAGS[isa_name]
     source = b"".join((_CSRC / name).read_bytes() for name in _SOURCES)
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
-    key = hashlib.sha256(b"\0".join([source, cc.encode(), version.encode(), " ".join(_FLAGS).encode(),
+    flags = " ".join(_FLAGS) + " | " + isa_name + " | " + " / ".join(" ".join(extra) for extra in attempts)
+    key = hashlib.sha256(b"\0".join([source, cc.encode(), version.encode(), flags.encode(),
                                      _cpu_identity().encode()])).hexdigest()[:20]  # fmt: skip
     cache = _cache_dir()
     try:
@@ -104,7 +134,7 @@ def _build(cc):
     if target.exists():
         return target
     errors = []
-    for extra in (_NATIVE, ()):
+    for extra in attempts:
         fd, tmp = tempfile.mkstemp(dir=cache, suffix=".so.tmp")
         os.close(fd)
         cmd = [cc, *_FLAGS, *extra, str(_CSRC / "teskd_loss_cpu.c"), "-o", tmp, "-lm"]
@@ -139,6 +169,7 @@ def _load():
         reduce = getattr(lib, f"teskd_reduce_rows_{suffix}")
         reduce.argtypes = [ctypes.POINTER(_Options), ptr, ptr, ptr, ptr]
         reduce.restype = None
+    lib.teskd_isa.restype = ctypes.c_char_p
     for name in ("teskd_exp_f32", "teskd_log_f32"):
         getattr(lib, name).argtypes = [ptr, ptr, ctypes.c_int64]
         getattr(lib, name).restype = None
@@ -178,6 +209,13 @@ def enabled():
 def status():
     """``(available, reason)``: whether the kernel is built, and why not."""
     return library() is not None, _state["error"]
+
+
+def built_isa():
+    """The widest vector instruction set the loaded kernel was compiled for: ``avx512f``, ``avx2``, ``sse2``,
+    ``neon`` or ``scalar`` (the branches of teskd_loss_cpu.c); None where it is not built."""
+    lib = library()
+    return None if lib is None else lib.teskd_isa().decode()
 
 
 def _thread_pool():

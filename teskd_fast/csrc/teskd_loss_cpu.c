@@ -1,6 +1,6 @@
 /* The TESKD loss on the CPU, fused: one pass per batch row computes every head's cross-entropy, every student's
- * KL divergence from the teacher, the feature term, and the gradients of all logits (../shared/SPEC.md, "Loss";
- * the same closed form as teskd_fast/closed_form.py and the Triton kernel); teskd_feature_grad gives the feature
+ * KL divergence from the teacher, the feature term, and the gradients of all logits (the same closed form as
+ * teskd_fast/closed_form.py and the Triton kernel); teskd_feature_grad gives the feature
  * gradient in the backward, teskd_scale the grad_output scaling.
  *
  * Built at first use by teskd_fast/cpu_kernel.py (plain C, no Python or torch headers) and called through ctypes,
@@ -346,3 +346,18 @@ void teskd_log_f32(const float* x, float* out, int64_t n) {
 }
 
 int64_t teskd_abi_version(void) { return 1; }
+
+/* The widest vector instruction set this build targets (which branches above are compiled in). */
+const char* teskd_isa(void) {
+#if defined(__AVX512F__)
+    return "avx512f";
+#elif defined(__AVX2__)
+    return "avx2";
+#elif defined(__SSE2__)
+    return "sse2";
+#elif defined(__ARM_NEON)
+    return "neon";
+#else
+    return "scalar";
+#endif
+}
