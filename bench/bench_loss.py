@@ -4,16 +4,22 @@ Forward (inputs that require grad, so the fused paths also compute the gradients
 (forward + backward); K = 3 students with ResNet-18-sized features (D = 512), as a TESKD step has them; at the
 issue's CPU shape (128 x 100) also the logit terms alone (group suffix ``-logits``). Baseline of every group:
 the reference backend.
+
+On an x86 CPU, the torch backend's fused kernel is also measured as built for each instruction set below this
+CPU's (``torch-avx2``: ``-mno-avx512f``, what an AVX2-only CPU runs; ``torch-generic``: x86-64, SSE2) at 128 x
+100, beside the same run's reference: see ``TESKD_FAST_CPU_KERNEL_ISA`` in ``teskd_fast.cpu_kernel``.
 """
 
+import contextlib
 import functools
 import os
+import platform
 
 import pytest
 import torch
 from common import record, sync
 
-from teskd_fast import teskd_loss
+from teskd_fast import cpu_kernel, teskd_loss
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -21,6 +27,45 @@ K, D = 3, 512
 SHAPES = [(128, 100), (256, 1000), (1024, 1000)]
 DTYPES = [torch.float32, torch.bfloat16] if HAS_CUDA else [torch.float32]
 PROVIDERS = ["reference", "torch", "compiled-reference", "triton"]
+
+
+def _cpu_flags():
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+# The torch backend with its kernel built for a narrower instruction set than this CPU's (x86 only; "torch" is
+# the -march=native build): provider -> $TESKD_FAST_CPU_KERNEL_ISA.
+ISA_PROVIDERS = {}
+if platform.machine().lower() in ("x86_64", "amd64") and not HAS_CUDA:
+    if {"avx512f", "avx2"} <= _cpu_flags():
+        ISA_PROVIDERS["torch-avx2"] = "avx2"
+    ISA_PROVIDERS["torch-generic"] = "generic"
+PROVIDERS += list(ISA_PROVIDERS)
+
+
+@contextlib.contextmanager
+def _kernel_isa(provider):
+    """The fused CPU kernel built for the provider's instruction set, for the duration of one benchmark."""
+    isa = ISA_PROVIDERS.get(provider)
+    if isa is None:
+        yield
+        return
+    saved = os.environ.get(cpu_kernel.ENV_ISA)
+    os.environ[cpu_kernel.ENV_ISA] = isa
+    try:
+        built = cpu_kernel.reload()
+        assert built is not None, f"the {isa} build of the CPU kernel failed: {cpu_kernel.status()[1]}"
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(cpu_kernel.ENV_ISA, None)
+        else:
+            os.environ[cpu_kernel.ENV_ISA] = saved
+        cpu_kernel.reload()
 
 
 def _inputs(B, C, dtype):
@@ -41,7 +86,7 @@ def _compiled_reference():
 def _loss_fn(provider):
     if provider == "compiled-reference":
         return _compiled_reference()
-    return functools.partial(teskd_loss, backend=provider)
+    return functools.partial(teskd_loss, backend="torch" if provider in ISA_PROVIDERS else provider)
 
 
 def _skip_reason(provider, B, C):
@@ -51,6 +96,8 @@ def _skip_reason(provider, B, C):
         return "torch.compile(reference) is measured at one shape per device, to keep `pytest bench/` short"
     if not HAS_CUDA and B * C > 256 * 1000 and provider != "reference" and provider != "torch":
         return "CPU: large shapes for reference and torch only"
+    if provider in ISA_PROVIDERS and (B, C) != (128, 100):
+        return "the kernel's narrower instruction-set builds are measured at 128 x 100"
     return None
 
 
@@ -58,7 +105,8 @@ def _params():
     for B, C in SHAPES:
         for dtype in DTYPES:
             for provider in PROVIDERS:
-                marks = [pytest.mark.smoke] if (B, C) == (128, 100) and provider in ("reference", "torch") else []
+                smoke = (B, C) == (128, 100) and provider in ("reference", "torch", *ISA_PROVIDERS)
+                marks = [pytest.mark.smoke] if smoke else []
                 yield pytest.param(provider, B, C, dtype, marks=marks, id=f"{provider}-{B}x{C}x{K}-{str(dtype)[6:]}")
 
 
@@ -67,12 +115,18 @@ def _params():
 @pytest.mark.parametrize("provider, B, C, dtype", list(_params()))
 def test_loss(benchmark, provider, B, C, dtype, mode, features):
     reason = _skip_reason(provider, B, C)
-    if not features and (mode != "full" or (B, C) != (128, 100) or provider not in ("reference", "torch")):
-        reason = reason or "logits-only: the full step at 128 x 100, reference and torch"
+    logit_providers = ("reference", "torch", *ISA_PROVIDERS)
+    if not features and (mode != "full" or (B, C) != (128, 100) or provider not in logit_providers):
+        reason = reason or "logits-only: the full step at 128 x 100, reference and torch (each build)"
     if reason:
         pytest.skip(reason)
     if os.environ.get("TRITON_INTERPRET") == "1" and provider == "triton":
         pytest.skip("TRITON_INTERPRET=1 is set: interpreter timings mean nothing")
+    with _kernel_isa(provider):
+        _run(benchmark, provider, B, C, dtype, mode, features)
+
+
+def _run(benchmark, provider, B, C, dtype, mode, features):
     teacher, students, target, f_t, f_s = _inputs(B, C, dtype)
     fn = _loss_fn(provider)
     leaves = [teacher, *students, *f_s]

@@ -189,6 +189,15 @@ def library():
     return _state["lib"]
 
 
+def reload():
+    """Load the kernel again, for the instruction set ``$TESKD_FAST_CPU_KERNEL_ISA`` now names (built or taken from
+    the cache); for benchmarks that compare the builds in one process. Returns :func:`built_isa`."""
+    with _lock:
+        _state["lib"], _state["error"] = None, None
+    library()
+    return built_isa()
+
+
 def enabled():
     """True when the fused CPU kernel will be used: not switched off, and built."""
     if os.environ.get(ENV_SWITCH, "1") == "0":
