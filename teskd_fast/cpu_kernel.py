@@ -1,9 +1,9 @@
 """The fused CPU kernel of the TESKD loss: ``teskd_fast/csrc``, built at first use and called through ctypes.
 
 One pass per batch row computes every head's cross-entropy, every student's KL divergence, the feature term
-and the gradients of all logits, as the Triton kernel does on the GPU (the feature gradient, linear in the
-inputs, comes from :func:`feature_grad` in the backward); ``closed_form.TESKDLossFunction`` calls it for CPU
-tensors, and falls back to its batched PyTorch ops where no C compiler is found.
+and the gradients of all logits and, on request, of the student features, as the Triton kernel does on the GPU
+(:func:`feature_grad` recomputes the feature gradient for a second backward); ``closed_form.TESKDLossFunction``
+calls it for CPU tensors, and falls back to its batched PyTorch ops where no C compiler is found.
 
 The source is plain C (no Python or torch headers: it compiles in about a second) and is built with the
 system's C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``) into a per-user cache,
@@ -41,7 +41,7 @@ import torch
 ENV_SWITCH = "TESKD_FAST_CPU_KERNEL"
 ENV_CACHE = "TESKD_FAST_CACHE_DIR"
 ENV_ISA = "TESKD_FAST_CPU_KERNEL_ISA"
-_ABI_VERSION = 1
+_ABI_VERSION = 2
 _CSRC = Path(__file__).with_name("csrc")
 _SOURCES = ("teskd_loss_cpu.c", "teskd_loss_cpu_impl.h")
 _FLAGS = ("-O3", "-std=c11", "-ffp-contract=fast", "-fPIC", "-shared", "-fno-math-errno")
@@ -158,7 +158,7 @@ def _load():
     ptr = ctypes.c_void_p
     for suffix in ("f32", "f64"):
         rows = getattr(lib, f"teskd_rows_{suffix}")
-        rows.argtypes = [ctypes.POINTER(_Options), *([ptr] * 10)]
+        rows.argtypes = [ctypes.POINTER(_Options), *([ptr] * 11)]
         rows.restype = ctypes.c_int64
         feature_grad = getattr(lib, f"teskd_feature_grad_{suffix}")
         feature_grad.argtypes = [ctypes.POINTER(_Options), ptr, ptr, ptr, ctypes.c_double]
@@ -291,13 +291,16 @@ def fused_loss(
     detach_teacher,
     label_smoothing,
     ignore_index,
+    with_feature_grad=False,
 ):
     """Loss and unscaled logit gradients in one call; also checks the targets (a ValueError names the first
     out-of-range one).
 
     Inputs: contiguous CPU tensors of one dtype, float32 or float64: teacher ``[B, C]``, students a sequence of
     K ``[B, C]``, features ``[B, D]`` and K ``[B, D]`` (or None); target int64 ``[B]``.
-    Returns ``(total, parts, grad)``, ``grad`` the ``[K + 1, B, C]`` gradient of the logits (teacher first).
+    Returns ``(total, parts, grad)``, ``grad`` the ``[K + 1, B, C]`` gradient of the logits (teacher first); with
+    ``with_feature_grad`` (and features), also the ``[K, B, D]`` gradient of the student features, unscaled by
+    grad_output (``feature_grad(..., 2 * feat_weight)``), written in the same pass as the feature term.
     """
     lib = library()
     K = len(students)
@@ -309,6 +312,7 @@ def fused_loss(
     if hw is None:
         hw = _HEAD_WEIGHTS.setdefault(head_weights, (ctypes.c_double * len(head_weights))(*head_weights))
     grad = torch.empty((K + 1, B, C), dtype=dtype)
+    grad_f = torch.empty((K, B, D), dtype=dtype) if with_feature_grad and D else None
     rows = torch.empty((B, 3), dtype=torch.float64)
     parts = torch.empty(3, dtype=dtype)  # ce, kd, feat
     total = torch.empty((), dtype=dtype)
@@ -325,6 +329,7 @@ def fused_loss(
         teacher_feature.data_ptr() if D else None,
         _pointers(student_features) if D else None,
         grad.data_ptr(),
+        None if grad_f is None else grad_f.data_ptr(),
         rows.data_ptr(),
         parts.data_ptr() if single else None,
         total.data_ptr() if single else None,
@@ -338,7 +343,7 @@ def fused_loss(
         (lib.teskd_reduce_rows_f64 if f64 else lib.teskd_reduce_rows_f32)(
             ctypes.byref(opts[0]), target.data_ptr(), rows.data_ptr(), parts.data_ptr(), total.data_ptr()
         )
-    return total, parts, grad
+    return (total, parts, grad) if not with_feature_grad else (total, parts, grad, grad_f)
 
 
 def feature_grad(teacher_feature, student_features, scale):

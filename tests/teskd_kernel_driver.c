@@ -130,20 +130,29 @@ int main(int argc, char** argv) {
         double* rows = malloc(sizeof(double) * (size_t)(3 * B));
         float parts[3], total;
         int64_t code = 0;
-        double rows_us = 1e30, feature_us = 1e30; /* the fastest of the repeats */
+        /* The feature gradient both ways: written by teskd_rows in the forward pass, and by teskd_feature_grad
+         * (the backward's recomputation) into grad_f2; both are checked. */
+        float* grad_f2 = malloc(sizeof(float) * (size_t)(K * B * D + 1));
+        double rows_us = 1e30, rows_f_us = 1e30, feature_us = 1e30; /* the fastest of the repeats */
         for (int r = 0; r < repeat; ++r) {
             const double t0 = now_us();
             code = teskd_rows_f32(&o, teacher, student_rows, target, head_weights, D ? f_t : NULL,
-                                  D ? feature_rows : NULL, grad, rows, parts, &total);
+                                  D ? feature_rows : NULL, grad, NULL, rows, parts, &total);
             const double t1 = now_us();
-            if (D) teskd_feature_grad_f32(&o, f_t, feature_rows, grad_f, feature_scale);
+            if (D) {
+                code |= teskd_rows_f32(&o, teacher, student_rows, target, head_weights, f_t, feature_rows, grad,
+                                       grad_f, rows, parts, &total);
+            }
             const double t2 = now_us();
+            if (D) teskd_feature_grad_f32(&o, f_t, feature_rows, grad_f2, feature_scale);
+            const double t3 = now_us();
             rows_us = t1 - t0 < rows_us ? t1 - t0 : rows_us;
-            feature_us = t2 - t1 < feature_us ? t2 - t1 : feature_us;
+            rows_f_us = t2 - t1 < rows_f_us ? t2 - t1 : rows_f_us;
+            feature_us = t3 - t2 < feature_us ? t3 - t2 : feature_us;
         }
         if (repeat > 1)
-            printf("case %d timing (fastest of %d): teskd_rows %.1f us, teskd_feature_grad %.1f us\n", i, repeat,
-                   rows_us, feature_us);
+            printf("case %d timing (fastest of %d): teskd_rows %.1f us, with the feature gradient %.1f us, "
+                   "teskd_feature_grad %.1f us\n", i, repeat, rows_us, rows_f_us, feature_us);
         if (code != 0) {
             printf("case %d: kernel returned %lld  FAIL\n", i, (long long)code);
             ++failures;
@@ -152,9 +161,10 @@ int main(int argc, char** argv) {
             failures += check("parts", i, parts, want + 1, 3, atol, rtol);
             failures += check("grad logits", i, grad, want + 4, H * B * C, atol, rtol);
             failures += check("grad features", i, grad_f, want + 4 + H * B * C, K * B * D, atol, rtol);
+            failures += check("grad feat (bw)", i, grad_f2, want + 4 + H * B * C, K * B * D, atol, rtol);
         }
         free(head_weights), free(teacher), free(students), free(f_t), free(f_s), free(target), free(want);
-        free(grad), free(grad_f), free(rows);
+        free(grad), free(grad_f), free(grad_f2), free(rows);
     }
     failures += check_ulps("exp", teskd_exp_f32, repeat);
     failures += check_ulps("log", teskd_log_f32, repeat);

@@ -112,9 +112,10 @@ def _run(cmd, expect_ok=True):
 
 
 def _checked_lines(report):
-    """Every case reports its 4 quantities, and both polynomials are checked."""
+    """Every case reports its 5 quantities (the feature gradient from the forward and from the backward's
+    function), and both polynomials are checked."""
     lines = report.splitlines()
-    assert sum(line.startswith("case ") for line in lines) == 4 * len(CASES), report
+    assert sum(line.startswith("case ") for line in lines) == 5 * len(CASES), report
     assert sum(line.startswith(("exp ", "log ")) for line in lines) == 2, report
 
 

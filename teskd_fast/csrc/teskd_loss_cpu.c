@@ -1,7 +1,7 @@
 /* The TESKD loss on the CPU, fused: one pass per batch row computes every head's cross-entropy, every student's
  * KL divergence from the teacher, the feature term, and the gradients of all logits (the same closed form as
  * teskd_fast/closed_form.py and the Triton kernel); teskd_feature_grad gives the feature
- * gradient in the backward, teskd_scale the grad_output scaling.
+ * gradient in the backward when the forward did not write it, teskd_scale the grad_output scaling.
  *
  * Built at first use by teskd_fast/cpu_kernel.py (plain C, no Python or torch headers) and called through ctypes,
  * which releases the GIL: row ranges may run on several threads. Two instantiations of teskd_loss_cpu_impl.h:
@@ -374,7 +374,7 @@ void teskd_log_f32(const float* x, float* out, int64_t n) {
     }
 }
 
-int64_t teskd_abi_version(void) { return 1; }
+int64_t teskd_abi_version(void) { return 2; }
 
 /* The widest vector instruction set this build targets (which branches above are compiled in). */
 const char* teskd_isa(void) {
