@@ -181,7 +181,9 @@ static inline float hsum_f32(v_f32 v) {
 
 /* The first n < W values at p as a vector, the other lanes pad; and the first n lanes of v stored at p; nothing
  * beyond p + n is touched. AVX-512: masked loads and stores. AVX2: vmaskmov (no fault on the masked-off lanes)
- * and a blend. Elsewhere (W = 4 floats or 2 doubles): lane by lane, at most 3 scalar moves. */
+ * and a blend. Elsewhere (W = 4 floats or 2 doubles): lane by lane, at most 3 scalar moves (unrolled by hand: as a
+ * loop, GCC turns them into a call to memcpy through the stack). n = W (the polynomial checks' last block) loads
+ * the whole vector. */
 #ifdef __AVX2__
 /* Lanes j < n all ones, for vmaskmov (n in [0, 8]). */
 static inline __m256i lanes_below(int64_t n, __m256i lane) { return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)n), lane); }
@@ -195,7 +197,22 @@ static inline v_f32 vload_tail_f32(const float* p, int64_t n, float pad) {
     return (v_f32)_mm256_blendv_ps(_mm256_set1_ps(pad), _mm256_maskload_ps(p, m), _mm256_castsi256_ps(m));
 #else
     v_f32 v = (v_f32){0} + pad;
-    for (int64_t j = 0; j < n; ++j) v[j] = p[j];
+    switch (n) {
+        case 4:
+            memcpy(&v, p, sizeof v);
+            break;
+        case 3:
+            v[2] = p[2];
+            /* fall through */
+        case 2:
+            v[1] = p[1];
+            /* fall through */
+        case 1:
+            v[0] = p[0];
+            /* fall through */
+        default:
+            break;
+    }
     return v;
 #endif
 }
@@ -206,7 +223,22 @@ static inline void vstore_tail_f32(float* p, v_f32 v, int64_t n) {
 #elif defined(__AVX2__)
     _mm256_maskstore_ps(p, lanes_below(n, _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)), (__m256)v);
 #else
-    for (int64_t j = 0; j < n; ++j) p[j] = v[j];
+    switch (n) {
+        case 4:
+            memcpy(p, &v, sizeof v);
+            break;
+        case 3:
+            p[2] = v[2];
+            /* fall through */
+        case 2:
+            p[1] = v[1];
+            /* fall through */
+        case 1:
+            p[0] = v[0];
+            /* fall through */
+        default:
+            break;
+    }
 #endif
 }
 
@@ -218,7 +250,10 @@ static inline v_f64 vload_tail_f64(const double* p, int64_t n, double pad) {
     return (v_f64)_mm256_blendv_pd(_mm256_set1_pd(pad), _mm256_maskload_pd(p, m), _mm256_castsi256_pd(m));
 #else
     v_f64 v = (v_f64){0} + pad;
-    for (int64_t j = 0; j < n; ++j) v[j] = p[j];
+    if (n >= 2)
+        memcpy(&v, p, sizeof v);
+    else if (n == 1)
+        v[0] = p[0];
     return v;
 #endif
 }
@@ -229,7 +264,10 @@ static inline void vstore_tail_f64(double* p, v_f64 v, int64_t n) {
 #elif defined(__AVX2__)
     _mm256_maskstore_pd(p, lanes_below(2 * n, _mm256_setr_epi32(1, 1, 3, 3, 5, 5, 7, 7)), (__m256d)v);
 #else
-    for (int64_t j = 0; j < n; ++j) p[j] = v[j];
+    if (n >= 2)
+        memcpy(p, &v, sizeof v);
+    else if (n == 1)
+        p[0] = v[0];
 #endif
 }
 
