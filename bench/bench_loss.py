@@ -170,3 +170,48 @@ def _run(benchmark, provider, B, C, dtype, mode, features):
             sync(DEVICE)
 
         benchmark.pedantic(backward, setup=setup, rounds=rounds, warmup_rounds=2)
+
+
+def isa_table(repeats=30, steps=10):
+    """The full step at 128 x 100 x 3, D = 512, float32, with and without features, for the reference and the
+    torch backend with its kernel built for each instruction set this CPU runs: the fastest of ``repeats``
+    batches of ``steps`` steps in CPU time of this thread (robust on a shared machine, unlike wall-clock time
+    with several OpenMP threads), one intra-op thread. ``python bench/bench_loss.py``."""
+    import time
+
+    torch.set_num_threads(1)
+    teacher, students, target, f_t, f_s = _inputs(128, 100, torch.float32)
+    leaves = [teacher, *students, *f_s]
+
+    def step(backend, features):
+        def run():
+            for t in leaves:
+                t.grad = None
+            feats = (f_t, f_s) if features else ()
+            teskd_loss(teacher, students, target, *feats, backend=backend).backward()
+
+        return run
+
+    builds = {"torch": "native", **ISA_PROVIDERS}
+    print(f"{'provider':14s} {'built for':10s} {'features':>10s} {'logits':>10s} {'reference':>10s} "
+          f"{'speed-up':>9s} {'feature share':>14s}")  # fmt: skip
+    for provider, isa in builds.items():
+        os.environ[cpu_kernel.ENV_ISA] = isa
+        built = cpu_kernel.reload()
+        fns = {"features": step("torch", True), "logits": step("torch", False), "reference": step("reference", True)}
+        best = dict.fromkeys(fns, float("inf"))
+        for fn in fns.values():
+            fn()
+        for _ in range(repeats):
+            for name, fn in fns.items():
+                start = time.thread_time()
+                for _ in range(steps):
+                    fn()
+                best[name] = min(best[name], (time.thread_time() - start) / steps)
+        print(f"{provider:14s} {built:10s} {best['features'] * 1e6:8.0f}us {best['logits'] * 1e6:8.0f}us "
+              f"{best['reference'] * 1e6:8.0f}us {best['reference'] / best['features']:8.2f}x "
+              f"{1 - best['logits'] / best['features']:14.2f}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    isa_table()
