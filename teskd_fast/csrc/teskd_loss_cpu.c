@@ -1,7 +1,7 @@
 /* The TESKD loss on the CPU, fused: one pass per batch row computes every head's cross-entropy, every student's
- * KL divergence from the teacher, the feature term, and the gradients of all logits (the same closed form as
- * teskd_fast/closed_form.py and the Triton kernel); teskd_feature_grad gives the feature
- * gradient in the backward when the forward did not write it, teskd_scale the grad_output scaling.
+ * KL divergence from the teacher, the feature term, and the gradients of all logits and (on request) of the
+ * student features: the same closed form as teskd_fast/closed_form.py and the Triton kernel. teskd_feature_grad
+ * recomputes the feature gradient (a second backward), teskd_scale applies grad_output.
  *
  * Built at first use by teskd_fast/cpu_kernel.py (plain C, no Python or torch headers) and called through ctypes,
  * which releases the GIL: row ranges may run on several threads. Two instantiations of teskd_loss_cpu_impl.h:
@@ -146,10 +146,11 @@ typedef float v4_f32 __attribute__((vector_size(16)));
 typedef double v4_f64 __attribute__((vector_size(32)));
 typedef double v2_f64 __attribute__((vector_size(16)));
 
-/* The register's halves down to 16 bytes, combined with op (a macro: + or a max). */
+/* A register folded down to 16 bytes, its halves combined with op (a macro). */
 #if TESKD_VBYTES == 64
-#define TESKD_HALVE32(v, op) \
-    op(__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7), __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15))
+#define TESKD_HALVE32(v, op)                                   \
+    op(__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7), \
+       __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15))
 #define TESKD_HALVE64(v, op) op(__builtin_shufflevector(v, v, 0, 1, 2, 3), __builtin_shufflevector(v, v, 4, 5, 6, 7))
 #define TESKD_TO16_32(v, op) (__extension__({ v8_f32 h8_ = TESKD_HALVE32(v, op); \
     op(__builtin_shufflevector(h8_, h8_, 0, 1, 2, 3), __builtin_shufflevector(h8_, h8_, 4, 5, 6, 7)); }))
@@ -186,7 +187,9 @@ static inline float hsum_f32(v_f32 v) {
  * the whole vector. */
 #ifdef __AVX2__
 /* Lanes j < n all ones, for vmaskmov (n in [0, 8]). */
-static inline __m256i lanes_below(int64_t n, __m256i lane) { return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)n), lane); }
+static inline __m256i lanes_below(int64_t n, __m256i lane) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)n), lane);
+}
 #endif
 
 static inline v_f32 vload_tail_f32(const float* p, int64_t n, float pad) {

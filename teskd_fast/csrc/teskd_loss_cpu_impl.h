@@ -255,10 +255,11 @@ int64_t CAT(teskd_rows, SUFFIX)(const teskd_options* o, const R* teacher, const 
 
         /* Masked squared error of the student features against the (detached) teacher feature, and its gradient. */
         double feat_row = 0.0;
-        for (int64_t k = 0; D > 0 && k < K; ++k)
-            feat_row += grad_f != NULL
-                            ? CAT(masked_sq, SUFFIX)(f_s[k] + b * D, f_t + b * D, D, grad_f + (k * B + b) * D, feat_scale)
-                            : CAT(masked_sq, SUFFIX)(f_s[k] + b * D, f_t + b * D, D, NULL, feat_scale);
+        for (int64_t k = 0; D > 0 && k < K; ++k) {
+            const R *fs = f_s[k] + b * D, *ft = f_t + b * D;
+            feat_row += grad_f != NULL ? CAT(masked_sq, SUFFIX)(fs, ft, D, grad_f + (k * B + b) * D, feat_scale)
+                                       : CAT(masked_sq, SUFFIX)(fs, ft, D, NULL, feat_scale);
+        }
         rows[3 * b] = ce_row;
         rows[3 * b + 1] = (double)kd_row;
         rows[3 * b + 2] = feat_row;
