@@ -46,7 +46,7 @@ _CSRC = Path(__file__).with_name("csrc")
 _SOURCES = ("teskd_loss_cpu.c", "teskd_loss_cpu_impl.h")
 _FLAGS = ("-O3", "-std=c11", "-ffp-contract=fast", "-fPIC", "-shared", "-fno-math-errno")
 _NATIVE = ("-march=native",)
-_X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+_X86 = platform.machine().lower() in ("x86_64", "amd64")
 # Instruction set -> the extra flags to try, in order (the first that compiles is used).
 _ISA_FLAGS = {
     "native": (_NATIVE, ()),
