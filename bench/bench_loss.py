@@ -4,16 +4,23 @@ Forward (inputs that require grad, so the fused paths also compute the gradients
 (forward + backward); K = 3 students with ResNet-18-sized features (D = 512), as a TESKD step has them; at the
 issue's CPU shape (128 x 100) also the logit terms alone (group suffix ``-logits``). Baseline of every group:
 the reference backend.
+
+On an x86 CPU, the torch backend's fused kernel is also measured as built for each instruction set below this
+CPU's (``torch-avx2``: ``-mno-avx512f``, what an AVX2-only CPU runs; ``torch-generic``: x86-64, SSE2) at 128 x
+100, beside the same run's reference: see ``TESKD_FAST_CPU_KERNEL_ISA`` in ``teskd_fast.kernels.teskd_loss_cpu``.
 """
 
+import contextlib
 import functools
 import os
+import platform
 
 import pytest
 import torch
 from common import record, sync
 
 from teskd_fast import teskd_loss
+from teskd_fast.kernels import teskd_loss_cpu as cpu_kernel
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -21,6 +28,45 @@ K, D = 3, 512
 SHAPES = [(128, 100), (256, 1000), (1024, 1000)]
 DTYPES = [torch.float32, torch.bfloat16] if HAS_CUDA else [torch.float32]
 PROVIDERS = ["reference", "torch", "compiled-reference", "triton"]
+
+
+def _cpu_flags():
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+# The torch backend with its kernel built for a narrower instruction set than this CPU's (x86 only; "torch" is
+# the -march=native build): provider -> $TESKD_FAST_CPU_KERNEL_ISA.
+ISA_PROVIDERS = {}
+if platform.machine().lower() in ("x86_64", "amd64") and not HAS_CUDA:
+    if {"avx512f", "avx2"} <= _cpu_flags():
+        ISA_PROVIDERS["torch-avx2"] = "avx2"
+    ISA_PROVIDERS["torch-generic"] = "generic"
+PROVIDERS += list(ISA_PROVIDERS)
+
+
+@contextlib.contextmanager
+def _kernel_isa(provider):
+    """The fused CPU kernel built for the provider's instruction set, for the duration of one benchmark."""
+    isa = ISA_PROVIDERS.get(provider)
+    if isa is None:
+        yield
+        return
+    saved = os.environ.get(cpu_kernel.ENV_ISA)
+    os.environ[cpu_kernel.ENV_ISA] = isa
+    try:
+        built = cpu_kernel.reload()
+        assert built is not None, f"the {isa} build of the CPU kernel failed: {cpu_kernel.status()[1]}"
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(cpu_kernel.ENV_ISA, None)
+        else:
+            os.environ[cpu_kernel.ENV_ISA] = saved
+        cpu_kernel.reload()
 
 
 def _inputs(B, C, dtype):
@@ -41,7 +87,7 @@ def _compiled_reference():
 def _loss_fn(provider):
     if provider == "compiled-reference":
         return _compiled_reference()
-    return functools.partial(teskd_loss, backend=provider)
+    return functools.partial(teskd_loss, backend="torch" if provider in ISA_PROVIDERS else provider)
 
 
 def _skip_reason(provider, B, C):
@@ -51,6 +97,8 @@ def _skip_reason(provider, B, C):
         return "torch.compile(reference) is measured at one shape per device, to keep `pytest bench/` short"
     if not HAS_CUDA and B * C > 256 * 1000 and provider != "reference" and provider != "torch":
         return "CPU: large shapes for reference and torch only"
+    if provider in ISA_PROVIDERS and (B, C) != (128, 100):
+        return "the kernel's narrower instruction-set builds are measured at 128 x 100"
     return None
 
 
@@ -58,7 +106,8 @@ def _params():
     for B, C in SHAPES:
         for dtype in DTYPES:
             for provider in PROVIDERS:
-                marks = [pytest.mark.smoke] if (B, C) == (128, 100) and provider in ("reference", "torch") else []
+                smoke = (B, C) == (128, 100) and provider in ("reference", "torch", *ISA_PROVIDERS)
+                marks = [pytest.mark.smoke] if smoke else []
                 yield pytest.param(provider, B, C, dtype, marks=marks, id=f"{provider}-{B}x{C}x{K}-{str(dtype)[6:]}")
 
 
@@ -67,12 +116,18 @@ def _params():
 @pytest.mark.parametrize("provider, B, C, dtype", list(_params()))
 def test_loss(benchmark, provider, B, C, dtype, mode, features):
     reason = _skip_reason(provider, B, C)
-    if not features and (mode != "full" or (B, C) != (128, 100) or provider not in ("reference", "torch")):
-        reason = reason or "logits-only: the full step at 128 x 100, reference and torch"
+    logit_providers = ("reference", "torch", *ISA_PROVIDERS)
+    if not features and (mode != "full" or (B, C) != (128, 100) or provider not in logit_providers):
+        reason = reason or "logits-only: the full step at 128 x 100, reference and torch (each build)"
     if reason:
         pytest.skip(reason)
     if os.environ.get("TRITON_INTERPRET") == "1" and provider == "triton":
         pytest.skip("TRITON_INTERPRET=1 is set: interpreter timings mean nothing")
+    with _kernel_isa(provider):
+        _run(benchmark, provider, B, C, dtype, mode, features)
+
+
+def _run(benchmark, provider, B, C, dtype, mode, features):
     teacher, students, target, f_t, f_s = _inputs(B, C, dtype)
     fn = _loss_fn(provider)
     leaves = [teacher, *students, *f_s]
@@ -116,3 +171,48 @@ def test_loss(benchmark, provider, B, C, dtype, mode, features):
             sync(DEVICE)
 
         benchmark.pedantic(backward, setup=setup, rounds=rounds, warmup_rounds=2)
+
+
+def isa_table(repeats=30, steps=10):
+    """The full step at 128 x 100 x 3, D = 512, float32, with and without features, for the reference and the
+    torch backend with its kernel built for each instruction set this CPU runs: the fastest of ``repeats``
+    batches of ``steps`` steps in CPU time of this thread (robust on a shared machine, unlike wall-clock time
+    with several OpenMP threads), one intra-op thread. ``python bench/bench_loss.py``."""
+    import time
+
+    torch.set_num_threads(1)
+    teacher, students, target, f_t, f_s = _inputs(128, 100, torch.float32)
+    leaves = [teacher, *students, *f_s]
+
+    def step(backend, features):
+        def run():
+            for t in leaves:
+                t.grad = None
+            feats = (f_t, f_s) if features else ()
+            teskd_loss(teacher, students, target, *feats, backend=backend).backward()
+
+        return run
+
+    builds = {"torch": "native", **ISA_PROVIDERS}
+    print(f"{'provider':14s} {'built for':10s} {'features':>10s} {'logits':>10s} {'reference':>10s} "
+          f"{'speed-up':>9s} {'feature share':>14s}")  # fmt: skip
+    for provider, isa in builds.items():
+        os.environ[cpu_kernel.ENV_ISA] = isa
+        built = cpu_kernel.reload()
+        fns = {"features": step("torch", True), "logits": step("torch", False), "reference": step("reference", True)}
+        best = dict.fromkeys(fns, float("inf"))
+        for fn in fns.values():
+            fn()
+        for _ in range(repeats):
+            for name, fn in fns.items():
+                start = time.thread_time()
+                for _ in range(steps):
+                    fn()
+                best[name] = min(best[name], (time.thread_time() - start) / steps)
+        print(f"{provider:14s} {built:10s} {best['features'] * 1e6:8.0f}us {best['logits'] * 1e6:8.0f}us "
+              f"{best['reference'] * 1e6:8.0f}us {best['reference'] / best['features']:8.2f}x "
+              f"{1 - best['logits'] / best['features']:14.2f}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    isa_table()

@@ -2,17 +2,26 @@
 first use and called through ctypes.
 
 One pass per batch row computes every head's cross-entropy, every student's KL divergence, the feature term
-and the gradients of all logits, as the Triton kernel does on the GPU (the feature gradient, linear in the
-inputs, comes from :func:`feature_grad` in the backward); ``teskd_fast.loss.closed_form.TESKDLossFunction``
-calls it for CPU tensors, and falls back to its batched PyTorch ops where no C compiler is found.
+and the gradients of all logits and, on request, of the student features, as the Triton kernel does on the GPU
+(:func:`feature_grad` recomputes the feature gradient for a second backward);
+``teskd_fast.loss.closed_form.TESKDLossFunction`` calls it for CPU tensors, and falls back to its batched
+PyTorch ops where no C compiler is found.
 
 The source is plain C (no Python or torch headers: it compiles in about a second) and is built with the
-system's C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``) for this CPU (``-march=native``; without it if
-the compiler rejects the flag) into a per-user cache, ``$TESKD_FAST_CACHE_DIR`` or ``~/.cache/teskd_fast``,
-keyed by the source, compiler, flags and CPU; it is written atomically, so concurrent processes never load a
-partial file. ctypes releases the GIL for
-the call, so large batches are split into row ranges computed on several threads, and the per-row partial
-sums are then reduced in row order: the result does not depend on the split.
+system's C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``) into a per-user cache,
+``$TESKD_FAST_CACHE_DIR`` or ``~/.cache/teskd_fast``, keyed by the source, compiler, flags, instruction set and
+CPU; it is written atomically, so concurrent processes never load a partial file. ``$TESKD_FAST_CPU_KERNEL_ISA``
+chooses the instruction set (read once, at the first build):
+
+- ``native`` (default): ``-march=native``, this CPU's best (the AVX-512 branches where it has AVX-512); built
+  without the flag where the compiler rejects it;
+- ``avx2``: ``-march=native -mno-avx512f``, the code an AVX2-only x86 CPU runs (for tests and benchmarks of that
+  branch on an AVX-512 machine);
+- ``generic``: the baseline of the architecture (``-march=x86-64`` on x86, SSE2 only; the compiler's default
+  elsewhere).
+
+ctypes releases the GIL for the call, so large batches are split into row ranges computed on several threads,
+and the per-row partial sums are then reduced in row order: the result does not depend on the split.
 
 ``TESKD_FAST_CPU_KERNEL=0`` turns the kernel off (the batched-op path is then used).
 """
@@ -33,11 +42,19 @@ import torch
 
 ENV_SWITCH = "TESKD_FAST_CPU_KERNEL"
 ENV_CACHE = "TESKD_FAST_CACHE_DIR"
-_ABI_VERSION = 1
+ENV_ISA = "TESKD_FAST_CPU_KERNEL_ISA"
+_ABI_VERSION = 2
 _CSRC = Path(__file__).with_name("csrc")
 _SOURCES = ("teskd_loss_cpu.c", "teskd_loss_cpu_impl.h")
 _FLAGS = ("-O3", "-std=c11", "-ffp-contract=fast", "-fPIC", "-shared", "-fno-math-errno")
 _NATIVE = ("-march=native",)
+_X86 = platform.machine().lower() in ("x86_64", "amd64")
+# Instruction set -> the extra flags to try, in order (the first that compiles is used).
+_ISA_FLAGS = {
+    "native": (_NATIVE, ()),
+    "avx2": (("-march=native", "-mno-avx512f"),),
+    "generic": (("-march=x86-64", "-mtune=generic") if _X86 else (),),
+}
 # Below this many logits (K + 1) * B * C, one thread: handing rows to a second thread costs more than it saves.
 _MIN_PARALLEL_WORK = 1 << 18
 
@@ -88,11 +105,25 @@ def _cache_dir():
     return Path(root)
 
 
+def isa():
+    """The instruction set the kernel is built for: ``$TESKD_FAST_CPU_KERNEL_ISA``, default ``native``."""
+    name = os.environ.get(ENV_ISA, "").strip().lower() or "native"
+    if name not in _ISA_FLAGS:
+        raise RuntimeError(f"{ENV_ISA}={name!r}: expected one of {', '.join(_ISA_FLAGS)}")
+    if name == "avx2" and not _X86:
+        raise RuntimeError(f"{ENV_ISA}=avx2 needs an x86 CPU (this one is {platform.machine()})")
+    return name
+
+
 def _build(cc):
-    """Compile the kernel (once per source/compiler/CPU) and return the path of the shared library."""
+    """Compile the kernel (once per source/compiler/flags/instruction set/CPU) and return the path of the shared
+    library."""
+    isa_name = isa()
+    attempts = _ISA_FLAGS[isa_name]
     source = b"".join((_CSRC / name).read_bytes() for name in _SOURCES)
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
-    key = hashlib.sha256(b"\0".join([source, cc.encode(), version.encode(), " ".join(_FLAGS).encode(),
+    flags = " ".join(_FLAGS) + " | " + isa_name + " | " + " / ".join(" ".join(extra) for extra in attempts)
+    key = hashlib.sha256(b"\0".join([source, cc.encode(), version.encode(), flags.encode(),
                                      _cpu_identity().encode()])).hexdigest()[:20]  # fmt: skip
     cache = _cache_dir()
     try:
@@ -105,7 +136,7 @@ def _build(cc):
     if target.exists():
         return target
     errors = []
-    for extra in (_NATIVE, ()):
+    for extra in attempts:
         fd, tmp = tempfile.mkstemp(dir=cache, suffix=".so.tmp")
         os.close(fd)
         cmd = [cc, *_FLAGS, *extra, str(_CSRC / "teskd_loss_cpu.c"), "-o", tmp, "-lm"]
@@ -129,7 +160,7 @@ def _load():
     ptr = ctypes.c_void_p
     for suffix in ("f32", "f64"):
         rows = getattr(lib, f"teskd_rows_{suffix}")
-        rows.argtypes = [ctypes.POINTER(_Options), *([ptr] * 10)]
+        rows.argtypes = [ctypes.POINTER(_Options), *([ptr] * 11)]
         rows.restype = ctypes.c_int64
         feature_grad = getattr(lib, f"teskd_feature_grad_{suffix}")
         feature_grad.argtypes = [ctypes.POINTER(_Options), ptr, ptr, ptr, ctypes.c_double]
@@ -140,6 +171,7 @@ def _load():
         reduce = getattr(lib, f"teskd_reduce_rows_{suffix}")
         reduce.argtypes = [ctypes.POINTER(_Options), ptr, ptr, ptr, ptr]
         reduce.restype = None
+    lib.teskd_isa.restype = ctypes.c_char_p
     for name in ("teskd_exp_f32", "teskd_log_f32"):
         getattr(lib, name).argtypes = [ptr, ptr, ctypes.c_int64]
         getattr(lib, name).restype = None
@@ -157,6 +189,15 @@ def library():
             except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
                 _state["error"] = str(exc)
     return _state["lib"]
+
+
+def reload():
+    """Load the kernel again, for the instruction set ``$TESKD_FAST_CPU_KERNEL_ISA`` now names (built or taken from
+    the cache); for benchmarks that compare the builds in one process. Returns :func:`built_isa`."""
+    with _lock:
+        _state["lib"], _state["error"] = None, None
+    library()
+    return built_isa()
 
 
 def enabled():
@@ -179,6 +220,13 @@ def enabled():
 def status():
     """``(available, reason)``: whether the kernel is built, and why not."""
     return library() is not None, _state["error"]
+
+
+def built_isa():
+    """The widest vector instruction set the loaded kernel was compiled for: ``avx512f``, ``avx2``, ``sse2``,
+    ``neon`` or ``scalar`` (the branches of teskd_loss_cpu.c); None where it is not built."""
+    lib = library()
+    return None if lib is None else lib.teskd_isa().decode()
 
 
 def _thread_pool():
@@ -236,14 +284,18 @@ def target_error(target, index, num_classes, ignore_index):
     )
 
 
-def fused_loss(teacher, students, target, teacher_feature, student_features, head_weights, options):
+def fused_loss(
+    teacher, students, target, teacher_feature, student_features, head_weights, options, with_feature_grad=False
+):
     """Loss and unscaled logit gradients in one call; also checks the targets (a ValueError names the first
     out-of-range one).
 
     Inputs: contiguous CPU tensors of one dtype, float32 or float64: teacher ``[B, C]``, students a sequence of
     K ``[B, C]``, features ``[B, D]`` and K ``[B, D]`` (or None); target int64 ``[B]``; ``options`` a
     :class:`~teskd_fast.loss.options.LossOptions`.
-    Returns ``(total, parts, grad)``, ``grad`` the ``[K + 1, B, C]`` gradient of the logits (teacher first).
+    Returns ``(total, parts, grad)``, ``grad`` the ``[K + 1, B, C]`` gradient of the logits (teacher first); with
+    ``with_feature_grad`` (and features), also the ``[K, B, D]`` gradient of the student features, unscaled by
+    grad_output (``feature_grad(..., 2 * feat_weight)``), written in the same pass as the feature term.
     """
     lib = library()
     K = len(students)
@@ -255,6 +307,7 @@ def fused_loss(teacher, students, target, teacher_feature, student_features, hea
     if hw is None:
         hw = _HEAD_WEIGHTS.setdefault(head_weights, (ctypes.c_double * len(head_weights))(*head_weights))
     grad = torch.empty((K + 1, B, C), dtype=dtype)
+    grad_f = torch.empty((K, B, D), dtype=dtype) if with_feature_grad and D else None
     rows = torch.empty((B, 3), dtype=torch.float64)
     parts = torch.empty(3, dtype=dtype)  # ce, kd, feat
     total = torch.empty((), dtype=dtype)
@@ -270,6 +323,7 @@ def fused_loss(teacher, students, target, teacher_feature, student_features, hea
         teacher_feature.data_ptr() if D else None,
         _pointers(student_features) if D else None,
         grad.data_ptr(),
+        None if grad_f is None else grad_f.data_ptr(),
         rows.data_ptr(),
         parts.data_ptr() if single else None,
         total.data_ptr() if single else None,
@@ -283,7 +337,7 @@ def fused_loss(teacher, students, target, teacher_feature, student_features, hea
         (lib.teskd_reduce_rows_f64 if f64 else lib.teskd_reduce_rows_f32)(
             ctypes.byref(opts[0]), target.data_ptr(), rows.data_ptr(), parts.data_ptr(), total.data_ptr()
         )
-    return total, parts, grad
+    return (total, parts, grad) if not with_feature_grad else (total, parts, grad, grad_f)
 
 
 def feature_grad(teacher_feature, student_features, scale):

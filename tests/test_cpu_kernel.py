@@ -2,11 +2,14 @@
 
 Its exp/log polynomials, invariance to how rows are split between threads, the feature gradient, NaN/inf
 semantics, large C, the integer-temperature special path, repeated backwards, non-contiguous inputs, and the
-build itself (cache reuse, concurrent builds, the fallback when no compiler works), in subprocesses.
+build itself (cache reuse, concurrent builds, the fallback when no compiler works), in subprocesses. The kernel
+cases run against every instruction-set build this machine can execute (``build``: AVX-512, AVX2, generic
+x86-64); tests/test_cpu_kernel_driver.py checks the aarch64 build under qemu-user.
 """
 
 import math
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -36,37 +39,70 @@ def fused(monkeypatch):
     assert available, f"a C compiler is here, so the fused CPU kernel must build: {reason}"
 
 
-@pytest.fixture(scope="module")
-def portable_library(tmp_path_factory):
-    """The kernel built without -march=native, as for a compiler that rejects it: generic vector code (no AVX-512
-    paths), in a cache of its own (the cache key does not tell the two builds apart)."""
-    native = cpu_kernel.library()
-    mp = pytest.MonkeyPatch()
+def cpu_flags():
+    """The CPU's feature flags (x86: /proc/cpuinfo's ``flags``; empty elsewhere)."""
     try:
-        mp.setattr(cpu_kernel, "_NATIVE", ())
-        mp.setenv(cpu_kernel.ENV_CACHE, str(tmp_path_factory.mktemp("portable")))
-        mp.setitem(cpu_kernel._state, "lib", None)
-        mp.setitem(cpu_kernel._state, "error", None)
-        lib = cpu_kernel.library()
-        assert lib is not None, f"the portable build failed: {cpu_kernel._state['error']}"
-    finally:
-        mp.undo()
-    assert cpu_kernel.library() is native and lib._name != native._name
-    return lib
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
 
 
-@pytest.fixture(params=["native", "portable"])
+IS_X86 = platform.machine().lower() in ("x86_64", "amd64")
+# The kernel's builds, one per instruction-set branch of teskd_loss_cpu.c that this machine can run:
+# name -> ($TESKD_FAST_CPU_KERNEL_ISA, what teskd_isa() must report, why it cannot run here or None).
+BUILDS = {
+    "avx512": ("native", "avx512f", None if "avx512f" in cpu_flags() else "this CPU has no AVX-512"),
+    "avx2": ("avx2", "avx2", None if IS_X86 and "avx2" in cpu_flags() else "this CPU has no AVX2"),
+    "generic": ("generic", "sse2" if IS_X86 else None, None),
+}
+
+
+@pytest.fixture(scope="module")
+def isa_library(tmp_path_factory):
+    """``isa_library(name)``: the kernel built for one of BUILDS (through $TESKD_FAST_CPU_KERNEL_ISA), in a cache
+    of its own; checked to be that build."""
+    native = cpu_kernel.library()
+    built = {}
+
+    def get(name):
+        isa, reported, skip = BUILDS[name]
+        if skip:
+            pytest.skip(f"{name} build: {skip}")
+        if name not in built:
+            mp = pytest.MonkeyPatch()
+            try:
+                mp.setenv(cpu_kernel.ENV_ISA, isa)
+                mp.setenv(cpu_kernel.ENV_CACHE, str(tmp_path_factory.mktemp(name)))
+                mp.setitem(cpu_kernel._state, "lib", None)
+                mp.setitem(cpu_kernel._state, "error", None)
+                lib = cpu_kernel.library()
+                assert lib is not None, f"the {name} build failed: {cpu_kernel._state['error']}"
+                got = cpu_kernel.built_isa()
+                assert reported is None or got == reported, f"the {name} build targets {got}, not {reported}"
+            finally:
+                mp.undo()
+            built[name] = lib
+        return built[name]
+
+    yield get
+    assert cpu_kernel.library() is native
+
+
+@pytest.fixture(params=list(BUILDS))
 def build(request, monkeypatch):
-    """The kernel as built for this CPU (-march=native), or the portable build."""
-    if request.param == "portable":
-        monkeypatch.setitem(cpu_kernel._state, "lib", request.getfixturevalue("portable_library"))
+    """Each of the kernel's builds: AVX-512 (where the CPU has it), AVX2 (-mno-avx512f) and generic x86-64."""
+    monkeypatch.setitem(cpu_kernel._state, "lib", request.getfixturevalue("isa_library")(request.param))
     return request.param
 
 
 def set_path(monkeypatch, path, request=None):
-    """``fused`` (this CPU's build), ``portable`` (the build without -march=native) or ``batched`` (no kernel)."""
-    if path == "portable":
-        monkeypatch.setitem(cpu_kernel._state, "lib", request.getfixturevalue("portable_library"))
+    """``fused`` (this CPU's build), one of BUILDS, or ``batched`` (no kernel)."""
+    if path in BUILDS:
+        monkeypatch.setitem(cpu_kernel._state, "lib", request.getfixturevalue("isa_library")(path))
     monkeypatch.setenv(cpu_kernel.ENV_SWITCH, "0" if path == "batched" else "1")
     assert cpu_kernel.enabled() == (path != "batched")
 
@@ -316,7 +352,7 @@ def classify(t):
 
 @pytest.mark.parametrize("ignored", [False, True], ids=["valid_row", "ignored_row"])
 @pytest.mark.parametrize("case", BAD_VALUES, ids=lambda c: f"{c[0]}-col{c[1]}-{c[2]}")
-@pytest.mark.parametrize("path", ["fused", "portable", "batched"])
+@pytest.mark.parametrize("path", [*BUILDS, "batched"])
 def test_nan_and_inf_like_the_reference(path, case, ignored, monkeypatch, request):
     where, col, value = case
     set_path(monkeypatch, path, request)
@@ -500,12 +536,25 @@ def test_torch_backend_calls_the_kernel_only_when_enabled(monkeypatch):
     spy("fused_loss")
     spy("feature_grad")
     teacher, students, target, (f_t, f_s) = make_inputs(5, 10, 2, 8)
-    for switch, expected in (("1", ["fused_loss", "feature_grad"]), ("0", [])):
+    # The forward's call also writes the feature gradient; a second backward recomputes both gradients.
+    fused = ["fused_loss"], ["fused_loss", "fused_loss", "feature_grad"]
+    for switch, expected in (("1", fused), ("0", ([], []))):
         monkeypatch.setenv(cpu_kernel.ENV_SWITCH, switch)
         calls.clear()
         f_s = f_s.clone().requires_grad_()
-        teskd_loss(teacher, students, target, f_t, f_s, backend="torch").backward()
-        assert calls == expected, f"{cpu_kernel.ENV_SWITCH}={switch}: kernel calls {calls}"
+        total = teskd_loss(teacher, students, target, f_t, f_s, backend="torch")
+        total.backward(retain_graph=True)
+        assert calls == expected[0], f"{cpu_kernel.ENV_SWITCH}={switch}: kernel calls {calls}"
+        total.backward()
+        assert calls == expected[1], f"{cpu_kernel.ENV_SWITCH}={switch}, second backward: kernel calls {calls}"
+    # Student features that need no gradient: none is computed.
+    calls.clear()
+    monkeypatch.setenv(cpu_kernel.ENV_SWITCH, "1")
+    real = cpu_kernel.fused_loss
+    monkeypatch.setattr(cpu_kernel, "fused_loss", lambda *a: calls.append(a[-1]) or real(*a))
+    teskd_loss(teacher.requires_grad_(), students, target, f_t, f_s.detach(), backend="torch").backward()
+    flags = [c for c in calls if isinstance(c, bool)]  # (the spy above also records the call's name)
+    assert flags == [False], f"with_feature_grad for features without requires_grad: {calls}"
 
 
 # --- building: the cache, concurrent builds, the fallback --------------------------------------------------------
@@ -667,3 +716,26 @@ def test_switched_off_kernel_is_silent_and_never_built(tmp_path, no_working_comp
     check_results(res)
     assert not [w for w in res["warnings"] if "teskd" in w.lower()], f"warnings: {res['warnings']}"
     assert not log.exists(), f"the compiler was called with the kernel switched off:\n{log.read_text()}"
+
+
+def test_instruction_set_choice_is_part_of_the_cache_key(tmp_path, monkeypatch):
+    """$TESKD_FAST_CPU_KERNEL_ISA builds another library beside the native one in the same cache, and each
+    reports its branch; an unknown name is an error (the batched ops are then used)."""
+    monkeypatch.setenv(cpu_kernel.ENV_CACHE, str(tmp_path))
+    names = {}
+    for isa in ("native", "generic", "native"):
+        monkeypatch.setenv(cpu_kernel.ENV_ISA, isa)
+        monkeypatch.setitem(cpu_kernel._state, "lib", None)
+        monkeypatch.setitem(cpu_kernel._state, "error", None)
+        assert cpu_kernel.library() is not None, cpu_kernel._state["error"]
+        names.setdefault(isa, set()).add(cpu_kernel.library()._name)
+        if isa == "generic" and IS_X86:
+            assert cpu_kernel.built_isa() == "sse2"
+    assert len(names["native"]) == 1 and names["native"] != names["generic"]
+    assert len(cache_contents(tmp_path)[0]) == 2, sorted(os.listdir(tmp_path))
+
+    monkeypatch.setenv(cpu_kernel.ENV_ISA, "avx9000")
+    monkeypatch.setitem(cpu_kernel._state, "lib", None)
+    monkeypatch.setitem(cpu_kernel._state, "error", None)
+    available, reason = cpu_kernel.status()
+    assert not available and cpu_kernel.ENV_ISA in reason and "avx9000" in reason, reason

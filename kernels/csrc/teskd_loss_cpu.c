@@ -1,7 +1,7 @@
 /* The TESKD loss on the CPU, fused: one pass per batch row computes every head's cross-entropy, every student's
- * KL divergence from the teacher, the feature term, and the gradients of all logits (docs/method.md, "Loss";
- * the same closed form as teskd_fast/loss/closed_form.py and the Triton kernel); teskd_feature_grad gives the feature
- * gradient in the backward, teskd_scale the grad_output scaling.
+ * KL divergence from the teacher, the feature term, and the gradients of all logits and (on request) of the
+ * student features: the same closed form as teskd_fast/loss/closed_form.py and the Triton kernel. teskd_feature_grad
+ * recomputes the feature gradient (a second backward), teskd_scale applies grad_output.
  *
  * Built at first use by kernels/teskd_loss_cpu.py (plain C, no Python or torch headers) and called through ctypes,
  * which releases the GIL: row ranges may run on several threads. Two instantiations of teskd_loss_cpu_impl.h:
@@ -9,7 +9,7 @@
  */
 #include <math.h>
 #include <stdint.h>
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 #include <stdlib.h>
@@ -24,11 +24,24 @@ typedef struct {
     double temperature, ce_weight, kd_weight, feat_weight, kd_eps, label_smoothing;
 } teskd_options;
 
-/* 64-byte vectors (one AVX-512 register; two AVX2 or four SSE/NEON ones elsewhere, split by the compiler). */
-typedef float v_f32 __attribute__((vector_size(64)));
-typedef int32_t vi_f32 __attribute__((vector_size(64)));
-typedef double v_f64 __attribute__((vector_size(64)));
-typedef int64_t vi_f64 __attribute__((vector_size(64)));
+/* One vector is one hardware register: 64 bytes with AVX-512, 32 with AVX2, 16 elsewhere (SSE2, NEON, ...). At
+ * that width every vector-extension operation maps to one instruction. (Wider vectors than the registers are
+ * split by the compiler, but GCC splits comparisons, their masks and the int <-> float conversions lane by lane:
+ * the AVX2 and SSE2 builds of 64-byte code ran scalar compares and inserts for every feature element and every
+ * exp/log select.) */
+#if defined(__AVX512F__)
+#define TESKD_VBYTES 64
+#elif defined(__AVX2__)
+#define TESKD_VBYTES 32
+#else
+#define TESKD_VBYTES 16
+#endif
+#define TESKD_W32 (TESKD_VBYTES / 4) /* float lanes: 16, 8 or 4 */
+#define TESKD_W64 (TESKD_VBYTES / 8) /* double lanes: 8, 4 or 2 */
+typedef float v_f32 __attribute__((vector_size(TESKD_VBYTES)));
+typedef int32_t vi_f32 __attribute__((vector_size(TESKD_VBYTES)));
+typedef double v_f64 __attribute__((vector_size(TESKD_VBYTES)));
+typedef int64_t vi_f64 __attribute__((vector_size(TESKD_VBYTES)));
 
 static inline v_f32 vsel32(vi_f32 mask, v_f32 a, v_f32 b) {
     vi_f32 ai, bi;
@@ -124,92 +137,160 @@ static inline v_f32 vlog_f32(v_f32 x) {
 #endif
 }
 
-/* Horizontal sums and maxima as trees of half-width operations, in registers where the compiler has
- * __builtin_shufflevector (GCC >= 12, Clang); through memory otherwise. */
+/* Horizontal sums and maxima as trees of half-width operations: in registers where the compiler has
+ * __builtin_shufflevector (GCC >= 12, Clang), through memory otherwise. */
 #if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
 #define TESKD_SHUFFLE 1
 typedef float v8_f32 __attribute__((vector_size(32)));
 typedef float v4_f32 __attribute__((vector_size(16)));
 typedef double v4_f64 __attribute__((vector_size(32)));
 typedef double v2_f64 __attribute__((vector_size(16)));
+
+/* A register folded down to 16 bytes, its halves combined with op (a macro). */
+#if TESKD_VBYTES == 64
+#define TESKD_HALVE32(v, op)                                   \
+    op(__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7), \
+       __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15))
+#define TESKD_HALVE64(v, op) op(__builtin_shufflevector(v, v, 0, 1, 2, 3), __builtin_shufflevector(v, v, 4, 5, 6, 7))
+#define TESKD_TO16_32(v, op) (__extension__({ v8_f32 h8_ = TESKD_HALVE32(v, op); \
+    op(__builtin_shufflevector(h8_, h8_, 0, 1, 2, 3), __builtin_shufflevector(h8_, h8_, 4, 5, 6, 7)); }))
+#define TESKD_TO16_64(v, op) (__extension__({ v4_f64 h4_ = TESKD_HALVE64(v, op); \
+    op(__builtin_shufflevector(h4_, h4_, 0, 1), __builtin_shufflevector(h4_, h4_, 2, 3)); }))
+#elif TESKD_VBYTES == 32
+#define TESKD_TO16_32(v, op) op(__builtin_shufflevector(v, v, 0, 1, 2, 3), __builtin_shufflevector(v, v, 4, 5, 6, 7))
+#define TESKD_TO16_64(v, op) op(__builtin_shufflevector(v, v, 0, 1), __builtin_shufflevector(v, v, 2, 3))
+#else
+#define TESKD_TO16_32(v, op) (v)
+#define TESKD_TO16_64(v, op) (v)
 #endif
+#endif
+
+#define TESKD_ADD(a, b) ((a) + (b))
 
 static inline float hsum_f32(v_f32 v) {
 #ifdef TESKD_SHUFFLE
-    v8_f32 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-               __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-    v4_f32 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+    const v4_f32 b = TESKD_TO16_32(v, TESKD_ADD);
     return (b[0] + b[2]) + (b[1] + b[3]);
 #else
-    float t[16];
+    float t[TESKD_W32];
     memcpy(t, &v, sizeof t);
-    for (int w = 8; w >= 1; w /= 2)
+    for (int w = TESKD_W32 / 2; w >= 1; w /= 2)
         for (int j = 0; j < w; ++j) t[j] += t[j + w];
     return t[0];
 #endif
 }
 
+/* The first n < W values at p as a vector, the other lanes pad; and the first n lanes of v stored at p; nothing
+ * beyond p + n is touched. AVX-512: masked loads and stores. AVX2: vmaskmov (no fault on the masked-off lanes)
+ * and a blend. Elsewhere (W = 4 floats or 2 doubles): lane by lane, at most 3 scalar moves (unrolled by hand: as a
+ * loop, GCC turns them into a call to memcpy through the stack). n = W (the polynomial checks' last block) loads
+ * the whole vector. */
+#ifdef __AVX2__
+/* Lanes j < n all ones, for vmaskmov (n in [0, 8]). */
+static inline __m256i lanes_below(int64_t n, __m256i lane) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)n), lane);
+}
+#endif
 
-/* The first n < 16 (or 8) values at p as a vector, the other lanes pad; and the first n lanes of v stored at p.
- * Masked loads and stores with AVX-512; through a padded copy elsewhere. */
 static inline v_f32 vload_tail_f32(const float* p, int64_t n, float pad) {
-#ifdef __AVX512F__
+#if defined(__AVX512F__)
     return (v_f32)_mm512_mask_loadu_ps(_mm512_set1_ps(pad), (__mmask16)((1u << n) - 1), p);
+#elif defined(__AVX2__)
+    const __m256i m = lanes_below(n, _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    return (v_f32)_mm256_blendv_ps(_mm256_set1_ps(pad), _mm256_maskload_ps(p, m), _mm256_castsi256_ps(m));
 #else
-    float t[16];
-    for (int j = 0; j < 16; ++j) t[j] = pad;
-    memcpy(t, p, sizeof(float) * (size_t)n);
-    v_f32 v;
-    memcpy(&v, t, sizeof v);
+    v_f32 v = (v_f32){0} + pad;
+    switch (n) {
+        case 4:
+            memcpy(&v, p, sizeof v);
+            break;
+        case 3:
+            v[2] = p[2];
+            /* fall through */
+        case 2:
+            v[1] = p[1];
+            /* fall through */
+        case 1:
+            v[0] = p[0];
+            /* fall through */
+        default:
+            break;
+    }
     return v;
 #endif
 }
 
 static inline void vstore_tail_f32(float* p, v_f32 v, int64_t n) {
-#ifdef __AVX512F__
+#if defined(__AVX512F__)
     _mm512_mask_storeu_ps(p, (__mmask16)((1u << n) - 1), (__m512)v);
+#elif defined(__AVX2__)
+    _mm256_maskstore_ps(p, lanes_below(n, _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)), (__m256)v);
 #else
-    float t[16];
-    memcpy(t, &v, sizeof t);
-    memcpy(p, t, sizeof(float) * (size_t)n);
+    switch (n) {
+        case 4:
+            memcpy(p, &v, sizeof v);
+            break;
+        case 3:
+            p[2] = v[2];
+            /* fall through */
+        case 2:
+            p[1] = v[1];
+            /* fall through */
+        case 1:
+            p[0] = v[0];
+            /* fall through */
+        default:
+            break;
+    }
 #endif
 }
 
 static inline v_f64 vload_tail_f64(const double* p, int64_t n, double pad) {
-#ifdef __AVX512F__
+#if defined(__AVX512F__)
     return (v_f64)_mm512_mask_loadu_pd(_mm512_set1_pd(pad), (__mmask8)((1u << n) - 1), p);
+#elif defined(__AVX2__)
+    const __m256i m = lanes_below(2 * n, _mm256_setr_epi32(1, 1, 3, 3, 5, 5, 7, 7)); /* both halves of a lane */
+    return (v_f64)_mm256_blendv_pd(_mm256_set1_pd(pad), _mm256_maskload_pd(p, m), _mm256_castsi256_pd(m));
 #else
-    double t[8];
-    for (int j = 0; j < 8; ++j) t[j] = pad;
-    memcpy(t, p, sizeof(double) * (size_t)n);
-    v_f64 v;
-    memcpy(&v, t, sizeof v);
+    v_f64 v = (v_f64){0} + pad;
+    if (n >= 2)
+        memcpy(&v, p, sizeof v);
+    else if (n == 1)
+        v[0] = p[0];
     return v;
 #endif
 }
 
 static inline void vstore_tail_f64(double* p, v_f64 v, int64_t n) {
-#ifdef __AVX512F__
+#if defined(__AVX512F__)
     _mm512_mask_storeu_pd(p, (__mmask8)((1u << n) - 1), (__m512d)v);
+#elif defined(__AVX2__)
+    _mm256_maskstore_pd(p, lanes_below(2 * n, _mm256_setr_epi32(1, 1, 3, 3, 5, 5, 7, 7)), (__m256d)v);
 #else
-    double t[8];
-    memcpy(t, &v, sizeof t);
-    memcpy(p, t, sizeof(double) * (size_t)n);
+    if (n >= 2)
+        memcpy(p, &v, sizeof v);
+    else if (n == 1)
+        p[0] = v[0];
 #endif
 }
 
-/* Lane-wise maximum (a > b ? a : b) and the horizontal maximum. */
+/* Lane-wise maximum (a > b ? a : b, so b where either is NaN: the caller's NaN checks come later) and the
+ * horizontal maximum. */
 static inline v_f32 vmax_f32(v_f32 a, v_f32 b) {
-#ifdef __AVX512F__
+#if defined(__AVX512F__)
     return (v_f32)_mm512_max_ps((__m512)b, (__m512)a);
+#elif defined(__AVX2__)
+    return (v_f32)_mm256_max_ps((__m256)b, (__m256)a);
 #else
     return vsel32(a > b, a, b);
 #endif
 }
 
 static inline v_f64 vmax_f64(v_f64 a, v_f64 b) {
-#ifdef __AVX512F__
+#if defined(__AVX512F__)
     return (v_f64)_mm512_max_pd((__m512d)b, (__m512d)a);
+#elif defined(__AVX2__)
+    return (v_f64)_mm256_max_pd((__m256d)b, (__m256d)a);
 #else
     vi_f64 mask = a > b, ai, bi;
     memcpy(&ai, &a, sizeof a);
@@ -220,55 +301,54 @@ static inline v_f64 vmax_f64(v_f64 a, v_f64 b) {
 #endif
 }
 
+static inline float max1_f32(float a, float b) { return b > a ? b : a; }
+static inline double max1_f64(double a, double b) { return b > a ? b : a; }
+
 static inline float hmax_f32(v_f32 v) {
-#ifdef __AVX512F__
+#if defined(__AVX512F__)
     return _mm512_reduce_max_ps((__m512)v);
-#endif
-    float t[16];
+#else /* once per head and row: through memory */
+    float t[TESKD_W32];
     memcpy(t, &v, sizeof t);
-    for (int w = 8; w >= 1; w /= 2)
-        for (int j = 0; j < w; ++j) t[j] = t[j + w] > t[j] ? t[j + w] : t[j];
+    for (int w = TESKD_W32 / 2; w >= 1; w /= 2)
+        for (int j = 0; j < w; ++j) t[j] = max1_f32(t[j], t[j + w]);
     return t[0];
+#endif
 }
 
 static inline double hsum_f64(v_f64 v) {
-#ifdef TESKD_SHUFFLE
-    v4_f64 a = __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
-    return (a[0] + a[2]) + (a[1] + a[3]);
+#if defined(TESKD_SHUFFLE) && TESKD_VBYTES >= 32
+    const v2_f64 a = TESKD_TO16_64(v, TESKD_ADD);
+    return a[0] + a[1];
 #else
-    double t[8];
+    double t[TESKD_W64];
     memcpy(t, &v, sizeof t);
-    for (int w = 4; w >= 1; w /= 2)
+    for (int w = TESKD_W64 / 2; w >= 1; w /= 2)
         for (int j = 0; j < w; ++j) t[j] += t[j + w];
     return t[0];
 #endif
 }
 
 static inline double hmax_f64(v_f64 v) {
-#ifdef __AVX512F__
+#if defined(__AVX512F__)
     return _mm512_reduce_max_pd((__m512d)v);
-#endif
-    double t[8];
+#else /* once per head and row: through memory */
+    double t[TESKD_W64];
     memcpy(t, &v, sizeof t);
-    for (int w = 4; w >= 1; w /= 2)
-        for (int j = 0; j < w; ++j) t[j] = t[j + w] > t[j] ? t[j + w] : t[j];
+    for (int w = TESKD_W64 / 2; w >= 1; w /= 2)
+        for (int j = 0; j < w; ++j) t[j] = max1_f64(t[j], t[j + w]);
     return t[0];
+#endif
 }
 
 /* float64 (inputs of that dtype, and the tests): libm, lane by lane. */
 static inline v_f64 vexp_f64(v_f64 x) {
-    double t[8];
-    memcpy(t, &x, sizeof t);
-    for (int j = 0; j < 8; ++j) t[j] = exp(t[j]);
-    memcpy(&x, t, sizeof t);
+    for (int j = 0; j < TESKD_W64; ++j) x[j] = exp(x[j]);
     return x;
 }
 
 static inline v_f64 vlog_f64(v_f64 x) {
-    double t[8];
-    memcpy(t, &x, sizeof t);
-    for (int j = 0; j < 8; ++j) t[j] = log(t[j]);
-    memcpy(&x, t, sizeof t);
+    for (int j = 0; j < TESKD_W64; ++j) x[j] = log(x[j]);
     return x;
 }
 
@@ -322,27 +402,32 @@ static inline v_f64 vlog_f64(v_f64 x) {
 
 /* Checks of the polynomials, used by the tests: out[i] = exp(x[i]) or log(x[i]) in float. */
 void teskd_exp_f32(const float* x, float* out, int64_t n) {
-    for (int64_t i = 0; i < n; i += 16) {
-        float t[16] = {0};
-        memcpy(t, x + i, sizeof(float) * (size_t)(n - i < 16 ? n - i : 16));
-        v_f32 v;
-        memcpy(&v, t, sizeof v);
-        v = vexp_f32(v);
-        memcpy(t, &v, sizeof v);
-        memcpy(out + i, t, sizeof(float) * (size_t)(n - i < 16 ? n - i : 16));
+    for (int64_t i = 0; i < n; i += TESKD_W32) {
+        const int64_t m = n - i < TESKD_W32 ? n - i : TESKD_W32;
+        vstore_tail_f32(out + i, vexp_f32(vload_tail_f32(x + i, m, 0.0f)), m);
     }
 }
 
 void teskd_log_f32(const float* x, float* out, int64_t n) {
-    for (int64_t i = 0; i < n; i += 16) {
-        float t[16] = {0};
-        memcpy(t, x + i, sizeof(float) * (size_t)(n - i < 16 ? n - i : 16));
-        v_f32 v;
-        memcpy(&v, t, sizeof v);
-        v = vlog_f32(v);
-        memcpy(t, &v, sizeof v);
-        memcpy(out + i, t, sizeof(float) * (size_t)(n - i < 16 ? n - i : 16));
+    for (int64_t i = 0; i < n; i += TESKD_W32) {
+        const int64_t m = n - i < TESKD_W32 ? n - i : TESKD_W32;
+        vstore_tail_f32(out + i, vlog_f32(vload_tail_f32(x + i, m, 1.0f)), m);
     }
 }
 
-int64_t teskd_abi_version(void) { return 1; }
+int64_t teskd_abi_version(void) { return 2; }
+
+/* The widest vector instruction set this build targets (which branches above are compiled in). */
+const char* teskd_isa(void) {
+#if defined(__AVX512F__)
+    return "avx512f";
+#elif defined(__AVX2__)
+    return "avx2";
+#elif defined(__SSE2__)
+    return "sse2";
+#elif defined(__ARM_NEON)
+    return "neon";
+#else
+    return "scalar";
+#endif
+}

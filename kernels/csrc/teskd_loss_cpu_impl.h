@@ -33,9 +33,19 @@ static inline void CAT(vstore, SUFFIX)(R* p, V v) { memcpy(p, &v, sizeof v); }
 
 static inline V CAT(vsplat, SUFFIX)(R x) { return (V){0} + x; }
 
-/* 1 where mask, else 0 (multiplying by it keeps NaN, unlike a select). */
-static inline V CAT(vindicator, SUFFIX)(VI mask) { return __builtin_convertvector(-mask, V); }
-
+/* (a - b) [a > 0 or b > 0], as a product with a 0/1 factor, so that NaN and inf propagate as in the reference
+ * (-inf * 0 is NaN; a select would give 0). The condition is max(a, b) > 0: the same for every non-NaN pair, and
+ * a NaN makes a - b NaN whatever the factor. The factor is the comparison's bits and those of 1: three vector
+ * operations and no conversion. */
+static inline V CAT(masked_diff, SUFFIX)(V a, V b) {
+    const V zero = {0}, one = zero + (R)1;
+    VI one_bits, f;
+    memcpy(&one_bits, &one, sizeof one);
+    f = (VI)(VMAX(a, b) > zero) & one_bits;
+    V factor;
+    memcpy(&factor, &f, sizeof f);
+    return (a - b) * factor;
+}
 
 static int64_t CAT(count_valid, SUFFIX)(const teskd_options* o, const int64_t* target) {
     int64_t n = 0;
@@ -81,34 +91,54 @@ static inline void CAT(exp_pair, SUFFIX)(const R* z, int64_t C, R m, R inv_t, in
     *sum_t = VHSUM(st);
 }
 
-/* sum over d of ((f_s - f_t) [f_s > 0 or f_t > 0])^2, in double across vectors. */
-static inline double CAT(masked_sq, SUFFIX)(const R* fs, const R* ft, int64_t D) {
-    const V zero = {0};
-    V acc = {0};
+/* sum over d of x^2, x = (f_s - f_t) [f_s > 0 or f_t > 0]; and, when g is not NULL, g = scale x (the feature
+ * gradient, written in the same pass as the sum reads the features). Four accumulators: one would make the loop a
+ * chain of dependent FMAs (4 cycles each), slower than its loads; the tail is a padded load (pad 0 adds 0).
+ * Called with a constant NULL or non-NULL g, so that inlining specialises the loop. */
+static inline double CAT(masked_sq, SUFFIX)(const R* fs, const R* ft, int64_t D, R* g, V scale) {
+    V acc0 = {0}, acc1 = {0}, acc2 = {0}, acc3 = {0};
     int64_t d = 0;
+#define MASKED_DIFF_AT(i) CAT(masked_diff, SUFFIX)(CAT(vload, SUFFIX)(fs + (i)), CAT(vload, SUFFIX)(ft + (i)))
+#define STORE_GRAD(i, x) \
+    if (g != NULL) CAT(vstore, SUFFIX)(g + (i), scale * (x))
+    for (; d + 4 * W <= D; d += 4 * W) {
+        const V x0 = MASKED_DIFF_AT(d), x1 = MASKED_DIFF_AT(d + W);
+        const V x2 = MASKED_DIFF_AT(d + 2 * W), x3 = MASKED_DIFF_AT(d + 3 * W);
+        acc0 += x0 * x0;
+        acc1 += x1 * x1;
+        acc2 += x2 * x2;
+        acc3 += x3 * x3;
+        STORE_GRAD(d, x0);
+        STORE_GRAD(d + W, x1);
+        STORE_GRAD(d + 2 * W, x2);
+        STORE_GRAD(d + 3 * W, x3);
+    }
     for (; d + W <= D; d += W) {
-        const V a = CAT(vload, SUFFIX)(fs + d), b = CAT(vload, SUFFIX)(ft + d);
-        const V diff = (a - b) * CAT(vindicator, SUFFIX)((a > zero) | (b > zero));
-        acc += diff * diff;
+        const V x = MASKED_DIFF_AT(d);
+        acc0 += x * x;
+        STORE_GRAD(d, x);
     }
-    R sq = VHSUM(acc);
-    for (; d < D; ++d) {
-        const R diff = (fs[d] - ft[d]) * (R)((fs[d] > 0) | (ft[d] > 0));
-        sq += diff * diff;
+#undef STORE_GRAD
+#undef MASKED_DIFF_AT
+    if (d < D) {
+        const V x = CAT(masked_diff, SUFFIX)(VLOAD_TAIL(fs + d, D - d, (R)0), VLOAD_TAIL(ft + d, D - d, (R)0));
+        acc1 += x * x;
+        if (g != NULL) VSTORE_TAIL(g + d, scale * x, D - d);
     }
-    return (double)sq;
+    return (double)VHSUM((acc0 + acc1) + (acc2 + acc3));
 }
 
 static void CAT(teskd_reduce, SUFFIX)(const teskd_options* o, const int64_t* target, const double* rows, R* parts,
                                       R* total);
 
 /* teacher [B, C]; students: K pointers to [B, C]; f_t [B, D] and f_s: K pointers to [B, D] (or NULL when D = 0);
- * grad [K + 1, B, C]; rows [B, 3]; parts [3] and total [1], or NULL. All contiguous. When parts and total are
+ * grad [K + 1, B, C]; grad_f [K, B, D], the feature gradient 2 feat_weight (f_s - f_t) [f_s > 0 or f_t > 0], or
+ * NULL (not computed); rows [B, 3]; parts [3] and total [1], or NULL. All contiguous. When parts and total are
  * given (one call for all rows), the rows are also reduced into them (see teskd_reduce). Returns 0; 1 + b when target[b] is neither a class
  * index in [0, C) nor ignore_index (nothing is computed); -1 when the scratch rows cannot be allocated. */
 int64_t CAT(teskd_rows, SUFFIX)(const teskd_options* o, const R* teacher, const R* const* students,
                                 const int64_t* target, const double* head_weights, const R* f_t, const R* const* f_s,
-                                R* grad, double* rows, R* parts, R* total) {
+                                R* grad, R* grad_f, double* rows, R* parts, R* total) {
     const int64_t K = o->K, B = o->B, C = o->C, D = o->D, H = o->K + 1;
     for (int64_t b = 0; b < B; ++b)
         if (target[b] != o->ignore_index && (target[b] < 0 || target[b] >= C)) return 1 + b;
@@ -123,6 +153,7 @@ int64_t CAT(teskd_rows, SUFFIX)(const teskd_options* o, const R* teacher, const 
     const V kd_scale = CAT(vsplat, SUFFIX)((R)(o->kd_weight * o->temperature / (double)B));
     const V kd_teacher = o->detach_teacher ? (V){0} : kd_scale;
     const R q_coef = (R)(1.0 + (double)C * o->kd_eps);
+    const V feat_scale = CAT(vsplat, SUFFIX)((R)(2.0 * o->feat_weight));
 
     /* Scratch: per head exp(z - m) and exp((z - m) / T) padded to whole vectors; then h; the 2H sums whose
      * logarithms are taken together; per-head statistics. */
@@ -222,9 +253,13 @@ int64_t CAT(teskd_rows, SUFFIX)(const teskd_options* o, const R* teacher, const 
         }
 #undef ROW
 
-        /* Masked squared error of the student features against the (detached) teacher feature. */
+        /* Masked squared error of the student features against the (detached) teacher feature, and its gradient. */
         double feat_row = 0.0;
-        for (int64_t k = 0; D > 0 && k < K; ++k) feat_row += CAT(masked_sq, SUFFIX)(f_s[k] + b * D, f_t + b * D, D);
+        for (int64_t k = 0; D > 0 && k < K; ++k) {
+            const R *fs = f_s[k] + b * D, *ft = f_t + b * D;
+            feat_row += grad_f != NULL ? CAT(masked_sq, SUFFIX)(fs, ft, D, grad_f + (k * B + b) * D, feat_scale)
+                                       : CAT(masked_sq, SUFFIX)(fs, ft, D, NULL, feat_scale);
+        }
         rows[3 * b] = ce_row;
         rows[3 * b + 1] = (double)kd_row;
         rows[3 * b + 2] = feat_row;
@@ -240,17 +275,18 @@ int64_t CAT(teskd_rows, SUFFIX)(const teskd_options* o, const R* teacher, const 
 void CAT(teskd_feature_grad, SUFFIX)(const teskd_options* o, const R* f_t, const R* const* f_s, R* grad_f,
                                      double scale) {
     const int64_t B = o->B, D = o->D, end = o->row_end * D;
-    const R sc = (R)scale;
-    const V vsc = CAT(vsplat, SUFFIX)(sc), zero = {0};
+    const V vsc = CAT(vsplat, SUFFIX)((R)scale);
     for (int64_t k = 0; k < o->K; ++k) {
         const R* fs = f_s[k];
         R* gf = grad_f + k * B * D;
         int64_t i = o->row_begin * D;
-        for (; i + W <= end; i += W) {
-            const V a = CAT(vload, SUFFIX)(fs + i), b = CAT(vload, SUFFIX)(f_t + i);
-            CAT(vstore, SUFFIX)(gf + i, vsc * (a - b) * CAT(vindicator, SUFFIX)((a > zero) | (b > zero)));
+        for (; i + W <= end; i += W)
+            CAT(vstore, SUFFIX)(gf + i, vsc * CAT(masked_diff, SUFFIX)(CAT(vload, SUFFIX)(fs + i),
+                                                                         CAT(vload, SUFFIX)(f_t + i)));
+        if (i < end) {
+            const V x = CAT(masked_diff, SUFFIX)(VLOAD_TAIL(fs + i, end - i, (R)0), VLOAD_TAIL(f_t + i, end - i, (R)0));
+            VSTORE_TAIL(gf + i, vsc * x, end - i);
         }
-        for (; i < end; ++i) gf[i] = sc * (fs[i] - f_t[i]) * (R)((fs[i] > 0) | (f_t[i] > 0));
     }
 }
 

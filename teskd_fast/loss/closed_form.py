@@ -53,11 +53,13 @@ class TESKDLossFunction(torch.autograd.Function):
             cast = [t if t.dtype == acc and t.is_contiguous() else t.to(acc).contiguous() for t in (teacher, *tensors)]
             f_t = None if teacher_feature is None else teacher_feature.to(acc).contiguous()
             kernel_args = (cast[0], cast[1 : K + 1], target.contiguous(), f_t, cast[K + 1 :] or None, head_weights)
-            total, parts, grad = cpu_kernel.fused_loss(*kernel_args, options)
-            # The first backward hands this buffer out as the gradients (scaled in place); a second one
-            # (retain_graph=True) recomputes it from the inputs, checked unmodified. The feature gradient, linear
-            # in the inputs, is always computed in the backward.
+            # The feature gradient comes from the same pass when a student feature needs it (reading the features
+            # once). The first backward hands these buffers out as the gradients (scaled in place); a second one
+            # (retain_graph=True) recomputes them from the inputs, checked unmodified.
+            with_feature_grad = f_t is not None and any(ctx.needs_input_grad[7 + K :])
+            total, parts, grad, *grad_feat = cpu_kernel.fused_loss(*kernel_args, options, with_feature_grad)
             ctx.fused, ctx.feat_scale, ctx.grad = True, 2.0 * feat_weight, grad
+            ctx.grad_feat = grad_feat[0] if grad_feat else None
             ctx.kernel = (kernel_args, options, [t._version for t in (*cast, kernel_args[2])])
             ctx.save_for_backward(*(() if f_t is None else (f_t, *cast[K + 1 :])))
             ctx.mark_non_differentiable(parts)
@@ -155,8 +157,12 @@ class TESKDLossFunction(torch.autograd.Function):
         grad_students = [grads[k] if needs[6 + k] else None for k in range(1, K + 1)]
         grad_features = []
         if feats and any(needs[7 + K :]):
-            if ctx.fused:  # computed by the fused kernel from the saved features
-                grad_feat = cpu_kernel.feature_grad(feats[0], feats[1:], ctx.feat_scale * g)
+            if ctx.fused:  # from the forward's pass, else (a second backward) from the saved features, alike
+                grad_feat, ctx.grad_feat = ctx.grad_feat, None
+                if grad_feat is None:
+                    grad_feat = cpu_kernel.feature_grad(feats[0], feats[1:], ctx.feat_scale)
+                if g != 1.0:
+                    cpu_kernel.scale_(grad_feat, g)
             else:  # stored by the batched path
                 grad_feat = feats[0] * grad_total
             grad_feat = (grad_feat if grad_feat.dtype == f_dtype else grad_feat.to(f_dtype)).unbind(0)
