@@ -26,7 +26,7 @@ import weakref
 import torch
 
 from teskd_fast.data.common import SCAN_HINT, epoch_generator, epoch_order, shard_bounds
-from teskd_fast.data.imagenet import TRAIN_RATIO, TRAIN_SCALE, ImageLoaderBase
+from teskd_fast.data.image_base import TRAIN_RATIO, TRAIN_SCALE, ImageLoaderBase
 
 _DALI_HINT = ("install it with: pip install nvidia-dali-cuda130 (or the build matching your CUDA), "
               "or use backend='torchvision'")

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from teskd_fast.data.imagenet import TRAIN_RATIO, TRAIN_SCALE, ImageLoaderBase, _ListSampler, unwrap_worker_error
+from teskd_fast.data.image_base import TRAIN_RATIO, TRAIN_SCALE, ImageLoaderBase, _ListSampler, unwrap_worker_error
 
 
 class _FileBytes(torch.utils.data.Dataset):
