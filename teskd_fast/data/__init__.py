@@ -12,7 +12,7 @@ from teskd_fast.data.common import (
     BadImageError,
     DatasetNotFoundError,
 )
-from teskd_fast.data.image_base import imagenet_loaders
+from teskd_fast.data.imagenet import imagenet_loaders
 from teskd_fast.data.scan import scan_image_folder
 
 __all__ = [

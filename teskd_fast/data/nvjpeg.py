@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from teskd_fast.data.image_base import TRAIN_RATIO, TRAIN_SCALE, ImageLoaderBase, _ListSampler, unwrap_worker_error
+from teskd_fast.data.image_base import TRAIN_RATIO, TRAIN_SCALE, ImageLoaderBase, ListSampler, unwrap_worker_error
 
 
 class _FileBytes(torch.utils.data.Dataset):
@@ -73,7 +73,7 @@ class NvjpegImageLoader(ImageLoaderBase):
     def __init__(self, index, decode_device=None, **kwargs):
         super().__init__(index, **kwargs)
         self.decode_device = self.device if decode_device is None else torch.device(decode_device)
-        self._sampler = _ListSampler()
+        self._sampler = ListSampler()
         workers = self.workers
         self._loader = torch.utils.data.DataLoader(
             _FileBytes(index), batch_size=self.batch_size, sampler=self._sampler, num_workers=workers,

@@ -1,0 +1,113 @@
+"""ImageNet-style loaders (ROOT/train/<class>/*.JPEG, ROOT/val/<class>/*.JPEG) with three backends.
+
+- ``dali``: NVIDIA DALI, GPU JPEG decoding (``device="mixed"``) with a fused random-resized-crop decode on
+  CUDA; DALI's CPU-only mode (``device_id=None``) on a machine without a GPU. See :mod:`.dali`.
+- ``nvjpeg``: CPU workers read file bytes, ``torchvision.io.decode_jpeg(device="cuda")`` decodes a batch on
+  the GPU, augmentation runs on the GPU. See :mod:`.nvjpeg`.
+- ``torchvision``: ImageFolder + DataLoader with workers and pinned memory (the familiar baseline). See
+  :mod:`.torchvision_loader`.
+
+This module is the factory: it checks the layout and imports the backends (DALI and nvjpeg only when chosen).
+What the backends share lives in :mod:`.image_base`.
+"""
+
+from pathlib import Path
+
+import torch
+
+from teskd_fast.data.common import DatasetNotFoundError, resolve_device
+from teskd_fast.data.folder import index_image_folder
+
+BACKENDS = ("dali", "nvjpeg", "torchvision")
+
+
+def dali_available():
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def default_backend(device):
+    """DALI where installed; else nvjpeg on CUDA; else torchvision."""
+    if dali_available():
+        return "dali"
+    return "nvjpeg" if device.type == "cuda" else "torchvision"
+
+
+def make_image_loader(backend, index, **kwargs):
+    if backend == "torchvision":
+        from teskd_fast.data.torchvision_loader import TorchvisionImageLoader
+
+        return TorchvisionImageLoader(index, **kwargs)
+    if backend == "dali":
+        from teskd_fast.data.dali import DaliImageLoader
+
+        return DaliImageLoader(index, **kwargs)
+    if backend == "nvjpeg":
+        from teskd_fast.data.nvjpeg import NvjpegImageLoader
+
+        return NvjpegImageLoader(index, **kwargs)
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def imagenet_loaders(root, batch_size=256, backend=None, image_size=224, val_resize=256, device=None, rank=0,
+                     world_size=1, workers=None, *, seed=0, drop_last=False, channels_last=False,
+                     dtype=torch.float32, eval_batch_size=None, val_image_size=None, scan_cache=None,
+                     use_scan=True, train_dir="train", val_dir="val"):
+    """Training and validation loaders over an ImageFolder tree (ImageNet layout).
+
+    Args:
+        root: folder holding ``train/<class>/*.JPEG`` and ``val/<class>/*.JPEG``.
+        batch_size: training batch per rank (evaluation: ``eval_batch_size``, default the same).
+        backend: "dali", "nvjpeg" or "torchvision"; None: DALI where installed, else nvjpeg on CUDA, else
+            torchvision.
+        image_size: training crop (change it between epochs with ``train.set_image_size``).
+        val_resize, val_image_size: evaluation resizes the shorter side to ``val_resize`` then centre-crops
+            ``val_image_size`` (default ``image_size``).
+        device: where batches are delivered (None: CUDA when available). DALI and nvjpeg decode on it.
+        rank, world_size: DDP sharding; training shards are disjoint and equal, evaluation shards disjoint and
+            complete.
+        workers: DALI threads / DataLoader processes (default: min(8, cores / world_size)).
+        seed: seeds each epoch's order (and DALI's / nvjpeg's augmentation).
+        drop_last: drop the incomplete last training batch.
+        channels_last, dtype: memory format and float32 / bfloat16 / float16 output.
+        scan_cache: cache written by ``teskd-scan`` (default: ``teskd_scan.json`` in ROOT or the split folder,
+            used when present); use_scan=False ignores it.
+
+    Shapes:
+        each loader yields images [B, 3, S, S] normalised with the ImageNet mean and std, and labels [B] int64.
+
+    Returns:
+        (train, val) loaders with len(), ``classes``, ``set_epoch``, ``set_image_size``, ``state_dict``.
+    """
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DatasetNotFoundError(
+            f"ImageNet root {root} not found: expected {root}/{train_dir}/<class>/*.JPEG and "
+            f"{root}/{val_dir}/<class>/*.JPEG (ILSVRC2012 train and val, the val images sorted into class folders)"
+        )
+    device = resolve_device(device)
+    backend = default_backend(device) if backend is None else backend
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "nvjpeg" and device.type != "cuda":
+        raise RuntimeError("backend='nvjpeg' decodes JPEGs on the GPU with torchvision.io.decode_jpeg(device='cuda') "
+                           f"and needs a CUDA device (got device={str(device)!r}); use backend='dali' (CPU mode) or "
+                           "backend='torchvision' here")
+    if backend == "dali" and not dali_available():
+        raise ImportError("backend='dali' needs NVIDIA DALI: pip install nvidia-dali-cuda130 (or the build for "
+                          "your CUDA; teskd_fast's extra: pip install 'teskd_fast[dali]'), or use backend='nvjpeg' "
+                          "or 'torchvision'")
+    train_index = index_image_folder(root / train_dir, scan_cache=scan_cache, use_scan=use_scan)
+    val_index = index_image_folder(root / val_dir, scan_cache=scan_cache, use_scan=use_scan)
+    if train_index.classes != val_index.classes:
+        only = sorted(set(train_index.classes) ^ set(val_index.classes))[:5]
+        raise ValueError(f"{root / train_dir} and {root / val_dir} hold different class folders (e.g. {only})")
+    common = dict(image_size=image_size, val_resize=val_resize, device=device, rank=rank, world_size=world_size,
+                  workers=workers, seed=seed, channels_last=channels_last, dtype=dtype)
+    train = make_image_loader(backend, train_index, train=True, batch_size=batch_size, drop_last=drop_last, **common)
+    common["image_size"] = val_image_size or image_size
+    val = make_image_loader(backend, val_index, train=False, batch_size=eval_batch_size or batch_size, **common)
+    return train, val
