@@ -15,17 +15,18 @@ import numpy as np
 import torch
 
 from teskd_fast.data.common import (
+    AUGMENT_STREAM,
     CIFAR_MEAN,
     CIFAR_STD,
     DatasetNotFoundError,
     EpochState,
     check_dtype,
     check_sharding,
-    epoch_generator,
     epoch_order,
     normalize_,
-    resolve_device,
+    torch_generator,
 )
+from teskd_fast.device import resolve_device
 
 PAD = 4
 SIZE = 32
@@ -227,10 +228,6 @@ class CifarLoader(EpochState):
         p = PAD if self.train else 0
         return self.data[:, :, p : p + SIZE, p : p + SIZE]
 
-    def _fingerprint(self):
-        return {"batch_size": self.batch_size, "seed": self.seed, "world_size": self.world_size, "rank": self.rank,
-                "num_images": self.num_images}
-
     def epoch_plan(self, epoch):
         """The epoch's sample indices for this rank and their crop offsets and flips (CPU tensors).
 
@@ -241,7 +238,7 @@ class CifarLoader(EpochState):
                                        rank=self.rank, world_size=self.world_size, equal_shards=self.train)
         if not self.train:
             return order[positions], None, None
-        g = epoch_generator(self.seed, epoch, stream=1)
+        g = torch_generator(self.seed, epoch, AUGMENT_STREAM)
         # Drawn for the whole epoch order, so a sample's augmentation does not depend on the sharding.
         offsets = torch.randint(0, 2 * PAD + 1, (len(order), 2), generator=g)
         flips = torch.rand(len(order), generator=g) < 0.5

@@ -1,10 +1,11 @@
 """Pieces shared by every loader: normalisation constants, errors, device and dtype checks, epoch order.
 
-Every loader of this package draws its per-epoch randomness (order, and for CIFAR the augmentation) on the
-CPU from a generator seeded by ``(seed, epoch)``, so an epoch's batches depend only on the seed and the epoch:
-the same on every rank, on the CPU and on a GPU, and after a resume.
+Every loader of this package draws its per-epoch randomness (order, augmentation) on the CPU from generators
+seeded by :func:`seed_sequence` over ``(seed, epoch, ...)``, so an epoch's batches depend only on the seed and
+the epoch: the same on every rank, on the CPU and on a GPU, and after a resume.
 """
 
+import numpy as np
 import torch
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -22,18 +23,6 @@ class DatasetNotFoundError(FileNotFoundError):
 
 class BadImageError(RuntimeError):
     """An image file cannot be decoded; the message names the file and says to run ``teskd-scan``."""
-
-
-def resolve_device(device):
-    """``None`` means CUDA when available, else the CPU; a CUDA device without CUDA is an error."""
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device={str(device)!r} was asked for but CUDA is not available here; pass device='cpu'")
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return device
 
 
 def check_dtype(dtype):
@@ -54,12 +43,33 @@ def check_sharding(batch_size, rank, world_size):
         raise ValueError(f"rank must be an integer in [0, world_size={world_size}), got {rank!r}")
 
 
-def epoch_generator(seed, epoch, stream=0):
-    """A CPU generator for one epoch: a pure function of ``(seed, epoch, stream)``."""
-    g = torch.Generator()
-    # Distinct (seed, epoch, stream) triples give distinct seeds for any realistic seed and epoch count.
-    g.manual_seed((int(seed) * 1_000_003 + int(epoch) * 7_919 + int(stream)) % (2**63 - 1))
-    return g
+# Streams: the last key of a seed that is not the epoch order (which uses (seed, epoch) alone).
+AUGMENT_STREAM = 1
+DALI_STREAM = 2
+
+
+def seed_sequence(*keys):
+    """The package's one seeding scheme: numpy's ``SeedSequence`` over integer keys, e.g. ``(seed, epoch)``.
+
+    Distinct key tuples give statistically independent streams (SeedSequence hashes them), whatever their size.
+    Keys are taken modulo 2**64, so a negative seed works too.
+    """
+    return np.random.SeedSequence([int(k) % 2**64 for k in keys])
+
+
+def derive_seed(*keys):
+    """A 63-bit integer seed derived from ``keys`` (for ``torch.Generator.manual_seed`` or a DALI pipeline)."""
+    return int(seed_sequence(*keys).generate_state(1, np.uint64)[0] >> 1)
+
+
+def torch_generator(*keys):
+    """A CPU ``torch.Generator`` seeded from ``keys``: a pure function of them."""
+    return torch.Generator().manual_seed(derive_seed(*keys))
+
+
+def numpy_generator(*keys):
+    """A numpy ``Generator`` (PCG64) seeded from ``keys``: a pure function of them."""
+    return np.random.default_rng(seed_sequence(*keys))
 
 
 def shard_bounds(n, rank, world_size):
@@ -81,7 +91,7 @@ def epoch_order(n, *, shuffle, seed, epoch, rank=0, world_size=1, equal_shards=F
         (order, positions): int64 CPU tensors; ``order`` is the full (possibly truncated) global order and
         ``positions`` the slice of it that belongs to ``rank`` (shards are disjoint).
     """
-    order = torch.randperm(n, generator=epoch_generator(seed, epoch)) if shuffle else torch.arange(n)
+    order = torch.randperm(n, generator=torch_generator(seed, epoch)) if shuffle else torch.arange(n)
     if equal_shards:
         order = order[: (n // world_size) * world_size]
     start, stop = shard_bounds(len(order), rank, world_size)
@@ -132,7 +142,9 @@ class EpochState:
         self.set_epoch(state["epoch"], state.get("position", 0))
 
     def _fingerprint(self):
-        return {}
+        """What a saved state must agree on to be loaded here (see ``load_state_dict``)."""
+        return {"batch_size": self.batch_size, "seed": self.seed, "world_size": self.world_size, "rank": self.rank,
+                "num_images": self.num_images}
 
     @property
     def num_samples(self):

@@ -25,7 +25,7 @@ import weakref
 
 import torch
 
-from teskd_fast.data.common import SCAN_HINT, epoch_generator, epoch_order, shard_bounds
+from teskd_fast.data.common import DALI_STREAM, SCAN_HINT, derive_seed, epoch_order, shard_bounds
 from teskd_fast.data.image_base import TRAIN_RATIO, TRAIN_SCALE, ImageLoaderBase
 
 _DALI_HINT = ("install it with: pip install nvidia-dali-cuda130 (or the build matching your CUDA), "
@@ -87,7 +87,7 @@ class DaliImageLoader(ImageLoaderBase):
         dtype = types.FLOAT16 if self.dtype == torch.float16 else types.FLOAT
         mean = [255.0 * m for m in self.mean]
         std = [255.0 * s for s in self.std]
-        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=epoch_generator(self.seed, epoch, 2 + self.rank)))
+        seed = derive_seed(self.seed, epoch, DALI_STREAM, self.rank) % 2**31
         pipe = dali.Pipeline(batch_size=self.batch_size, num_threads=max(1, self.workers),
                              device_id=self.device.index if self.mixed else None, seed=seed,
                              prefetch_queue_depth=self.prefetch)

@@ -23,8 +23,8 @@ from teskd_fast.data.common import (
     check_sharding,
     epoch_order,
     normalize_,
-    resolve_device,
 )
+from teskd_fast.device import resolve_device
 
 # torchvision's RandomResizedCrop defaults: the training crop's area fraction and aspect ratio.
 TRAIN_SCALE = (0.08, 1.0)
@@ -71,8 +71,7 @@ class ImageLoaderBase(EpochState):
         return len(self.index.samples)
 
     def _fingerprint(self):
-        return {"batch_size": self.batch_size, "seed": self.seed, "world_size": self.world_size, "rank": self.rank,
-                "num_images": self.num_images, "backend": self.backend}
+        return {**super()._fingerprint(), "backend": self.backend}
 
     def epoch_indices(self, epoch):
         """Dataset indices this rank reads in ``epoch``, in order (int64 CPU tensor)."""

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 
-from teskd_fast.data.common import DatasetNotFoundError, resolve_device
+from teskd_fast.data.common import DatasetNotFoundError
 from teskd_fast.data.folder import index_image_folder
+from teskd_fast.device import resolve_device
 
 BACKENDS = ("dali", "nvjpeg", "torchvision")
 

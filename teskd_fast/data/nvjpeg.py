@@ -16,10 +16,10 @@ without a GPU; only the decode call then runs on the CPU.
 import math
 import warnings
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
+from teskd_fast.data.common import BadImageError, numpy_generator
 from teskd_fast.data.image_base import TRAIN_RATIO, TRAIN_SCALE, ImageLoaderBase, ListSampler, unwrap_worker_error
 
 
@@ -132,8 +132,6 @@ class NvjpegImageLoader(ImageLoaderBase):
         return out
 
     def __iter__(self):
-        from teskd_fast.data.common import BadImageError
-
         epoch, start = self._begin_pass()
         self._sampler.indices = self.epoch_indices(epoch)[start * self.batch_size :].tolist()
         k = start
@@ -149,7 +147,7 @@ class NvjpegImageLoader(ImageLoaderBase):
                 raise self.bad_file_error(getattr(e, "filename", None) or self.index.root, str(e)) from None
             images = self._decode(data, idx)
             if self.train:
-                rng = np.random.default_rng([int(self.seed), epoch, self.rank, k])
+                rng = numpy_generator(self.seed, epoch, self.rank, k)
                 batch = self._augment(images, rng)
             else:
                 batch = self._eval_transform(images)
