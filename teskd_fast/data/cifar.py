@@ -18,6 +18,7 @@ from teskd_fast.data.common import (
     AUGMENT_STREAM,
     CIFAR_MEAN,
     CIFAR_STD,
+    CorruptDatasetError,
     DatasetNotFoundError,
     EpochState,
     check_dtype,
@@ -63,8 +64,12 @@ def _layout(dataset):
     return _LAYOUTS[dataset]
 
 
-def _locate(root, dataset):
-    """The extracted folder or the .tar.gz of ``dataset`` under ``root`` (or ``root`` itself)."""
+def locate_cifar(root, dataset="cifar100"):
+    """The extracted folder or the .tar.gz of ``dataset`` under ``root`` (or ``root`` itself).
+
+    Raises:
+        DatasetNotFoundError: neither is there; the message says where it looked and how to get it.
+    """
     layout = _layout(dataset)
     root = Path(root).expanduser()
     if root.is_file() and root.name.endswith((".tar.gz", ".tgz", ".tar")):
@@ -78,7 +83,8 @@ def _locate(root, dataset):
     raise DatasetNotFoundError(
         f"{dataset} not found: looked for the folder {root / layout['folder']}/ and the archive "
         f"{root / layout['archive']} (the python version of the dataset). Get it with "
-        f"cifar_loaders({str(root)!r}, dataset={dataset!r}, download=True), or download {layout['url']} into "
+        f"cifar_loaders({str(root)!r}, dataset={dataset!r}, download=True) (teskd-train: --download), or "
+        f"download {layout['url']} into "
         f"{root}/ (the .tar.gz works as it is, or extracted)."
     )
 
@@ -87,7 +93,7 @@ def _unpickle(fileobj, name):
     try:
         return pickle.load(fileobj, encoding="latin1")
     except (pickle.UnpicklingError, EOFError, ValueError, AttributeError) as e:
-        raise ValueError(f"{name}: not a CIFAR python-version batch file ({e})") from e
+        raise CorruptDatasetError(f"{name}: not a CIFAR python-version batch file ({e})") from e
 
 
 def _read_members(source, names):
@@ -113,7 +119,7 @@ def _read_members(source, names):
     except (tarfile.TarError, OSError, EOFError) as e:
         if isinstance(e, DatasetNotFoundError):
             raise
-        raise ValueError(f"{source}: cannot read the archive ({e}); delete it and download it again") from e
+        raise CorruptDatasetError(f"{source}: cannot read the archive ({e}); delete it and download it again") from e
 
 
 def load_cifar(root, dataset="cifar100", download=False):
@@ -133,24 +139,27 @@ def load_cifar(root, dataset="cifar100", download=False):
     """
     layout = _layout(dataset)
     try:
-        source = _locate(root, dataset)
+        source = locate_cifar(root, dataset)
     except DatasetNotFoundError:
         if not download:
             raise
         _download(root, dataset)
-        source = _locate(root, dataset)
+        source = locate_cifar(root, dataset)
     batches = _read_members(source, layout["train"] + layout["test"] + [layout["meta"]])
-    out = {"classes": list(batches[layout["meta"]][layout["names"]])}
+    out = {"classes": list(batches[layout["meta"]].get(layout["names"], []))}
+    if len(out["classes"]) != layout["classes"]:
+        raise CorruptDatasetError(f"{source}:{layout['meta']}: {len(out['classes'])} class names under "
+                                  f"{layout['names']!r}, expected {layout['classes']}")
     for split in ("train", "test"):
         images, labels = [], []
         for name in layout[split]:
             batch = batches[name]
             data = np.asarray(batch["data"], dtype=np.uint8)
             if data.ndim != 2 or data.shape[1] != 3 * SIZE * SIZE:
-                raise ValueError(f"{source}:{name}: data has shape {data.shape}, expected [N, 3072]")
+                raise CorruptDatasetError(f"{source}:{name}: data has shape {data.shape}, expected [N, 3072]")
             lab = np.asarray(batch[layout["labels"]], dtype=np.int64)
             if lab.shape != (data.shape[0],) or lab.min() < 0 or lab.max() >= layout["classes"]:
-                raise ValueError(f"{source}:{name}: {len(lab)} labels in [{lab.min()}, {lab.max()}] for "
+                raise CorruptDatasetError(f"{source}:{name}: {len(lab)} labels in [{lab.min()}, {lab.max()}] for "
                                  f"{data.shape[0]} images and {layout['classes']} classes")
             images.append(data.reshape(-1, 3, SIZE, SIZE))
             labels.append(lab)

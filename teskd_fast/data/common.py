@@ -17,11 +17,23 @@ OUTPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SCAN_HINT = "run `teskd-scan {root}` to find every unreadable file and write the list of good files the loaders use"
 
 
-class DatasetNotFoundError(FileNotFoundError):
-    """A dataset root, archive or split folder is missing; the message says where it looked and what to do."""
+class DatasetError(Exception):
+    """The dataset on disk cannot be used as it is; the message names the path and says what to do.
+
+    Every failure that comes from the data (not from an argument) is one of its three kinds below; the
+    training command turns any of them into its message and exit status 1.
+    """
 
 
-class BadImageError(RuntimeError):
+class DatasetNotFoundError(DatasetError, FileNotFoundError):
+    """Missing: a dataset root, archive, file, split folder, class folder or class folder without images."""
+
+
+class CorruptDatasetError(DatasetError, ValueError):
+    """Present but wrong: a file or scan cache whose content is not what the dataset layout says."""
+
+
+class BadImageError(DatasetError, RuntimeError):
     """An image file cannot be decoded; the message names the file and says to run ``teskd-scan``."""
 
 

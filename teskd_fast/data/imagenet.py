@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from teskd_fast.data.common import DatasetNotFoundError
+from teskd_fast.data.common import CorruptDatasetError, DatasetNotFoundError
 from teskd_fast.data.folder import index_image_folder
 from teskd_fast.device import resolve_device
 
@@ -35,6 +35,29 @@ def default_backend(device):
     if dali_available():
         return "dali"
     return "nvjpeg" if device.type == "cuda" else "torchvision"
+
+
+def check_imagenet_root(root, train_dir="train", val_dir="val", splits=True):
+    """``root`` as a Path, once it is a folder holding (with ``splits``) the two split folders, neither empty.
+
+    Without ``splits`` only the root is checked; the folder index then names a missing split or class folder.
+
+    Raises:
+        DatasetNotFoundError: naming what is missing, the layout expected and where ImageNet comes from.
+    """
+    root = Path(root).expanduser()
+    folders = [root / train_dir, root / val_dir]
+    missing = [p for p in folders if not p.is_dir() or not any(p.iterdir())] if splits or not root.is_dir() else []
+    if missing:
+        what = f"ImageNet root {root} not found" if not root.is_dir() else \
+            f"{', '.join(str(p) for p in missing)} missing or empty"
+        raise DatasetNotFoundError(
+            f"{what}: expected the ImageFolder layout {folders[0]}/<class>/*.JPEG and {folders[1]}/<class>/*.JPEG "
+            "(ILSVRC-2012 train and val, the val images sorted into class folders). Get it from "
+            "https://image-net.org/download (registration needed), extract it, sort the validation images into "
+            "class folders, then run `teskd-scan ROOT` once to check every file."
+        )
+    return root
 
 
 def make_image_loader(backend, index, **kwargs):
@@ -83,12 +106,7 @@ def imagenet_loaders(root, batch_size=256, backend=None, image_size=224, val_res
     Returns:
         (train, val) loaders with len(), ``classes``, ``set_epoch``, ``set_image_size``, ``state_dict``.
     """
-    root = Path(root).expanduser()
-    if not root.is_dir():
-        raise DatasetNotFoundError(
-            f"ImageNet root {root} not found: expected {root}/{train_dir}/<class>/*.JPEG and "
-            f"{root}/{val_dir}/<class>/*.JPEG (ILSVRC2012 train and val, the val images sorted into class folders)"
-        )
+    root = check_imagenet_root(root, train_dir, val_dir, splits=False)
     device = resolve_device(device)
     backend = default_backend(device) if backend is None else backend
     if backend not in BACKENDS:
@@ -105,7 +123,7 @@ def imagenet_loaders(root, batch_size=256, backend=None, image_size=224, val_res
     val_index = index_image_folder(root / val_dir, scan_cache=scan_cache, use_scan=use_scan)
     if train_index.classes != val_index.classes:
         only = sorted(set(train_index.classes) ^ set(val_index.classes))[:5]
-        raise ValueError(f"{root / train_dir} and {root / val_dir} hold different class folders (e.g. {only})")
+        raise CorruptDatasetError(f"{root / train_dir} and {root / val_dir} hold different class folders (e.g. {only})")
     common = dict(image_size=image_size, val_resize=val_resize, device=device, rank=rank, world_size=world_size,
                   workers=workers, seed=seed, channels_last=channels_last, dtype=dtype)
     train = make_image_loader(backend, train_index, train=True, batch_size=batch_size, drop_last=drop_last, **common)
