@@ -9,6 +9,7 @@ flip folded into its indices), one conversion and one multiply-add: no per-image
 import io
 import pickle
 import tarfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -25,12 +26,17 @@ from teskd_fast.data.common import (
     check_sharding,
     epoch_order,
     normalize_,
+    normalize_constants,
     torch_generator,
 )
 from teskd_fast.device import resolve_device
 
 PAD = 4
 SIZE = 32
+# PyTorch runs an elementwise or gather op on the calling thread when it has fewer elements than its intra-op
+# grain size (at::internal::GRAIN_SIZE, 32768). On the CPU a batch is made in chunks of this many images, so
+# that every op stays below it: no OpenMP team is woken or waited for, and no thread setting is touched.
+CPU_CHUNK = 32768 // (3 * SIZE * SIZE)
 
 _LAYOUTS = {
     "cifar10": {
@@ -195,8 +201,9 @@ class CifarLoader(EpochState):
             equal in size (the epoch is cut to a multiple of world_size); evaluation shards cover the split.
         channels_last: batches in channels_last memory format (the shape stays [B, 3, 32, 32]).
         dtype: float32, bfloat16 or float16 output (normalised in float32, rounded once).
-        cpu_threads: intra-op threads while a batch is made on the CPU (restored before the batch is yielded).
-            One thread makes a 128-image batch in about 1 ms and never waits on a busy core; None keeps torch's.
+        cpu_threads: accepted for compatibility and ignored (it used to set torch's intra-op thread count
+            around every CPU batch). A CPU batch is now made in chunks of ``CPU_CHUNK`` images whose ops each run
+            on the calling thread, whatever ``torch.get_num_threads()`` is, and the process's setting is untouched.
 
     Shapes:
         yields images [B, 3, 32, 32] of ``dtype`` and labels [B] int64, both on ``device``.
@@ -208,8 +215,11 @@ class CifarLoader(EpochState):
 
     def __init__(self, images, labels, *, batch_size=128, train=True, device=None, seed=27, drop_last=False,
                  rank=0, world_size=1, channels_last=False, dtype=torch.float32, mean=CIFAR_MEAN, std=CIFAR_STD,
-                 classes=None, cpu_threads=1):
+                 classes=None, cpu_threads=None):
         check_sharding(batch_size, rank, world_size)
+        if cpu_threads is not None:
+            warnings.warn("CifarLoader(cpu_threads=...) has no effect any more: CPU batches are made on the calling "
+                          "thread without changing torch's thread count", DeprecationWarning, stacklevel=2)
         if images.dtype != torch.uint8 or images.dim() != 4 or tuple(images.shape[1:]) != (3, SIZE, SIZE):
             raise ValueError(f"images must be uint8 [N, 3, 32, 32], got {images.dtype} {tuple(images.shape)}")
         if labels.shape != images.shape[:1]:
@@ -219,7 +229,6 @@ class CifarLoader(EpochState):
         self.batch_size, self.train, self.seed, self.drop_last = batch_size, train, seed, drop_last
         self.rank, self.world_size, self.channels_last = rank, world_size, channels_last
         self.mean, self.std, self.classes = tuple(mean), tuple(std), classes
-        self.cpu_threads = cpu_threads if self.device.type == "cpu" else None
         self.num_images = images.shape[0]
         # Training keeps the split zero-padded, so that one gather makes a padded crop; evaluation keeps it as is.
         pad = PAD if train else 0
@@ -229,6 +238,14 @@ class CifarLoader(EpochState):
         self.data = data.to(self.device).contiguous(memory_format=fmt)
         self._flat = self.data.permute(0, 2, 3, 1).reshape(-1) if channels_last else self.data.view(-1)
         self.labels = labels.to(self.device, torch.int64)
+        # Made once: the normalisation constants and the index offsets of a crop's rows, columns and channels.
+        self._constants = normalize_constants(self.mean, self.std, self.device)
+        self._arange = torch.arange(SIZE, device=self.device)
+        self._chan = torch.arange(3, device=self.device) * self.data.stride(1)
+        # Gather straight into the channels_last order on a GPU (one kernel writes the output layout). On the CPU
+        # chunks are built in NCHW order, where the normalisation vectorises, and the copy into the batch
+        # buffer makes the layout.
+        self._nhwc = channels_last and self.device.type != "cpu"
         self._init_state()
 
     @property
@@ -262,46 +279,51 @@ class CifarLoader(EpochState):
             flips = flips.to(self.device, non_blocking=True)
         for k in range(start, len(self)):
             sl = slice(k * self.batch_size, (k + 1) * self.batch_size)
-            threads = torch.get_num_threads()
-            if self.cpu_threads:
-                torch.set_num_threads(self.cpu_threads)
-            try:
-                if self.train:
-                    images = self._augment(indices[sl], offsets[sl], flips[sl])
-                else:
-                    images = self._plain(indices[sl])
-                labels = self.labels[indices[sl]]
-            finally:
-                torch.set_num_threads(threads)
+            if self.train:
+                images = self._batch(self._augment, indices[sl], offsets[sl], flips[sl])
+            else:
+                images = self._batch(self._plain, indices[sl])
+            labels = self.labels.index_select(0, indices[sl])
             self.position = k + 1
             yield images, labels
         self._end_pass(epoch)
 
+    def _batch(self, make, idx, *plan):
+        """``make(idx, *plan)`` for the whole batch on a GPU; on the CPU chunk by chunk (see ``CPU_CHUNK``)."""
+        if self.device.type != "cpu":
+            return make(idx, *plan)
+        n = len(idx)
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        out = torch.empty((n, 3, SIZE, SIZE), dtype=self.dtype, device=self.device, memory_format=fmt)
+        for a in range(0, n, CPU_CHUNK):
+            b = min(a + CPU_CHUNK, n)
+            out[a:b] = make(idx[a:b], *(p[a:b] for p in plan))
+        return out
+
     def _finish(self, x):
         # x: [B, 3, 32, 32] uint8 in the output memory format.
-        x = normalize_(x.float(), self.mean, self.std)
+        x = normalize_(x.float(), self.mean, self.std, self._constants)
         return x if self.dtype == torch.float32 else x.to(self.dtype)
 
     def _plain(self, idx):
-        x = self.data[idx]
-        if self.channels_last:
+        x = self.data.index_select(0, idx)
+        if self._nhwc:
             x = x.contiguous(memory_format=torch.channels_last)
         return self._finish(x)
 
     def _augment(self, idx, offsets, flips):
-        dev = self.device
-        ar = torch.arange(SIZE, device=dev)
+        ar = self._arange
         rows = offsets[:, :1] + ar  # [B, 32]
         cols = torch.where(flips[:, None], offsets[:, 1:] + (SIZE - 1) - ar, offsets[:, 1:] + ar)  # [B, 32]
-        s_n, s_c, s_h, s_w = self.data.stride()
-        chan = torch.arange(3, device=dev) * s_c
+        s_n, _, s_h, s_w = self.data.stride()
+        chan = self._chan
         # Linear index of every output pixel in the padded split: crop and flip in one gather.
         pix = (idx * s_n)[:, None, None] + (rows * s_h)[:, :, None] + (cols * s_w)[:, None, :]  # [B, 32, 32]
-        if self.channels_last:
-            x = self._flat.take(pix[..., None] + chan).permute(0, 3, 1, 2)  # gathered as [B, 32, 32, 3]
-        else:
-            x = self._flat.take(pix[:, None] + chan[:, None, None])  # [B, 3, 32, 32]
-        return self._finish(x)
+        pix = pix[..., None] + chan if self._nhwc else pix[:, None] + chan[:, None, None]
+        # index_select, not take or x[pix]: on the CPU it runs on the calling thread below the grain size.
+        x = self._flat.index_select(0, pix.view(-1)).view(pix.shape)
+        # Gathered as [B, 32, 32, 3] (channels_last on a GPU) or [B, 3, 32, 32].
+        return self._finish(x.permute(0, 3, 1, 2) if self._nhwc else x)
 
 
 def cifar_loaders(root, dataset="cifar100", batch_size=128, device="cuda", seed=27, drop_last=False,

@@ -114,11 +114,20 @@ def num_batches(n, batch_size, drop_last):
     return n // batch_size if drop_last else -(-n // batch_size)
 
 
-def normalize_(images, mean, std):
-    """In place: ``images`` float in [0, 255] -> ``(images / 255 - mean) / std``, channel dim 1. Returns it."""
-    shape = (1, -1) + (1,) * (images.dim() - 2)
-    scale = torch.tensor([1.0 / (255.0 * s) for s in std], device=images.device, dtype=images.dtype).view(shape)
-    bias = torch.tensor([-m / s for m, s in zip(mean, std)], device=images.device, dtype=images.dtype).view(shape)
+def normalize_constants(mean, std, device, dtype=torch.float32, dim=4):
+    """``(scale, bias)`` with ``x * scale + bias == (x / 255 - mean) / std``, shaped to broadcast on channel dim 1."""
+    shape = (1, -1) + (1,) * (dim - 2)
+    scale = torch.tensor([1.0 / (255.0 * s) for s in std], device=device, dtype=dtype).view(shape)
+    bias = torch.tensor([-m / s for m, s in zip(mean, std)], device=device, dtype=dtype).view(shape)
+    return scale, bias
+
+
+def normalize_(images, mean, std, constants=None):
+    """In place: ``images`` float in [0, 255] -> ``(images / 255 - mean) / std``, channel dim 1. Returns it.
+
+    ``constants``: :func:`normalize_constants` made once, for a caller that normalises many batches.
+    """
+    scale, bias = constants or normalize_constants(mean, std, images.device, images.dtype, images.dim())
     return images.mul_(scale).add_(bias)
 
 
