@@ -47,17 +47,19 @@ def check_imagenet_root(root, train_dir="train", val_dir="val", splits=True):
     """
     root = Path(root).expanduser()
     folders = [root / train_dir, root / val_dir]
-    missing = [p for p in folders if not p.is_dir() or not any(p.iterdir())] if splits or not root.is_dir() else []
-    if missing:
-        what = f"ImageNet root {root} not found" if not root.is_dir() else \
-            f"{', '.join(str(p) for p in missing)} missing or empty"
-        raise DatasetNotFoundError(
-            f"{what}: expected the ImageFolder layout {folders[0]}/<class>/*.JPEG and {folders[1]}/<class>/*.JPEG "
-            "(ILSVRC-2012 train and val, the val images sorted into class folders). Get it from "
-            "https://image-net.org/download (registration needed), extract it, sort the validation images into "
-            "class folders, then run `teskd-scan ROOT` once to check every file."
-        )
-    return root
+    missing = [p for p in folders if not p.is_dir() or not any(p.iterdir())] if splits else []
+    if not root.is_dir():
+        what = f"ImageNet root {root} not found"
+    elif missing:
+        what = f"{', '.join(str(p) for p in missing)} missing or empty"
+    else:
+        return root
+    raise DatasetNotFoundError(
+        f"{what}: expected the ImageFolder layout {folders[0]}/<class>/*.JPEG and {folders[1]}/<class>/*.JPEG "
+        "(ILSVRC-2012 train and val, the val images sorted into class folders). Get it from "
+        "https://image-net.org/download (registration needed), extract it, sort the validation images into "
+        "class folders, then run `teskd-scan ROOT` once to check every file."
+    )
 
 
 def make_image_loader(backend, index, **kwargs):
