@@ -3,7 +3,7 @@
 Baseline ("reference-stack"): the faithful network, eager, NCHW, fp16 autocast with a grad scaler on CUDA
 (fp32 on the CPU), the reference loss, and a torchvision DataLoader without workers applying RandomCrop(32, 4) +
 RandomHorizontalFlip + Normalize on the CPU, as the published code does. Ours ("teskd-train"): the
-``cifar100-resnet18`` preset through :class:`teskd_fast.train.loop.Trainer`: the fast formulation, the
+``cifar100-resnet18`` preset through :class:`teskd_fast.train.trainer.Trainer`: the fast formulation, the
 device-resident CIFAR loader, bf16 + channels_last + torch.compile on CUDA, the fused loss.
 
 Data: synthetic CIFAR-shaped images (random pixels, 100 classes) written as the python-version archive. On CUDA a
@@ -51,7 +51,7 @@ def cifar_root(tmp_path_factory):
 def _ours(root):
     from teskd_fast.train import distributed as D
     from teskd_fast.train.config import resolve
-    from teskd_fast.train.loop import Trainer
+    from teskd_fast.train.trainer import Trainer
 
     cfg = resolve(
         {

@@ -248,3 +248,24 @@ def test_cuda_matches_cpu(cifar100):
     for (x, y), (xg, yg) in zip(cpu, gpu):
         assert xg.is_cuda and torch.equal(y, yg.cpu())
         assert_close(xg, x.double(), torch.float32, "same batch on the GPU")
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cpu_batches_leave_the_thread_count_alone(cifar100, channels_last, monkeypatch):
+    base, _ = cifar100
+    train, test = cifar_loaders(base, batch_size=40, device="cpu", seed=5, channels_last=channels_last)
+
+    def refuse(n):
+        raise AssertionError(f"the loader called torch.set_num_threads({n}), a process-wide setting")
+
+    monkeypatch.setattr(torch, "set_num_threads", refuse)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    for loader, make in ((train, train._augment), (test, test._plain)):
+        plan = [p for p in loader.epoch_plan(0) if p is not None]
+        for k, (x, y) in enumerate(loader):
+            # Built in chunks of CPU_CHUNK images: the same batch as one whole-batch gather.
+            whole = make(*(p[k * 40 : (k + 1) * 40] for p in plan))
+            assert torch.equal(x, whole) and x.is_contiguous(memory_format=fmt)
+            assert torch.equal(y, loader.labels[plan[0][k * 40 : (k + 1) * 40]])
+    with pytest.warns(DeprecationWarning, match="cpu_threads"):
+        CifarLoader(torch.zeros(4, 3, 32, 32, dtype=torch.uint8), torch.zeros(4), device="cpu", cpu_threads=1)

@@ -6,7 +6,7 @@ import pytest
 
 from teskd_fast.train.cli import main
 from teskd_fast.train.config import PRESETS, ConfigError, TrainConfig, build_parser, resolve
-from teskd_fast.train.loop import LRSchedule, image_size_at
+from teskd_fast.train.schedule import LRSchedule, image_size_at
 
 
 def test_cifar_presets_match_the_published_recipe():

@@ -10,8 +10,8 @@ import torch
 import torch.multiprocessing as mp
 from tolerances import assert_close
 
+from teskd_fast.train import build, trainer
 from teskd_fast.train import distributed as D
-from teskd_fast.train import loop
 from teskd_fast.train.config import resolve
 from teskd_fast.train.metrics import read_metrics
 
@@ -42,13 +42,14 @@ def _bn_statistics_aside(build):
 
 
 def _run(out_dir, world_size=1):
-    loop.build_model = _bn_statistics_aside(loop.build_model)
+    # The trainer builds its model with the name it imported from build.
+    trainer.build_model = _bn_statistics_aside(build.build_model)
     env = D.setup("cpu")
     assert env.world_size == world_size
-    trainer = loop.Trainer(resolve(OVERRIDES), out_dir, env)
-    metrics = trainer.train_epoch()
-    val = trainer.evaluate()
-    state = {k: v.clone() for k, v in trainer.raw_model.state_dict().items()}
+    run = trainer.Trainer(resolve(OVERRIDES), out_dir, env)
+    metrics = run.train_epoch()
+    val = run.evaluate()
+    state = {k: v.clone() for k, v in run.raw_model.state_dict().items()}
     D.cleanup()
     return state, {**metrics, **val}
 
@@ -69,10 +70,10 @@ def test_two_gloo_processes_equal_one_process_on_the_whole_batch(tmp_path, monke
     ddp_state = torch.load(tmp_path / "ddp_state.pt")
     ddp = json.loads((tmp_path / "ddp_metrics.json").read_text())
 
-    monkeypatch.setattr(loop, "build_model", loop.build_model)
+    monkeypatch.setattr(trainer, "build_model", trainer.build_model)
     single_state, single = _run(tmp_path)
     moved = 0
-    init = _bn_statistics_aside(loop.build_model)(resolve(OVERRIDES), 10).state_dict()
+    init = _bn_statistics_aside(build.build_model)(resolve(OVERRIDES), 10).state_dict()
     for k, v in single_state.items():
         if v.is_floating_point():
             assert_close(ddp_state[k], v, torch.float32, name=k, scale=4.0)

@@ -17,12 +17,13 @@ import torchvision
 
 import teskd_fast
 from teskd_fast.models.resnet import build_resnet
-from teskd_fast.train import loop
+from teskd_fast.train import build, trainer
 from teskd_fast.train.checkpoint import load_checkpoint
 from teskd_fast.train.cli import main
 from teskd_fast.train.config import resolve
 from teskd_fast.train.metrics import read_metrics
 from teskd_fast.train.plot import main as plot_main
+from teskd_fast.train.schedule import LRSchedule
 
 # The demo preset, shortened: a few steps per epoch, no progress bar, no TensorBoard.
 FAST = ["--steps-per-epoch", "3", "--no-progress", "--no-tensorboard", "--no-plot", "--device", "cpu"]
@@ -48,7 +49,7 @@ def _same_state(a, b):
 
 def _sigterm_at(monkeypatch, global_step):
     """Send this process a real SIGTERM right after optimiser step number ``global_step`` (1-based)."""
-    real = loop.Trainer.train_step
+    real = trainer.Trainer.train_step
     calls = {"n": 0}
 
     def step(self, *args):
@@ -57,7 +58,7 @@ def _sigterm_at(monkeypatch, global_step):
         if calls["n"] == global_step:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    monkeypatch.setattr(loop.Trainer, "train_step", step)
+    monkeypatch.setattr(trainer.Trainer, "train_step", step)
 
 
 def test_demo_end_to_end(tmp_path, capsys):
@@ -79,14 +80,16 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert "lr: 0.05" in (out / "config.yaml").read_text()
     for name in ("last.pt", "best.pt"):
         ckpt = load_checkpoint(out / name)
-        assert {"model", "optimizer", "schedule", "scaler", "rng", "epoch", "step", "position", "config"} <= set(ckpt)
+        assert {"model", "optimizer", "scaler", "rng", "epoch", "step", "position", "config"} <= set(ckpt)
+        # The schedule is a function of the config: nothing of it is saved.
+        assert "schedule" not in ckpt
     assert load_checkpoint(out / "last.pt")["epoch"] == 2
     # teacher.pt: a plain torchvision ResNet state_dict whose logits are the TESKD teacher's.
     info = json.loads((out / "teacher.json").read_text())
     teacher = build_resnet(info["arch"], info["num_classes"], stem=info["stem"], width=info["width"])
     assert isinstance(teacher, torchvision.models.ResNet)
     teacher.load_state_dict(torch.load(out / "teacher.pt", weights_only=True))
-    model = loop.build_model(resolve(load_checkpoint(out / "last.pt")["config"]), 10)
+    model = build.build_model(resolve(load_checkpoint(out / "last.pt")["config"]), 10)
     model.load_state_dict(load_checkpoint(out / "last.pt")["model"])
     x = torch.randn(5, 3, 8, 8)
     torch.testing.assert_close(teacher.eval()(x), model.eval().teacher_forward(x))
@@ -112,8 +115,8 @@ def test_baseline_trains_the_teacher_alone_and_exports_to_torchvision(tmp_path, 
 
 
 def test_baseline_starts_from_the_teskd_teacher_weights():
-    t = loop.build_model(resolve({"width": 0.25}), 10)
-    b = loop.build_model(resolve({"width": 0.25, "method": "baseline"}), 10)
+    t = build.build_model(resolve({"width": 0.25}), 10)
+    b = build.build_model(resolve({"width": 0.25, "method": "baseline"}), 10)
     _same_state(teskd_fast.export_teacher(t).state_dict(), b.state_dict())
 
 
@@ -171,6 +174,9 @@ def test_sigterm_to_the_command_writes_last_pt_and_resume_finishes(tmp_path):
 def test_resume_with_more_epochs_extends_a_finished_run(tmp_path):
     run = tmp_path / "run"
     assert main(["--epochs", "1", "--out", str(run)] + FAST) == 0
+    # A checkpoint of an earlier version also held the schedule's settings: resuming ignores them.
+    old = load_checkpoint(run / "last.pt")
+    torch.save({**old, "schedule": {"kind": "cosine", "epochs": 1, "steps_per_epoch": 3}}, run / "last.pt")
     assert main(["--resume", str(run), "--epochs", "2", "--no-progress"]) == 0
     rows = read_metrics(run)
     assert [r["epoch"] for r in rows] == [1, 2]
@@ -178,7 +184,7 @@ def test_resume_with_more_epochs_extends_a_finished_run(tmp_path):
     assert ckpt["epoch"] == 2 and ckpt["config"]["epochs"] == 2
     # The schedule follows the new total: epoch 2's lr is the 2-epoch cosine's.
     cfg = resolve(ckpt["config"], base=ckpt["config"])
-    assert rows[1]["lr"] == pytest.approx(loop.LRSchedule(cfg, 3)(1, 2))
+    assert rows[1]["lr"] == pytest.approx(LRSchedule(cfg, 3)(1, 2))
     # A run folder that holds a run is not overwritten without --resume.
     assert main(["--epochs", "1", "--out", str(run)] + FAST) == 2
 
@@ -218,10 +224,10 @@ def test_corrupt_checkpoint_is_named(tmp_path):
 
 
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
-    real = loop.build_criterion
+    real = build.build_criterion
     calls = {"n": 0}
 
-    def build(cfg, world_size):
+    def poisoned_criterion(cfg, world_size):
         crit = real(cfg, world_size)
 
         def poisoned(out, target):
@@ -235,7 +241,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monke
 
         return poisoned
 
-    monkeypatch.setattr(loop, "build_criterion", build)
+    monkeypatch.setattr(trainer, "build_criterion", poisoned_criterion)
     run = tmp_path / "run"
     assert main(["--epochs", "3", "--out", str(run)] + FAST) == 3
     err = capsys.readouterr().err
@@ -280,8 +286,9 @@ def test_imagenet_folder_with_progressive_resizing_through_the_cli(tmp_path, mon
     from PIL import Image
 
     sizes = []
-    real = loop.Trainer.train_step
-    monkeypatch.setattr(loop.Trainer, "train_step", lambda self, x, *a: (sizes.append(x.shape[-1]), real(self, x, *a)))
+    real = trainer.Trainer.train_step
+    monkeypatch.setattr(trainer.Trainer, "train_step",
+                        lambda self, x, *a: (sizes.append(x.shape[-1]), real(self, x, *a)))
 
     rng = np.random.default_rng(0)
     for split, n in (("train", 6), ("val", 2)):

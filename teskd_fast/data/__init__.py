@@ -3,6 +3,7 @@
 DALI is imported only when a DALI loader is built, so ``import teskd_fast.data`` works without it.
 """
 
+from teskd_fast.data.catalog import DATASETS, check_dataset
 from teskd_fast.data.cifar import CifarLoader, cifar_loaders, load_cifar
 from teskd_fast.data.common import (
     CIFAR_MEAN,
@@ -10,6 +11,8 @@ from teskd_fast.data.common import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     BadImageError,
+    CorruptDatasetError,
+    DatasetError,
     DatasetNotFoundError,
 )
 from teskd_fast.data.imagenet import imagenet_loaders
@@ -21,8 +24,12 @@ __all__ = [
     "scan_image_folder",
     "load_cifar",
     "CifarLoader",
-    "BadImageError",
+    "check_dataset",
+    "DATASETS",
+    "DatasetError",
     "DatasetNotFoundError",
+    "CorruptDatasetError",
+    "BadImageError",
     "CIFAR_MEAN",
     "CIFAR_STD",
     "IMAGENET_MEAN",

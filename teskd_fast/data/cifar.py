@@ -9,26 +9,34 @@ flip folded into its indices), one conversion and one multiply-add: no per-image
 import io
 import pickle
 import tarfile
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from teskd_fast.data.common import (
+    AUGMENT_STREAM,
     CIFAR_MEAN,
     CIFAR_STD,
+    CorruptDatasetError,
     DatasetNotFoundError,
     EpochState,
     check_dtype,
     check_sharding,
-    epoch_generator,
     epoch_order,
     normalize_,
-    resolve_device,
+    normalize_constants,
+    torch_generator,
 )
+from teskd_fast.device import resolve_device
 
 PAD = 4
 SIZE = 32
+# PyTorch runs an elementwise or gather op on the calling thread when it has fewer elements than its intra-op
+# grain size (at::internal::GRAIN_SIZE, 32768). On the CPU a batch is made in chunks of this many images, so
+# that every op stays below it: no OpenMP team is woken or waited for, and no thread setting is touched.
+CPU_CHUNK = 32768 // (3 * SIZE * SIZE)
 
 _LAYOUTS = {
     "cifar10": {
@@ -62,8 +70,12 @@ def _layout(dataset):
     return _LAYOUTS[dataset]
 
 
-def _locate(root, dataset):
-    """The extracted folder or the .tar.gz of ``dataset`` under ``root`` (or ``root`` itself)."""
+def locate_cifar(root, dataset="cifar100"):
+    """The extracted folder or the .tar.gz of ``dataset`` under ``root`` (or ``root`` itself).
+
+    Raises:
+        DatasetNotFoundError: neither is there; the message says where it looked and how to get it.
+    """
     layout = _layout(dataset)
     root = Path(root).expanduser()
     if root.is_file() and root.name.endswith((".tar.gz", ".tgz", ".tar")):
@@ -77,7 +89,8 @@ def _locate(root, dataset):
     raise DatasetNotFoundError(
         f"{dataset} not found: looked for the folder {root / layout['folder']}/ and the archive "
         f"{root / layout['archive']} (the python version of the dataset). Get it with "
-        f"cifar_loaders({str(root)!r}, dataset={dataset!r}, download=True), or download {layout['url']} into "
+        f"cifar_loaders({str(root)!r}, dataset={dataset!r}, download=True) (teskd-train: --download), or "
+        f"download {layout['url']} into "
         f"{root}/ (the .tar.gz works as it is, or extracted)."
     )
 
@@ -86,7 +99,7 @@ def _unpickle(fileobj, name):
     try:
         return pickle.load(fileobj, encoding="latin1")
     except (pickle.UnpicklingError, EOFError, ValueError, AttributeError) as e:
-        raise ValueError(f"{name}: not a CIFAR python-version batch file ({e})") from e
+        raise CorruptDatasetError(f"{name}: not a CIFAR python-version batch file ({e})") from e
 
 
 def _read_members(source, names):
@@ -112,7 +125,7 @@ def _read_members(source, names):
     except (tarfile.TarError, OSError, EOFError) as e:
         if isinstance(e, DatasetNotFoundError):
             raise
-        raise ValueError(f"{source}: cannot read the archive ({e}); delete it and download it again") from e
+        raise CorruptDatasetError(f"{source}: cannot read the archive ({e}); delete it and download it again") from e
 
 
 def load_cifar(root, dataset="cifar100", download=False):
@@ -132,24 +145,27 @@ def load_cifar(root, dataset="cifar100", download=False):
     """
     layout = _layout(dataset)
     try:
-        source = _locate(root, dataset)
+        source = locate_cifar(root, dataset)
     except DatasetNotFoundError:
         if not download:
             raise
         _download(root, dataset)
-        source = _locate(root, dataset)
+        source = locate_cifar(root, dataset)
     batches = _read_members(source, layout["train"] + layout["test"] + [layout["meta"]])
-    out = {"classes": list(batches[layout["meta"]][layout["names"]])}
+    out = {"classes": list(batches[layout["meta"]].get(layout["names"], []))}
+    if len(out["classes"]) != layout["classes"]:
+        raise CorruptDatasetError(f"{source}:{layout['meta']}: {len(out['classes'])} class names under "
+                                  f"{layout['names']!r}, expected {layout['classes']}")
     for split in ("train", "test"):
         images, labels = [], []
         for name in layout[split]:
             batch = batches[name]
             data = np.asarray(batch["data"], dtype=np.uint8)
             if data.ndim != 2 or data.shape[1] != 3 * SIZE * SIZE:
-                raise ValueError(f"{source}:{name}: data has shape {data.shape}, expected [N, 3072]")
+                raise CorruptDatasetError(f"{source}:{name}: data has shape {data.shape}, expected [N, 3072]")
             lab = np.asarray(batch[layout["labels"]], dtype=np.int64)
             if lab.shape != (data.shape[0],) or lab.min() < 0 or lab.max() >= layout["classes"]:
-                raise ValueError(f"{source}:{name}: {len(lab)} labels in [{lab.min()}, {lab.max()}] for "
+                raise CorruptDatasetError(f"{source}:{name}: {len(lab)} labels in [{lab.min()}, {lab.max()}] for "
                                  f"{data.shape[0]} images and {layout['classes']} classes")
             images.append(data.reshape(-1, 3, SIZE, SIZE))
             labels.append(lab)
@@ -185,8 +201,9 @@ class CifarLoader(EpochState):
             equal in size (the epoch is cut to a multiple of world_size); evaluation shards cover the split.
         channels_last: batches in channels_last memory format (the shape stays [B, 3, 32, 32]).
         dtype: float32, bfloat16 or float16 output (normalised in float32, rounded once).
-        cpu_threads: intra-op threads while a batch is made on the CPU (restored before the batch is yielded).
-            One thread makes a 128-image batch in about 1 ms and never waits on a busy core; None keeps torch's.
+        cpu_threads: accepted for compatibility and ignored (it used to set torch's intra-op thread count
+            around every CPU batch). A CPU batch is now made in chunks of ``CPU_CHUNK`` images whose ops each run
+            on the calling thread, whatever ``torch.get_num_threads()`` is, and the process's setting is untouched.
 
     Shapes:
         yields images [B, 3, 32, 32] of ``dtype`` and labels [B] int64, both on ``device``.
@@ -198,8 +215,11 @@ class CifarLoader(EpochState):
 
     def __init__(self, images, labels, *, batch_size=128, train=True, device=None, seed=27, drop_last=False,
                  rank=0, world_size=1, channels_last=False, dtype=torch.float32, mean=CIFAR_MEAN, std=CIFAR_STD,
-                 classes=None, cpu_threads=1):
+                 classes=None, cpu_threads=None):
         check_sharding(batch_size, rank, world_size)
+        if cpu_threads is not None:
+            warnings.warn("CifarLoader(cpu_threads=...) has no effect any more: CPU batches are made on the calling "
+                          "thread without changing torch's thread count", DeprecationWarning, stacklevel=2)
         if images.dtype != torch.uint8 or images.dim() != 4 or tuple(images.shape[1:]) != (3, SIZE, SIZE):
             raise ValueError(f"images must be uint8 [N, 3, 32, 32], got {images.dtype} {tuple(images.shape)}")
         if labels.shape != images.shape[:1]:
@@ -209,7 +229,6 @@ class CifarLoader(EpochState):
         self.batch_size, self.train, self.seed, self.drop_last = batch_size, train, seed, drop_last
         self.rank, self.world_size, self.channels_last = rank, world_size, channels_last
         self.mean, self.std, self.classes = tuple(mean), tuple(std), classes
-        self.cpu_threads = cpu_threads if self.device.type == "cpu" else None
         self.num_images = images.shape[0]
         # Training keeps the split zero-padded, so that one gather makes a padded crop; evaluation keeps it as is.
         pad = PAD if train else 0
@@ -219,6 +238,14 @@ class CifarLoader(EpochState):
         self.data = data.to(self.device).contiguous(memory_format=fmt)
         self._flat = self.data.permute(0, 2, 3, 1).reshape(-1) if channels_last else self.data.view(-1)
         self.labels = labels.to(self.device, torch.int64)
+        # Made once: the normalisation constants and the index offsets of a crop's rows, columns and channels.
+        self._constants = normalize_constants(self.mean, self.std, self.device)
+        self._arange = torch.arange(SIZE, device=self.device)
+        self._chan = torch.arange(3, device=self.device) * self.data.stride(1)
+        # Gather straight into the channels_last order on a GPU (one kernel writes the output layout). On the CPU
+        # chunks are built in NCHW order, where the normalisation vectorises, and the copy into the batch
+        # buffer makes the layout.
+        self._nhwc = channels_last and self.device.type != "cpu"
         self._init_state()
 
     @property
@@ -226,10 +253,6 @@ class CifarLoader(EpochState):
         """The split as stored, without padding: [N, 3, 32, 32] uint8 on the device."""
         p = PAD if self.train else 0
         return self.data[:, :, p : p + SIZE, p : p + SIZE]
-
-    def _fingerprint(self):
-        return {"batch_size": self.batch_size, "seed": self.seed, "world_size": self.world_size, "rank": self.rank,
-                "num_images": self.num_images}
 
     def epoch_plan(self, epoch):
         """The epoch's sample indices for this rank and their crop offsets and flips (CPU tensors).
@@ -241,7 +264,7 @@ class CifarLoader(EpochState):
                                        rank=self.rank, world_size=self.world_size, equal_shards=self.train)
         if not self.train:
             return order[positions], None, None
-        g = epoch_generator(self.seed, epoch, stream=1)
+        g = torch_generator(self.seed, epoch, AUGMENT_STREAM)
         # Drawn for the whole epoch order, so a sample's augmentation does not depend on the sharding.
         offsets = torch.randint(0, 2 * PAD + 1, (len(order), 2), generator=g)
         flips = torch.rand(len(order), generator=g) < 0.5
@@ -256,46 +279,51 @@ class CifarLoader(EpochState):
             flips = flips.to(self.device, non_blocking=True)
         for k in range(start, len(self)):
             sl = slice(k * self.batch_size, (k + 1) * self.batch_size)
-            threads = torch.get_num_threads()
-            if self.cpu_threads:
-                torch.set_num_threads(self.cpu_threads)
-            try:
-                if self.train:
-                    images = self._augment(indices[sl], offsets[sl], flips[sl])
-                else:
-                    images = self._plain(indices[sl])
-                labels = self.labels[indices[sl]]
-            finally:
-                torch.set_num_threads(threads)
+            if self.train:
+                images = self._batch(self._augment, indices[sl], offsets[sl], flips[sl])
+            else:
+                images = self._batch(self._plain, indices[sl])
+            labels = self.labels.index_select(0, indices[sl])
             self.position = k + 1
             yield images, labels
         self._end_pass(epoch)
 
+    def _batch(self, make, idx, *plan):
+        """``make(idx, *plan)`` for the whole batch on a GPU; on the CPU chunk by chunk (see ``CPU_CHUNK``)."""
+        if self.device.type != "cpu":
+            return make(idx, *plan)
+        n = len(idx)
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        out = torch.empty((n, 3, SIZE, SIZE), dtype=self.dtype, device=self.device, memory_format=fmt)
+        for a in range(0, n, CPU_CHUNK):
+            b = min(a + CPU_CHUNK, n)
+            out[a:b] = make(idx[a:b], *(p[a:b] for p in plan))
+        return out
+
     def _finish(self, x):
         # x: [B, 3, 32, 32] uint8 in the output memory format.
-        x = normalize_(x.float(), self.mean, self.std)
+        x = normalize_(x.float(), self.mean, self.std, self._constants)
         return x if self.dtype == torch.float32 else x.to(self.dtype)
 
     def _plain(self, idx):
-        x = self.data[idx]
-        if self.channels_last:
+        x = self.data.index_select(0, idx)
+        if self._nhwc:
             x = x.contiguous(memory_format=torch.channels_last)
         return self._finish(x)
 
     def _augment(self, idx, offsets, flips):
-        dev = self.device
-        ar = torch.arange(SIZE, device=dev)
+        ar = self._arange
         rows = offsets[:, :1] + ar  # [B, 32]
         cols = torch.where(flips[:, None], offsets[:, 1:] + (SIZE - 1) - ar, offsets[:, 1:] + ar)  # [B, 32]
-        s_n, s_c, s_h, s_w = self.data.stride()
-        chan = torch.arange(3, device=dev) * s_c
+        s_n, _, s_h, s_w = self.data.stride()
+        chan = self._chan
         # Linear index of every output pixel in the padded split: crop and flip in one gather.
         pix = (idx * s_n)[:, None, None] + (rows * s_h)[:, :, None] + (cols * s_w)[:, None, :]  # [B, 32, 32]
-        if self.channels_last:
-            x = self._flat.take(pix[..., None] + chan).permute(0, 3, 1, 2)  # gathered as [B, 32, 32, 3]
-        else:
-            x = self._flat.take(pix[:, None] + chan[:, None, None])  # [B, 3, 32, 32]
-        return self._finish(x)
+        pix = pix[..., None] + chan if self._nhwc else pix[:, None] + chan[:, None, None]
+        # index_select, not take or x[pix]: on the CPU it runs on the calling thread below the grain size.
+        x = self._flat.index_select(0, pix.view(-1)).view(pix.shape)
+        # Gathered as [B, 32, 32, 3] (channels_last on a GPU) or [B, 3, 32, 32].
+        return self._finish(x.permute(0, 3, 1, 2) if self._nhwc else x)
 
 
 def cifar_loaders(root, dataset="cifar100", batch_size=128, device="cuda", seed=27, drop_last=False,

@@ -1,10 +1,11 @@
 """Pieces shared by every loader: normalisation constants, errors, device and dtype checks, epoch order.
 
-Every loader of this package draws its per-epoch randomness (order, and for CIFAR the augmentation) on the
-CPU from a generator seeded by ``(seed, epoch)``, so an epoch's batches depend only on the seed and the epoch:
-the same on every rank, on the CPU and on a GPU, and after a resume.
+Every loader of this package draws its per-epoch randomness (order, augmentation) on the CPU from generators
+seeded by :func:`seed_sequence` over ``(seed, epoch, ...)``, so an epoch's batches depend only on the seed and
+the epoch: the same on every rank, on the CPU and on a GPU, and after a resume.
 """
 
+import numpy as np
 import torch
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -16,24 +17,24 @@ OUTPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SCAN_HINT = "run `teskd-scan {root}` to find every unreadable file and write the list of good files the loaders use"
 
 
-class DatasetNotFoundError(FileNotFoundError):
-    """A dataset root, archive or split folder is missing; the message says where it looked and what to do."""
+class DatasetError(Exception):
+    """The dataset on disk cannot be used as it is; the message names the path and says what to do.
+
+    Every failure that comes from the data (not from an argument) is one of its three kinds below; the
+    training command turns any of them into its message and exit status 1.
+    """
 
 
-class BadImageError(RuntimeError):
+class DatasetNotFoundError(DatasetError, FileNotFoundError):
+    """Missing: a dataset root, archive, file, split folder, class folder or class folder without images."""
+
+
+class CorruptDatasetError(DatasetError, ValueError):
+    """Present but wrong: a file or scan cache whose content is not what the dataset layout says."""
+
+
+class BadImageError(DatasetError, RuntimeError):
     """An image file cannot be decoded; the message names the file and says to run ``teskd-scan``."""
-
-
-def resolve_device(device):
-    """``None`` means CUDA when available, else the CPU; a CUDA device without CUDA is an error."""
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device={str(device)!r} was asked for but CUDA is not available here; pass device='cpu'")
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return device
 
 
 def check_dtype(dtype):
@@ -54,12 +55,33 @@ def check_sharding(batch_size, rank, world_size):
         raise ValueError(f"rank must be an integer in [0, world_size={world_size}), got {rank!r}")
 
 
-def epoch_generator(seed, epoch, stream=0):
-    """A CPU generator for one epoch: a pure function of ``(seed, epoch, stream)``."""
-    g = torch.Generator()
-    # Distinct (seed, epoch, stream) triples give distinct seeds for any realistic seed and epoch count.
-    g.manual_seed((int(seed) * 1_000_003 + int(epoch) * 7_919 + int(stream)) % (2**63 - 1))
-    return g
+# Streams: the last key of a seed that is not the epoch order (which uses (seed, epoch) alone).
+AUGMENT_STREAM = 1
+DALI_STREAM = 2
+
+
+def seed_sequence(*keys):
+    """The package's one seeding scheme: numpy's ``SeedSequence`` over integer keys, e.g. ``(seed, epoch)``.
+
+    Distinct key tuples give statistically independent streams (SeedSequence hashes them), whatever their size.
+    Keys are taken modulo 2**64, so a negative seed works too.
+    """
+    return np.random.SeedSequence([int(k) % 2**64 for k in keys])
+
+
+def derive_seed(*keys):
+    """A 63-bit integer seed derived from ``keys`` (for ``torch.Generator.manual_seed`` or a DALI pipeline)."""
+    return int(seed_sequence(*keys).generate_state(1, np.uint64)[0] >> 1)
+
+
+def torch_generator(*keys):
+    """A CPU ``torch.Generator`` seeded from ``keys``: a pure function of them."""
+    return torch.Generator().manual_seed(derive_seed(*keys))
+
+
+def numpy_generator(*keys):
+    """A numpy ``Generator`` (PCG64) seeded from ``keys``: a pure function of them."""
+    return np.random.default_rng(seed_sequence(*keys))
 
 
 def shard_bounds(n, rank, world_size):
@@ -81,7 +103,7 @@ def epoch_order(n, *, shuffle, seed, epoch, rank=0, world_size=1, equal_shards=F
         (order, positions): int64 CPU tensors; ``order`` is the full (possibly truncated) global order and
         ``positions`` the slice of it that belongs to ``rank`` (shards are disjoint).
     """
-    order = torch.randperm(n, generator=epoch_generator(seed, epoch)) if shuffle else torch.arange(n)
+    order = torch.randperm(n, generator=torch_generator(seed, epoch)) if shuffle else torch.arange(n)
     if equal_shards:
         order = order[: (n // world_size) * world_size]
     start, stop = shard_bounds(len(order), rank, world_size)
@@ -92,11 +114,20 @@ def num_batches(n, batch_size, drop_last):
     return n // batch_size if drop_last else -(-n // batch_size)
 
 
-def normalize_(images, mean, std):
-    """In place: ``images`` float in [0, 255] -> ``(images / 255 - mean) / std``, channel dim 1. Returns it."""
-    shape = (1, -1) + (1,) * (images.dim() - 2)
-    scale = torch.tensor([1.0 / (255.0 * s) for s in std], device=images.device, dtype=images.dtype).view(shape)
-    bias = torch.tensor([-m / s for m, s in zip(mean, std)], device=images.device, dtype=images.dtype).view(shape)
+def normalize_constants(mean, std, device, dtype=torch.float32, dim=4):
+    """``(scale, bias)`` with ``x * scale + bias == (x / 255 - mean) / std``, shaped to broadcast on channel dim 1."""
+    shape = (1, -1) + (1,) * (dim - 2)
+    scale = torch.tensor([1.0 / (255.0 * s) for s in std], device=device, dtype=dtype).view(shape)
+    bias = torch.tensor([-m / s for m, s in zip(mean, std)], device=device, dtype=dtype).view(shape)
+    return scale, bias
+
+
+def normalize_(images, mean, std, constants=None):
+    """In place: ``images`` float in [0, 255] -> ``(images / 255 - mean) / std``, channel dim 1. Returns it.
+
+    ``constants``: :func:`normalize_constants` made once, for a caller that normalises many batches.
+    """
+    scale, bias = constants or normalize_constants(mean, std, images.device, images.dtype, images.dim())
     return images.mul_(scale).add_(bias)
 
 
@@ -132,7 +163,9 @@ class EpochState:
         self.set_epoch(state["epoch"], state.get("position", 0))
 
     def _fingerprint(self):
-        return {}
+        """What a saved state must agree on to be loaded here (see ``load_state_dict``)."""
+        return {"batch_size": self.batch_size, "seed": self.seed, "world_size": self.world_size, "rank": self.rank,
+                "num_images": self.num_images}
 
     @property
     def num_samples(self):

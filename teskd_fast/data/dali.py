@@ -5,12 +5,14 @@ decodes only the crop window with nvJPEG), resize to ``image_size``, random flip
 (channels_last) output. Evaluation: decode, resize the shorter side to ``val_resize``, centre crop.
 Without a GPU (or with ``device="cpu"``) the same pipeline runs in DALI's CPU-only mode (``device_id=None``).
 
-The pipeline is built once per epoch over a file list this loader writes: the epoch's global order
-(:func:`teskd_fast.data.common.epoch_order`, seeded by ``(seed, epoch)``), read with ``shard_id=rank`` and
-``num_shards=world_size``. So an epoch's images and their order depend only on the seed and the epoch (every
-rank agrees, a resume reproduces them), the resolution can change between epochs (progressive resizing), and
-shuffling is a true permutation rather than DALI's buffer shuffle. DALI's random crops and flips follow the
-pipeline seed, derived from (seed, epoch, rank); a mid-epoch resume yields the same remaining images.
+The pipeline is the module-level ``@pipeline_def`` function :func:`imagenet_pipeline`, as in DALI's examples,
+with every setting an explicit argument. The loader builds it once per epoch over a file list it writes: the
+epoch's global order (:func:`teskd_fast.data.common.epoch_order`, seeded by ``(seed, epoch)``), read with
+``shard_id=rank`` and ``num_shards=world_size``. So an epoch's images and their order depend only on the seed
+and the epoch (every rank agrees, a resume reproduces them), the resolution can change between epochs
+(progressive resizing), and shuffling is a true permutation rather than DALI's buffer shuffle. DALI's random
+crops and flips follow the pipeline seed, derived from (seed, epoch, rank); a mid-epoch resume yields the same
+remaining images.
 
 DALI stops the whole pipeline on a file it cannot decode and its message often does not name the file. This
 loader catches that, finds the file (from the message, else by decode-checking the batches in flight), and
@@ -25,21 +27,66 @@ import weakref
 
 import torch
 
-from teskd_fast.data.common import SCAN_HINT, epoch_generator, epoch_order, shard_bounds
-from teskd_fast.data.imagenet import TRAIN_RATIO, TRAIN_SCALE, ImageLoaderBase
+from teskd_fast.data.common import DALI_STREAM, SCAN_HINT, derive_seed, epoch_order, shard_bounds
+from teskd_fast.data.image_base import TRAIN_RATIO, TRAIN_SCALE, ImageLoaderBase
 
 _DALI_HINT = ("install it with: pip install nvidia-dali-cuda130 (or the build matching your CUDA), "
               "or use backend='torchvision'")
 
+try:
+    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+except ImportError as e:  # imagenet_loaders checks first; this names the fix for a direct import
+    raise ImportError(f"backend='dali' needs NVIDIA DALI ({e}); {_DALI_HINT}") from e
 
-def _import_dali():
-    try:
-        from nvidia import dali
-        from nvidia.dali import fn, types
-        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
-    except ImportError as e:
-        raise ImportError(f"backend='dali' needs NVIDIA DALI ({e}); {_DALI_HINT}") from e
-    return dali, fn, types, DALIGenericIterator, LastBatchPolicy
+# nvJPEG's buffer sizes recommended in DALI's ImageNet examples (they avoid re-allocations on the GPU).
+NVJPEG_DEVICE_PADDING = 211025920
+NVJPEG_HOST_PADDING = 140544512
+# Tries of the random-resized crop before it falls back to the whole image.
+CROP_ATTEMPTS = 100
+
+
+@pipeline_def
+def imagenet_pipeline(*, file_root, file_list, shard_id, num_shards, train, image_size, val_resize, mean, std,
+                      channels_last, half, mixed):
+    """One epoch of an ImageFolder split as DALI reads it: decode, augment or centre-crop, normalise.
+
+    Called as ``imagenet_pipeline(batch_size=, num_threads=, device_id=, seed=, prefetch_queue_depth=, ...)``
+    (``pipeline_def``'s arguments, then these).
+
+    Args:
+        file_root, file_list: the split folder and a list of ``relative/path label`` lines in reading order.
+        shard_id, num_shards: this reader's contiguous part of the list.
+        train: random-resized crop (area 0.08-1, aspect 3/4-4/3) to ``image_size`` and a random flip;
+            otherwise resize the shorter side to ``val_resize`` and centre-crop ``image_size``.
+        mean, std: per channel, in 0-255 units.
+        channels_last: HWC output (else CHW). half: float16 output (else float32).
+        mixed: decode on the GPU (``device="mixed"``, nvJPEG) and deliver the labels there; else the CPU.
+
+    Returns:
+        (images, labels): images [B, 3, S, S] (or [B, S, S, 3]) normalised, labels [B, 1] int32.
+    """
+    decoder = "mixed" if mixed else "cpu"
+    nvjpeg = dict(device_memory_padding=NVJPEG_DEVICE_PADDING, host_memory_padding=NVJPEG_HOST_PADDING) if mixed \
+        else {}
+    layout = "HWC" if channels_last else "CHW"
+    dtype = types.FLOAT16 if half else types.FLOAT
+    jpegs, labels = fn.readers.file(file_root=file_root, file_list=file_list, shard_id=shard_id,
+                                    num_shards=num_shards, random_shuffle=False, stick_to_shard=True,
+                                    pad_last_batch=True, name="Reader")
+    if train:
+        images = fn.decoders.image_random_crop(jpegs, device=decoder, output_type=types.RGB,
+                                               random_area=list(TRAIN_SCALE), random_aspect_ratio=list(TRAIN_RATIO),
+                                               num_attempts=CROP_ATTEMPTS, **nvjpeg)
+        images = fn.resize(images, resize_x=image_size, resize_y=image_size, antialias=True)
+        images = fn.crop_mirror_normalize(images, dtype=dtype, output_layout=layout, mean=mean, std=std,
+                                          mirror=fn.random.coin_flip(probability=0.5))
+    else:
+        images = fn.decoders.image(jpegs, device=decoder, output_type=types.RGB, **nvjpeg)
+        images = fn.resize(images, resize_shorter=val_resize, antialias=True)
+        images = fn.crop_mirror_normalize(images, dtype=dtype, output_layout=layout, mean=mean, std=std,
+                                          crop=(image_size, image_size), crop_pos_x=0.5, crop_pos_y=0.5)
+    return images, labels.gpu() if mixed else labels
 
 
 class DaliImageLoader(ImageLoaderBase):
@@ -49,7 +96,6 @@ class DaliImageLoader(ImageLoaderBase):
 
     def __init__(self, index, prefetch=2, **kwargs):
         super().__init__(index, **kwargs)
-        _import_dali()
         self.prefetch = prefetch
         self._tmpdir = tempfile.mkdtemp(prefix="teskd_dali_")
         self._cleanup = weakref.finalize(self, shutil.rmtree, self._tmpdir, True)
@@ -79,44 +125,18 @@ class DaliImageLoader(ImageLoaderBase):
         return path, shard_id, num_shards, order[lo:hi]
 
     def _pipeline(self, file_list, shard_id, num_shards, epoch):
-        dali, fn, types, _, _ = _import_dali()
-        decoder = "mixed" if self.mixed else "cpu"
-        # Sizes of nvJPEG's buffers recommended in DALI's ImageNet examples (avoid re-allocations).
-        gpu_kwargs = dict(device_memory_padding=211025920, host_memory_padding=140544512) if self.mixed else {}
-        layout = "HWC" if self.channels_last else "CHW"
-        dtype = types.FLOAT16 if self.dtype == torch.float16 else types.FLOAT
-        mean = [255.0 * m for m in self.mean]
-        std = [255.0 * s for s in self.std]
-        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=epoch_generator(self.seed, epoch, 2 + self.rank)))
-        pipe = dali.Pipeline(batch_size=self.batch_size, num_threads=max(1, self.workers),
-                             device_id=self.device.index if self.mixed else None, seed=seed,
-                             prefetch_queue_depth=self.prefetch)
-        with pipe:
-            jpegs, labels = fn.readers.file(file_root=str(self.index.root), file_list=file_list, shard_id=shard_id,
-                                            num_shards=num_shards, random_shuffle=False, stick_to_shard=True,
-                                            pad_last_batch=True, name="Reader")
-            if self.train:
-                images = fn.decoders.image_random_crop(jpegs, device=decoder, output_type=types.RGB,
-                                                       random_area=list(TRAIN_SCALE),
-                                                       random_aspect_ratio=list(TRAIN_RATIO), num_attempts=100,
-                                                       **gpu_kwargs)
-                images = fn.resize(images, resize_x=self.image_size, resize_y=self.image_size, antialias=True)
-                mirror = fn.random.coin_flip(probability=0.5)
-                images = fn.crop_mirror_normalize(images, dtype=dtype, output_layout=layout, mean=mean, std=std,
-                                                  mirror=mirror)
-            else:
-                images = fn.decoders.image(jpegs, device=decoder, output_type=types.RGB, **gpu_kwargs)
-                images = fn.resize(images, resize_shorter=self.val_resize, antialias=True)
-                images = fn.crop_mirror_normalize(images, dtype=dtype, output_layout=layout, mean=mean, std=std,
-                                                  crop=(self.image_size, self.image_size), crop_pos_x=0.5,
-                                                  crop_pos_y=0.5)
-            if self.mixed:
-                labels = labels.gpu()
-            pipe.set_outputs(images, labels)
-        return pipe
+        """The epoch's :func:`imagenet_pipeline`, seeded by (seed, epoch, rank)."""
+        return imagenet_pipeline(
+            batch_size=self.batch_size, num_threads=max(1, self.workers),
+            device_id=self.device.index if self.mixed else None,
+            seed=derive_seed(self.seed, epoch, DALI_STREAM, self.rank) % 2**31, prefetch_queue_depth=self.prefetch,
+            file_root=str(self.index.root), file_list=file_list, shard_id=shard_id, num_shards=num_shards,
+            train=self.train, image_size=self.image_size, val_resize=self.val_resize,
+            mean=[255.0 * m for m in self.mean], std=[255.0 * s for s in self.std],
+            channels_last=self.channels_last, half=self.dtype == torch.float16, mixed=self.mixed,
+        )
 
     def __iter__(self):
-        _, _, _, DALIGenericIterator, LastBatchPolicy = _import_dali()
         epoch, start = self._begin_pass()
         if start >= len(self):
             self._end_pass(epoch)

@@ -23,16 +23,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from teskd_fast.data.common import EpochState
+from teskd_fast.data.common import AUGMENT_STREAM, EpochState, torch_generator
 
 NUM_CLASSES = 10
 TRAIN_SIZE = 1437
 TEST_SIZE = 360
 _SPLIT_SEED = 0
-
-
-def _seed(*values: int) -> int:
-    return int(np.random.SeedSequence([int(v) & 0xFFFFFFFF for v in values]).generate_state(1, np.uint64)[0] >> 1)
 
 
 def load_digits_split(image_size: int = 8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -142,21 +138,21 @@ class DigitsLoader(EpochState):
     def __len__(self) -> int:
         return len(self._bounds())
 
-    def _fingerprint(self):
-        return {"batch_size": self.batch_size, "seed": self.seed, "world_size": self.world_size, "rank": self.rank,
-                "num_images": len(self.labels)}
+    @property
+    def num_images(self) -> int:
+        return len(self.labels)
 
     def _order(self, epoch: int) -> torch.Tensor:
         n = len(self.labels)
         if not self.shuffle:
             return torch.arange(n)
-        g = torch.Generator().manual_seed(_seed(self.seed, epoch))
+        g = torch_generator(self.seed, epoch)
         return torch.randperm(n, generator=g)
 
     def _shift(self, x: torch.Tensor, epoch: int, batch: int, lo: int, hi: int, start: int) -> torch.Tensor:
         # The offsets are drawn for the whole global batch, then sliced, so that sharding does not change
         # which image gets which shift.
-        g = torch.Generator().manual_seed(_seed(self.seed, epoch, batch, 1))
+        g = torch_generator(self.seed, epoch, batch, AUGMENT_STREAM)
         gb = self.batch_size * self.world_size
         offsets = torch.randint(0, 2 * self.pad + 1, (gb, 2), generator=g)[lo - start : hi - start]
         offsets = offsets.to(self.device)

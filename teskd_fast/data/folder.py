@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from teskd_fast.data.common import SCAN_HINT, DatasetNotFoundError
+from teskd_fast.data.common import SCAN_HINT, CorruptDatasetError, DatasetNotFoundError
 
 # torchvision's ImageFolder extensions: the files a loader reads (compared case-insensitively).
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -74,10 +74,14 @@ def find_scan_cache(split_dir, scan_cache=None):
 
 
 def read_scan_cache(path):
-    with open(path, encoding="utf-8") as f:
-        cache = json.load(f)
-    if cache.get("format") != CACHE_FORMAT:
-        raise ValueError(f"{path} is not a teskd-scan cache (format {cache.get('format')!r}); run teskd-scan again")
+    try:
+        with open(path, encoding="utf-8") as f:
+            cache = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CorruptDatasetError(f"{path} is not a teskd-scan cache ({e}); run teskd-scan again") from e
+    found = cache.get("format") if isinstance(cache, dict) else None
+    if found != CACHE_FORMAT:
+        raise CorruptDatasetError(f"{path} is not a teskd-scan cache (format {found!r}); run teskd-scan again")
     return cache
 
 
@@ -105,12 +109,12 @@ def index_image_folder(split_dir, scan_cache=None, use_scan=True):
         key = os.path.relpath(split_dir, cache_root)
         key = "" if key == "." else key
         if key not in splits:
-            raise ValueError(f"scan cache {cache_path} does not cover {split_dir} (it holds {sorted(splits)}); "
-                             f"{SCAN_HINT.format(root=cache_root)}")
+            raise CorruptDatasetError(f"scan cache {cache_path} does not cover {split_dir} (it holds "
+                                      f"{sorted(splits)}); {SCAN_HINT.format(root=cache_root)}")
         entry = splits[key]
         if entry["classes"] != classes:
-            raise ValueError(f"scan cache {cache_path} lists other class folders than {split_dir} holds now; "
-                             f"{SCAN_HINT.format(root=cache_root)}")
+            raise CorruptDatasetError(f"scan cache {cache_path} lists other class folders than {split_dir} holds "
+                                      f"now; {SCAN_HINT.format(root=cache_root)}")
         counts = dict.fromkeys(range(len(classes)), 0)
         for rel, label in entry["files"]:
             samples.append((rel, label))

@@ -16,11 +16,11 @@ without a GPU; only the decode call then runs on the CPU.
 import math
 import warnings
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from teskd_fast.data.imagenet import TRAIN_RATIO, TRAIN_SCALE, ImageLoaderBase, _ListSampler, unwrap_worker_error
+from teskd_fast.data.common import BadImageError, numpy_generator
+from teskd_fast.data.image_base import TRAIN_RATIO, TRAIN_SCALE, ImageLoaderBase, ListSampler, unwrap_worker_error
 
 
 class _FileBytes(torch.utils.data.Dataset):
@@ -73,7 +73,7 @@ class NvjpegImageLoader(ImageLoaderBase):
     def __init__(self, index, decode_device=None, **kwargs):
         super().__init__(index, **kwargs)
         self.decode_device = self.device if decode_device is None else torch.device(decode_device)
-        self._sampler = _ListSampler()
+        self._sampler = ListSampler()
         workers = self.workers
         self._loader = torch.utils.data.DataLoader(
             _FileBytes(index), batch_size=self.batch_size, sampler=self._sampler, num_workers=workers,
@@ -132,8 +132,6 @@ class NvjpegImageLoader(ImageLoaderBase):
         return out
 
     def __iter__(self):
-        from teskd_fast.data.common import BadImageError
-
         epoch, start = self._begin_pass()
         self._sampler.indices = self.epoch_indices(epoch)[start * self.batch_size :].tolist()
         k = start
@@ -149,7 +147,7 @@ class NvjpegImageLoader(ImageLoaderBase):
                 raise self.bad_file_error(getattr(e, "filename", None) or self.index.root, str(e)) from None
             images = self._decode(data, idx)
             if self.train:
-                rng = np.random.default_rng([int(self.seed), epoch, self.rank, k])
+                rng = numpy_generator(self.seed, epoch, self.rank, k)
                 batch = self._augment(images, rng)
             else:
                 batch = self._eval_transform(images)

@@ -1,8 +1,12 @@
 """teskd_fast.train: the ``teskd-train`` command and its parts.
 
 - :mod:`~teskd_fast.train.config`: :class:`TrainConfig`, the presets, the generated argparse flags;
-- :mod:`~teskd_fast.train.loop`: :class:`Trainer` (epochs, evaluation, checkpoints, exact resume);
-- :mod:`~teskd_fast.train.checkpoint`: atomic checkpoints and RNG states;
+- :mod:`~teskd_fast.train.cli`: the command itself (flags to config, exit statuses);
+- :mod:`~teskd_fast.train.build`: the dataset check, loaders, model, loss and optimiser built from a config;
+- :mod:`~teskd_fast.train.schedule`: the learning-rate schedule and progressive resizing;
+- :mod:`~teskd_fast.train.trainer`: :class:`Trainer` (epochs, evaluation, checkpoints, signals, exact resume);
+- :mod:`~teskd_fast.train.report`: the per-epoch line, summary.json, teacher.pt, the final table;
+- :mod:`~teskd_fast.train.checkpoint`: atomic checkpoints, RNG states, loading a run's last.pt;
 - :mod:`~teskd_fast.train.metrics`: on-device accumulators and the metrics files;
 - :mod:`~teskd_fast.train.distributed`: torchrun / DDP set-up;
 - :mod:`~teskd_fast.train.plot`: ``teskd-plot`` (curves.png);

@@ -1,4 +1,9 @@
-"""Atomic checkpoints and the random-number-generator states an exact resume needs."""
+"""Atomic checkpoints, the random-number-generator states an exact resume needs, and the run's last.pt.
+
+A training checkpoint (``last.pt``, ``best.pt``) is a dict with ``"format": CHECKPOINT_FORMAT``; its other keys
+are written by :meth:`teskd_fast.train.trainer.Trainer.state`. Keys a loader does not know are ignored, so
+checkpoints of earlier versions (which also held a ``"schedule"`` entry) still resume.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+CHECKPOINT_FORMAT = "teskd_fast.train/1"
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
@@ -102,3 +109,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
     if "cuda" in state and torch.cuda.is_available():
         states = state["cuda"][: torch.cuda.device_count()]
         torch.cuda.set_rng_state_all([s.cpu() for s in states])
+
+
+def load_resume(run_dir: str | Path) -> dict[str, Any]:
+    """The last.pt of a run folder, checked to be one of ours."""
+    path = Path(run_dir) / "last.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume {run_dir}: no last.pt there (nothing to resume)")
+    ckpt = load_checkpoint(path)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"--resume {run_dir}: {path} is not a teskd-train checkpoint")
+    return ckpt

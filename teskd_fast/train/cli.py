@@ -9,7 +9,8 @@ Examples::
     torchrun --nproc_per_node 8 -m teskd_fast.train --preset imagenet-resnet18 --data-dir /imagenet
     teskd-train --eval-only runs/.../best.pt
 
-Exit status: 0 done; 1 a missing dataset or checkpoint; 2 a bad flag value; 3 a non-finite loss;
+Exit status: 0 done; 1 a missing or unusable dataset (any :class:`teskd_fast.data.DatasetError`: the message
+names the path) or checkpoint; 2 a bad flag value; 3 a non-finite loss;
 128 + signal number when stopped by SIGTERM / Ctrl-C (after writing last.pt).
 """
 
@@ -52,7 +53,7 @@ def _resolve_args(argv: list[str] | None) -> tuple[TrainConfig, dict[str, Any] |
         if overrides.get("resume") and overrides.get("eval_only"):
             raise ConfigError("--resume and --eval-only cannot be combined")
         if overrides.get("resume"):
-            from teskd_fast.train.loop import load_resume
+            from teskd_fast.train.checkpoint import load_resume
 
             run_dir = Path(overrides["resume"])
             ckpt = load_resume(run_dir)
@@ -85,8 +86,7 @@ def _differs(a: Any, b: Any) -> bool:
 
 def _eval_config(overrides: dict[str, Any]) -> tuple[TrainConfig, dict[str, Any], Path]:
     """Config for --eval-only: from a training checkpoint's config, or from teacher.json beside a teacher.pt."""
-    from teskd_fast.train.checkpoint import load_checkpoint
-    from teskd_fast.train.loop import CHECKPOINT_FORMAT
+    from teskd_fast.train.checkpoint import CHECKPOINT_FORMAT, load_checkpoint
 
     path = Path(overrides["eval_only"])
     ckpt = load_checkpoint(path)
@@ -120,12 +120,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(cfg: TrainConfig, ckpt: dict[str, Any] | None, run_dir: Path) -> int:
+    from teskd_fast.data import DatasetError
     from teskd_fast.train import distributed as D
-    from teskd_fast.train.loop import DatasetNotFound, Interrupted, NonFiniteLoss, Trainer, check_dataset
+    from teskd_fast.train.build import check_dataset
+    from teskd_fast.train.trainer import Interrupted, NonFiniteLoss, Trainer
 
     try:
         check_dataset(cfg)
-    except DatasetNotFound as e:
+    except DatasetError as e:
         print(f"teskd-train: {e}", file=sys.stderr)
         return 1
     try:
@@ -155,7 +157,9 @@ def _run(cfg: TrainConfig, ckpt: dict[str, Any] | None, run_dir: Path) -> int:
                   f"{trainer.precision} | run folder {run_dir}", flush=True)
         trainer.fit()
         return 0
-    except DatasetNotFound as e:
+    except DatasetError as e:
+        # Whatever only reading the data reveals (an empty class folder, a missing or corrupt CIFAR file, an
+        # undecodable image): the data package's message, no traceback.
         print(f"teskd-train: {e}", file=sys.stderr)
         return 1
     except ConfigError as e:
@@ -177,7 +181,8 @@ def _run(cfg: TrainConfig, ckpt: dict[str, Any] | None, run_dir: Path) -> int:
 
 
 def _evaluate_only(cfg: TrainConfig, ckpt: dict[str, Any], run_dir: Path, env) -> int:
-    from teskd_fast.train.loop import Trainer
+    from teskd_fast.train.report import print_evaluation
+    from teskd_fast.train.trainer import Trainer
 
     teacher_sd = ckpt.pop("teacher_state_dict", None) if "format" not in ckpt else None
     trainer = Trainer(cfg, run_dir, env, resume=None if teacher_sd is not None else ckpt)
@@ -185,10 +190,7 @@ def _evaluate_only(cfg: TrainConfig, ckpt: dict[str, Any], run_dir: Path, env) -
         trainer.raw_model.load_state_dict(teacher_sd)
     metrics = trainer.evaluate()
     if env.is_main:
-        heads = [k[len("val_top1_"):] for k in metrics if k.startswith("val_top1_")]
-        print(f"Evaluation of {cfg.eval_only} on {cfg.dataset} ({int(metrics['_val_images'])} images):")
-        for h in heads:
-            print(f"  {h:<10} top-1 {metrics['val_top1_' + h]:6.2f}%   top-5 {metrics['val_top5_' + h]:6.2f}%")
+        print_evaluation(metrics, cfg.eval_only, cfg.dataset)
     return 0
 
 

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from teskd_fast.device import resolve_device
+
 
 @dataclass
 class DistEnv:
@@ -29,20 +31,6 @@ class DistEnv:
         return self.rank == 0
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto`` -> this process's CUDA device if there is one, else the CPU; a clear error for a missing GPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-        index = int(name[5:]) if ":" in name else local_rank
-        if index >= torch.cuda.device_count():
-            raise RuntimeError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) visible")
-        return torch.device("cuda", index)
-    return torch.device("cpu")
-
-
 def setup(device_name: str) -> DistEnv:
     """Join the process group that ``torchrun`` describes in the environment (RANK, WORLD_SIZE, LOCAL_RANK).
 
@@ -55,14 +43,15 @@ def setup(device_name: str) -> DistEnv:
         a :class:`DistEnv`; each CUDA process uses ``cuda:LOCAL_RANK``.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0")) if world_size > 1 else 0
+    try:
+        # A bare "cuda" (or "auto" on a GPU machine) is this process's GPU: cuda:LOCAL_RANK.
+        device = resolve_device(device_name, index=local_rank)
+    except RuntimeError as e:
+        raise RuntimeError(f"--device {device_name}: {e}") from None
     if world_size <= 1:
-        return DistEnv(device=resolve_device(device_name))
+        return DistEnv(device=device)
     rank = int(os.environ["RANK"])
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device_name in ("auto", "cuda") and torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
-    else:
-        device = resolve_device(device_name, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():

@@ -54,10 +54,8 @@ class TrainAccumulator:
         extra = torch.stack([correct.double(), seen, torch.ones((), dtype=torch.float64, device=self.device)])
         self.sums += torch.cat([values.double(), extra])
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"sums": self.sums.cpu(), "first_bad": self.first_bad.cpu()}
-
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore the sums of a checkpoint (``{"sums", "first_bad"}``, as the trainer saves them mid-epoch)."""
         self.sums.copy_(state["sums"])
         self.first_bad.copy_(state["first_bad"])
 

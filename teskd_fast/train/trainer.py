@@ -1,6 +1,9 @@
-"""The training loop: data, model, loss, optimiser, schedule, epochs, evaluation, checkpoints, exact resume.
+"""The :class:`Trainer`: epochs, training steps, evaluation, checkpoints, signals, exact resume.
 
-Exact resume. A checkpoint holds the model, optimiser, schedule, grad-scaler and every RNG state, the number of
+What it trains is built by :mod:`.build`, its learning rate comes from :mod:`.schedule`, what it reports is
+written by :mod:`.report`.
+
+Exact resume. A checkpoint holds the model, optimiser, grad-scaler and every RNG state, the number of
 finished epochs, the global step, and the position inside the current epoch together with the epoch's running
 sums. The loaders draw each epoch's order and augmentation from ``(seed, epoch)`` and can start at any batch, so
 a run stopped by SIGTERM in the middle of an epoch and resumed ends, on the CPU, with the same weights and
@@ -17,7 +20,6 @@ to the host without blocking (a few steps late on CUDA).
 from __future__ import annotations
 
 import contextlib
-import math
 import signal
 import time
 from collections.abc import Callable
@@ -25,19 +27,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from teskd_fast.train import distributed as D
-from teskd_fast.train.checkpoint import atomic_copy, atomic_save, load_checkpoint, rng_state, set_rng_state
+from teskd_fast.train import report
+from teskd_fast.train.build import build_criterion, build_data, build_model, build_optimizer, check_dataset
+from teskd_fast.train.checkpoint import CHECKPOINT_FORMAT, atomic_copy, atomic_save, rng_state, set_rng_state
 from teskd_fast.train.config import ConfigError, TrainConfig
-from teskd_fast.train.metrics import EvalAccumulator, LaggedReader, MetricsLog, TrainAccumulator, head_names
-
-CHECKPOINT_FORMAT = "teskd_fast.train/1"
-
-
-class DatasetNotFound(FileNotFoundError):
-    """The dataset is not where the config says; the message says where we looked and how to get it."""
+from teskd_fast.train.metrics import (
+    NO_STEP,
+    EvalAccumulator,
+    LaggedReader,
+    MetricsLog,
+    TrainAccumulator,
+    head_names,
+    read_metrics,
+)
+from teskd_fast.train.schedule import LRSchedule, image_size_at
 
 
 class NonFiniteLoss(RuntimeError):
@@ -50,170 +56,6 @@ class Interrupted(RuntimeError):
     def __init__(self, message: str, signum: int):
         super().__init__(message)
         self.signum = signum
-
-
-def _cifar_folder(dataset: str) -> tuple[str, str]:
-    return ("cifar-100-python", "cifar-100-python.tar.gz") if dataset == "cifar100" else (
-        "cifar-10-batches-py", "cifar-10-python.tar.gz")
-
-
-def data_root(cfg: TrainConfig) -> Path:
-    return Path(cfg.data_dir or "data").expanduser()
-
-
-def check_dataset(cfg: TrainConfig) -> None:
-    """Fail before any work when the dataset is not there, saying where we looked and how to get it."""
-    root = data_root(cfg)
-    if cfg.dataset == "digits":
-        return
-    if cfg.dataset in ("cifar10", "cifar100"):
-        folder, archive = _cifar_folder(cfg.dataset)
-        looked = [root / folder, root / archive]
-        test_file = "test" if cfg.dataset == "cifar100" else "test_batch"
-        if (root / folder / test_file).is_file() or (root / archive).is_file() or (root / test_file).is_file() \
-                or (root.is_file() and root.name.endswith((".tar.gz", ".tgz", ".tar"))) or cfg.download:
-            return
-        name = "CIFAR-100" if cfg.dataset == "cifar100" else "CIFAR-10"
-        tv = "CIFAR100" if cfg.dataset == "cifar100" else "CIFAR10"
-        raise DatasetNotFound(
-            f"{name} not found. Looked for the folder {looked[0]} and the archive {looked[1]}"
-            f" (from --data-dir {root}).\n"
-            f"Get it with --download (torchvision's downloader), or:\n"
-            f"  python -c \"import torchvision; torchvision.datasets.{tv}('{root}', download=True)\"\n"
-            f"or download https://www.cs.toronto.edu/~kriz/{archive} into {root}."
-        )
-    train, val = root / "train", root / "val"
-    missing = [p for p in (train, val) if not p.is_dir() or not any(p.iterdir())]
-    if missing:
-        raise DatasetNotFound(
-            f"ImageNet not found: {', '.join(str(p) for p in missing)} missing or empty (from --data-dir {root}).\n"
-            "Expected the ImageFolder layout ROOT/train/<class>/*.JPEG and ROOT/val/<class>/*.JPEG. Get ILSVRC-2012 "
-            "from https://image-net.org/download (registration needed), extract it, sort the validation images "
-            "into class folders, then run `teskd-scan ROOT` once to check every file."
-        )
-
-
-def num_classes_of(cfg: TrainConfig) -> int:
-    return {"digits": 10, "cifar10": 10, "cifar100": 100}.get(cfg.dataset, 0)
-
-
-def build_data(cfg: TrainConfig, env: D.DistEnv, channels_last: bool) -> tuple[Any, Any, int]:
-    """Training and validation loaders for this process's shard, and the number of classes.
-
-    Returns:
-        ``(train, val, num_classes)``; each loader has ``len()``, yields ``(images, labels)`` on the device.
-    """
-    per_rank = cfg.batch_size // env.world_size
-    if cfg.dataset == "digits":
-        from teskd_fast.data.digits import NUM_CLASSES, digits_loaders
-
-        train, val = digits_loaders(batch_size=per_rank, device=env.device, seed=cfg.seed, rank=env.rank,
-                                    world_size=env.world_size, image_size=cfg.image_size,
-                                    channels_last=channels_last)
-        return train, val, NUM_CLASSES
-    if cfg.dataset in ("cifar10", "cifar100"):
-        from teskd_fast.data import cifar_loaders
-
-        train, val = cifar_loaders(
-            str(data_root(cfg)), dataset=cfg.dataset, batch_size=per_rank, device=env.device, seed=cfg.seed,
-            download=cfg.download, rank=env.rank, world_size=env.world_size, channels_last=channels_last,
-        )
-        return train, val, num_classes_of(cfg)
-    from teskd_fast.data import imagenet_loaders
-
-    train, val = imagenet_loaders(
-        str(data_root(cfg)), batch_size=per_rank, backend=None if cfg.loader == "auto" else cfg.loader,
-        image_size=image_size_at(cfg, 0), val_resize=cfg.val_resize, val_image_size=cfg.val_image_size,
-        device=env.device, rank=env.rank, world_size=env.world_size, workers=cfg.workers, seed=cfg.seed,
-        channels_last=channels_last,
-    )
-    return train, val, len(train.classes)
-
-
-def image_size_at(cfg: TrainConfig, epoch: int) -> int:
-    """Progressive resizing: training size for epoch ``epoch`` (0-based), a multiple of 32 ramping linearly."""
-    if not cfg.image_size_start:
-        return cfg.image_size
-    end = max(1, round(cfg.progressive_end * cfg.epochs) - 1)
-    frac = min(1.0, epoch / end)
-    size = cfg.image_size_start + frac * (cfg.image_size - cfg.image_size_start)
-    return int(round(size / 32) * 32)
-
-
-def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
-    """The network, initialised from ``cfg.seed``: the TESKD model, or for ``baseline`` its teacher alone.
-
-    The baseline is the TESKD model's exported teacher, so that the two methods start from identical teacher
-    weights (the same seed, the same construction) and differ only in the students and the loss.
-    """
-    import teskd_fast
-
-    torch.manual_seed(cfg.seed)
-    model = teskd_fast.create_model(cfg.arch, num_classes, stem=cfg.stem, formulation=cfg.formulation,
-                                    width=cfg.width)
-    if cfg.method == "baseline":
-        model = teskd_fast.export_teacher(model)
-    return model
-
-
-def build_criterion(cfg: TrainConfig, world_size: int) -> Callable:
-    """``criterion(output, target) -> (loss, parts)``.
-
-    The feature term is a sum over the batch, not a mean; DDP averages gradients over processes, so its
-    weight is multiplied by ``world_size`` to keep the global-batch loss of one process.
-    """
-    if cfg.method == "baseline":
-        def ce(logits, target):
-            loss = F.cross_entropy(logits.float(), target, label_smoothing=cfg.label_smoothing)
-            return loss, {"ce": loss.detach()}
-        return ce
-    from teskd_fast import TESKDLoss
-
-    return TESKDLoss(temperature=cfg.temperature, ce_weight=cfg.ce_weight, kd_weight=cfg.kd_weight,
-                     feat_weight=cfg.feat_weight * world_size, label_smoothing=cfg.label_smoothing,
-                     backend="auto", return_parts=True)
-
-
-def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
-    """One group with weight decay; with ``bn_weight_decay=False`` BatchNorm weights and biases go without."""
-    if cfg.bn_weight_decay:
-        return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": cfg.weight_decay}]
-    decay, no_decay = [], []
-    for module in model.modules():
-        for name, p in module.named_parameters(recurse=False):
-            if not p.requires_grad:
-                continue
-            is_norm = isinstance(module, nn.modules.batchnorm._NormBase)
-            (no_decay if is_norm or name == "bias" else decay).append(p)
-    return [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-class LRSchedule:
-    """Learning rate as a function of (epoch, step in epoch): warm-up, then multistep, cosine or linear decay.
-
-    Computed on the host from the config, so a resumed or extended run (a larger ``epochs``) follows the new total.
-    Multistep decays at whole epochs, as the reference's per-epoch ``MultiStepLR``.
-    """
-
-    def __init__(self, cfg: TrainConfig, steps_per_epoch: int):
-        self.cfg, self.steps_per_epoch = cfg, max(1, steps_per_epoch)
-
-    def __call__(self, epoch: int, step_in_epoch: int) -> float:
-        cfg, n = self.cfg, self.steps_per_epoch
-        t = epoch + step_in_epoch / n
-        if cfg.warmup_epochs > 0 and t < cfg.warmup_epochs:
-            return cfg.lr * (epoch * n + step_in_epoch + 1) / (cfg.warmup_epochs * n)
-        if cfg.schedule == "multistep":
-            passed = sum(epoch >= round(m * cfg.epochs) for m in cfg.lr_milestones)
-            return cfg.lr * cfg.lr_gamma**passed
-        frac = (t - cfg.warmup_epochs) / max(cfg.epochs - cfg.warmup_epochs, 1e-9)
-        frac = min(max(frac, 0.0), 1.0)
-        if cfg.schedule == "cosine":
-            return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * frac))
-        return cfg.lr * (1.0 - frac)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"kind": self.cfg.schedule, "epochs": self.cfg.epochs, "steps_per_epoch": self.steps_per_epoch}
 
 
 def _student_list(student_logits) -> list[torch.Tensor]:
@@ -256,8 +98,7 @@ class Trainer:
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.raw_model = self.model
         self.criterion = build_criterion(cfg, env.world_size)
-        self.optimizer = torch.optim.SGD(param_groups(self.raw_model, cfg), lr=cfg.lr, momentum=cfg.momentum,
-                                         nesterov=cfg.nesterov and cfg.momentum > 0)
+        self.optimizer = build_optimizer(self.raw_model, cfg)
         self.scaler = torch.amp.GradScaler(dev.type) if self.precision == "fp16" else None
         n = len(self.train_loader)
         self.steps_per_epoch = min(n, cfg.steps_per_epoch) if cfg.steps_per_epoch else n
@@ -302,7 +143,6 @@ class Trainer:
             "num_classes": self.num_classes,
             "model": self.raw_model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "schedule": self.schedule.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "rng": rng_state(),
             "epoch": self.epoch,
@@ -455,7 +295,7 @@ class Trainer:
                     if latest is not None:
                         # A non-finite step seen early: stop now (one process alone must not leave a DDP job,
                         # which instead stops at the epoch's end, where the marker is reduced).
-                        if min(latest[2:]) < 2**62 and not self.env.distributed:
+                        if min(latest[2:]) < NO_STEP and not self.env.distributed:
                             break
                         if bar is not None:
                             rate = images_done * self.env.world_size / max(time.perf_counter() - t0, 1e-9)
@@ -533,7 +373,7 @@ class Trainer:
                     self.save(best=is_best)
                     if log is not None:
                         log.log(row)
-                        self._print_epoch(row)
+                        print(report.format_epoch(row, self.parts, cfg.epochs), flush=True)
                     # Every process stops after the same epoch, even if the signal reached only some of them.
                     if D.any_rank(self._stop_signal is not None, self.env) and self.epoch < cfg.epochs:
                         signum = self._stop_signal or signal.SIGTERM
@@ -545,80 +385,18 @@ class Trainer:
                 log.close()
         return self.finish()
 
-    def _print_epoch(self, row: dict[str, Any]) -> None:
-        heads = [k[len("val_top1_"):] for k in row if k.startswith("val_top1_")]
-        accs = " ".join(f"{h} {row['val_top1_' + h]:.2f}" for h in heads)
-        parts = " ".join(f"{p} {row['train_' + p]:.4g}" for p in self.parts)
-        print(f"epoch {row['epoch']:>3}/{self.cfg.epochs}  loss {row['train_loss']:.4f} ({parts})  "
-              f"top-1 {accs}  lr {row['lr']:.4g}  {row['images_per_s']:.0f} img/s  {row['epoch_time']:.1f}s",
-              flush=True)
-
     def finish(self) -> dict[str, Any]:
-        """Write teacher.pt (and teacher.json), summary.json and curves.png; print every head's accuracy."""
+        """Write summary.json, teacher.pt (and teacher.json) and curves.png; print every head's accuracy."""
         if not self.env.is_main:
             return {}
-        import json
-
-        from teskd_fast.train.metrics import read_metrics
-
-        rows = read_metrics(self.run_dir)
-        last = rows[-1] if rows else {}
-        after = round(self.cfg.report_after * self.cfg.epochs)
-        late = [r for r in rows if r["epoch"] > after] or rows
-        best_late = max(late, key=lambda r: r["val_top1_teacher"]) if late else {}
-        summary = {
-            "method": self.cfg.method, "preset": self.cfg.preset, "epochs": self.epoch,
-            "final": {k[len("val_"):]: v for k, v in last.items() if k.startswith("val_top")},
-            "best_teacher_top1": self.best["top1"], "best_epoch": self.best["epoch"],
-            f"best_teacher_top1_after_epoch_{after}": best_late.get("val_top1_teacher"),
-        }
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        summary = report.summarize(read_metrics(self.run_dir), self.cfg, self.epoch, self.best)
+        report.write_summary(summary, self.run_dir)
         self.export_teacher()
         if self.cfg.plot:
-            from teskd_fast.train.plot import plot_run
-
-            try:
-                plot_run(self.run_dir)
-            except ImportError as e:
-                print(f"teskd-train: no curves.png: {e}")
-        print_summary(summary, self.run_dir)
+            report.plot_curves(self.run_dir)
+        report.print_summary(summary, self.run_dir)
         return summary
 
     def export_teacher(self) -> Path:
         """RUN_DIR/teacher.pt: the plain torchvision teacher's state_dict; teacher.json says how to build it."""
-        import json
-
-        import teskd_fast
-
-        teacher = self.raw_model if self.cfg.method == "baseline" else teskd_fast.export_teacher(self.raw_model)
-        state = {k: v.detach().cpu().contiguous() for k, v in teacher.state_dict().items()}
-        atomic_save(state, self.run_dir / "teacher.pt")
-        info = {"arch": self.cfg.arch, "num_classes": self.num_classes, "stem": self.cfg.stem, "width": self.cfg.width,
-                "build": "teskd_fast.models.resnet.build_resnet(arch, num_classes, stem=stem, width=width); with "
-                         "width 1 and the imagenet stem: torchvision.models.<arch>(num_classes=num_classes)"}
-        (self.run_dir / "teacher.json").write_text(json.dumps(info, indent=2) + "\n")
-        return self.run_dir / "teacher.pt"
-
-
-def print_summary(summary: dict[str, Any], run_dir: Path) -> None:
-    final = summary["final"]
-    heads = [k[len("top1_"):] for k in final if k.startswith("top1_")]
-    print(f"\nTest accuracy after {summary['epochs']} epochs ({summary['method']}, {summary['preset']}):")
-    for h in heads:
-        print(f"  {h:<10} top-1 {final['top1_' + h]:6.2f}%   top-5 {final['top5_' + h]:6.2f}%")
-    late = [k for k in summary if k.startswith("best_teacher_top1_after")]
-    print(f"  best teacher top-1 {summary['best_teacher_top1']:.2f}% (epoch {summary['best_epoch']})"
-          + (f"; {late[0].replace('_', ' ')}: {summary[late[0]]:.2f}%" if late and summary[late[0]] is not None
-             else ""))
-    print(f"Run folder: {run_dir}")
-
-
-def load_resume(run_dir: str | Path) -> dict[str, Any]:
-    """The last.pt of a run folder, checked to be one of ours."""
-    path = Path(run_dir) / "last.pt"
-    if not path.is_file():
-        raise FileNotFoundError(f"--resume {run_dir}: no last.pt there (nothing to resume)")
-    ckpt = load_checkpoint(path)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"--resume {run_dir}: {path} is not a teskd-train checkpoint")
-    return ckpt
+        return report.export_teacher(self.raw_model, self.cfg, self.num_classes, self.run_dir)

@@ -1,0 +1,92 @@
+"""What a run reports: the line per epoch, summary.json, the deployable teacher, the final accuracy table.
+
+Everything here reads finished results (metrics rows, the best epoch, the model) and writes or prints them;
+nothing here trains.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from teskd_fast.train.checkpoint import atomic_save
+from teskd_fast.train.config import TrainConfig
+
+
+def format_epoch(row: dict[str, Any], parts: list[str], epochs: int) -> str:
+    """One line per epoch: loss and its parts, every head's top-1, lr, throughput, time."""
+    heads = [k[len("val_top1_"):] for k in row if k.startswith("val_top1_")]
+    accs = " ".join(f"{h} {row['val_top1_' + h]:.2f}" for h in heads)
+    losses = " ".join(f"{p} {row['train_' + p]:.4g}" for p in parts)
+    return (f"epoch {row['epoch']:>3}/{epochs}  loss {row['train_loss']:.4f} ({losses})  top-1 {accs}  "
+            f"lr {row['lr']:.4g}  {row['images_per_s']:.0f} img/s  {row['epoch_time']:.1f}s")
+
+
+def summarize(rows: list[dict[str, Any]], cfg: TrainConfig, epochs: int, best: dict[str, Any]) -> dict[str, Any]:
+    """The content of summary.json: final accuracies, the best teacher top-1, and the best after ``report_after``."""
+    last = rows[-1] if rows else {}
+    after = round(cfg.report_after * cfg.epochs)
+    late = [r for r in rows if r["epoch"] > after] or rows
+    best_late = max(late, key=lambda r: r["val_top1_teacher"]) if late else {}
+    return {
+        "method": cfg.method, "preset": cfg.preset, "epochs": epochs,
+        "final": {k[len("val_"):]: v for k, v in last.items() if k.startswith("val_top")},
+        "best_teacher_top1": best["top1"], "best_epoch": best["epoch"],
+        f"best_teacher_top1_after_epoch_{after}": best_late.get("val_top1_teacher"),
+    }
+
+
+def write_summary(summary: dict[str, Any], run_dir: Path) -> Path:
+    path = Path(run_dir) / "summary.json"
+    path.write_text(json.dumps(summary, indent=2) + "\n")
+    return path
+
+
+def export_teacher(model: nn.Module, cfg: TrainConfig, num_classes: int, run_dir: Path) -> Path:
+    """RUN_DIR/teacher.pt: the plain torchvision teacher's state_dict; teacher.json says how to build it."""
+    import teskd_fast
+
+    teacher = model if cfg.method == "baseline" else teskd_fast.export_teacher(model)
+    state = {k: v.detach().cpu().contiguous() for k, v in teacher.state_dict().items()}
+    run_dir = Path(run_dir)
+    atomic_save(state, run_dir / "teacher.pt")
+    info = {"arch": cfg.arch, "num_classes": num_classes, "stem": cfg.stem, "width": cfg.width,
+            "build": "teskd_fast.models.resnet.build_resnet(arch, num_classes, stem=stem, width=width); with "
+                     "width 1 and the imagenet stem: torchvision.models.<arch>(num_classes=num_classes)"}
+    (run_dir / "teacher.json").write_text(json.dumps(info, indent=2) + "\n")
+    return run_dir / "teacher.pt"
+
+
+def plot_curves(run_dir: Path) -> None:
+    """RUN_DIR/curves.png, or a note when matplotlib is missing."""
+    from teskd_fast.train.plot import plot_run
+
+    try:
+        plot_run(run_dir)
+    except ImportError as e:
+        print(f"teskd-train: no curves.png: {e}")
+
+
+def print_summary(summary: dict[str, Any], run_dir: Path) -> None:
+    """The final table: every head's top-1 and top-5, the best teacher top-1, the run folder."""
+    final = summary["final"]
+    heads = [k[len("top1_"):] for k in final if k.startswith("top1_")]
+    print(f"\nTest accuracy after {summary['epochs']} epochs ({summary['method']}, {summary['preset']}):")
+    for h in heads:
+        print(f"  {h:<10} top-1 {final['top1_' + h]:6.2f}%   top-5 {final['top5_' + h]:6.2f}%")
+    late = [k for k in summary if k.startswith("best_teacher_top1_after")]
+    print(f"  best teacher top-1 {summary['best_teacher_top1']:.2f}% (epoch {summary['best_epoch']})"
+          + (f"; {late[0].replace('_', ' ')}: {summary[late[0]]:.2f}%" if late and summary[late[0]] is not None
+             else ""))
+    print(f"Run folder: {run_dir}")
+
+
+def print_evaluation(metrics: dict[str, float], what: str, dataset: str) -> None:
+    """``teskd-train --eval-only``'s table: every head's top-1 and top-5 on the validation set."""
+    heads = [k[len("val_top1_"):] for k in metrics if k.startswith("val_top1_")]
+    print(f"Evaluation of {what} on {dataset} ({int(metrics['_val_images'])} images):")
+    for h in heads:
+        print(f"  {h:<10} top-1 {metrics['val_top1_' + h]:6.2f}%   top-5 {metrics['val_top5_' + h]:6.2f}%")

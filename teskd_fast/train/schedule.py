@@ -1,0 +1,46 @@
+"""Schedules of a run, functions of the config and the position in training: the learning rate, the image size.
+
+Both are computed on the host from the config alone, so nothing about them is saved in a checkpoint: a
+resumed run recomputes them, and an extended run (a larger ``epochs``) follows the new total.
+"""
+
+from __future__ import annotations
+
+import math
+
+from teskd_fast.train.config import TrainConfig
+
+
+class LRSchedule:
+    """Learning rate as a function of (epoch, step in epoch): warm-up, then multistep, cosine or linear decay.
+
+    Computed on the host from the config, so a resumed or extended run (a larger ``epochs``) follows the new total.
+    Multistep decays at whole epochs, as the reference's per-epoch ``MultiStepLR``.
+    """
+
+    def __init__(self, cfg: TrainConfig, steps_per_epoch: int):
+        self.cfg, self.steps_per_epoch = cfg, max(1, steps_per_epoch)
+
+    def __call__(self, epoch: int, step_in_epoch: int) -> float:
+        cfg, n = self.cfg, self.steps_per_epoch
+        t = epoch + step_in_epoch / n
+        if cfg.warmup_epochs > 0 and t < cfg.warmup_epochs:
+            return cfg.lr * (epoch * n + step_in_epoch + 1) / (cfg.warmup_epochs * n)
+        if cfg.schedule == "multistep":
+            passed = sum(epoch >= round(m * cfg.epochs) for m in cfg.lr_milestones)
+            return cfg.lr * cfg.lr_gamma**passed
+        frac = (t - cfg.warmup_epochs) / max(cfg.epochs - cfg.warmup_epochs, 1e-9)
+        frac = min(max(frac, 0.0), 1.0)
+        if cfg.schedule == "cosine":
+            return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * frac))
+        return cfg.lr * (1.0 - frac)
+
+
+def image_size_at(cfg: TrainConfig, epoch: int) -> int:
+    """Progressive resizing: training size for epoch ``epoch`` (0-based), a multiple of 32 ramping linearly."""
+    if not cfg.image_size_start:
+        return cfg.image_size
+    end = max(1, round(cfg.progressive_end * cfg.epochs) - 1)
+    frac = min(1.0, epoch / end)
+    size = cfg.image_size_start + frac * (cfg.image_size - cfg.image_size_start)
+    return int(round(size / 32) * 32)
