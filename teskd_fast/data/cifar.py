@@ -2,7 +2,7 @@
 
 Training batches apply torchvision's ``RandomCrop(32, padding=4)`` + ``RandomHorizontalFlip()`` distribution
 exactly (crop offsets uniform in -4..4, independently in x and y; zero padding; flip with p = 0.5), then
-normalise with SPEC's CIFAR mean and std. A batch is one gather from the zero-padded uint8 split (crop and
+normalise with the recipe's CIFAR mean and std. A batch is one gather from the zero-padded uint8 split (crop and
 flip folded into its indices), one conversion and one multiply-add: no per-image work, no workers.
 """
 

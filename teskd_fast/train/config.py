@@ -113,7 +113,7 @@ _IMAGENET = dict(
     warmup_epochs=0.0, temperature=4.0, ce_weight=0.2, kd_weight=0.8, feat_weight=1e-7, label_smoothing=0.0,
     image_size=224, image_size_start=0, val_image_size=224, val_resize=256, seed=27,
 )
-# Our own short ImageNet recipe (not the paper's), after the published fast ResNet-18 anchors in SPEC:
+# Our own short ImageNet recipe (not the paper's), after published fast ResNet-18 anchors (docs/method.md):
 # progressive 160 -> 192 px, label smoothing 0.1, no weight decay on BN and biases, a 2-epoch warm-up then a
 # linear decay to zero, global batch 1024 with the lr scaled linearly, evaluation at 224 after resize 256.
 _IMAGENET_FAST = dict(
@@ -139,9 +139,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 PRESET_HELP = {
     "digits-demo": "built-in demo on scikit-learn's digits, CPU, about a minute",
-    **{f"cifar100-{a}": "the published CIFAR-100 recipe (SPEC), exactly"
+    **{f"cifar100-{a}": "the published CIFAR-100 recipe (docs/method.md), exactly"
        for a in ("resnet18", "resnet34", "resnet50", "resnext50_32x4d")},
-    **{f"imagenet-{a}": "the SPEC ImageNet recipe (torchvision's: 90 epochs, batch 256, lr 0.1, x0.1 every 30)"
+    **{f"imagenet-{a}": "the method's ImageNet recipe (torchvision's: 90 epochs, batch 256, lr 0.1, x0.1 every 30)"
        for a in ("resnet18", "resnet34", "resnet50")},
     "imagenet-resnet18-fast16-ours": "OUR fast recipe, not the paper's: 16 epochs, progressive 160->192 px, "
     "label smoothing 0.1, no BN weight decay, batch 1024",
