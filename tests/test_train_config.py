@@ -57,6 +57,9 @@ def test_every_field_has_a_flag_and_precedence_is_preset_yaml_flags(tmp_path):
     [
         (["--epochs", "0"], "--epochs"),
         (["--lr", "-1"], "--lr"),
+        (["--lr", "inf"], "--lr: must be a finite number"),
+        (["--weight-decay", "nan"], "--weight-decay: must be a finite number"),
+        (["--momentum", "2"], "--momentum: must be in [0, 1)"),
         (["--batch-size", "abc"], "--batch-size"),
         (["--precision", "fp8"], "--precision"),
         (["--lr-milestones", "0.8", "0.5"], "--lr-milestones"),
@@ -106,3 +109,13 @@ def test_missing_dataset_says_where_it_looked_and_how_to_get_it(preset, tmp_path
     assert ("download" in err) if preset.startswith("cifar") else ("image-net.org" in err and "train" in err)
     # Before any work: no run folder, no model built.
     assert not out.exists()
+
+
+def test_yaml_syntax_error_is_a_configuration_error(tmp_path, capsys):
+    yml = tmp_path / "broken.yaml"
+    yml.write_text("lr: [0.1\nepochs: 3\n")
+    with pytest.raises(SystemExit) as e:
+        main(["--config", str(yml)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "not valid YAML" in err and str(yml) in err and "Traceback" not in err

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -234,7 +235,10 @@ def load_yaml(path: str) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"--config: no such file: {p}")
-    data = yaml.safe_load(p.read_text()) or {}
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config {p}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"--config {p}: expected a mapping of field: value, got {type(data).__name__}")
     return {str(k).replace("-", "_"): v for k, v in data.items()}
@@ -272,6 +276,12 @@ def validate(cfg: TrainConfig) -> None:
     for name, choices in _CHOICES.items():
         if getattr(cfg, name) not in choices:
             raise ConfigError(f"{_flag(name)}: {getattr(cfg, name)!r} is not one of {', '.join(choices)}")
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{_flag(f.name)}: must be a finite number, got {value}")
+    if not 0.0 <= cfg.momentum < 1.0:
+        raise ConfigError(f"--momentum: must be in [0, 1), got {cfg.momentum}")
     positive = ("epochs", "batch_size", "lr", "width", "temperature", "log_every")
     for name in positive:
         if not getattr(cfg, name) > 0:
