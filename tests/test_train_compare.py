@@ -162,7 +162,7 @@ def test_a_missing_dataset_exits_1_before_any_training(tmp_path, capsys):
     out = tmp_path / "cmp"
     assert main(["--preset", "cifar100-resnet18", "--out", str(out), "--data-dir", str(tmp_path / "nothing")]) == 1
     err = capsys.readouterr().err
-    assert "CIFAR-100 not found" in err and "Traceback" not in err
+    assert "cifar100 not found" in err and str(tmp_path / "nothing") in err and "Traceback" not in err
     assert not (out / "teskd-seed27" / "last.pt").exists()
 
 
