@@ -6,13 +6,14 @@ import socket
 import subprocess
 import sys
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 from tolerances import assert_close
 
 from teskd_fast.train import build, trainer
 from teskd_fast.train import distributed as D
-from teskd_fast.train.config import resolve
+from teskd_fast.train.config import ConfigError, resolve
 from teskd_fast.train.metrics import read_metrics
 
 # Global batch 16, two steps (so momentum takes part), the demo's network; a feature weight large enough that a
@@ -100,3 +101,31 @@ def test_torchrun_two_processes_through_the_cli(tmp_path):
     rows = read_metrics(out)
     assert len(rows) == 1 and rows[0]["step"] == 2
     assert (out / "last.pt").is_file() and (out / "teacher.pt").is_file()
+
+
+def test_sync_bn_across_cpu_processes_is_refused_before_any_work(tmp_path):
+    # SyncBatchNorm has no CPU path: without this check, step 1 ended in a traceback.
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "teskd_fast.train", "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "16", "--device", "cpu",
+           "--sync-bn", "--no-progress", "--no-tensorboard", "--no-plot", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode != 0
+    assert "--sync-bn needs CUDA devices" in proc.stderr, proc.stderr[-3000:]
+    # torchrun prints its own traceback when a rank fails; none of the frames is ours.
+    frames = [line for line in proc.stderr.splitlines() if line.lstrip().startswith('File "')]
+    assert not [f for f in frames if "teskd_fast" in f], proc.stderr[-3000:]
+    assert "exitcode  : 2" in proc.stderr  # torchrun's report of the failing rank's status
+    assert not out.exists()
+
+
+def test_sync_bn_decides_compilation_before_any_work():
+    gpus = D.DistEnv(rank=0, world_size=2, device=torch.device("cuda", 0))
+    assert build.use_compile(resolve({"sync_bn": True}), gpus) is False
+    assert build.use_compile(resolve({}), gpus) is True
+    assert build.use_compile(resolve({"sync_bn": True}), D.DistEnv(device=torch.device("cuda", 0))) is True
+    build.check_device_options(resolve({"sync_bn": True, "compile": False}), gpus)
+    with pytest.raises(ConfigError, match="--sync-bn cannot be combined with --compile"):
+        build.check_device_options(resolve({"sync_bn": True, "compile": True}), gpus)
+    # One process: its batch is the global batch, SyncBatchNorm is not used, compiling is fine.
+    build.check_device_options(resolve({"sync_bn": True, "compile": True}), D.DistEnv(device=torch.device("cuda", 0)))

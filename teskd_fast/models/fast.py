@@ -26,6 +26,7 @@ BatchNorm layers are called as the faithful network calls them, so batch statist
 """
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from einops import rearrange
 
@@ -76,7 +77,9 @@ def resize_bn_relu(y, bn, size):
 
     Args:
         y: ``[B, C, h, w]`` (the up block's 1x1 conv output at the coarse resolution).
-        bn: the up block's ``nn.BatchNorm2d`` (its running statistics are updated in train mode).
+        bn: the up block's ``nn.BatchNorm2d`` (its running statistics are updated in train mode), or its
+            ``nn.SyncBatchNorm`` (after ``convert_sync_batchnorm``): in a process group of several processes the
+            statistics are then the global batch's, as SyncBatchNorm's own.
         size: the target ``(H, W)``.
 
     Returns:
@@ -87,18 +90,62 @@ def resize_bn_relu(y, bn, size):
         # matmuls below in half precision, and the running statistics would drift from the faithful network's.
         with torch.autocast(y.device.type, enabled=False):
             mean, var, n = _upsampled_statistics(y.float() if y.dtype in (torch.float16, torch.bfloat16) else y, size)
+            group = _sync_group(bn)
+            if group is not None:
+                mean, var, n = _global_statistics(mean, var, n, group)
         with torch.no_grad():
             bn.num_batches_tracked.add_(1)
             # momentum None: cumulative average, as nn.BatchNorm2d (a tensor here: no host sync under compile).
             momentum = bn.momentum if bn.momentum is not None else 1.0 / bn.num_batches_tracked.to(mean.dtype)
             bn.running_mean.mul_(1 - momentum).add_(mean.detach() * momentum)
-            bn.running_var.mul_(1 - momentum).add_(var.detach() * (momentum * n / max(n - 1, 1)))
+            unbiased = n / max(n - 1, 1) if isinstance(n, int) else n / (n - 1).clamp(min=1)
+            bn.running_var.mul_(1 - momentum).add_(var.detach() * (momentum * unbiased))
     else:
         mean, var = bn.running_mean, bn.running_var
     scale = bn.weight * torch.rsqrt(var + bn.eps)
     shift = bn.bias - mean * scale
     z = (y * scale[:, None, None] + shift[:, None, None]).to(y.dtype)
     return F.relu(F.interpolate(z, size=size, mode="bilinear", align_corners=True))
+
+
+def _sync_group(bn):
+    """The process group whose global batch ``bn`` normalises over, or None (its own batch).
+
+    As ``nn.SyncBatchNorm`` decides: a SyncBatchNorm in train mode, with an initialised process group of more than
+    one process (``convert_sync_batchnorm`` turns the up blocks' BatchNorm into one under ``--sync-bn``)."""
+    if not isinstance(bn, torch.nn.SyncBatchNorm) or not (dist.is_available() and dist.is_initialized()):
+        return None
+    group = bn.process_group or dist.group.WORLD
+    return group if dist.get_world_size(group) > 1 else None
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over the processes of ``group``; the gradient is summed too (every rank's loss depends on every rank's
+    input through the global statistics, as in ``nn.SyncBatchNorm``'s backward)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        x = x.clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _AllReduceSum.apply(grad.contiguous(), ctx.group), None
+
+
+def _global_statistics(mean, var, n, group):
+    """Per-channel mean and biased variance of the union of every process's batch, from each one's own.
+
+    Combined as parallel variances are (no sum-of-squares cancellation): the global mean first, then
+    ``sum_r n_r (var_r + (mean_r - mean)^2) / N``. Two small all-reduces; the batches may differ in size."""
+    counts_and_sums = _AllReduceSum.apply(torch.cat([mean.new_full((1,), n), mean * n]), group)
+    total = counts_and_sums[0]
+    global_mean = counts_and_sums[1:] / total
+    spread = _AllReduceSum.apply(n * (var + (mean - global_mean) ** 2), group)
+    # N stays a tensor (the running variance's N / (N - 1) is computed on the device: no host synchronisation).
+    return global_mean, spread / total, total.detach()
 
 
 def _upsampled_statistics(y, size):

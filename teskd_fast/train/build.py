@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from teskd_fast.train import distributed as D
-from teskd_fast.train.config import TrainConfig
+from teskd_fast.train.config import ConfigError, TrainConfig
 from teskd_fast.train.schedule import image_size_at
 
 
@@ -33,6 +33,36 @@ def check_dataset(cfg: TrainConfig) -> None:
     from teskd_fast.data import check_dataset as check
 
     check(cfg.dataset, data_root(cfg), download=cfg.download)
+
+
+def check_device_options(cfg: TrainConfig, env: D.DistEnv) -> None:
+    """Refuse, before any work, what this process's device cannot do (:class:`ConfigError`, exit status 2).
+
+    - ``--precision fp16`` needs CUDA (its grad scaler);
+    - ``--sync-bn`` in a multi-process run needs CUDA devices (``nn.SyncBatchNorm`` has no CPU path), and cannot
+      be compiled: SyncBatchNorm's statistics gather has data-dependent shapes, which ``torch.compile`` cannot put
+      into the forward's one graph. Without ``--compile``, ``--sync-bn`` turns compilation off
+      (:func:`use_compile`); ``--compile --sync-bn`` is refused.
+    """
+    dev = env.device
+    if cfg.precision == "fp16" and dev.type != "cuda":
+        raise ConfigError(f"--precision fp16 needs a CUDA device (this run is on {dev}); use bf16 or fp32")
+    if cfg.sync_bn and env.distributed:
+        if dev.type != "cuda":
+            raise ConfigError(f"--sync-bn needs CUDA devices (SyncBatchNorm has no {dev.type} implementation); "
+                              "leave it off: gloo processes on the CPU normalise over their own shard")
+        if cfg.compile:
+            raise ConfigError("--sync-bn cannot be combined with --compile (SyncBatchNorm cannot be traced into "
+                              "the forward's single graph); drop --compile (--sync-bn alone trains without "
+                              "torch.compile), or drop --sync-bn")
+
+
+def use_compile(cfg: TrainConfig, env: D.DistEnv) -> bool:
+    """Whether the run compiles its model: ``--compile`` / ``--no-compile``, else on with CUDA unless
+    ``--sync-bn`` synchronises BatchNorm over several processes (see :func:`check_device_options`)."""
+    if cfg.compile is not None:
+        return cfg.compile
+    return env.device.type == "cuda" and not (cfg.sync_bn and env.distributed)
 
 
 def build_data(cfg: TrainConfig, env: D.DistEnv, channels_last: bool) -> tuple[Any, Any, int]:

@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(cfg: TrainConfig, ckpt: dict[str, Any] | None, run_dir: Path) -> int:
     from teskd_fast.data import DatasetError
     from teskd_fast.train import distributed as D
-    from teskd_fast.train.build import check_dataset
+    from teskd_fast.train.build import check_dataset, check_device_options
     from teskd_fast.train.trainer import Interrupted, NonFiniteLoss, Trainer
 
     try:
@@ -136,8 +136,7 @@ def _run(cfg: TrainConfig, ckpt: dict[str, Any] | None, run_dir: Path) -> int:
         print(f"teskd-train: {e}", file=sys.stderr)
         return 2
     try:
-        if cfg.precision == "fp16" and env.device.type != "cuda":
-            raise ConfigError(f"--precision fp16 needs a CUDA device (this run is on {env.device}); use bf16 or fp32")
+        check_device_options(cfg, env)
         if cfg.eval_only:
             return _evaluate_only(cfg, ckpt, run_dir, env)
         if env.is_main:
@@ -154,7 +153,8 @@ def _run(cfg: TrainConfig, ckpt: dict[str, Any] | None, run_dir: Path) -> int:
             at = f" from epoch {trainer.epoch + 1}, batch {trainer.position}" if ckpt else ""
             print(f"teskd-train: {what} {cfg.method} {cfg.arch} on {cfg.dataset}{at} | {cfg.epochs} epochs, global "
                   f"batch {cfg.batch_size} over {env.world_size} process(es), device {env.device}, precision "
-                  f"{trainer.precision} | run folder {run_dir}", flush=True)
+                  f"{trainer.precision}, compile {'on' if trainer.compiled else 'off'} | run folder {run_dir}",
+                  flush=True)
         trainer.fit()
         return 0
     except DatasetError as e:

@@ -85,7 +85,7 @@ class TrainConfig:
     workers: int = _f(8, "data loading workers per process (ImageNet)")
     threads: int = _f(0, "CPU threads per process for PyTorch's intra-op parallelism (0: PyTorch's default)")
     seed: int = _f(27, "seed of the weights' initialisation and of the data order")
-    sync_bn: bool = _f(False, "SyncBatchNorm across processes (CUDA only)")
+    sync_bn: bool = _f(False, "SyncBatchNorm across processes (CUDA only; turns torch.compile off)")
     out: str = _f("", "run folder (default: runs/<preset>-<method>-<time>)")
     resume: str = _f("", "continue the run in this folder from its last.pt")
     eval_only: str = _f("", "evaluate this checkpoint (last.pt, best.pt or teacher.pt) and exit")

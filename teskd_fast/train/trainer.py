@@ -31,7 +31,15 @@ from torch import nn
 
 from teskd_fast.train import distributed as D
 from teskd_fast.train import report
-from teskd_fast.train.build import build_criterion, build_data, build_model, build_optimizer, check_dataset
+from teskd_fast.train.build import (
+    build_criterion,
+    build_data,
+    build_model,
+    build_optimizer,
+    check_dataset,
+    check_device_options,
+    use_compile,
+)
 from teskd_fast.train.checkpoint import CHECKPOINT_FORMAT, atomic_copy, atomic_save, rng_state, set_rng_state
 from teskd_fast.train.config import ConfigError, TrainConfig
 from teskd_fast.train.metrics import (
@@ -81,13 +89,12 @@ class Trainer:
         if cfg.batch_size % env.world_size:
             raise ConfigError(f"--batch-size {cfg.batch_size} (global) is not divisible by the "
                              f"{env.world_size} processes")
+        check_device_options(cfg, env)
         dev = env.device
         self.precision = cfg.precision if cfg.precision != "auto" else ("bf16" if dev.type == "cuda" else "fp32")
-        if self.precision == "fp16" and dev.type != "cuda":
-            raise ConfigError("--precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         self.channels_last = cfg.channels_last if cfg.channels_last is not None else dev.type == "cuda"
-        use_compile = cfg.compile if cfg.compile is not None else dev.type == "cuda"
+        self.compiled = use_compile(cfg, env)
 
         check_dataset(cfg)
         self.train_loader, self.val_loader, self.num_classes = build_data(cfg, env, self.channels_last)
@@ -116,7 +123,7 @@ class Trainer:
             self._load(resume)
 
         forward_model = self.model
-        if use_compile:
+        if self.compiled:
             forward_model = self._compile(forward_model)
         if env.distributed:
             ids = [dev.index] if dev.type == "cuda" else None
