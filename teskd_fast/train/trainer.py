@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from teskd_fast.device import configure_backends
 from teskd_fast.train import distributed as D
 from teskd_fast.train import report
 from teskd_fast.train.build import build_criterion, build_data, build_model, build_optimizer, check_dataset
@@ -82,6 +83,8 @@ class Trainer:
             raise ConfigError(f"--batch-size {cfg.batch_size} (global) is not divisible by the "
                              f"{env.world_size} processes")
         dev = env.device
+        # The current CUDA device, cuDNN autotuning and TF32 matmuls, as the benchmarks measure them.
+        self.backends = configure_backends(dev)
         self.precision = cfg.precision if cfg.precision != "auto" else ("bf16" if dev.type == "cuda" else "fp32")
         if self.precision == "fp16" and dev.type != "cuda":
             raise ConfigError("--precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
