@@ -4,11 +4,13 @@ Groups:
 - ``models-macs-imagenet-r18-224``: forward MACs per 224x224 image (torch.utils.flop_counter), faithful (6.36 G)
   versus fast (target <= 5.6 G), with the forward time at batch 1.
 - ``models-step-cifar-r18-b32-float32-cpu``: CIFAR-stem ResNet-18, batch 32, float32, forward + TESKD loss +
-  backward + SGD step; faithful (baseline) versus fast (target >= 1.4x), fast compiled, and a plain torchvision
-  ResNet-18 step (cross-entropy) for the students' overhead. Peak memory of one step is recorded.
+  backward + SGD step (teskd-train's fused SGD); faithful (baseline) versus fast (target >= 1.4x), fast compiled,
+  and a plain torchvision ResNet-18 step (cross-entropy) for the students' overhead. Peak memory of one step is
+  recorded.
 - ``models-step-imagenet-r18-b256-cuda``: ImageNet-stem ResNet-18, batch 256, 224x224: the reference's stack
-  (faithful, eager, fp16 autocast with GradScaler, NCHW; baseline) versus fast + channels-last + bf16 + compile
-  (target >= 2.5x), and a plain torchvision ResNet-18 on the fast stack (target: TESKD step <= 3.3x of it).
+  (faithful, eager, fp16 autocast with GradScaler, NCHW, plain SGD; baseline) versus fast + channels-last + bf16 +
+  compile + fused SGD (target >= 2.5x), and a plain torchvision ResNet-18 on the fast stack (target: TESKD step
+  <= 3.3x of it). All three under teskd-train's backend settings (``teskd_fast.device.configure_backends``).
   Skipped without CUDA.
 
 Set ``TESKD_BENCH_ROUNDS`` to change the number of timed steps (default 5).
@@ -28,6 +30,8 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 import teskd_fast
+from teskd_fast.device import configure_backends
+from teskd_fast.train.build import sgd
 
 HAS_CUDA = torch.cuda.is_available()
 ROUNDS = int(os.environ.get("TESKD_BENCH_ROUNDS", "5"))
@@ -66,10 +70,15 @@ def plain_resnet18(num_classes, stem):
     return net
 
 
-def make_step(model, x, y, compiled=None, autocast=None, scaler=None):
-    """One training step: forward, TESKD loss (cross-entropy for a plain network), backward, SGD (the recipe's)."""
+def make_step(model, x, y, compiled=None, autocast=None, scaler=None, plain_sgd=False):
+    """One training step: forward, TESKD loss (cross-entropy for a plain network), backward, SGD (the recipe's).
+
+    The SGD is teskd-train's (PyTorch's fused SGD, :func:`teskd_fast.train.build.sgd`), or with ``plain_sgd``
+    the plain ``torch.optim.SGD`` of the reference's stack.
+    """
     forward = compiled if compiled is not None else model
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    make_sgd = torch.optim.SGD if plain_sgd else sgd
+    optimizer = make_sgd(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
     device = x.device
 
     def step():
@@ -215,15 +224,16 @@ def test_cpu_train_step(benchmark, provider):
 @pytest.mark.skipif(not HAS_CUDA, reason="CUDA benchmark: needs a GPU (the reference stack is fp16 autocast on CUDA)")
 @pytest.mark.parametrize("provider", ["faithful-fp16-nchw-eager", "torchvision-resnet18", "fast-bf16-cl-compiled"])
 def test_cuda_train_step(benchmark, provider):
-    device = torch.device("cuda")
+    device = torch.device("cuda", torch.cuda.current_device())
     torch.manual_seed(0)
-    torch.backends.cudnn.benchmark = True
+    # teskd-train's backend settings (cuDNN autotuning, TF32 matmuls), recorded with the figure.
+    backends = configure_backends(device)
     x = torch.randn(256, 3, 224, 224, device=device)
     y = torch.randint(0, 1000, (256,), device=device)
     if provider == "faithful-fp16-nchw-eager":
         # The reference's stack: eager, NCHW, fp16 autocast with loss scaling.
         model = teskd_fast.create_model("resnet18", 1000, stem="imagenet", formulation="faithful").to(device)
-        step = make_step(model, x, y, autocast=torch.float16, scaler=torch.amp.GradScaler("cuda"))
+        step = make_step(model, x, y, autocast=torch.float16, scaler=torch.amp.GradScaler("cuda"), plain_sgd=True)
     else:
         if provider == "torchvision-resnet18":
             # The plain network on the fast stack, for the students' overhead.
@@ -243,4 +253,5 @@ def test_cuda_train_step(benchmark, provider):
         warmup=3,
         dtype="float16" if provider.startswith("faithful") else "bfloat16",
         shape=[256, 3, 224, 224],
+        **backends,
     )

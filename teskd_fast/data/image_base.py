@@ -23,6 +23,7 @@ from teskd_fast.data.common import (
     check_sharding,
     epoch_order,
     normalize_,
+    normalize_constants,
 )
 from teskd_fast.device import resolve_device
 
@@ -60,6 +61,8 @@ class ImageLoaderBase(EpochState):
         self.workers = default_workers(world_size) if workers is None else int(workers)
         self.channels_last, self.dtype = channels_last, check_dtype(dtype)
         self.mean, self.std = IMAGENET_MEAN, IMAGENET_STD
+        # Made once on the device: building them per batch would copy from the host every batch.
+        self._constants = normalize_constants(self.mean, self.std, self.device)
         self._init_state()
 
     @property
@@ -93,7 +96,7 @@ class ImageLoaderBase(EpochState):
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         if not normalised:
-            images = normalize_(images.float(), self.mean, self.std)
+            images = normalize_(images.float(), self.mean, self.std, self._constants)
         return images if images.dtype == self.dtype else images.to(self.dtype)
 
     def bad_file_error(self, path, reason):

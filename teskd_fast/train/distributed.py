@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from teskd_fast.device import resolve_device
+from teskd_fast.device import make_current, resolve_device
 
 
 @dataclass
@@ -40,7 +40,8 @@ def setup(device_name: str) -> DistEnv:
         device_name: the ``--device`` value.
 
     Returns:
-        a :class:`DistEnv`; each CUDA process uses ``cuda:LOCAL_RANK``.
+        a :class:`DistEnv`; each CUDA process uses ``cuda:LOCAL_RANK``. A CUDA device (``--device cuda:1`` in a
+        single process too) becomes the process's current CUDA device.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0")) if world_size > 1 else 0
@@ -49,11 +50,11 @@ def setup(device_name: str) -> DistEnv:
         device = resolve_device(device_name, index=local_rank)
     except RuntimeError as e:
         raise RuntimeError(f"--device {device_name}: {e}") from None
+    # Before NCCL starts, and in a single process too: what uses the current device must find this one.
+    make_current(device)
     if world_size <= 1:
         return DistEnv(device=device)
     rank = int(os.environ["RANK"])
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size)
     return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device)

@@ -130,21 +130,28 @@ class LaggedReader:
 
     ``push`` starts a non-blocking copy into pinned host memory; ``latest`` returns the most recent copy that
     has completed (checked with a CUDA event query, which never blocks), or None. On the CPU it is immediate.
+    The pinned buffer and the event belong to the pushed tensor's device, and the event is recorded on that
+    device's current stream (the one the copy is queued on), whatever the process's current CUDA device is.
+
+    Args:
+        device: where the pushed tensors live (its type decides between the CUDA and the immediate path).
     """
 
     def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
+        self.device = torch.device(device)
         self._pending: list[tuple[torch.Tensor, Any]] = []
         self._value: list[float] | None = None
 
     def push(self, tensor: torch.Tensor) -> None:
-        if not self.cuda:
+        """Start copying ``tensor`` to the host."""
+        if self.device.type != "cuda":
             self._value = tensor.detach().tolist()
             return
-        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-        host.copy_(tensor.detach(), non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
+        with torch.cuda.device(tensor.device):
+            host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            host.copy_(tensor.detach(), non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(tensor.device))
         self._pending.append((host, event))
 
     def latest(self) -> list[float] | None:

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from teskd_fast.device import configure_backends
 from teskd_fast.train import distributed as D
 from teskd_fast.train import report
 from teskd_fast.train.build import (
@@ -91,6 +92,8 @@ class Trainer:
                              f"{env.world_size} processes")
         check_device_options(cfg, env)
         dev = env.device
+        # The current CUDA device, cuDNN autotuning and TF32 matmuls, as the benchmarks measure them.
+        self.backends = configure_backends(dev)
         self.precision = cfg.precision if cfg.precision != "auto" else ("bf16" if dev.type == "cuda" else "fp32")
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         self.channels_last = cfg.channels_last if cfg.channels_last is not None else dev.type == "cuda"
