@@ -174,12 +174,13 @@ class _PassFeed:
         following = next(self._batches, None)
         self._ahead = None if following is None else self._submit(following)
         files, sizes = zip(*(r.result() for r in reads))
-        labels = [np.array([self.index.samples[i][1]], np.int32) for i in indices]
+        # Batches of equal-shape samples go as one array each, with the batch as the outer dimension.
+        labels = np.array([[self.index.samples[i][1]] for i in indices], np.int32)
         if not self.train:
             return list(files), labels
-        crops = train_crops(sizes, numpy_generator(*keys))
-        return (list(files), labels, [np.array(c[0:2], np.int32) for c in crops],
-                [np.array(c[2:4], np.int32) for c in crops], [np.array(c[4], np.int32) for c in crops])
+        crops = np.array(train_crops(sizes, numpy_generator(*keys)), np.int32)  # [B, (top, left, h, w, flip)]
+        anchors, shapes, flips = (np.ascontiguousarray(crops[:, cols]) for cols in (slice(0, 2), slice(2, 4), 4))
+        return list(files), labels, anchors, shapes, flips
 
 
 class _Pipeline(NamedTuple):
