@@ -18,6 +18,10 @@ from teskd_fast.data.image_base import jpeg_frame
 from teskd_fast.data.nvjpeg import NvjpegImageLoader, _collate, needs_cpu_decode
 
 pytestmark = pytest.mark.timeout(300)
+# Mean absolute difference (levels of 255) allowed between nvJPEG and libjpeg-turbo decodes of one file: they
+# differ by a few levels (IDCT, plain against "fancy" chroma upsampling, ~2 on these noisy test photos); an
+# overwritten or unwritten image differs by tens.
+NVJPEG_VS_CPU = 8
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="nvjpeg decodes on the GPU: needs a CUDA device")
 
 
@@ -147,8 +151,7 @@ def nvjpeg_race(folder, rounds=20):
         warnings.simplefilter("ignore", DeprecationWarning)
         cpu = [decode_jpeg(d, mode=ImageReadMode.RGB) for d in data]
         for r, c in zip(ref, cpu):
-            # nvJPEG and libjpeg-turbo differ by a few levels (IDCT, chroma upsampling); corruption by far more.
-            assert r.shape == c.shape and (r.float() - c.float()).abs().mean() < 3
+            assert r.shape == c.shape and (r.float() - c.float()).abs().mean() < NVJPEG_VS_CPU
         ordered = _corrupted_rounds(loader._decode, data, idx, ref, rounds)
         bare = _corrupted_rounds(lambda d, _: decode_jpeg(d, mode=ImageReadMode.RGB, device="cuda"), data, idx, ref,
                                  rounds)
@@ -199,7 +202,7 @@ def test_nvjpeg_mixed_batch_on_cuda_matches_the_cpu_loader(mixed_folder):
             assert torch.equal(img.cpu(), ref), f"{path}: CMYK must match the torchvision backend exactly"
         else:
             err = (img.cpu().float() - ref.float()).abs().mean()
-            assert err < 3, f"{path}: nvJPEG differs from the CPU loader by {err:.2f} levels on average"
+            assert err < NVJPEG_VS_CPU, f"{path}: nvJPEG differs from the CPU loader by {err:.2f} levels on average"
     # Through the loader: the batch has every image, the CMYK ones included, as normalised crops.
     x, y = next(iter(loader))
     assert x.is_cuda and x.shape == (6, 3, 32, 32) and torch.isfinite(x).all()

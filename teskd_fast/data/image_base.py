@@ -109,7 +109,7 @@ def train_crops(sizes, rng):
 
 
 def default_workers(world_size=1):
-    """DALI threads / DataLoader processes per rank: min(8, cores / world_size), at least 1."""
+    """DataLoader processes per rank: min(8, cores / world_size), at least 1 (DALI threads: ``dali.dali_threads``)."""
     return max(1, min(8, (os.cpu_count() or 1) // max(1, world_size)))
 
 

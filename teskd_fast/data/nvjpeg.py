@@ -106,18 +106,18 @@ class NvjpegImageLoader(ImageLoaderBase):
     def _decode_ordered(self, data, idx):
         """:meth:`_decode_batch`, ordered against the current CUDA stream (on the CPU: the call alone).
 
-        torchvision's CUDA ``decode_jpeg`` (0.26 to 0.29) allocates its outputs while the caller's stream is
-        current, then writes them from nvJPEG's own stream, which never waits for the caller's. The caching
-        allocator hands out a block as soon as it is freed on its stream, so a block the training step has just
-        freed, with kernels still queued on it, can be decoded into and then overwritten by those kernels (or
-        overwrite what they read). So the decode runs with a side stream current: the allocator gives
-        side-stream blocks to side-stream allocations only, and only once every use recorded with
-        ``record_stream`` has finished on the GPU. The decoder then never writes memory a queued kernel uses,
-        with no wait on the current stream (which nvJPEG's hardware path would not honour anyway: its batched
-        decode has been seen writing before the work queued ahead of it on its stream ran). ``decode_jpeg``
-        synchronises its own stream before returning; ``current.wait_stream(side)`` orders the consumers after
-        the side stream's own work (the CPU retry's copy). The cudaMallocAsync allocator moves blocks between
-        streams behind stream dependencies that nvJPEG's stream ignores: with it, the device is synchronised.
+        torchvision's CUDA ``decode_jpeg`` (0.26 to 0.29; pytorch/vision#9606) allocates its outputs while the
+        caller's stream is current, then writes them from nvJPEG's own stream, which never waits for the caller's.
+        The caching allocator hands out a block as soon as it is freed on its stream, so a block the training step
+        has just freed, with kernels still queued on it, can be decoded into and then overwritten by those kernels
+        (or overwrite what they read). So the decode runs with a side stream current: the allocator gives
+        side-stream blocks to side-stream allocations only, and only once every use recorded with ``record_stream``
+        has finished on the GPU. The decoder then never writes memory a queued kernel uses, with no wait on the
+        current stream (which nvJPEG's hardware path would not honour anyway: its batched decode has been seen
+        writing before the work queued ahead of it on its stream ran). ``decode_jpeg`` synchronises its own stream
+        before returning; ``current.wait_stream(side)`` orders the consumers after the side stream's own work (the
+        CPU retry's copy). The cudaMallocAsync allocator moves blocks between streams behind stream dependencies
+        that nvJPEG's stream ignores: with it, the device is synchronised.
         """
         if self.decode_device.type != "cuda":
             return self._decode_batch(data, idx)
