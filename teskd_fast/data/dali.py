@@ -1,34 +1,41 @@
-"""The DALI backend: ``fn.readers.file`` sharded by rank, GPU JPEG decoding, augmentation inside DALI.
+"""The DALI backend: the files read in the epoch's order and fed to DALI, GPU JPEG decoding, augmentation inside DALI.
 
-Training: ``fn.decoders.image_random_crop`` (area 0.08-1, aspect 3/4-4/3; on CUDA ``device="mixed"``, which
-decodes only the crop window with nvJPEG), resize to ``image_size``, random flip, normalise, NCHW or NHWC
-(channels_last) output. Evaluation: decode, resize the shorter side to ``val_resize``, centre crop.
-Without a GPU (or with ``device="cpu"``) the same pipeline runs in DALI's CPU-only mode (``device_id=None``).
+Training: each image's random-resized crop (area 0.08-1, aspect 3/4-4/3; torchvision's 10 tries, then a centre
+crop) and flip are drawn on the CPU by :func:`teskd_fast.data.image_base.train_crops`, from the image size in
+the file's header and the generator of (seed, epoch, rank, batch), as in the nvjpeg backend;
+``fn.decoders.image_slice`` decodes that window only (on CUDA ``device="mixed"``: nvJPEG), then resize to
+``image_size``, flip, normalise, NCHW or NHWC (channels_last) output. Evaluation: decode, resize the shorter
+side to ``val_resize``, centre crop. EXIF orientation is not applied, as in the other backends. Without a GPU
+(or with ``device="cpu"``) the same pipeline runs in DALI's CPU-only mode (``device_id=None``).
 
 The pipeline is the module-level ``@pipeline_def`` function :func:`imagenet_pipeline`, as in DALI's examples,
-with every setting an explicit argument. The loader builds it once per epoch over a file list it writes: the
-epoch's global order (:func:`teskd_fast.data.common.epoch_order`, seeded by ``(seed, epoch)``), read with
-``shard_id=rank`` and ``num_shards=world_size``. So an epoch's images and their order depend only on the seed
-and the epoch (every rank agrees, a resume reproduces them), the resolution can change between epochs
-(progressive resizing), and shuffling is a true permutation rather than DALI's buffer shuffle. DALI's random
-crops and flips follow the pipeline seed, derived from (seed, epoch, rank); a mid-epoch resume yields the same
-remaining images.
+with every setting an explicit argument. Its input is ``fn.external_source``, fed by :class:`_PassFeed`: each
+pass hands it this rank's part of the epoch's global order (:func:`teskd_fast.data.common.epoch_order`, seeded
+by ``(seed, epoch)``) from the starting batch on, and a thread pool reads the files a batch ahead. So an
+epoch's images, their order and their crops depend only on the seed, the epoch and the rank (every rank
+agrees, and a resume, at an epoch boundary or mid-epoch, reproduces the same batches), and shuffling is a true
+permutation rather than DALI's buffer shuffle. The pipeline is built once and reused from pass to pass until
+the image size changes (progressive resizing), as the torchvision backend keeps its DataLoader;
+``pipelines_built`` counts the builds. nvJPEG's buffers are sized for ImageNet (:func:`decoder_arguments`).
 
 DALI stops the whole pipeline on a file it cannot decode and its message often does not name the file. This
 loader catches that, finds the file (from the message, else by decode-checking the batches in flight), and
-raises :class:`teskd_fast.data.BadImageError` naming it and pointing to ``teskd-scan``.
+raises :class:`teskd_fast.data.BadImageError` naming it and pointing to ``teskd-scan``; the pipeline is then
+built anew for the next pass.
 """
 
+import errno
+import io
 import os
 import re
-import shutil
-import tempfile
-import weakref
+from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
+import numpy as np
 import torch
 
-from teskd_fast.data.common import DALI_STREAM, SCAN_HINT, derive_seed, epoch_order, shard_bounds
-from teskd_fast.data.image_base import TRAIN_RATIO, TRAIN_SCALE, ImageLoaderBase
+from teskd_fast.data.common import DALI_STREAM, SCAN_HINT, derive_seed, numpy_generator
+from teskd_fast.data.image_base import ImageLoaderBase, jpeg_frame, train_crops
 
 _DALI_HINT = ("install it with: pip install nvidia-dali-cuda130 (or the build matching your CUDA), "
               "or use backend='torchvision'")
@@ -39,26 +46,59 @@ try:
 except ImportError as e:  # imagenet_loaders checks first; this names the fix for a direct import
     raise ImportError(f"backend='dali' needs NVIDIA DALI ({e}); {_DALI_HINT}") from e
 
-# nvJPEG's buffer sizes recommended in DALI's ImageNet examples (they avoid re-allocations on the GPU).
-NVJPEG_DEVICE_PADDING = 211025920
-NVJPEG_HOST_PADDING = 140544512
-# Tries of the random-resized crop before it falls back to the whole image.
-CROP_ATTEMPTS = 100
+# nvJPEG's buffers, sized for ImageNet, whose images are mostly 500 x 375 or smaller (a few reach 6000 pixels
+# a side). The hardware decoder preallocates for a batch of images up to HW_PREALLOCATE_SIDE a side; the
+# hybrid path's buffers (one on the GPU and two pinned on the host per thread) hold an image of up to
+# LARGE_IMAGE_SIDE a side. A larger image grows them when it comes. DALI's ImageNet example reserves for the
+# largest image instead: 211 MB on the GPU and 2 x 141 MB pinned per thread, 1.7 GB and 2.25 GB per
+# pipeline at 8 threads, on each rank.
+HW_PREALLOCATE_SIDE = 512
+LARGE_IMAGE_SIDE = 2048
+# The share of the images given to the hardware JPEG decoder (A100 and later); the rest take the hybrid
+# path on the pipeline's CPU threads, which the ranks of a node share. On ImageNet training DALI measured
+# 0.9 against its default 0.65 at +1.8 % images/s, with a longer decode tail that the prefetch queue absorbs.
+HW_DECODER_LOAD = 0.9
+
+
+def decoder_arguments(mixed):
+    """Keyword arguments of the image decoders: RGB, no EXIF rotation, and on the GPU nvJPEG's buffer sizes.
+
+    Args:
+        mixed: decoding with ``device="mixed"`` (nvJPEG); the CPU decoder takes no buffer settings.
+    """
+    args = {"output_type": types.RGB, "adjust_orientation": False}
+    if mixed:
+        # One decoded RGB image of LARGE_IMAGE_SIDE a side.
+        padding = 3 * LARGE_IMAGE_SIDE**2
+        args.update(device_memory_padding=padding, host_memory_padding=padding, hw_decoder_load=HW_DECODER_LOAD,
+                    preallocate_width_hint=HW_PREALLOCATE_SIDE, preallocate_height_hint=HW_PREALLOCATE_SIDE)
+    return args
+
+
+def dali_threads(world_size):
+    """DALI's CPU threads per rank by default: the cores this process may use over the ranks on its node.
+
+    The ranks on the node come from torchrun's ``LOCAL_WORLD_SIZE``; without it all ``world_size`` ranks are
+    taken to share the node.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    local = min(world_size, int(os.environ.get("LOCAL_WORLD_SIZE") or world_size))
+    return max(1, cores // max(1, local))
 
 
 @pipeline_def
-def imagenet_pipeline(*, file_root, file_list, shard_id, num_shards, train, image_size, val_resize, mean, std,
-                      channels_last, half, mixed):
-    """One epoch of an ImageFolder split as DALI reads it: decode, augment or centre-crop, normalise.
+def imagenet_pipeline(*, source, train, image_size, val_resize, mean, std, channels_last, half, mixed):
+    """One pass over an ImageFolder split as DALI decodes it: crop and augment or centre-crop, normalise.
 
     Called as ``imagenet_pipeline(batch_size=, num_threads=, device_id=, seed=, prefetch_queue_depth=, ...)``
     (``pipeline_def``'s arguments, then these).
 
     Args:
-        file_root, file_list: the split folder and a list of ``relative/path label`` lines in reading order.
-        shard_id, num_shards: this reader's contiguous part of the list.
-        train: random-resized crop (area 0.08-1, aspect 3/4-4/3) to ``image_size`` and a random flip;
-            otherwise resize the shorter side to ``val_resize`` and centre-crop ``image_size``.
+        source: ``fn.external_source``'s batch source (a :class:`_PassFeed`): per batch the encoded files
+            (uint8 [N]) and labels (int32 [1]), for training also each crop's (top, left) and (height, width)
+            (int32 [2]) and flip (int32 []); StopIteration ends a pass.
+        train: crop the given window, resize it to ``image_size`` and flip it; otherwise resize the shorter
+            side to ``val_resize`` and centre-crop ``image_size``.
         mean, std: per channel, in 0-255 units.
         channels_last: HWC output (else CHW). half: float16 output (else float32).
         mixed: decode on the GPU (``device="mixed"``, nvJPEG) and deliver the labels there; else the CPU.
@@ -67,89 +107,162 @@ def imagenet_pipeline(*, file_root, file_list, shard_id, num_shards, train, imag
         (images, labels): images [B, 3, S, S] (or [B, S, S, 3]) normalised, labels [B, 1] int32.
     """
     decoder = "mixed" if mixed else "cpu"
-    nvjpeg = dict(device_memory_padding=NVJPEG_DEVICE_PADDING, host_memory_padding=NVJPEG_HOST_PADDING) if mixed \
-        else {}
     layout = "HWC" if channels_last else "CHW"
     dtype = types.FLOAT16 if half else types.FLOAT
-    jpegs, labels = fn.readers.file(file_root=file_root, file_list=file_list, shard_id=shard_id,
-                                    num_shards=num_shards, random_shuffle=False, stick_to_shard=True,
-                                    pad_last_batch=True, name="Reader")
     if train:
-        images = fn.decoders.image_random_crop(jpegs, device=decoder, output_type=types.RGB,
-                                               random_area=list(TRAIN_SCALE), random_aspect_ratio=list(TRAIN_RATIO),
-                                               num_attempts=CROP_ATTEMPTS, **nvjpeg)
+        jpegs, labels, anchors, shapes, flips = fn.external_source(
+            source=source, num_outputs=5, batch=True, dtype=[types.UINT8] + [types.INT32] * 4, ndim=[1, 1, 1, 1, 0])
+        images = fn.decoders.image_slice(jpegs, anchors, shapes, device=decoder, axis_names="HW",
+                                         normalized_anchor=False, normalized_shape=False, **decoder_arguments(mixed))
         images = fn.resize(images, resize_x=image_size, resize_y=image_size, antialias=True)
-        images = fn.crop_mirror_normalize(images, dtype=dtype, output_layout=layout, mean=mean, std=std,
-                                          mirror=fn.random.coin_flip(probability=0.5))
+        images = fn.crop_mirror_normalize(images, dtype=dtype, output_layout=layout, mean=mean, std=std, mirror=flips)
     else:
-        images = fn.decoders.image(jpegs, device=decoder, output_type=types.RGB, **nvjpeg)
+        jpegs, labels = fn.external_source(source=source, num_outputs=2, batch=True, dtype=[types.UINT8, types.INT32],
+                                           ndim=[1, 1])
+        images = fn.decoders.image(jpegs, device=decoder, **decoder_arguments(mixed))
         images = fn.resize(images, resize_shorter=val_resize, antialias=True)
         images = fn.crop_mirror_normalize(images, dtype=dtype, output_layout=layout, mean=mean, std=std,
                                           crop=(image_size, image_size), crop_pos_x=0.5, crop_pos_y=0.5)
     return images, labels.gpu() if mixed else labels
 
 
+def _image_size(data, path):
+    """(height, width) from the header of the file content ``data``: the JPEG frame, else Pillow's header read."""
+    frame = jpeg_frame(data)
+    if frame is not None:
+        return frame.height, frame.width
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.height, img.width
+    # Pillow reports an unreadable header as OSError (unknown format), SyntaxError or ValueError.
+    except (OSError, SyntaxError, ValueError) as e:
+        raise OSError(errno.EINVAL, f"not an image ({type(e).__name__}: {e})", path) from None
+
+
+def _read_file(path, with_size):
+    """The file's bytes (uint8 [N]) and, when ``with_size``, its image (height, width); OSError names the path."""
+    with open(path, "rb") as f:
+        data = f.read()
+    return np.frombuffer(data, np.uint8), _image_size(data, path) if with_size else None
+
+
+class _PassFeed:
+    """The source of ``fn.external_source``: one pass's batches, their files read one batch ahead by threads.
+
+    DALI calls it once per batch, ahead of use (its prefetch queue); StopIteration ends the pass.
+    """
+
+    def __init__(self, index, train, threads):
+        self.index, self.train = index, train
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="teskd-dali-read")
+        self._batches = iter(())
+        self._ahead = None
+
+    def start(self, batches):
+        """Feed ``batches`` from the next call on: [(dataset indices, key tuple of the crop generator)]."""
+        self._batches, self._ahead = iter(batches), None
+
+    def _submit(self, batch):
+        indices, keys = batch
+        return indices, keys, [self._pool.submit(_read_file, self.index.path(i), self.train) for i in indices]
+
+    def __call__(self):
+        # next() raises StopIteration after the last batch: the end of the pass for DALI.
+        indices, keys, reads = self._ahead if self._ahead is not None else self._submit(next(self._batches))
+        following = next(self._batches, None)
+        self._ahead = None if following is None else self._submit(following)
+        files, sizes = zip(*(r.result() for r in reads))
+        # Batches of equal-shape samples go as one array each, with the batch as the outer dimension.
+        labels = np.array([[self.index.samples[i][1]] for i in indices], np.int32)
+        if not self.train:
+            return list(files), labels
+        crops = np.array(train_crops(sizes, numpy_generator(*keys)), np.int32)  # [B, (top, left, h, w, flip)]
+        anchors, shapes, flips = (np.ascontiguousarray(crops[:, cols]) for cols in (slice(0, 2), slice(2, 4), 4))
+        return list(files), labels, anchors, shapes, flips
+
+
+class _Pipeline(NamedTuple):
+    image_size: int
+    feed: _PassFeed
+    iterator: DALIGenericIterator
+
+
 class DaliImageLoader(ImageLoaderBase):
-    """DALI pipeline over an indexed ImageFolder split (see the module docs). Built by ``imagenet_loaders``."""
+    """DALI pipeline over an indexed ImageFolder split (see the module docs). Built by ``imagenet_loaders``.
+
+    ``workers`` sets DALI's CPU threads (default: :func:`dali_threads`); ``pipelines_built`` counts the
+    pipelines built so far (one per image size, plus one after each error).
+    """
 
     backend = "dali"
 
     def __init__(self, index, prefetch=2, **kwargs):
+        threads = kwargs.get("workers")
         super().__init__(index, **kwargs)
         self.prefetch = prefetch
-        self._tmpdir = tempfile.mkdtemp(prefix="teskd_dali_")
-        self._cleanup = weakref.finalize(self, shutil.rmtree, self._tmpdir, True)
+        self.threads = dali_threads(self.world_size) if threads is None else max(1, int(threads))
+        self.pipelines_built = 0
+        self._pipe = None
+        # A pass left before its end: the batches DALI has in flight are run out before the next pass.
+        self._open = False
 
     @property
     def mixed(self):
         """True when DALI decodes on the GPU (device="mixed")."""
         return self.device.type == "cuda"
 
-    def _file_list(self, epoch, start):
-        """Write the epoch's list; returns (path, shard_id, num_shards, this rank's images in order)."""
-        order, _ = epoch_order(self.num_images, shuffle=self.train, seed=self.seed, epoch=epoch,
-                               rank=self.rank, world_size=self.world_size, equal_shards=self.train)
-        order = order.tolist()
-        skip = start * self.batch_size
-        if skip:
-            # Resume inside an epoch: this rank's shard without its first `skip` images, read as one shard.
-            lo, hi = shard_bounds(len(order), self.rank, self.world_size)
-            order, shard_id, num_shards = order[lo + skip : hi], 0, 1
-        else:
-            shard_id, num_shards = self.rank, self.world_size
-        path = os.path.join(self._tmpdir, f"{'train' if self.train else 'val'}_{self.rank}.txt")
-        samples = self.index.samples
-        with open(path, "w", encoding="utf-8") as f:
-            f.writelines(f"{samples[i][0]} {samples[i][1]}\n" for i in order)
-        lo, hi = shard_bounds(len(order), shard_id, num_shards)
-        return path, shard_id, num_shards, order[lo:hi]
-
-    def _pipeline(self, file_list, shard_id, num_shards, epoch):
-        """The epoch's :func:`imagenet_pipeline`, seeded by (seed, epoch, rank)."""
-        return imagenet_pipeline(
-            batch_size=self.batch_size, num_threads=max(1, self.workers),
-            device_id=self.device.index if self.mixed else None,
-            seed=derive_seed(self.seed, epoch, DALI_STREAM, self.rank) % 2**31, prefetch_queue_depth=self.prefetch,
-            file_root=str(self.index.root), file_list=file_list, shard_id=shard_id, num_shards=num_shards,
-            train=self.train, image_size=self.image_size, val_resize=self.val_resize,
+    def _build(self):
+        """:func:`imagenet_pipeline` at the current image size, with its feed and its iterator."""
+        feed = _PassFeed(self.index, self.train, self.threads)
+        pipe = imagenet_pipeline(
+            batch_size=self.batch_size, num_threads=self.threads, device_id=self.device.index if self.mixed else None,
+            seed=derive_seed(self.seed, DALI_STREAM, self.rank) % 2**31, prefetch_queue_depth=self.prefetch,
+            source=feed, train=self.train, image_size=self.image_size, val_resize=self.val_resize,
             mean=[255.0 * m for m in self.mean], std=[255.0 * s for s in self.std],
             channels_last=self.channels_last, half=self.dtype == torch.float16, mixed=self.mixed,
         )
+        iterator = DALIGenericIterator([pipe], ["images", "labels"], last_batch_policy=LastBatchPolicy.PARTIAL,
+                                       auto_reset=False, prepare_first_batch=False)
+        self.pipelines_built += 1
+        return _Pipeline(self.image_size, feed, iterator)
+
+    def _start(self, batches):
+        """The DALI iterator of a pass over ``batches``, on the pipeline of the current image size."""
+        if self._pipe is not None and self._pipe.image_size != self.image_size:
+            self._pipe = None
+        if self._pipe is not None and self._open:
+            # The last pass was left early: run out its batches in flight (an error there: build anew).
+            self._pipe.feed.start(())
+            try:
+                for _ in self._pipe.iterator:
+                    pass
+            except (RuntimeError, OSError):
+                self._pipe = None
+        if self._pipe is None:
+            self._pipe = self._build()
+            self._pipe.feed.start(batches)
+        else:
+            # The feed first: reset() asks it for the first batches of the new pass at once.
+            self._pipe.feed.start(batches)
+            self._pipe.iterator.reset()
+        self._open = True
+        return self._pipe.iterator
 
     def __iter__(self):
         epoch, start = self._begin_pass()
         if start >= len(self):
             self._end_pass(epoch)
             return
-        file_list, shard_id, num_shards, mine = self._file_list(epoch, start)
-        pipe = self._pipeline(file_list, shard_id, num_shards, epoch)
-        policy = LastBatchPolicy.DROP if self.drop_last else LastBatchPolicy.PARTIAL
+        b = self.batch_size
+        mine = self.epoch_indices(epoch)[start * b :].tolist()
+        batches = [(mine[j : j + b], (self.seed, epoch, self.rank, start + j // b))
+                   for j in range(0, (len(self) - start) * b, b)]
+        iterator = self._start(batches)
         k = start
         error = None
-        iterator = None
         try:
-            iterator = DALIGenericIterator([pipe], ["images", "labels"], reader_name="Reader",
-                                           last_batch_policy=policy, auto_reset=False, prepare_first_batch=False)
             for out in iterator:
                 images, labels = out[0]["images"], out[0]["labels"]
                 k += 1
@@ -159,9 +272,14 @@ class DaliImageLoader(ImageLoaderBase):
         except RuntimeError as e:
             # DALI reports a failed decode as a RuntimeError and the pipeline is dead: name the file instead.
             error = self._diagnose(e, mine, k - start)
-        # Raised outside the handler, once the dead pipeline and its threads are released: no DALI traceback.
-        del iterator, pipe
+        except OSError as e:
+            # A file the feed could not read, or whose header is not an image's.
+            error = self.bad_file_error(e.filename or self.index.root, e.strerror or str(e))
+        self._open = False
         if error is not None:
+            # Raised once the dead pipeline and its threads are released: no DALI traceback.
+            del iterator
+            self._pipe = None
             raise error
         self._end_pass(epoch)
 

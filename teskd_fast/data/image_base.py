@@ -9,7 +9,9 @@ sharding of :func:`teskd_fast.data.common.epoch_order`, and the output contract:
 normalised with the ImageNet mean and std, labels [B] int64, both on the device.
 """
 
+import math
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -30,10 +32,85 @@ from teskd_fast.device import resolve_device
 # torchvision's RandomResizedCrop defaults: the training crop's area fraction and aspect ratio.
 TRAIN_SCALE = (0.08, 1.0)
 TRAIN_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+# JPEG start-of-frame markers (SOF0-SOF15 but DHT, JPG and DAC): the segment holding the size and components.
+_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+# Markers that stand alone, without a length: TEM and RST0-RST7.
+_BARE_MARKERS = frozenset([0x01, *range(0xD0, 0xD8)])
+
+
+class JpegFrame(NamedTuple):
+    """A JPEG's frame header: its SOF marker (0xC0 baseline, 0xC2 progressive, ...) and what it declares."""
+
+    marker: int
+    precision: int
+    height: int
+    width: int
+    components: int
+
+
+def jpeg_frame(data):
+    """The frame header of the JPEG file content ``data`` (bytes), or None when it is not a JPEG or cut short.
+
+    Walks the marker segments from the start of the file to the first start-of-frame, skipping the others
+    by their length, so it reads a few hundred bytes, not the image.
+    """
+    if data[:2] != b"\xff\xd8":
+        return None
+    i, n = 2, len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF or marker in _BARE_MARKERS:
+            # A fill byte, or a marker without a segment.
+            i += 1 if marker == 0xFF else 2
+            continue
+        if marker in (0xD9, 0xDA):
+            # End of image or start of scan before any frame: not a valid JPEG.
+            return None
+        if marker in _SOF_MARKERS:
+            if i + 10 > n:
+                return None
+            frame = JpegFrame(marker, data[i + 4], int.from_bytes(data[i + 5 : i + 7], "big"),
+                              int.from_bytes(data[i + 7 : i + 9], "big"), data[i + 9])
+            # A height of 0 is declared later (DNL marker): the size is then unknown here.
+            return frame if frame.height and frame.width else None
+        i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+    return None
+
+
+def random_resized_crop_params(height, width, rng, scale=TRAIN_SCALE, ratio=TRAIN_RATIO):
+    """torchvision's RandomResizedCrop.get_params with a numpy generator: (top, left, h, w)."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def train_crops(sizes, rng):
+    """Each image's training crop and flip, drawn in order from ``rng``: [(top, left, h, w, flip)].
+
+    ``sizes``: the images' (height, width). The nvjpeg and DALI backends draw a batch's crops with this from
+    the generator of (seed, epoch, rank, batch), so their augmentation is a function of those alone.
+    """
+    return [(*random_resized_crop_params(h, w, rng), bool(rng.random() < 0.5)) for h, w in sizes]
 
 
 def default_workers(world_size=1):
-    """DALI threads / DataLoader processes per rank: min(8, cores / world_size), at least 1."""
+    """DataLoader processes per rank: min(8, cores / world_size), at least 1 (DALI threads: ``dali.dali_threads``)."""
     return max(1, min(8, (os.cpu_count() or 1) // max(1, world_size)))
 
 

@@ -95,7 +95,8 @@ def imagenet_loaders(root, batch_size=256, backend=None, image_size=224, val_res
         device: where batches are delivered (None: CUDA when available). DALI and nvjpeg decode on it.
         rank, world_size: DDP sharding; training shards are disjoint and equal, evaluation shards disjoint and
             complete.
-        workers: DALI threads / DataLoader processes (default: min(8, cores / world_size)).
+        workers: DataLoader processes (default: min(8, cores / world_size)); with DALI its CPU threads (default:
+            the cores over the ranks on this node, see ``teskd_fast.data.dali.dali_threads``).
         seed: seeds each epoch's order (and DALI's / nvjpeg's augmentation).
         drop_last: drop the incomplete last training batch.
         channels_last, dtype: memory format and float32 / bfloat16 / float16 output.

@@ -1,8 +1,10 @@
 """The nvjpeg backend: CPU workers read file bytes, the GPU decodes a whole batch and augments it.
 
-``torchvision.io.decode_jpeg(list_of_bytes, device="cuda")`` decodes the batch with nvJPEG; a file the batch
-call rejects is retried alone, then on the CPU (libjpeg-turbo, which handles CMYK), and a file nothing can
-decode stops the run with :class:`teskd_fast.data.BadImageError` naming it. Training: torchvision's
+``torchvision.io.decode_jpeg(list_of_bytes, device="cuda")`` decodes the batch with nvJPEG, ordered against
+the current CUDA stream (see ``_decode_ordered``). A JPEG whose header says nvJPEG cannot take it (CMYK, see
+:func:`needs_cpu_decode`) is decoded by the worker that read it, with the torchvision backend's Pillow loader;
+a file the batch call rejects is retried alone, then on the CPU, and a file nothing can decode stops the run
+with :class:`teskd_fast.data.BadImageError` naming it. Training: torchvision's
 RandomResizedCrop parameters (area 0.08-1, aspect 3/4-4/3, 10 tries, then a centre crop) drawn from a
 generator seeded by (seed, epoch, rank, batch), an antialiased bilinear resize of each crop on the GPU, and a
 flip with p = 0.5; evaluation: resize the shorter side to ``val_resize``, centre crop. The per-batch seeds
@@ -13,18 +15,39 @@ make a mid-epoch resume exact.
 without a GPU; only the decode call then runs on the CPU.
 """
 
-import math
 import warnings
 
 import torch
 import torch.nn.functional as F
 
 from teskd_fast.data.common import BadImageError, numpy_generator
-from teskd_fast.data.image_base import TRAIN_RATIO, TRAIN_SCALE, ImageLoaderBase, ListSampler, unwrap_worker_error
+from teskd_fast.data.image_base import ImageLoaderBase, ListSampler, jpeg_frame, train_crops, unwrap_worker_error
+from teskd_fast.data.torchvision_loader import _pil_loader
+
+# nvJPEG through torchvision decodes 8-bit baseline (SOF0) and progressive (SOF2) JPEGs of 1 or 3 components.
+_GPU_MARKERS = (0xC0, 0xC2)
+
+
+def needs_cpu_decode(data):
+    """Whether the file content ``data`` (bytes) is a JPEG that torchvision's CUDA ``decode_jpeg`` does not take.
+
+    Read from the JPEG header: True for a CMYK or YCCK JPEG (4 components; torchvision does not enable nvJPEG's
+    CMYK output), a 12-bit, lossless or arithmetic-coded one. False for the JPEGs nvJPEG decodes and for
+    anything that is not a JPEG (the batch decode then names the file as undecodable).
+    """
+    frame = jpeg_frame(data)
+    if frame is None:
+        return False
+    return not (frame.marker in _GPU_MARKERS and frame.precision == 8 and frame.components in (1, 3))
 
 
 class _FileBytes(torch.utils.data.Dataset):
-    """(file bytes as a uint8 tensor, label, index) for each sample of the index."""
+    """(data, label, index) for each sample of the index; data: the file bytes, or the image when decoded here.
+
+    A JPEG that the GPU decoder does not take (:func:`needs_cpu_decode`; CMYK above all) is decoded in this
+    worker by the torchvision backend's Pillow loader, so it becomes the same RGB image as there: a uint8
+    [3, H, W] tensor. Everything else stays file bytes (uint8 [N]) for the batch decode on the GPU.
+    """
 
     def __init__(self, index):
         self.index = index
@@ -35,34 +58,17 @@ class _FileBytes(torch.utils.data.Dataset):
     def __getitem__(self, i):
         path = self.index.path(i)
         with open(path, "rb") as f:
-            data = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
-        return data, self.index.samples[i][1], i
+            raw = f.read()
+        if needs_cpu_decode(raw):
+            from torchvision.transforms.functional import pil_to_tensor
+
+            return pil_to_tensor(_pil_loader(path, self.index.root.parent)), self.index.samples[i][1], i
+        return torch.frombuffer(bytearray(raw), dtype=torch.uint8), self.index.samples[i][1], i
 
 
 def _collate(batch):
     data, labels, idx = zip(*batch)
     return list(data), torch.tensor(labels, dtype=torch.int64), list(idx)
-
-
-def random_resized_crop_params(height, width, rng, scale=TRAIN_SCALE, ratio=TRAIN_RATIO):
-    """torchvision's RandomResizedCrop.get_params with a numpy generator: (top, left, h, w)."""
-    area = height * width
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target_area = area * rng.uniform(scale[0], scale[1])
-        aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
-        w = int(round(math.sqrt(target_area * aspect)))
-        h = int(round(math.sqrt(target_area / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        w, h = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        h, w = height, int(round(height * max(ratio)))
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
 
 
 class NvjpegImageLoader(ImageLoaderBase):
@@ -73,6 +79,8 @@ class NvjpegImageLoader(ImageLoaderBase):
     def __init__(self, index, decode_device=None, **kwargs):
         super().__init__(index, **kwargs)
         self.decode_device = self.device if decode_device is None else torch.device(decode_device)
+        # The stream the GPU decode allocates its outputs on (see _decode_ordered).
+        self._decode_stream = torch.cuda.Stream(self.decode_device) if self.decode_device.type == "cuda" else None
         self._sampler = ListSampler()
         workers = self.workers
         self._loader = torch.utils.data.DataLoader(
@@ -82,10 +90,46 @@ class NvjpegImageLoader(ImageLoaderBase):
         )
 
     def _decode(self, data, idx):
-        with warnings.catch_warnings():
-            # torchvision 0.29 marks its image codecs deprecated in favour of TorchCodec; they still work.
-            warnings.simplefilter("ignore", DeprecationWarning)
+        """The batch's images in order, uint8 [3, H, W] each on ``decode_device``."""
+        # The worker decoded the JPEGs the GPU decoder does not take ([3, H, W]); the others are file bytes ([N]).
+        images = [d.to(self.decode_device) if d.dim() == 3 else None for d in data]
+        todo = [n for n, d in enumerate(data) if d.dim() == 1]
+        if todo:
+            with warnings.catch_warnings():
+                # torchvision 0.29 marks its image codecs deprecated in favour of TorchCodec; they still work.
+                warnings.simplefilter("ignore", DeprecationWarning)
+                decoded = self._decode_ordered([data[n] for n in todo], [idx[n] for n in todo])
+            for n, img in zip(todo, decoded):
+                images[n] = img
+        return images
+
+    def _decode_ordered(self, data, idx):
+        """:meth:`_decode_batch`, ordered against the current CUDA stream (on the CPU: the call alone).
+
+        torchvision's CUDA ``decode_jpeg`` (0.26 to 0.29; pytorch/vision#9606) allocates its outputs while the
+        caller's stream is current, then writes them from nvJPEG's own stream, which never waits for the caller's.
+        The caching allocator hands out a block as soon as it is freed on its stream, so a block the training step
+        has just freed, with kernels still queued on it, can be decoded into and then overwritten by those kernels
+        (or overwrite what they read). So the decode runs with a side stream current: the allocator gives
+        side-stream blocks to side-stream allocations only, and only once every use recorded with ``record_stream``
+        has finished on the GPU. The decoder then never writes memory a queued kernel uses, with no wait on the
+        current stream (which nvJPEG's hardware path would not honour anyway: its batched decode has been seen
+        writing before the work queued ahead of it on its stream ran). ``decode_jpeg`` synchronises its own stream
+        before returning; ``current.wait_stream(side)`` orders the consumers after the side stream's own work (the
+        CPU retry's copy). The cudaMallocAsync allocator moves blocks between streams behind stream dependencies
+        that nvJPEG's stream ignores: with it, the device is synchronised.
+        """
+        if self.decode_device.type != "cuda":
             return self._decode_batch(data, idx)
+        if torch.cuda.get_allocator_backend() == "cudaMallocAsync":
+            torch.cuda.synchronize(self.decode_device)
+        current = torch.cuda.current_stream(self.decode_device)
+        with torch.cuda.stream(self._decode_stream):
+            images = self._decode_batch(data, idx)
+        current.wait_stream(self._decode_stream)
+        for img in images:
+            img.record_stream(current)
+        return images
 
     def _decode_batch(self, data, idx):
         from torchvision.io import ImageReadMode, decode_jpeg
@@ -112,11 +156,11 @@ class NvjpegImageLoader(ImageLoaderBase):
     def _augment(self, images, rng):
         s = self.image_size
         out = torch.empty(len(images), 3, s, s, device=self.decode_device)
-        for n, img in enumerate(images):
-            top, left, h, w = random_resized_crop_params(img.shape[1], img.shape[2], rng)
+        crops = train_crops([img.shape[1:] for img in images], rng)
+        for n, (img, (top, left, h, w, flip)) in enumerate(zip(images, crops)):
             crop = img[None, :, top : top + h, left : left + w].float()
             crop = F.interpolate(crop, size=(s, s), mode="bilinear", antialias=True, align_corners=False)
-            out[n] = crop[0].flip(-1) if rng.random() < 0.5 else crop[0]
+            out[n] = crop[0].flip(-1) if flip else crop[0]
         return out
 
     def _eval_transform(self, images):
