@@ -187,6 +187,22 @@ def test_a_row_lost_between_checkpoint_and_log_comes_back_from_the_checkpoint(ru
     assert load_checkpoint(run / "last.pt")["metrics"] == after
 
 
+def test_tensorboard_gets_the_rows_restored_from_the_checkpoint(runs, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = _copy(runs["finished"], tmp_path / "run")
+    # Epoch 2's row lost by a kill after its checkpoint: the resume writes it, then epoch 3's.
+    (run / "metrics.jsonl").write_text((run / "metrics.jsonl").read_text().splitlines(keepends=True)[0])
+    assert main(["--resume", str(run), "--epochs", "3", "--tensorboard", "--no-progress"]) == 0
+    events = EventAccumulator(str(run / "tb"))
+    events.Reload()
+    rows = {r["epoch"]: r for r in read_metrics(run)}
+    scalars = events.Scalars("val/top1_teacher")
+    assert [s.step for s in scalars] == [2, 3]
+    assert [s.value for s in scalars] == pytest.approx([rows[2]["val_top1_teacher"], rows[3]["val_top1_teacher"]])
+
+
 def _inode(path: Path) -> int | None:
     try:
         return path.stat().st_ino
