@@ -101,6 +101,12 @@ def test_torchrun_two_processes_through_the_cli(tmp_path):
     rows = read_metrics(out)
     assert len(rows) == 1 and rows[0]["step"] == 2
     assert (out / "last.pt").is_file() and (out / "teacher.pt").is_file()
+    # A resume: only rank 0 locks the run folder (a second lock would refuse the other rank).
+    resume = cmd[: cmd.index("--epochs")] + ["--resume", str(out), "--epochs", "2", "--no-progress"]
+    proc = subprocess.run(resume, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("teskd-train: resuming") == 1
+    assert [r["epoch"] for r in read_metrics(out)] == [1, 2]
 
 
 def test_sync_bn_across_cpu_processes_is_refused_before_any_work(tmp_path):

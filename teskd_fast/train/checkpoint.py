@@ -2,7 +2,11 @@
 
 A training checkpoint (``last.pt``, ``best.pt``) is a dict with ``"format": CHECKPOINT_FORMAT``; its other keys
 are written by :meth:`teskd_fast.train.trainer.Trainer.state`. Keys a loader does not know are ignored, so
-checkpoints of earlier versions (which also held a ``"schedule"`` entry) still resume.
+checkpoints of earlier versions (which also held a ``"schedule"`` entry, and no ``"metrics"`` rows) still resume.
+
+Every atomic write goes through a temporary file ``.NAME.<random>.tmp`` in the destination's folder. A process
+killed during a write leaves that file behind; :func:`remove_stale_temporaries` deletes them when the next run
+has locked the folder.
 """
 
 from __future__ import annotations
@@ -21,6 +25,15 @@ import torch
 CHECKPOINT_FORMAT = "teskd_fast.train/1"
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used as it is (its weights do not fit the model); the message says why."""
+
+
+def _temporary(path: Path) -> tuple[int, str]:
+    # The one naming of temporary files, which remove_stale_temporaries matches.
+    return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+
+
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` to a temporary file in the same folder, flushed to disk, then renamed over ``path``.
 
@@ -32,7 +45,7 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _temporary(path)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
@@ -49,7 +62,7 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
 def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     """Copy ``src`` to ``dst`` through a temporary file and a rename (``best.pt`` from ``last.pt``)."""
     dst = Path(dst)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
+    fd, tmp = _temporary(dst)
     os.close(fd)
     try:
         shutil.copyfile(src, tmp)
@@ -57,6 +70,39 @@ def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a small text file (config.yaml, a report) through a temporary file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = _temporary(path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, names: tuple[str, ...]) -> list[Path]:
+    """Delete the temporary files that writes of ``names`` killed mid-way left in ``folder``; returns them.
+
+    Only call it while no other process writes there (a run calls it once it holds the run folder's lock):
+    a live write's temporary file matches too.
+
+    Args:
+        folder: the folder written to.
+        names: the destinations' file names (``"last.pt"`` matches ``.last.pt.<random>.tmp``).
+    """
+    removed = []
+    for name in names:
+        for tmp in sorted(Path(folder).glob(f".{name}.*.tmp")):
+            if tmp.is_file():
+                tmp.unlink(missing_ok=True)
+                removed.append(tmp)
+    return removed
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -91,6 +137,19 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
         return torch.load(path, map_location=map_location, weights_only=False)
     except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as e:
         raise RuntimeError(f"checkpoint {path} is corrupt or not a torch checkpoint: {e}") from e
+
+
+def state_dict_mismatch(expected: dict[str, torch.Tensor], saved: dict[str, Any]) -> str | None:
+    """What keeps ``saved`` from loading into a model whose state_dict is ``expected``, in one line; None if it fits."""
+    missing = [k for k in expected if k not in saved]
+    unexpected = [k for k in saved if k not in expected]
+    shapes = [f"{k} {list(saved[k].shape)} in the checkpoint, {list(v.shape)} in the model"
+              for k, v in expected.items() if k in saved and tuple(getattr(saved[k], "shape", ())) != tuple(v.shape)]
+    problems = []
+    for what, keys in (("missing", missing), ("unexpected", unexpected), ("of another shape", shapes)):
+        if keys:
+            problems.append(f"{len(keys)} {what} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})")
+    return "; ".join(problems) or None
 
 
 def rng_state() -> dict[str, Any]:

@@ -9,13 +9,18 @@ Examples::
     torchrun --nproc_per_node 8 -m teskd_fast.train --preset imagenet-resnet18 --data-dir /imagenet
     teskd-train --eval-only runs/.../best.pt
 
+A run folder is used by one training process at a time (:mod:`.runfolder`): a second run on it is refused. A
+resume continues the same run: a last.pt of another run, or a flag that changes what the run computes (any but
+those in :data:`teskd_fast.train.config.CHANGEABLE_AT_RESUME`), is refused before any work.
+
 Exit status: 0 done; 1 a missing or unusable dataset (any :class:`teskd_fast.data.DatasetError`: the message
-names the path) or checkpoint; 2 a bad flag value; 3 a non-finite loss;
-128 + signal number when stopped by SIGTERM / Ctrl-C (after writing last.pt).
+names the path) or checkpoint; 2 a bad flag value, a resume that would change the run, or a run folder in use
+by another run; 3 a non-finite loss; 128 + signal number when stopped by SIGTERM / Ctrl-C (after writing last.pt).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -23,24 +28,30 @@ from pathlib import Path
 from typing import Any
 
 from teskd_fast.train.config import PRESET_HELP, PRESETS, ConfigError, TrainConfig, build_parser, load_yaml, resolve
-
-# Fields that a resumed run may change without changing what it computes.
-_SAFE_AT_RESUME = {"epochs", "device", "workers", "out", "resume", "progress", "log_every", "tensorboard", "plot",
-                   "data_dir", "download", "compile", "compile_mode", "report_after"}
+from teskd_fast.train.runfolder import RunFolderRefused
 
 
 def _write_config(cfg: TrainConfig, run_dir: Path) -> None:
     import yaml
 
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    from teskd_fast.train.checkpoint import atomic_write_text
+
+    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def _default_out(cfg: TrainConfig) -> Path:
     return Path("runs") / f"{cfg.preset}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def _resolve_args(argv: list[str] | None) -> tuple[TrainConfig, dict[str, Any] | None, Path]:
-    """Parse the command line into (config, checkpoint to resume from or evaluate, run folder)."""
+# (config, checkpoint to resume from or evaluate, run folder)
+_Resolved = tuple[TrainConfig, dict[str, Any] | None, Path]
+
+
+def _resolve_args(argv: list[str] | None, held: contextlib.ExitStack) -> _Resolved:
+    """Parse the command line into (config, checkpoint to resume from or evaluate, run folder).
+
+    A resume locks its run folder first (rank 0); ``held`` releases the lock when the command ends.
+    """
     parser = build_parser()
     given = vars(parser.parse_args(argv))
     if given.pop("list_presets", False):
@@ -53,22 +64,15 @@ def _resolve_args(argv: list[str] | None) -> tuple[TrainConfig, dict[str, Any] |
         if overrides.get("resume") and overrides.get("eval_only"):
             raise ConfigError("--resume and --eval-only cannot be combined")
         if overrides.get("resume"):
-            from teskd_fast.train.checkpoint import load_resume
-
-            run_dir = Path(overrides["resume"])
-            ckpt = load_resume(run_dir)
-            base = ckpt["config"]
-            changed = sorted(k for k, v in overrides.items()
-                             if k not in _SAFE_AT_RESUME and k in base and _differs(base[k], v))
-            if changed:
-                print(f"teskd-train: warning: --resume with changed {', '.join(changed)}: the continued run "
-                      "will not match an uninterrupted one", file=sys.stderr)
-            cfg = resolve({**overrides, "out": str(run_dir), "resume": str(run_dir)}, base=base)
-            return cfg, ckpt, run_dir
+            return _resume_config(overrides, held)
         if overrides.get("eval_only"):
             return _eval_config(overrides)
         cfg = resolve(overrides)
         return cfg, None, Path(cfg.out) if cfg.out else _default_out(cfg)
+    except RunFolderRefused as e:
+        # Not a misspelt flag: the message alone, without the usage text.
+        print(f"teskd-train: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     except ConfigError as e:
         parser.error(str(e))
         raise  # parser.error exits; this line is never reached
@@ -78,10 +82,26 @@ def _resolve_args(argv: list[str] | None) -> tuple[TrainConfig, dict[str, Any] |
         raise SystemExit(1) from None
 
 
-def _differs(a: Any, b: Any) -> bool:
-    if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
-        return list(a if isinstance(a, (list, tuple)) else [a]) != list(b if isinstance(b, (list, tuple)) else [b])
-    return a != b
+def _resume_config(overrides: dict[str, Any], held: contextlib.ExitStack) -> _Resolved:
+    """Config for --resume: the checkpoint's, with the flags a resume may change; the folder locked first."""
+    from teskd_fast.train.checkpoint import load_resume
+    from teskd_fast.train.distributed import launch_rank
+    from teskd_fast.train.runfolder import RunLock, check_resume
+
+    run_dir = Path(overrides["resume"])
+    if overrides.get("out") and Path(overrides["out"]).resolve() != run_dir.resolve():
+        raise RunFolderRefused(f"--out {overrides['out']} with --resume {run_dir}: a resumed run stays in its "
+                               "folder; drop --out")
+    lock = None
+    if run_dir.is_dir() and launch_rank() == 0:
+        # Before reading anything: a run that is writing there is refused by name, not by what it has written.
+        lock = held.enter_context(RunLock(run_dir))
+    ckpt = load_resume(run_dir)
+    cfg = resolve({**overrides, "out": str(run_dir), "resume": str(run_dir)}, base=ckpt["config"])
+    check_resume(run_dir, ckpt, cfg)
+    if lock is not None:
+        lock.remove_stale_temporaries()
+    return cfg, ckpt, run_dir
 
 
 def _eval_config(overrides: dict[str, Any]) -> tuple[TrainConfig, dict[str, Any], Path]:
@@ -107,22 +127,26 @@ def _eval_config(overrides: dict[str, Any]) -> tuple[TrainConfig, dict[str, Any]
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``teskd-train`` and ``python -m teskd_fast.train``; returns the exit status."""
-    cfg, ckpt, run_dir = _resolve_args(argv)
-    import torch
+    # Holds the run folder's lock until the command returns.
+    with contextlib.ExitStack() as held:
+        cfg, ckpt, run_dir = _resolve_args(argv, held)
+        import torch
 
-    threads = torch.get_num_threads()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    try:
-        return _run(cfg, ckpt, run_dir)
-    finally:
-        torch.set_num_threads(threads)
+        threads = torch.get_num_threads()
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        try:
+            return _run(cfg, ckpt, run_dir, held)
+        finally:
+            torch.set_num_threads(threads)
 
 
-def _run(cfg: TrainConfig, ckpt: dict[str, Any] | None, run_dir: Path) -> int:
+def _run(cfg: TrainConfig, ckpt: dict[str, Any] | None, run_dir: Path, held: contextlib.ExitStack) -> int:
     from teskd_fast.data import DatasetError
     from teskd_fast.train import distributed as D
     from teskd_fast.train.build import check_dataset, check_device_options
+    from teskd_fast.train.checkpoint import CheckpointError
+    from teskd_fast.train.runfolder import RunLock
     from teskd_fast.train.trainer import Interrupted, NonFiniteLoss, Trainer
 
     try:
@@ -140,11 +164,15 @@ def _run(cfg: TrainConfig, ckpt: dict[str, Any] | None, run_dir: Path) -> int:
         if cfg.eval_only:
             return _evaluate_only(cfg, ckpt, run_dir, env)
         if env.is_main:
-            if not cfg.resume and (run_dir / "last.pt").exists():
-                print(f"teskd-train: {run_dir} already holds a run; continue it with --resume {run_dir} or choose "
-                      "another --out", file=sys.stderr)
-                return 2
-            run_dir.mkdir(parents=True, exist_ok=True)
+            if not cfg.resume:
+                # A resume locked its folder before reading it (_resume_config).
+                run_dir.mkdir(parents=True, exist_ok=True)
+                lock = held.enter_context(RunLock(run_dir))
+                if (run_dir / "last.pt").exists():
+                    print(f"teskd-train: {run_dir} already holds a run; continue it with --resume {run_dir} or "
+                          "choose another --out", file=sys.stderr)
+                    return 2
+                lock.remove_stale_temporaries()
             _write_config(cfg, run_dir)
         D.barrier(env)
         trainer = Trainer(cfg, run_dir, env, resume=ckpt)
@@ -160,6 +188,9 @@ def _run(cfg: TrainConfig, ckpt: dict[str, Any] | None, run_dir: Path) -> int:
     except DatasetError as e:
         # Whatever only reading the data reveals (an empty class folder, a missing or corrupt CIFAR file, an
         # undecodable image): the data package's message, no traceback.
+        print(f"teskd-train: {e}", file=sys.stderr)
+        return 1
+    except CheckpointError as e:
         print(f"teskd-train: {e}", file=sys.stderr)
         return 1
     except ConfigError as e:

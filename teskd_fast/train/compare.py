@@ -42,13 +42,23 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from teskd_fast.train.config import PRESET_HELP, PRESETS, ConfigError, TrainConfig, build_parser, load_yaml, resolve
+from teskd_fast.train.checkpoint import atomic_write_text
+from teskd_fast.train.config import (
+    CHANGEABLE_AT_RESUME,
+    PRESET_HELP,
+    PRESETS,
+    ConfigError,
+    TrainConfig,
+    build_parser,
+    config_differences,
+    load_yaml,
+    resolve,
+)
 from teskd_fast.train.metrics import read_metrics
 from teskd_fast.train.stats import mean, paired_difference, std
 
@@ -58,12 +68,10 @@ METHOD_LABEL = {"teskd": "TESKD", "baseline": "baseline"}
 DEFAULT_SEEDS = {"digits-demo": 2}
 DEFAULT_SEEDS_OTHER = 3
 
-# Fields that a rerun may change: they choose where and how a run executes, or how it is reported, not what it
-# computes (as ``teskd-train --resume`` allows), plus the fields the comparison itself sets per run.
-NOT_COMPARED = frozenset({
-    "method", "out", "resume", "eval_only", "device", "workers", "threads", "progress", "log_every", "tensorboard",
-    "plot", "data_dir", "download", "compile", "compile_mode", "report_after",
-})
+# Fields that a rerun may change: those ``teskd-train --resume`` accepts (they choose where and how a run executes,
+# or how it is reported, not what it computes) except the number of epochs, which the report is about, plus the
+# fields the comparison itself sets per run.
+NOT_COMPARED = (CHANGEABLE_AT_RESUME - {"epochs"}) | {"method", "out", "resume", "eval_only"}
 
 # The published figures (arXiv 2110.00329, ResNet-18, one run per method): the teacher's top-1 (%).
 # CIFAR-100: the reference code's number, the best test accuracy after epoch 150 of 200. ImageNet: the paper does
@@ -190,17 +198,6 @@ def parse(argv: list[str] | None) -> Comparison:
 # Configuration records and the refusal of a changed one.
 
 
-def _comparable(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in d.items() if k not in NOT_COMPARED}
-
-
-def config_differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """``"field stored -> current"`` for every compared field whose value differs (fields sorted by name)."""
-    a, b = _comparable(stored), _comparable(current)
-    return [f"{k} {a.get(k, '(unset)')!r} -> {b.get(k, '(unset)')!r}" for k in sorted(set(a) | set(b))
-            if a.get(k) != b.get(k)]
-
-
 def _record(cmp: Comparison) -> dict[str, Any]:
     train = {k: v for k, v in cmp.base.to_dict().items() if k not in ("method", "out", "resume", "eval_only")}
     return {"seeds": list(cmp.seeds), "train": train}
@@ -218,30 +215,18 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def check_configuration(cmp: Comparison) -> None:
     """Refuse (:class:`CompareError`, status 2) a comparison folder or run folder made with another configuration."""
     record = cmp.out / "config.yaml"
     refusals, record_diffs, same = [], [], []
     if record.is_file():
-        record_diffs = config_differences(_read_yaml(record).get("train", {}), _record(cmp)["train"])
+        record_diffs = config_differences(_read_yaml(record).get("train", {}), _record(cmp)["train"], NOT_COMPARED)
         if record_diffs:
             refusals.append(f"{record}: {'; '.join(record_diffs)}")
     for run in cmp.runs:
         run_config = run.folder / "config.yaml"
         if run_config.is_file():
-            diffs = config_differences(_read_yaml(run_config), run.cfg.to_dict())
+            diffs = config_differences(_read_yaml(run_config), run.cfg.to_dict(), NOT_COMPARED)
             if diffs and diffs == record_diffs:
                 same.append(run.name)
             elif diffs:
@@ -258,7 +243,7 @@ def check_configuration(cmp: Comparison) -> None:
 def write_record(cmp: Comparison) -> None:
     import yaml
 
-    _atomic_write_text(cmp.out / "config.yaml", yaml.safe_dump(_record(cmp), sort_keys=False))
+    atomic_write_text(cmp.out / "config.yaml", yaml.safe_dump(_record(cmp), sort_keys=False))
 
 
 # Runs.
@@ -278,7 +263,8 @@ def run_state(run: Run) -> str:
 
 def train_argv(cmp: Comparison, run: Run, state: str) -> list[str]:
     """The ``teskd-train`` command line of one run: the shared flags, then the run's method, seed and folder."""
-    where = ["--resume", str(run.folder)] if state == "resume" else ["--out", str(run.folder)]
+    # --out last: it overrides the comparison's own --out among the shared flags (a resume accepts its own folder).
+    where = (["--resume", str(run.folder)] if state == "resume" else []) + ["--out", str(run.folder)]
     return [*cmp.train_argv, "--method", run.method, "--seed", str(run.seed), *where]
 
 
@@ -368,7 +354,7 @@ def summarise(cmp: Comparison, results: list[dict[str, Any]]) -> dict[str, Any]:
         # for like); the seed is not one of them.
         published = resolve({"preset": cmp.base.preset, "method": "teskd"}).to_dict()
         current = {**cmp.base.to_dict(), "seed": published["seed"]}
-        changed = [d.split(" ", 1)[0] for d in config_differences(published, current)]
+        changed = [d.split(" ", 1)[0] for d in config_differences(published, current, NOT_COMPARED)]
         paper = {**p, "difference": round(p["teskd"] - p["baseline"], 2), "recipe_changes": changed}
     cfg = cmp.base
     return {
@@ -517,9 +503,9 @@ def write_report(cmp: Comparison) -> dict[str, Any]:
     """Read every run, write OUT/compare.json, compare.md and compare.png; return the report."""
     results = [read_run(run) for run in cmp.runs]
     report = summarise(cmp, results)
-    _atomic_write_text(cmp.out / "compare.json", json.dumps(report, indent=2) + "\n")
+    atomic_write_text(cmp.out / "compare.json", json.dumps(report, indent=2) + "\n")
     markdown = render_markdown(report)
-    _atomic_write_text(cmp.out / "compare.md", markdown)
+    atomic_write_text(cmp.out / "compare.md", markdown)
     if cmp.base.plot:
         try:
             plot_curves(report, results, cmp.out / "compare.png")

@@ -36,6 +36,18 @@ _CHOICES = {
 }
 
 
+# Fields a resumed run may change (``teskd-train --resume RUN --FIELD VALUE``): how long it runs, where and how
+# it executes, where its data is, how it reports. Every other field changes what the run computes (the model,
+# the data order, the loss, the schedule's shape), so a resume refuses a new value for it; ``--out`` is the
+# resumed folder itself. A larger ``epochs`` extends the run: the schedule and progressive resizing follow the
+# new total from where the run resumes, even inside an epoch. ``workers`` leaves the data order alone; it changes
+# the random crops of the torchvision ImageNet loader, which a resume does not reproduce anyway.
+CHANGEABLE_AT_RESUME = frozenset({
+    "epochs", "data_dir", "download", "device", "compile", "compile_mode", "channels_last", "workers", "threads",
+    "log_every", "report_after", "progress", "tensorboard", "plot",
+})
+
+
 def _f(default, help, **kw):
     if isinstance(default, (list, tuple)):
         return field(default_factory=lambda d=tuple(default): d, metadata={"help": help, **kw})
@@ -87,7 +99,9 @@ class TrainConfig:
     seed: int = _f(27, "seed of the weights' initialisation and of the data order")
     sync_bn: bool = _f(False, "SyncBatchNorm across processes (CUDA only; turns torch.compile off)")
     out: str = _f("", "run folder (default: runs/<preset>-<method>-<time>)")
-    resume: str = _f("", "continue the run in this folder from its last.pt")
+    resume: str = _f("", "continue the run in this folder from its last.pt. Only these flags may change: "
+                     + ", ".join("--" + n.replace("_", "-") for n in sorted(CHANGEABLE_AT_RESUME))
+                     + "; any other that differs from the run's is refused (exit status 2)")
     eval_only: str = _f("", "evaluate this checkpoint (last.pt, best.pt or teacher.pt) and exit")
     steps_per_epoch: int = _f(0, "cap the batches per epoch (0: the whole training set); for smoke runs")
     log_every: int = _f(50, "steps between progress bar updates (read without a device synchronisation)")
@@ -151,6 +165,20 @@ PRESET_HELP = {
 
 class ConfigError(ValueError):
     """A configuration value that cannot work; the message names the flag and the problem."""
+
+
+def config_differences(stored: dict[str, Any], current: dict[str, Any], ignore: frozenset[str] = frozenset()) \
+        -> list[str]:
+    """``"field stored -> current"`` for every field outside ``ignore`` whose value differs (sorted by name).
+
+    A field one side lacks shows as ``(unset)``; a list and a tuple of the same values are equal.
+    """
+    def plain(d: dict[str, Any]) -> dict[str, Any]:
+        return {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in d.items() if k not in ignore}
+
+    a, b = plain(stored), plain(current)
+    return [f"{k} {a.get(k, '(unset)')!r} -> {b.get(k, '(unset)')!r}" for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k)]
 
 
 def _flag(name: str) -> str:

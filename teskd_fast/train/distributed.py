@@ -31,6 +31,11 @@ class DistEnv:
         return self.rank == 0
 
 
+def launch_rank() -> int:
+    """This process's rank as ``torchrun`` set it in the environment (0 for a plain run), known before setup()."""
+    return int(os.environ["RANK"]) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+
+
 def setup(device_name: str) -> DistEnv:
     """Join the process group that ``torchrun`` describes in the environment (RANK, WORLD_SIZE, LOCAL_RANK).
 
@@ -54,7 +59,7 @@ def setup(device_name: str) -> DistEnv:
     make_current(device)
     if world_size <= 1:
         return DistEnv(device=device)
-    rank = int(os.environ["RANK"])
+    rank = launch_rank()
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size)
     return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device)

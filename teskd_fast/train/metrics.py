@@ -1,7 +1,8 @@
 """Metrics accumulated on the device (one synchronisation per epoch), and the run's log files.
 
 Per epoch, rank 0 appends one row to ``RUN_DIR/metrics.jsonl`` and ``RUN_DIR/metrics.csv`` and, when
-tensorboard is installed, writes the same scalars as TensorBoard events under ``RUN_DIR/tb``.
+tensorboard is installed, writes the same scalars as TensorBoard events under ``RUN_DIR/tb``. The checkpoint
+holds the same rows (:class:`teskd_fast.train.trainer.Trainer`); a resumed run rewrites the files from them.
 """
 
 from __future__ import annotations
@@ -167,17 +168,24 @@ class MetricsLog:
     Args:
         run_dir: the run folder.
         tensorboard: write TensorBoard events if the ``tensorboard`` package is importable.
-        keep_epochs: on resume, rows with ``epoch`` above this are dropped (they were logged after the
-            checkpoint the run continues from).
+        rows: the rows of the epochs already finished (a resumed checkpoint's): the files are rewritten to hold
+            exactly these, whatever they held (rows logged after that checkpoint are dropped, rows missing from
+            the files, because the process was killed between writing the checkpoint and logging, come back;
+            their TensorBoard scalars are written again too).
+        keep_epochs: without ``rows`` (a checkpoint of an earlier version), the files' rows with ``epoch`` up to
+            this are kept and the others dropped.
     """
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True, keep_epochs: int | None = None):
+    def __init__(self, run_dir: Path, tensorboard: bool = True, rows: list[dict[str, Any]] | None = None,
+                 keep_epochs: int | None = None):
         self.run_dir = Path(run_dir)
         self.jsonl = self.run_dir / "metrics.jsonl"
         self.csv = self.run_dir / "metrics.csv"
-        self.rows = read_metrics(self.run_dir) if self.jsonl.exists() else []
-        if keep_epochs is not None:
-            self.rows = [r for r in self.rows if r.get("epoch", 0) <= keep_epochs]
+        logged = _readable_rows(self.run_dir)
+        if rows is not None:
+            self.rows = list(rows)
+        else:
+            self.rows = [r for r in logged if keep_epochs is None or r.get("epoch", 0) <= keep_epochs]
         self._rewrite()
         self.tb = None
         if tensorboard:
@@ -188,6 +196,10 @@ class MetricsLog:
                       "writing metrics.jsonl and metrics.csv only")
             else:
                 self.tb = SummaryWriter(str(self.run_dir / "tb"))
+                logged_epochs = {r.get("epoch") for r in logged}
+                for row in self.rows:
+                    if row.get("epoch") not in logged_epochs:
+                        self._add_scalars(row)
 
     def _rewrite(self) -> None:
         with open(self.jsonl, "w") as f:
@@ -212,14 +224,30 @@ class MetricsLog:
         # The csv is rewritten whole: columns may appear (a head added) and the file is small.
         self._write_csv()
         if self.tb is not None:
-            for k, v in row.items():
-                if isinstance(v, (int, float)) and k != "epoch" and math.isfinite(v):
-                    self.tb.add_scalar(k.replace("_", "/", 1), v, row["epoch"])
-            self.tb.flush()
+            self._add_scalars(row)
+
+    def _add_scalars(self, row: dict[str, Any]) -> None:
+        for k, v in row.items():
+            if isinstance(v, (int, float)) and k != "epoch" and math.isfinite(v):
+                self.tb.add_scalar(k.replace("_", "/", 1), v, row["epoch"])
+        self.tb.flush()
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def _readable_rows(run_dir: Path) -> list[dict[str, Any]]:
+    # What metrics.jsonl holds, up to a line cut short by a killed write; nothing if it is missing.
+    rows = []
+    try:
+        with open(run_dir / "metrics.jsonl") as f:
+            for line in f:
+                if line.strip():
+                    rows.append(json.loads(line))
+    except (OSError, ValueError):
+        pass
+    return [r for r in rows if isinstance(r, dict)]
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:

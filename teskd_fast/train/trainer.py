@@ -4,13 +4,17 @@ What it trains is built by :mod:`.build`, its learning rate comes from :mod:`.sc
 written by :mod:`.report`.
 
 Exact resume. A checkpoint holds the model, optimiser, grad-scaler and every RNG state, the number of
-finished epochs, the global step, and the position inside the current epoch together with the epoch's running
-sums. The loaders draw each epoch's order and augmentation from ``(seed, epoch)`` and can start at any batch, so
-a run stopped by SIGTERM in the middle of an epoch and resumed ends, on the CPU, with the same weights and
-metrics as a run never stopped (tested with the digits and CIFAR loaders). The ImageNet loaders resume at the
-same batch with the same remaining images; DALI's random crops after a mid-epoch resume come from a restarted
-pipeline, so a DALI run is exact only when resumed at an epoch boundary. On a GPU, cuDNN and atomics make
-even an uninterrupted run not bitwise repeatable; a resumed one is then as close as two uninterrupted runs.
+finished epochs, the global step, the position inside the current epoch together with the epoch's running
+sums, and the metrics row of every finished epoch. The rows make the checkpoint the one record of the run: a
+resume rewrites metrics.jsonl / metrics.csv to exactly its rows, so a process killed after writing last.pt
+and before logging the epoch, or after logging epochs past last.pt, leaves one row per finished epoch.
+
+The loaders draw each epoch's order and augmentation from ``(seed, epoch)`` and can start at any batch, so a
+run stopped by SIGTERM in the middle of an epoch and resumed ends, on the CPU, with the same weights and metrics
+as a run never stopped (tested with the digits and CIFAR loaders). The ImageNet loaders resume at the same
+batch with the same remaining images; DALI's random crops after a mid-epoch resume come from a restarted
+pipeline, so a DALI run is exact only when resumed at an epoch boundary. On a GPU, cuDNN and atomics make even
+an uninterrupted run not bitwise repeatable; a resumed one is then as close as two uninterrupted runs.
 
 Synchronisation. Per step, the loop queues work on the device and never waits for it: losses, parts, accuracy
 and a non-finite marker are summed on the device and read once per epoch; the progress bar shows values copied
@@ -41,7 +45,15 @@ from teskd_fast.train.build import (
     check_device_options,
     use_compile,
 )
-from teskd_fast.train.checkpoint import CHECKPOINT_FORMAT, atomic_copy, atomic_save, rng_state, set_rng_state
+from teskd_fast.train.checkpoint import (
+    CHECKPOINT_FORMAT,
+    CheckpointError,
+    atomic_copy,
+    atomic_save,
+    rng_state,
+    set_rng_state,
+    state_dict_mismatch,
+)
 from teskd_fast.train.config import ConfigError, TrainConfig
 from teskd_fast.train.metrics import (
     NO_STEP,
@@ -122,6 +134,8 @@ class Trainer:
         self.acc = TrainAccumulator(self.parts, dev)
         self._epoch_elapsed = 0.0
         self._acc_state: dict[str, torch.Tensor] | None = None
+        # The metrics row of every finished epoch; None for a checkpoint of an earlier version (without them).
+        self.history: list[dict[str, Any]] | None = []
         if resume is not None:
             self._load(resume)
 
@@ -161,15 +175,26 @@ class Trainer:
             "accumulator": self._acc_state if self.position else None,
             "epoch_elapsed": self._epoch_elapsed if self.position else 0.0,
             "best": dict(self.best),
+            "metrics": list(self.history or []),
         }
 
     def _load(self, ckpt: dict[str, Any]) -> None:
+        source = self.cfg.eval_only or str(self.run_dir / "last.pt")
+        saved_classes = ckpt.get("num_classes", self.num_classes)
+        if saved_classes != self.num_classes:
+            raise ConfigError(f"{source} was trained on {saved_classes} classes; the {self.cfg.dataset} data in "
+                              f"--data-dir {self.cfg.data_dir or './data'} has {self.num_classes}")
+        mismatch = state_dict_mismatch(self.raw_model.state_dict(), ckpt["model"])
+        if mismatch:
+            raise CheckpointError(f"{source} does not fit the model of its configuration ({self.cfg.arch}, width "
+                                  f"{self.cfg.width}, {self.cfg.method}): parameters {mismatch}")
         self.raw_model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if self.scaler is not None and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         self.epoch, self.position, self.step = ckpt["epoch"], ckpt["position"], ckpt["step"]
         self.best = dict(ckpt["best"])
+        self.history = list(ckpt["metrics"]) if "metrics" in ckpt else None
         if self.position and ckpt.get("accumulator") is not None:
             # The saved sums are already reduced over the processes: rank 0 carries them, the others start at
             # zero, and the epoch's final all-reduce gives the same totals for any number of processes.
@@ -362,8 +387,12 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train to ``cfg.epochs``, evaluating, logging and checkpointing every epoch; return the summary."""
         cfg = self.cfg
-        log = MetricsLog(self.run_dir, tensorboard=cfg.tensorboard, keep_epochs=self.epoch) if self.env.is_main \
-            else None
+        log = None
+        if self.env.is_main:
+            # The files get exactly the checkpoint's rows (an earlier version's checkpoint has none: the files'
+            # rows up to its epoch are kept).
+            log = MetricsLog(self.run_dir, tensorboard=cfg.tensorboard, rows=self.history, keep_epochs=self.epoch)
+            self.history = list(log.rows)
         try:
             with self._signals():
                 while self.epoch < cfg.epochs:
@@ -380,6 +409,10 @@ class Trainer:
                            "eval_time": time.perf_counter() - t0}
                     row["epoch_time"] = row["train_time"] + row["eval_time"]
                     row = {k: v for k, v in row.items() if not k.startswith("_")}
+                    if log is not None:
+                        # In the checkpoint first: a process killed before log.log leaves the row in last.pt,
+                        # and the resumed run writes it to the files.
+                        self.history.append(row)
                     self.save(best=is_best)
                     if log is not None:
                         log.log(row)
