@@ -194,27 +194,42 @@ def isa_table(repeats=30, steps=10, isas=None):
     torch backend with its kernel built for each instruction set this CPU runs, the students given as lists and
     stacked: the fastest of ``repeats`` batches of ``steps`` steps in CPU time of this thread (robust on a shared
     machine, unlike wall-clock time with several OpenMP threads), one intra-op thread, every figure of a build
-    interleaved in one loop. Feature share = 1 - logits only / with features. ``python bench/bench_loss.py``."""
+    interleaved in one loop. Feature share = 1 - logits only / with features; "logits+pass": the logits-only step
+    with a plain elementwise pass over the feature term's bytes added (see ``step``), and "share floor" the feature
+    share that pass alone gives: the part of the feature term that is memory traffic on this machine, not the loss's
+    work. ``python bench/bench_loss.py``."""
     import time
 
     torch.set_num_threads(1)
 
-    def step(backend, features, stacked):
+    def step(backend, features, stacked, plain_pass=False):
+        """One step; ``plain_pass``: logits only, plus a plain elementwise pass moving the feature term's bytes
+        (the K student features and the teacher's read, a fresh [K, B, D] written and kept until the next step,
+        as a gradient is) between the forward and the backward: the floor any feature term has on this machine."""
         teacher, students, target, f_t, f_s = _inputs(128, 100, torch.float32, stacked=stacked)
         leaves = _leaves(teacher, students, f_s)
         feats = (f_t, f_s) if features else ()
+        kept = [None]
 
         def run():
             for t in leaves:
                 t.grad = None
-            teskd_loss(teacher, students, target, *feats, backend=backend).backward()
+            kept[0] = None
+            loss = teskd_loss(teacher, students, target, *feats, backend=backend)
+            if plain_pass:
+                with torch.no_grad():
+                    out = torch.empty((K, *f_t.shape))
+                    for k in range(K):
+                        torch.sub(f_s[k], f_t, out=out[k])
+                kept[0] = out
+            loss.backward()
 
         return run
 
     builds = {"torch": "native", **ISA_PROVIDERS}
     builds = {provider: isa for provider, isa in builds.items() if isas is None or isa in isas}
     print(f"{'provider':14s} {'built for':9s} {'form':8s} {'features':>9s} {'logits':>9s} {'reference':>10s} "
-          f"{'speed-up':>8s} {'feature share':>13s}")  # fmt: skip
+          f"{'speed-up':>8s} {'feature share':>13s} {'logits+pass':>11s} {'share floor':>11s}")  # fmt: skip
     for provider, isa in builds.items():
         os.environ[cpu_kernel.ENV_ISA] = isa
         built = cpu_kernel.reload()
@@ -222,6 +237,7 @@ def isa_table(repeats=30, steps=10, isas=None):
         for form, stacked in (("list", False), ("stacked", True)):
             fns[form, "features"] = step("torch", True, stacked)
             fns[form, "logits"] = step("torch", False, stacked)
+            fns[form, "pass"] = step("torch", False, stacked, plain_pass=True)
         best = dict.fromkeys(fns, float("inf"))
         for fn in fns.values():
             fn()
@@ -233,8 +249,10 @@ def isa_table(repeats=30, steps=10, isas=None):
                 best[name] = min(best[name], (time.thread_time() - start) / steps)
         for form in ("list", "stacked"):
             with_f, logits, ref = best[form, "features"], best[form, "logits"], best["reference"]
+            floor = best[form, "pass"]
             print(f"{provider:14s} {built:9s} {form:8s} {with_f * 1e6:7.0f}us {logits * 1e6:7.0f}us "
-                  f"{ref * 1e6:8.0f}us {ref / with_f:7.2f}x {1 - logits / with_f:13.2f}")  # fmt: skip
+                  f"{ref * 1e6:8.0f}us {ref / with_f:7.2f}x {1 - logits / with_f:13.2f} "
+                  f"{floor * 1e6:9.0f}us {1 - logits / floor:11.2f}")  # fmt: skip
 
 
 if __name__ == "__main__":
