@@ -2,8 +2,12 @@
 
 Forward (inputs that require grad, so the fused paths also compute the gradients), backward alone, and full
 (forward + backward); K = 3 students with ResNet-18-sized features (D = 512), as a TESKD step has them; at the
-issue's CPU shape (128 x 100) also the logit terms alone (group suffix ``-logits``). Baseline of every group:
-the reference backend.
+issue's CPU shape (128 x 100) also the logit terms alone (group suffix ``-logits``) and the students stacked
+(``[K, B, C]`` and ``[K, B, D]`` tensors, as ``FastTESKDNet`` returns them; suffix ``-stacked``; elsewhere they are
+lists of K tensors, as the faithful network returns them). Baseline of every group: the reference backend.
+
+As a script (``PYTHONPATH=. python bench/bench_loss.py [--repeats N] [--steps N] [--isa native avx2 generic]``),
+the per-build table of :func:`isa_table`.
 
 On an x86 CPU, the torch backend's fused kernel is also measured as built for each instruction set below this
 CPU's (``torch-avx2``: ``-mno-avx512f``, what an AVX2-only CPU runs; ``torch-generic``: x86-64, SSE2) at 128 x
@@ -69,14 +73,23 @@ def _kernel_isa(provider):
         cpu_kernel.reload()
 
 
-def _inputs(B, C, dtype):
+def _inputs(B, C, dtype, stacked=False):
+    """Teacher and K student logits and features (the students as K tensors, or stacked ``[K, B, ...]`` as
+    ``FastTESKDNet`` returns them), leaves that require grad; targets."""
     g = torch.Generator().manual_seed(0)
     teacher = (torch.randn(B, C, generator=g) * 3).to(DEVICE, dtype).requires_grad_()
-    students = [(torch.randn(B, C, generator=g) * 3).to(DEVICE, dtype).requires_grad_() for _ in range(K)]
+    students = [(torch.randn(B, C, generator=g) * 3).to(DEVICE, dtype) for _ in range(K)]
     target = torch.randint(0, C, (B,), generator=g).to(DEVICE)
     f_t = torch.randn(B, D, generator=g).clamp_min(0).to(DEVICE, dtype)
-    f_s = [torch.randn(B, D, generator=g).clamp_min(0).to(DEVICE, dtype).requires_grad_() for _ in range(K)]
-    return teacher, students, target, f_t, f_s
+    f_s = [torch.randn(B, D, generator=g).clamp_min(0).to(DEVICE, dtype) for _ in range(K)]
+    if stacked:
+        return teacher, torch.stack(students).requires_grad_(), target, f_t, torch.stack(f_s).requires_grad_()
+    return teacher, [s.requires_grad_() for s in students], target, f_t, [f.requires_grad_() for f in f_s]
+
+
+def _leaves(teacher, students, f_s):
+    return [teacher, *([students] if isinstance(students, torch.Tensor) else students),
+            *([f_s] if isinstance(f_s, torch.Tensor) else f_s)]  # fmt: skip
 
 
 @functools.cache
@@ -111,26 +124,29 @@ def _params():
                 yield pytest.param(provider, B, C, dtype, marks=marks, id=f"{provider}-{B}x{C}x{K}-{str(dtype)[6:]}")
 
 
-@pytest.mark.parametrize("features", [True, False], ids=["features", "logits"])
+# "features": the K students as lists (the faithful network's form); "stacked": as [K, B, ...] tensors
+# (FastTESKDNet's form); "logits": no feature term.
+@pytest.mark.parametrize("inputs", ["features", "stacked", "logits"])
 @pytest.mark.parametrize("mode", ["full", "forward", "backward"])
 @pytest.mark.parametrize("provider, B, C, dtype", list(_params()))
-def test_loss(benchmark, provider, B, C, dtype, mode, features):
+def test_loss(benchmark, provider, B, C, dtype, mode, inputs):
     reason = _skip_reason(provider, B, C)
-    logit_providers = ("reference", "torch", *ISA_PROVIDERS)
-    if not features and (mode != "full" or (B, C) != (128, 100) or provider not in logit_providers):
-        reason = reason or "logits-only: the full step at 128 x 100, reference and torch (each build)"
+    small_providers = ("reference", "torch", *ISA_PROVIDERS)
+    if inputs != "features" and (mode != "full" or (B, C) != (128, 100) or provider not in small_providers):
+        reason = reason or f"{inputs}: the full step at 128 x 100, reference and torch (each build)"
     if reason:
         pytest.skip(reason)
     if os.environ.get("TRITON_INTERPRET") == "1" and provider == "triton":
         pytest.skip("TRITON_INTERPRET=1 is set: interpreter timings mean nothing")
     with _kernel_isa(provider):
-        _run(benchmark, provider, B, C, dtype, mode, features)
+        _run(benchmark, provider, B, C, dtype, mode, inputs)
 
 
-def _run(benchmark, provider, B, C, dtype, mode, features):
-    teacher, students, target, f_t, f_s = _inputs(B, C, dtype)
+def _run(benchmark, provider, B, C, dtype, mode, inputs):
+    features = inputs != "logits"
+    teacher, students, target, f_t, f_s = _inputs(B, C, dtype, stacked=inputs == "stacked")
     fn = _loss_fn(provider)
-    leaves = [teacher, *students, *f_s]
+    leaves = _leaves(teacher, students, f_s)
 
     def forward():
         if not features:
@@ -149,7 +165,7 @@ def _run(benchmark, provider, B, C, dtype, mode, features):
 
     for _ in range(3):
         full()
-    suffix = "" if features else "-logits"
+    suffix = {"features": "", "stacked": "-stacked", "logits": "-logits"}[inputs]
     record(benchmark, f"loss-{mode}-{B}x{C}x{K}-{str(dtype)[6:]}-{DEVICE}{suffix}", provider, DEVICE,
            baseline=provider == "reference", shape=[B, C, K, D if features else 0], dtype=dtype, mode=mode)  # fmt: skip
     rounds = 50 if HAS_CUDA or B * C <= 128 * 100 else 10
@@ -173,33 +189,55 @@ def _run(benchmark, provider, B, C, dtype, mode, features):
         benchmark.pedantic(backward, setup=setup, rounds=rounds, warmup_rounds=2)
 
 
-def isa_table(repeats=30, steps=10):
+def isa_table(repeats=30, steps=10, isas=None):
     """The full step at 128 x 100 x 3, D = 512, float32, with and without features, for the reference and the
-    torch backend with its kernel built for each instruction set this CPU runs: the fastest of ``repeats``
-    batches of ``steps`` steps in CPU time of this thread (robust on a shared machine, unlike wall-clock time
-    with several OpenMP threads), one intra-op thread. ``python bench/bench_loss.py``."""
+    torch backend with its kernel built for each instruction set this CPU runs, the students given as lists and
+    stacked: the fastest of ``repeats`` batches of ``steps`` steps in CPU time of this thread (robust on a shared
+    machine, unlike wall-clock time with several OpenMP threads), one intra-op thread, every figure of a build
+    interleaved in one loop. Feature share = 1 - logits only / with features; "logits+pass": the logits-only step
+    with a plain elementwise pass over the feature term's bytes added (see ``step``), and "share floor" the feature
+    share that pass alone gives: the part of the feature term that is memory traffic on this machine, not the loss's
+    work. ``python bench/bench_loss.py``."""
     import time
 
     torch.set_num_threads(1)
-    teacher, students, target, f_t, f_s = _inputs(128, 100, torch.float32)
-    leaves = [teacher, *students, *f_s]
 
-    def step(backend, features):
+    def step(backend, features, stacked, plain_pass=False):
+        """One step; ``plain_pass``: logits only, plus a plain elementwise pass moving the feature term's bytes
+        (the K student features and the teacher's read, a fresh [K, B, D] written and kept until the next step,
+        as a gradient is) between the forward and the backward: the floor any feature term has on this machine."""
+        teacher, students, target, f_t, f_s = _inputs(128, 100, torch.float32, stacked=stacked)
+        leaves = _leaves(teacher, students, f_s)
+        feats = (f_t, f_s) if features else ()
+        kept = [None]
+
         def run():
             for t in leaves:
                 t.grad = None
-            feats = (f_t, f_s) if features else ()
-            teskd_loss(teacher, students, target, *feats, backend=backend).backward()
+            kept[0] = None
+            loss = teskd_loss(teacher, students, target, *feats, backend=backend)
+            if plain_pass:
+                with torch.no_grad():
+                    out = torch.empty((K, *f_t.shape))
+                    for k in range(K):
+                        torch.sub(f_s[k], f_t, out=out[k])
+                kept[0] = out
+            loss.backward()
 
         return run
 
     builds = {"torch": "native", **ISA_PROVIDERS}
-    print(f"{'provider':14s} {'built for':10s} {'features':>10s} {'logits':>10s} {'reference':>10s} "
-          f"{'speed-up':>9s} {'feature share':>14s}")  # fmt: skip
+    builds = {provider: isa for provider, isa in builds.items() if isas is None or isa in isas}
+    print(f"{'provider':14s} {'built for':9s} {'form':8s} {'features':>9s} {'logits':>9s} {'reference':>10s} "
+          f"{'speed-up':>8s} {'feature share':>13s} {'logits+pass':>11s} {'share floor':>11s}")  # fmt: skip
     for provider, isa in builds.items():
         os.environ[cpu_kernel.ENV_ISA] = isa
         built = cpu_kernel.reload()
-        fns = {"features": step("torch", True), "logits": step("torch", False), "reference": step("reference", True)}
+        fns = {"reference": step("reference", True, False)}
+        for form, stacked in (("list", False), ("stacked", True)):
+            fns[form, "features"] = step("torch", True, stacked)
+            fns[form, "logits"] = step("torch", False, stacked)
+            fns[form, "pass"] = step("torch", False, stacked, plain_pass=True)
         best = dict.fromkeys(fns, float("inf"))
         for fn in fns.values():
             fn()
@@ -209,10 +247,20 @@ def isa_table(repeats=30, steps=10):
                 for _ in range(steps):
                     fn()
                 best[name] = min(best[name], (time.thread_time() - start) / steps)
-        print(f"{provider:14s} {built:10s} {best['features'] * 1e6:8.0f}us {best['logits'] * 1e6:8.0f}us "
-              f"{best['reference'] * 1e6:8.0f}us {best['reference'] / best['features']:8.2f}x "
-              f"{1 - best['logits'] / best['features']:14.2f}")  # fmt: skip
+        for form in ("list", "stacked"):
+            with_f, logits, ref = best[form, "features"], best[form, "logits"], best["reference"]
+            floor = best[form, "pass"]
+            print(f"{provider:14s} {built:9s} {form:8s} {with_f * 1e6:7.0f}us {logits * 1e6:7.0f}us "
+                  f"{ref * 1e6:8.0f}us {ref / with_f:7.2f}x {1 - logits / with_f:13.2f} "
+                  f"{floor * 1e6:9.0f}us {1 - logits / floor:11.2f}")  # fmt: skip
 
 
 if __name__ == "__main__":
-    isa_table()
+    import argparse
+
+    parser = argparse.ArgumentParser(description="The fused CPU loss per instruction-set build, in CPU time.")
+    parser.add_argument("--repeats", type=int, default=30, help="batches of steps; the fastest counts (default 30)")
+    parser.add_argument("--steps", type=int, default=10, help="steps per batch (default 10)")
+    parser.add_argument("--isa", nargs="+", choices=("native", "avx2", "generic"), help="builds (default: all)")
+    args = parser.parse_args()
+    isa_table(args.repeats, args.steps, args.isa)

@@ -249,6 +249,10 @@ _OPTIONS = {}
 
 
 def _pointers(tensors):
+    """The K data pointers of K tensors, or of the K slices of one contiguous ``[K, ...]`` tensor (no views made)."""
+    if isinstance(tensors, torch.Tensor):
+        base, step = tensors.data_ptr(), tensors.stride(0) * tensors.element_size()
+        return (ctypes.c_void_p * tensors.shape[0])(*range(base, base + tensors.shape[0] * step, step))
     return (ctypes.c_void_p * len(tensors))(*(t.data_ptr() for t in tensors))
 
 
@@ -291,7 +295,8 @@ def fused_loss(
     out-of-range one).
 
     Inputs: contiguous CPU tensors of one dtype, float32 or float64: teacher ``[B, C]``, students a sequence of
-    K ``[B, C]``, features ``[B, D]`` and K ``[B, D]`` (or None); target int64 ``[B]``; ``options`` a
+    K ``[B, C]`` or one ``[K, B, C]``, features ``[B, D]`` and K ``[B, D]`` or one ``[K, B, D]`` (or None); target
+    int64 ``[B]``; ``options`` a
     :class:`~teskd_fast.loss.options.LossOptions`.
     Returns ``(total, parts, grad)``, ``grad`` the ``[K + 1, B, C]`` gradient of the logits (teacher first); with
     ``with_feature_grad`` (and features), also the ``[K, B, D]`` gradient of the student features, unscaled by
@@ -341,7 +346,8 @@ def fused_loss(
 
 
 def feature_grad(teacher_feature, student_features, scale):
-    """``scale * (f_k - f_t) * [f_k > 0 or f_t > 0]`` for the K student features, as one ``[K, B, D]`` tensor."""
+    """``scale * (f_k - f_t) * [f_k > 0 or f_t > 0]`` for the K student features (K ``[B, D]`` tensors or one
+    ``[K, B, D]``), as one ``[K, B, D]`` tensor."""
     K = len(student_features)
     B, D = teacher_feature.shape
     dtype = teacher_feature.dtype

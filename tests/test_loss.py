@@ -217,6 +217,47 @@ def test_gradcheck_torch_backend(cpu_path):
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7)
 
 
+def _graph_nodes(root):
+    """The names of the autograd nodes reachable from ``root``."""
+    names, todo = set(), [root]
+    while todo:
+        node = todo.pop()
+        if node is not None and type(node).__name__ not in names:
+            names.add(type(node).__name__)
+            todo += [n for n, _ in node.next_functions]
+    return names
+
+
+@pytest.mark.parametrize("form", ["stacked logits, list features", "list logits, stacked features"])
+def test_torch_backend_mixed_student_forms(form, cpu_path):
+    """Stacked students enter the loss as one tensor and get their gradient as one block: no unbind of the input,
+    no stack of the K gradients in autograd; a list's tensors get theirs directly. Any mix of the two forms."""
+    B, C, K, D = 9, 30, 3, 16
+    teacher, students, target, (f_t, f_s) = make_inputs(B, C, K, D, dtype=torch.float64)
+    stacked_logits = form.startswith("stacked")
+    s = students.clone().requires_grad_()
+    fs = f_s.clone().requires_grad_()
+    s_arg = s if stacked_logits else list(s.unbind(0))
+    fs_arg = list(fs.unbind(0)) if stacked_logits else fs
+    t = teacher.clone().requires_grad_()
+    total = teskd_loss(t, s_arg, target, f_t, fs_arg, backend="torch", feat_weight=0.05)
+    grad_out = torch.tensor(-0.8, dtype=torch.float64)
+    total.backward(grad_out)
+    want = reference64(teacher, students, target, (f_t, f_s), grad_out, feat_weight=0.05)
+    assert_close(total, want[0], torch.float64, "total", scale=10)
+    assert_close(t.grad, want[2], torch.float64, "grad teacher")
+    assert_close(s.grad, want[3], torch.float64, "grad students")
+    assert_close(fs.grad, want[4], torch.float64, "grad student features")
+
+    # Both stacked: the loss's node takes the two stacked leaves directly, with nothing in between.
+    s2, fs2 = students.clone().requires_grad_(), f_s.clone().requires_grad_()
+    total = teskd_loss(teacher, s2, target, f_t, fs2, backend="torch", feat_weight=0.05)
+    assert _graph_nodes(total.grad_fn) == {"TESKDLossFunctionBackward", "AccumulateGrad"}
+    total.backward(grad_out)
+    assert_close(s2.grad, want[3], torch.float64, "grad stacked students")
+    assert_close(fs2.grad, want[4], torch.float64, "grad stacked student features")
+
+
 def test_module_accepts_teskd_output_and_positional():
     teacher, students, target, feats = make_inputs(6, 12, 3, 8)
     crit = TESKDLoss(temperature=3.0, backend="torch")

@@ -33,12 +33,16 @@ def _shape(t):
     return tuple(t.shape)
 
 
-def _heads(name, value, expect_rank):
-    """A sequence of K tensors, or one tensor with a leading K dimension -> :class:`_Heads`.
+def _heads(name, value, expect_rank, flatten=None):
+    """A sequence of K tensors, or one tensor with a leading K dimension -> :class:`_Heads`; ``flatten`` (if given)
+    is applied to each tensor first.
 
-    Lists are not stacked here: the torch backend takes the K tensors as they are (no copy); the others stack.
+    Neither form is converted here: the torch backend takes a stacked tensor as one input and a sequence as its K
+    tensors (no copy, no views); the others stack a sequence, or unbind a stacked tensor, on demand.
     """
     if isinstance(value, torch.Tensor):
+        if flatten is not None:
+            value = flatten(value)
         if value.dim() != expect_rank + 1:
             raise ValueError(
                 f"{name}: expected a [K, B, {'C' if name == 'student_logits' else 'D'}] tensor or a sequence of K "
@@ -46,44 +50,55 @@ def _heads(name, value, expect_rank):
             )
         if value.shape[0] == 0:
             raise ValueError(f"{name}: K = 0 students (a tensor of shape {_shape(value)}); TESKD needs at least one")
-        return _Heads(value, value.unbind(0))
+        return _Heads(value, None)
     if not isinstance(value, Sequence) or isinstance(value, str):
         raise TypeError(f"{name}: expected a tensor or a sequence of tensors, got {type(value).__name__}")
     if len(value) == 0:
         raise ValueError(f"{name}: K = 0 students; TESKD needs at least one student")
+    tensors = []
     for i, t in enumerate(value):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}[{i}]: expected a tensor, got {type(t).__name__}")
-    shape, dtype = value[0].shape, value[0].dtype
-    if any(t.shape != shape for t in value):
-        raise ValueError(f"{name}: the K tensors differ in shape: {[_shape(t) for t in value]}")
-    if any(t.dtype != dtype for t in value):
-        raise TypeError(f"{name}: the K tensors differ in dtype: {[t.dtype for t in value]}")
-    return _Heads(None, tuple(value))
+        tensors.append(t if flatten is None else flatten(t))
+    shape, dtype = tensors[0].shape, tensors[0].dtype
+    for t in tensors:
+        if t.shape != shape:
+            raise ValueError(f"{name}: the K tensors differ in shape: {[_shape(t) for t in tensors]}")
+        if t.dtype != dtype:
+            raise TypeError(f"{name}: the K tensors differ in dtype: {[t.dtype for t in tensors]}")
+    return _Heads(None, tuple(tensors))
 
 
 class _Heads:
-    """K per-student tensors, with the stacked ``[K, ...]`` form made on demand (once)."""
+    """K per-student tensors, given stacked (one ``[K, ...]`` tensor) or as K tensors; the other form is made on
+    demand (once)."""
 
     def __init__(self, stacked, tensors):
-        self._stacked, self.tensors = stacked, tensors
+        self._stacked, self._tensors = stacked, tensors
+        self.is_stacked = stacked is not None
+        given = stacked if stacked is not None else tensors[0]
+        self.shape = tuple(stacked.shape) if stacked is not None else (len(tensors), *given.shape)
+        self.dtype = given.dtype
 
     def __len__(self):
-        return len(self.tensors)
+        return self.shape[0]
+
+    @property
+    def inputs(self):
+        """The tensors as given: ``(stacked,)`` or the K tensors."""
+        return (self._stacked,) if self.is_stacked else self._tensors
 
     @property
     def stacked(self):
         if self._stacked is None:
-            self._stacked = torch.stack(self.tensors, 0)
+            self._stacked = torch.stack(self._tensors, 0)
         return self._stacked
 
     @property
-    def shape(self):
-        return (len(self.tensors), *self.tensors[0].shape)
-
-    @property
-    def dtype(self):
-        return self.tensors[0].dtype
+    def tensors(self):
+        if self._tensors is None:
+            self._tensors = self._stacked.unbind(0)
+        return self._tensors
 
 
 def _flat_feature(t):
@@ -155,11 +170,7 @@ def _features(teacher_feature, student_features, K, B):
         raise ValueError(
             f"teacher_feature: expected [B, D] or [B, D, 1, 1] with B = {B}, got {_shape(teacher_feature)}"
         )
-    if isinstance(student_features, torch.Tensor):
-        student_features = _flat_feature(student_features)
-    elif isinstance(student_features, Sequence) and not isinstance(student_features, str):
-        student_features = [_flat_feature(f) if isinstance(f, torch.Tensor) else f for f in student_features]
-    f_s = _heads("student_features", student_features, 2)
+    f_s = _heads("student_features", student_features, 2, _flat_feature)
     if len(f_s) != K:
         raise ValueError(f"student_features: {len(f_s)} students, but student_logits has K = {K}")
     if f_s.shape[1:] != f_t.shape:
@@ -231,9 +242,9 @@ def _validate(teacher_logits, student_logits, target, teacher_feature, student_f
     _check_students(students, teacher_logits)
     _check_target(target, B)
     feats = _features(teacher_feature, student_features, len(students), B)
-    named = [("target", target), *(("student_logits", t) for t in students.tensors)]
+    named = [("target", target), *(("student_logits", t) for t in students.inputs)]
     if feats is not None:
-        named += [("teacher_feature", feats[0]), *(("student_features", t) for t in feats[1].tensors)]
+        named += [("teacher_feature", feats[0]), *(("student_features", t) for t in feats[1].inputs)]
     _check_devices(teacher_logits.device, named)
     return students, feats, _head_weights(head_weights, len(students)), _backend(backend, teacher_logits, feats)
 
@@ -320,11 +331,12 @@ def teskd_loss(
         )  # fmt: skip
         parts = torch.stack([ce, kd, feat]).detach()
     elif backend == "torch":
-        features = () if f_s is None else f_s.tensors
+        # Stacked students (logits or features) enter as one tensor, a sequence as its K tensors.
+        layout = (len(students), students.is_stacked, f_s is not None and f_s.is_stacked)
+        features = () if f_s is None else f_s.inputs
         total, parts = TESKDLossFunction.apply(
-            teacher_logits, target.long(), f_t, head_weights, options, len(students), fused, *students.tensors,
-            *features,
-        )  # fmt: skip
+            teacher_logits, target.long(), f_t, head_weights, options, layout, fused, *students.inputs, *features
+        )
     else:
         from teskd_fast.kernels.teskd_loss import teskd_loss_triton
 

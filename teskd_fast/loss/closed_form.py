@@ -35,39 +35,48 @@ def use_fused(device):
 
 
 class TESKDLossFunction(torch.autograd.Function):
-    """``apply(teacher, target, teacher_feature, head_weights, options, K, fused, *students, *student_features)``:
-    the K students' logits (and features, when ``teacher_feature`` is given) as separate tensors, so that lists
-    are never stacked; ``options`` a :class:`~teskd_fast.loss.options.LossOptions`; ``fused``: run the fused CPU
-    kernel (CPU tensors, eager mode, kernel built: see :func:`use_fused`), else the batched ops.
-    Returns ``(total, parts)``."""
+    """``apply(teacher, target, teacher_feature, head_weights, options, layout, fused, *students, *student_features)``:
+    ``layout = (K, stacked_logits, stacked_features)``; the students' logits (and features, when ``teacher_feature``
+    is given) are either one stacked ``[K, B, ...]`` tensor or K separate tensors, and enter as given, so that lists
+    are never stacked and a stacked tensor gets its gradient as one block (no unbind, no stack in autograd);
+    ``options`` a :class:`~teskd_fast.loss.options.LossOptions`; ``fused``: run the fused CPU kernel (CPU tensors,
+    eager mode, kernel built: see :func:`use_fused`), else the batched ops. Returns ``(total, parts)``."""
 
     @staticmethod
-    def forward(ctx, teacher, target, teacher_feature, head_weights, options, K, fused, *tensors):
+    def forward(ctx, teacher, target, teacher_feature, head_weights, options, layout, fused, *tensors):
         T, ce_weight, kd_weight, feat_weight, kd_eps, detach_teacher, label_smoothing, ignore_index = options
-        students, student_features = tensors[:K], tensors[K:] or None
+        K, stacked_logits, stacked_features = layout
+        n = 1 if stacked_logits else K  # inputs holding the student logits
         acc = torch.float64 if teacher.dtype == torch.float64 else torch.float32
         # Gradients go back in the input dtypes (the students share the teacher's, checked by teskd_loss).
-        ctx.dtypes = (teacher.dtype, None if teacher_feature is None else tensors[K].dtype)
-        ctx.K = K
+        ctx.dtypes = (teacher.dtype, None if teacher_feature is None else tensors[n].dtype)
+        ctx.layout = layout
+        # The logits-only case has no gradient for the non-differentiable parts to materialise.
+        ctx.set_materialize_grads(False)
         if fused:
             cast = [t if t.dtype == acc and t.is_contiguous() else t.to(acc).contiguous() for t in (teacher, *tensors)]
             f_t = None if teacher_feature is None else teacher_feature.to(acc).contiguous()
-            kernel_args = (cast[0], cast[1 : K + 1], target.contiguous(), f_t, cast[K + 1 :] or None, head_weights)
+            # K [B, ...] tensors, or one contiguous [K, B, ...] tensor: the kernel takes K pointers either way.
+            students = cast[1] if stacked_logits else cast[1 : n + 1]
+            features = None if f_t is None else (cast[n + 1] if stacked_features else cast[n + 1 :])
+            kernel_args = (cast[0], students, target.contiguous(), f_t, features, head_weights)
             # The feature gradient comes from the same pass when a student feature needs it (reading the features
             # once). The first backward hands these buffers out as the gradients (scaled in place); a second one
             # (retain_graph=True) recomputes them from the inputs, checked unmodified.
-            with_feature_grad = f_t is not None and any(ctx.needs_input_grad[7 + K :])
+            with_feature_grad = f_t is not None and any(ctx.needs_input_grad[7 + n :])
             total, parts, grad, *grad_feat = cpu_kernel.fused_loss(*kernel_args, options, with_feature_grad)
             ctx.fused, ctx.feat_scale, ctx.grad = True, 2.0 * feat_weight, grad
             ctx.grad_feat = grad_feat[0] if grad_feat else None
-            ctx.kernel = (kernel_args, options, [t._version for t in (*cast, kernel_args[2])])
-            ctx.save_for_backward(*(() if f_t is None else (f_t, *cast[K + 1 :])))
+            ctx.kernel = (kernel_args, options, cast, [t._version for t in (*cast, kernel_args[2])])
+            ctx.save_for_backward(*(() if f_t is None else (f_t, *cast[n + 1 :])))
             ctx.mark_non_differentiable(parts)
             return total, parts
 
         ctx.fused = False
         B, C = teacher.shape
-        z = torch.stack([teacher, *students], 0)  # [K+1, B, C], ours to overwrite
+        students, student_features = tensors[:n], tensors[n:] or None
+        # [K+1, B, C], ours to overwrite
+        z = torch.cat([teacher.unsqueeze(0), students[0]]) if stacked_logits else torch.stack([teacher, *students])
         if z.dtype != acc:
             z = z.to(acc)
 
@@ -118,7 +127,7 @@ class TESKDLossFunction(torch.autograd.Function):
         # Masked squared error of the student features against the detached teacher feature.
         if teacher_feature is not None:
             f_t = teacher_feature if teacher_feature.dtype == acc else teacher_feature.to(acc)
-            f_s = torch.stack(student_features, 0)
+            f_s = student_features[0] if stacked_features else torch.stack(student_features, 0)
             f_s = f_s if f_s.dtype == acc else f_s.to(acc)
             # [f_s > 0 or f_t > 0] as a float 0/1 mask: float ops are several times faster than bool ones on CPUs.
             mask = torch.maximum(f_s, f_t).gt_(0)
@@ -139,8 +148,12 @@ class TESKDLossFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_total, grad_parts):
         t_dtype, f_dtype = ctx.dtypes
-        K = ctx.K
+        K, stacked_logits, stacked_features = ctx.layout
+        n = 1 if stacked_logits else K
         needs = ctx.needs_input_grad
+        n_inputs = len(needs)
+        if grad_total is None:  # no gradient flows into the total (the parts have none)
+            return (None,) * n_inputs
         if ctx.fused:
             feats = ctx.saved_tensors
             g = float(grad_total)
@@ -152,31 +165,36 @@ class TESKDLossFunction(torch.autograd.Function):
         else:
             grad, *feats = ctx.saved_tensors
             grad = grad * grad_total
-        grads = (grad if grad.dtype == t_dtype else grad.to(t_dtype)).unbind(0)
-        grad_teacher = grads[0] if needs[0] else None
-        grad_students = [grads[k] if needs[6 + k] else None for k in range(1, K + 1)]
-        grad_features = []
-        if feats and any(needs[7 + K :]):
+        grad = grad if grad.dtype == t_dtype else grad.to(t_dtype)  # [K + 1, B, C]
+        grad_teacher = grad[0] if needs[0] else None
+        if stacked_logits:
+            grad_students = [grad[1:] if needs[7] else None]
+        else:
+            rows = grad.unbind(0)
+            grad_students = [rows[k] if needs[6 + k] else None for k in range(1, K + 1)]
+        grad_features = [None] * (n_inputs - 7 - n)
+        if feats and any(needs[7 + n :]):
             if ctx.fused:  # from the forward's pass, else (a second backward) from the saved features, alike
                 grad_feat, ctx.grad_feat = ctx.grad_feat, None
                 if grad_feat is None:
-                    grad_feat = cpu_kernel.feature_grad(feats[0], feats[1:], ctx.feat_scale)
+                    student_features = feats[1] if stacked_features else feats[1:]
+                    grad_feat = cpu_kernel.feature_grad(feats[0], student_features, ctx.feat_scale)
                 if g != 1.0:
                     cpu_kernel.scale_(grad_feat, g)
             else:  # stored by the batched path
                 grad_feat = feats[0] * grad_total
-            grad_feat = (grad_feat if grad_feat.dtype == f_dtype else grad_feat.to(f_dtype)).unbind(0)
-            grad_features = [grad_feat[k] if needs[7 + K + k] else None for k in range(K)]
-        elif feats:
-            grad_features = [None] * K
+            grad_feat = grad_feat if grad_feat.dtype == f_dtype else grad_feat.to(f_dtype)  # [K, B, D]
+            if stacked_features:
+                grad_features = [grad_feat]
+            else:
+                grad_features = [g_k if needs[7 + n + k] else None for k, g_k in enumerate(grad_feat.unbind(0))]
         return grad_teacher, None, None, None, None, None, None, *grad_students, *grad_features
 
     @staticmethod
     def _recompute(ctx):
         """The unscaled logit gradients again, from the inputs of the forward (for a second backward)."""
-        kernel_args, options, versions = ctx.kernel
-        inputs = [kernel_args[0], *kernel_args[1], *(kernel_args[4] or ()), kernel_args[2]]
-        if [t._version for t in inputs] != versions:
+        kernel_args, options, cast, versions = ctx.kernel
+        if [t._version for t in (*cast, kernel_args[2])] != versions:
             raise RuntimeError(
                 "teskd_loss: the logits, student features or target were modified in place after the forward; a "
                 "second backward through this graph (retain_graph=True) needs them unchanged"
