@@ -286,5 +286,5 @@ def check_state_dict(state_dict, expected, target="the network"):
     if wrong:
         shapes = "; ".join(f"{k}: {tuple(state_dict[k].shape)} given, {tuple(expected[k].shape)} expected"
                            for k in wrong[:5])
-        raise ValueError(f"state_dict shapes differ from {target}'s in {len(wrong)} entry(ies): {shapes}"
+        raise ValueError(f"state_dict shapes do not fit {target} in {len(wrong)} entry(ies): {shapes}"
                          + (" ..." if len(wrong) > 5 else ""))
