@@ -1,6 +1,7 @@
 """CIFAR loader: archive formats, shapes, labels, normalisation, augmentation distribution, order, sharding."""
 
 import pickle
+import re
 import tarfile
 
 import numpy as np
@@ -9,7 +10,14 @@ import torch
 import torch.nn.functional as F
 from tolerances import assert_close
 
-from teskd_fast.data import CIFAR_MEAN, CIFAR_STD, CifarLoader, DatasetNotFoundError, cifar_loaders
+from teskd_fast.data import (
+    CIFAR_MEAN,
+    CIFAR_STD,
+    CifarLoader,
+    CorruptDatasetError,
+    DatasetNotFoundError,
+    cifar_loaders,
+)
 
 # A stuck loader (a worker that never answers) fails the test instead of hanging the suite.
 pytestmark = pytest.mark.timeout(300)
@@ -238,6 +246,57 @@ def test_missing_and_bad_input(tmp_path):
         CifarLoader(x, torch.zeros(4), device="cpu", rank=2, world_size=2)
     with pytest.raises(ValueError, match="dtype"):
         CifarLoader(x, torch.zeros(4), device="cpu", dtype=torch.int32)
+
+
+def _small_cifar100(base, train):
+    """A CIFAR-100 folder of 4 test images whose train file holds ``train`` (anything picklable)."""
+    folder = base / "cifar-100-python"
+    folder.mkdir(parents=True)
+    _write(folder, "train", train)
+    _write(folder, "test", {"data": np.zeros((4, 3072), np.uint8), "fine_labels": [0, 1, 2, 3]})
+    _write(folder, "meta", {"fine_label_names": [f"c{i}" for i in range(100)]})
+    return folder
+
+
+GOOD = {"data": np.zeros((8, 3072), np.uint8), "fine_labels": list(range(8))}
+BROKEN_BATCHES = {
+    "no data": ({"fine_labels": [0] * 8}, r"no 'data' entry \(it has \['fine_labels'\]\)"),
+    "no labels": ({"data": GOOD["data"]}, r"no 'fine_labels' entry"),
+    "a list": ([GOOD["data"], GOOD["fine_labels"]], r"holds a pickled list, not a CIFAR python-version batch"),
+    "zero images": ({"data": np.zeros((0, 3072), np.uint8), "fine_labels": []}, r"holds no image"),
+    "wrong shape": ({**GOOD, "data": np.zeros((8, 1024), np.uint8)},
+                    r"data is uint8 of shape \(8, 1024\), expected uint8 \[N, 3072\]"),
+    "labels out of range": ({**GOOD, "fine_labels": [100] * 8},
+                            r"labels in \[100, 100\]; expected 8 integers in \[0, 100\)"),
+    "text data": ({**GOOD, "data": "pixels"}, r"data is <U6 of shape \(\)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN_BATCHES))
+def test_a_broken_batch_file_is_a_corrupt_dataset_error_naming_it(tmp_path, case):
+    content, phrase = BROKEN_BATCHES[case]
+    folder = _small_cifar100(tmp_path, content)
+    with pytest.raises(CorruptDatasetError, match=re.escape(str(folder / "train")) + ": " + phrase):
+        cifar_loaders(tmp_path, device="cpu")
+    # The same file inside the archive: named as archive:member.
+    archive = tmp_path / "archive" / "cifar-100-python.tar.gz"
+    archive.parent.mkdir()
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder, arcname=folder.name)
+    with pytest.raises(CorruptDatasetError, match=re.escape(f"{archive}:train") + ": " + phrase):
+        cifar_loaders(archive.parent, device="cpu")
+
+
+def test_an_archive_cut_in_half_is_a_corrupt_dataset_error_naming_it(tmp_path):
+    folder = _small_cifar100(tmp_path / "src", GOOD)
+    archive = tmp_path / "cifar-100-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder, arcname=folder.name)
+    whole = archive.read_bytes()
+    assert len(cifar_loaders(tmp_path, device="cpu")[0].labels) == 8
+    archive.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(CorruptDatasetError, match=re.escape(str(archive)) + ": cannot read the archive"):
+        cifar_loaders(tmp_path, device="cpu")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: the split resident in GPU memory")

@@ -2,18 +2,24 @@
 
 import importlib.util
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 from test_data_imagenet import CLASSES, make_image_folder
 
-from teskd_fast.data import BadImageError, imagenet_loaders, scan_image_folder
+from teskd_fast.data import BadImageError, DatasetNotFoundError, imagenet_loaders, scan_image_folder
 from teskd_fast.data.folder import index_image_folder
 from teskd_fast.data.nvjpeg import NvjpegImageLoader
+from teskd_fast.data.scan import CacheNotWrittenWarning
 from teskd_fast.data.scan import main as scan_main
+
+REPO = Path(__file__).resolve().parents[1]
 
 # A stuck loader (a worker that never answers) fails the test instead of hanging the suite.
 pytestmark = pytest.mark.timeout(300)
@@ -121,3 +127,75 @@ def test_nvjpeg_path_rejects_png_named_jpeg(dirty):
         for _ in loader:
             pass
     assert any(str(p) in str(info.value) for p in bad.values())
+
+
+def _scan_command(*argv):
+    """``teskd-scan ARGV`` in a fresh process, through the console script's entry point."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    entry = "import sys; from teskd_fast.data.scan import main; sys.exit(main())"
+    return subprocess.run([sys.executable, "-c", entry, *map(str, argv), "--workers", "1"], capture_output=True,
+                          text=True, timeout=120, env=env, cwd=REPO)
+
+
+def _printed_bad(done):
+    return sorted(line.split(":")[0][4:] for line in done.stdout.splitlines() if line.startswith("BAD "))
+
+
+@pytest.mark.parametrize("clean", [True, False])
+def test_a_cache_that_cannot_be_written_is_a_warning_and_the_findings_stand(dirty, tmp_path, clean):
+    root, bad = dirty
+    if clean:
+        root = make_image_folder(tmp_path / "clean", np.random.default_rng(3), per_class=1, splits=("val",))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    cache = blocker / "scan.json"
+    done = _scan_command(root, "--cache", cache)
+    # The status the findings give (0 clean, 1 bad files), the bad files printed, a warning naming the path.
+    assert done.returncode == (0 if clean else 1), done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
+    assert _printed_bad(done) == ([] if clean else sorted(str(p) for p in bad.values()))
+    warning = done.stderr.strip()
+    assert warning.startswith(f"teskd-scan: warning: cannot write the scan cache {cache}") and "--cache PATH" in warning
+    assert "written to" not in done.stdout and blocker.read_text() == ""
+    # The library: the same reason in the report, as a CacheNotWrittenWarning.
+    with pytest.warns(CacheNotWrittenWarning, match=re.escape(str(cache))):
+        report = scan_image_folder(root, workers=1, cache=cache)
+    assert report.cache_path is None and str(cache) in report.cache_error and report.ok == clean
+
+
+def test_a_read_only_dataset_is_scanned_and_reported(dirty, tmp_path, lock_folder):
+    root, bad = dirty
+    local = tmp_path / "data"
+    shutil.copytree(root, local)
+    lock_folder(local)
+    done = _scan_command(local)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stdout + done.stderr
+    assert len(_printed_bad(done)) == len(bad)
+    assert f"cannot write the scan cache {local / 'teskd_scan.json'}" in done.stderr and "--cache PATH" in done.stderr
+    assert sorted(p.name for p in local.iterdir()) == ["train", "val"]
+
+
+def test_a_class_folder_without_a_good_image_is_a_finding_the_loaders_agree_with(tmp_path):
+    root = make_image_folder(tmp_path / "data", np.random.default_rng(5), per_class=1)
+    empty = root / "train" / "n04_empty"
+    empty.mkdir()
+    # A class whose only file is bad has no good image either.
+    spoilt = root / "val" / CLASSES[2]
+    for path in spoilt.iterdir():
+        path.write_bytes(b"not a JPEG")
+    done = _scan_command(root)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stdout + done.stderr
+    lines = [line for line in done.stdout.splitlines() if line.startswith("EMPTY ")]
+    assert len(lines) == 2, done.stdout
+    assert lines[0].startswith(f"EMPTY {empty}: class folder with no image file") and "loaders refuse it" in lines[0]
+    assert lines[1].startswith(f"EMPTY {spoilt}: class folder with no good image (its 1 file(s) are bad)")
+    report = scan_image_folder(root, workers=1, write_cache=False)
+    assert not report.ok and [p for p, _ in report.empty_classes] == [str(empty), str(spoilt)]
+    # The loaders refuse the same folders, with the scan's cache (written by the command) or without it.
+    for use_scan, phrase in ((True, "has no readable image"), (False, "holds no image file")):
+        with pytest.raises(DatasetNotFoundError, match=re.escape(str(empty)) + ".* " + phrase):
+            imagenet_loaders(root, batch_size=2, backend="torchvision", device="cpu", workers=0, use_scan=use_scan)
+    empty.rmdir()
+    assert [p for p, _ in scan_image_folder(root, workers=1).empty_classes] == [str(spoilt)]
+    with pytest.raises(DatasetNotFoundError, match=re.escape(str(spoilt)) + " has no readable image"):
+        imagenet_loaders(root, batch_size=2, backend="torchvision", device="cpu", workers=0)

@@ -259,16 +259,30 @@ def test_state_dict_crosses_formulations_and_official_load():
 def test_official_load_rejects_wrong_keys_and_shapes():
     model = teskd_fast.create_model("resnet18", 10, stem="cifar", formulation="fast", width=0.125)
     sd = model.state_dict()
+    before = {k: v.clone() for k, v in sd.items()}
     bad = dict(sd)
     bad["fuse_4.0.weight"] = bad.pop("fuse_3.0.weight")
-    with pytest.raises(KeyError, match=r"missing keys \['fuse_3.0.weight'\], unexpected keys \['fuse_4.0.weight'\]"):
+    with pytest.raises(ValueError, match=r"1 missing key\(s\) \['fuse_3.0.weight'\]; 1 unexpected key\(s\) "
+                                         r"\['fuse_4.0.weight'\]"):
         model.load_official_state_dict(bad)
+    # Many missing keys: the first five, sorted, and the count; not the whole list.
+    bad = {k: v for k, v in sd.items() if not k.startswith("layer4.")}
+    n = len(sd) - len(bad)
+    with pytest.raises(ValueError, match=rf"{n} missing key\(s\) \['layer4.0.bn1.bias', .*\({n} in all\)\]$") as info:
+        model.load_official_state_dict(bad)
+    assert str(info.value).count("layer4.") == 5
     bad = dict(sd)
     bad["fc_b1.weight"] = torch.zeros(11, 64)
-    with pytest.raises(ValueError, match=r"fc_b1.weight: \(11, 64\) != \(10, 64\)"):
+    with pytest.raises(ValueError, match=r"1 entry\(ies\): fc_b1.weight: \(11, 64\) given, \(10, 64\) expected"):
+        model.load_official_state_dict(bad)
+    bad = dict(sd)
+    bad["fc_b1.bias"] = [0.0] * 10
+    with pytest.raises(TypeError, match=r"entry 'fc_b1.bias' is a list, not a tensor"):
         model.load_official_state_dict(bad)
     with pytest.raises(TypeError, match="state_dict"):
         model.load_official_state_dict([1, 2])
+    # A refused checkpoint changes nothing.
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 @pytest.mark.parametrize("formulation", ["faithful", "fast"])
@@ -403,9 +417,6 @@ def test_bad_arguments_are_named():
         teskd_fast.create_model("resnext50_32x4d", 10, width=0.1)
     with pytest.raises(ValueError, match="num_classes"):
         teskd_fast.create_model("resnet18", 0, width=0.125)
-    model = teskd_fast.create_model("resnet18", 10, width=0.125)
-    with pytest.raises(ValueError, match=r"image batch \[B, 3, H, W\], got shape \(3, 32, 32\)"):
-        model(torch.randn(3, 32, 32))
     with pytest.raises(TypeError, match="features_only"):
         teskd_fast.wrap(nn.Linear(3, 3), 10)
     with pytest.raises(TypeError, match="export_teacher"):
@@ -466,3 +477,61 @@ def test_interpolation_statistics_are_built_once():
     col, gram = resize_statistics(7, 14, torch.float64, torch.device("cpu"))
     assert_close(col, a.sum(0), torch.float64, "column sums")
     assert_close(gram, a.t() @ a, torch.float64, "Gram matrix")
+
+
+@pytest.mark.parametrize("formulation", ["faithful", "fast"])
+def test_bad_input_is_refused_up_front_with_what_was_expected(formulation):
+    model = teskd_fast.create_model("resnet18", 10, stem="cifar", formulation=formulation, width=0.125)
+    x = torch.randn(2, 3, 16, 16)
+    cases = [
+        (torch.randn(2, 1, 16, 16), ValueError, r"expected a float32 \[B, 3, H, W\] image batch, got float32 of "
+                                                r"shape \[2, 1, 16, 16\]"),
+        (torch.randn(3, 16, 16), ValueError, r"got float32 of shape \[3, 16, 16\]"),
+        ((x * 255).to(torch.uint8), TypeError, r"float32 \[B, 3, H, W\] image batch, got uint8 .*convert"),
+        (x.long(), TypeError, r"float32 \[B, 3, H, W\] image batch, got int64 of shape \[2, 3, 16, 16\]"),
+        (x.double(), TypeError, r"float32 \[B, 3, H, W\] image batch, got float64 .*dtype must be the network's"),
+        (x.numpy(), TypeError, r"float32 \[B, 3, H, W\] image batch, got ndarray"),
+    ]
+    for bad, error, message in cases:
+        for call in (model, model.teacher_forward):
+            with pytest.raises(error, match=message):
+                call(bad)
+    # Under autocast float32 / bfloat16 / float16 inputs mix (autocast casts them), float64 does not.
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            assert model(x.to(dtype)).logits.dtype == torch.bfloat16
+        with pytest.raises(TypeError, match="got float64"):
+            model(x.double())
+    # A network cast to another dtype takes inputs of that dtype, and refuses float32 ones.
+    for dtype in (torch.float64, torch.bfloat16):
+        cast = teskd_fast.create_model("resnet18", 10, stem="cifar", formulation=formulation, width=0.125).to(dtype)
+        with torch.no_grad():
+            assert cast(x.to(dtype)).logits.dtype == dtype
+        with pytest.raises(TypeError, match=rf"expected a {str(dtype)[6:]} \[B, 3, H, W\] image batch, got float32"):
+            cast(x)
+
+
+def test_a_backbone_with_other_input_channels_is_checked_against_them():
+    backbone = torchvision.models.resnet18(num_classes=10)
+    backbone.conv1 = nn.Conv2d(1, 64, 7, 2, 3, bias=False)
+    model = teskd_fast.wrap(backbone, 10)
+    assert model(torch.randn(2, 1, 32, 32)).logits.shape == (2, 10)
+    with pytest.raises(ValueError, match=r"expected a float32 \[B, 1, H, W\] image batch, got float32 of shape "
+                                         r"\[2, 3, 32, 32\]"):
+        model(torch.randn(2, 3, 32, 32))
+
+
+def test_the_baseline_network_checks_its_input_and_the_exported_teacher_stays_plain():
+    from teskd_fast.train.build import build_model
+    from teskd_fast.train.config import resolve
+
+    baseline = build_model(resolve({"method": "baseline", "width": 0.125}), 10)
+    assert type(baseline) is torchvision.models.ResNet
+    assert baseline(torch.randn(2, 3, 8, 8)).shape == (2, 10)
+    with pytest.raises(TypeError, match=r"float32 \[B, 3, H, W\] image batch, got int64"):
+        baseline(torch.zeros(2, 3, 8, 8, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"\[B, 3, H, W\] image batch, got float32 of shape \[2, 4, 8, 8\]"):
+        baseline(torch.zeros(2, 4, 8, 8))
+    # The library's export is torchvision's ResNet with no hook of ours (TorchScript and ONNX take it as it is).
+    teacher = teskd_fast.export_teacher(teskd_fast.create_model("resnet18", 10, width=0.125))
+    assert not teacher._forward_pre_hooks

@@ -142,3 +142,21 @@ def test_einops_rearrangements_add_no_graph_break_and_no_recompile():
             got = compiled(x, weight, bias)
     assert unique_graphs() == 1 and not counters["graph_break"], (unique_graphs(), dict(counters["graph_break"]))
     assert_close(got, torch.nn.functional.conv2d(x, weight, bias, stride=4), torch.float32, "patch conv")
+
+
+@pytest.mark.parametrize("formulation", ["fast", "faithful"])
+def test_compiled_model_refuses_bad_input_with_the_networks_own_error(formulation):
+    from torch._dynamo.utils import counters
+
+    compiled = teskd_fast.compile_model(tiny(formulation), backend="aot_eager")
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
+        compiled(x)
+        compiled(x)
+        # Refused before the compiled forward runs: the network's TypeError / ValueError, not Dynamo's
+        # "Observed exception" graph break, and no new graph for the bad inputs.
+        with pytest.raises(TypeError, match=r"expected a float32 \[B, 3, H, W\] image batch, got int64"):
+            compiled(x.long())
+        with pytest.raises(ValueError, match=r"got float32 of shape \[4, 1, 16, 16\]"):
+            compiled(x[:, :1])
+    assert unique_graphs() == 1 and not counters["graph_break"], (unique_graphs(), dict(counters["graph_break"]))

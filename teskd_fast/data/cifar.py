@@ -10,6 +10,7 @@ import io
 import pickle
 import tarfile
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -102,8 +103,13 @@ def _unpickle(fileobj, name):
         raise CorruptDatasetError(f"{name}: not a CIFAR python-version batch file ({e})") from e
 
 
+def _member_name(source, name):
+    """How messages name the batch file ``name`` of ``source``: its path, or ``archive:member`` in an archive."""
+    return str(source / name) if source.is_dir() else f"{source}:{name}"
+
+
 def _read_members(source, names):
-    """Unpickled dicts of the batch files ``names`` from a folder or a tar archive."""
+    """Unpickled objects of the batch files ``names`` from a folder or a tar archive."""
     if source.is_dir():
         out = {}
         for name in names:
@@ -122,10 +128,47 @@ def _read_members(source, names):
                     raise DatasetNotFoundError(f"{source} has no member {name}: not a CIFAR python-version archive")
                 out[name] = _unpickle(io.BytesIO(tar.extractfile(members[name]).read()), f"{source}:{name}")
             return out
-    except (tarfile.TarError, OSError, EOFError) as e:
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
         if isinstance(e, DatasetNotFoundError):
             raise
         raise CorruptDatasetError(f"{source}: cannot read the archive ({e}); delete it and download it again") from e
+
+
+def _entry(batch, key, where):
+    """``batch[key]`` of an unpickled CIFAR file, or a CorruptDatasetError naming the file and what it holds."""
+    if not isinstance(batch, dict):
+        raise CorruptDatasetError(f"{where}: holds a pickled {type(batch).__name__}, not a CIFAR python-version "
+                                  f"batch (a dict with {key!r})")
+    if key not in batch:
+        keys = sorted(map(str, batch))
+        raise CorruptDatasetError(f"{where}: no {key!r} entry (it has {keys[:8]}{' ...' if len(keys) > 8 else ''}); "
+                                  "not a CIFAR python-version batch file")
+    return batch[key]
+
+
+def _split_arrays(batch, where, labels_key, classes):
+    """(images [N, 3, 32, 32] uint8, labels [N] int64) of one unpickled batch file, checked."""
+    try:
+        data = np.asarray(_entry(batch, "data", where))
+        lab = np.asarray(_entry(batch, labels_key, where))
+    except (TypeError, ValueError) as e:
+        if isinstance(e, CorruptDatasetError):
+            raise
+        raise CorruptDatasetError(f"{where}: its data or labels are not arrays ({e})") from e
+    if data.ndim != 2 or data.shape[1] != 3 * SIZE * SIZE or data.dtype.kind not in "ui":
+        raise CorruptDatasetError(f"{where}: data is {data.dtype} of shape {data.shape}, expected uint8 [N, 3072]")
+    if data.shape[0] == 0:
+        raise CorruptDatasetError(f"{where}: holds no image (data has shape {data.shape})")
+    if data.dtype != np.uint8 and (data.min() < 0 or data.max() > 255):
+        raise CorruptDatasetError(f"{where}: pixel values in [{data.min()}, {data.max()}], expected 0..255")
+    n = data.shape[0]
+    if lab.shape != (n,) or lab.dtype.kind not in "ui":
+        found = f"labels {lab.dtype} of shape {lab.shape} for {n} images"
+    elif lab.min() < 0 or lab.max() >= classes:
+        found = f"labels in [{lab.min()}, {lab.max()}]"
+    else:
+        return data.astype(np.uint8, copy=False).reshape(-1, 3, SIZE, SIZE), lab.astype(np.int64, copy=False)
+    raise CorruptDatasetError(f"{where}: {found}; expected {n} integers in [0, {classes})")
 
 
 def load_cifar(root, dataset="cifar100", download=False):
@@ -142,6 +185,12 @@ def load_cifar(root, dataset="cifar100", download=False):
 
     Returns:
         dict with "train" and "test", each (images, labels), and "classes" (the class names).
+
+    Raises:
+        DatasetNotFoundError: the dataset, a batch file or an archive member is missing.
+        CorruptDatasetError: an archive that cannot be read, or a batch file that is not a CIFAR batch (not a
+            pickle, not a dict, without ``data`` or labels, no images, wrong shapes or labels); the message names
+            the file (``archive:member`` inside an archive).
     """
     layout = _layout(dataset)
     try:
@@ -152,24 +201,16 @@ def load_cifar(root, dataset="cifar100", download=False):
         _download(root, dataset)
         source = locate_cifar(root, dataset)
     batches = _read_members(source, layout["train"] + layout["test"] + [layout["meta"]])
-    out = {"classes": list(batches[layout["meta"]].get(layout["names"], []))}
+    where = _member_name(source, layout["meta"])
+    names = _entry(batches[layout["meta"]], layout["names"], where)
+    out = {"classes": list(names) if isinstance(names, (list, tuple)) else []}
     if len(out["classes"]) != layout["classes"]:
-        raise CorruptDatasetError(f"{source}:{layout['meta']}: {len(out['classes'])} class names under "
-                                  f"{layout['names']!r}, expected {layout['classes']}")
+        raise CorruptDatasetError(f"{where}: {len(out['classes'])} class names under {layout['names']!r}, "
+                                  f"expected {layout['classes']}")
     for split in ("train", "test"):
-        images, labels = [], []
-        for name in layout[split]:
-            batch = batches[name]
-            data = np.asarray(batch["data"], dtype=np.uint8)
-            if data.ndim != 2 or data.shape[1] != 3 * SIZE * SIZE:
-                raise CorruptDatasetError(f"{source}:{name}: data has shape {data.shape}, expected [N, 3072]")
-            lab = np.asarray(batch[layout["labels"]], dtype=np.int64)
-            if lab.shape != (data.shape[0],) or lab.min() < 0 or lab.max() >= layout["classes"]:
-                raise CorruptDatasetError(f"{source}:{name}: {len(lab)} labels in [{lab.min()}, {lab.max()}] for "
-                                 f"{data.shape[0]} images and {layout['classes']} classes")
-            images.append(data.reshape(-1, 3, SIZE, SIZE))
-            labels.append(lab)
-        out[split] = (torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels)))
+        arrays = [_split_arrays(batches[name], _member_name(source, name), layout["labels"], layout["classes"])
+                  for name in layout[split]]
+        out[split] = tuple(torch.from_numpy(np.concatenate(a)) for a in zip(*arrays))
     return out
 
 

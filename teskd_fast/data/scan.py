@@ -2,39 +2,58 @@
 
 A file is bad when it cannot be decoded completely (truncated, not an image) or when its content is not
 JPEG (the GPU decoders read JPEG only), whatever its name says. Greyscale and CMYK JPEGs that decode are
-good: every backend converts them to RGB. The cache (``ROOT/teskd_scan.json``, or ``--cache PATH``) holds
-the good files per split; the loaders read it when it is present and then never open a bad file.
+good: every backend converts them to RGB. A class folder without a good image is a problem too: the loaders
+refuse it. The cache (``ROOT/teskd_scan.json``, or ``--cache PATH``) holds the good files per split; the
+loaders read it when it is present and then never open a bad file. Where the cache cannot be written (a
+read-only dataset), the scan warns, names the path and carries on: its findings are printed all the same.
+
+Exit status of ``teskd-scan``: 0 every file and class folder is good; 1 bad files or class folders without a
+good image were found (each printed on its own line, ``BAD <path>: <reason>`` or ``EMPTY <folder>: <reason>``);
+2 nothing could be scanned (ROOT is not a folder, or has no class folder). A cache that could not be written
+changes nothing in the status (a warning on stderr says so).
 """
 
 import argparse
+import contextlib
 import io
 import json
 import os
 import sys
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from teskd_fast.data.common import DatasetNotFoundError
-from teskd_fast.data.folder import CACHE_FORMAT, CACHE_NAME, list_classes, list_images
+from teskd_fast.data.folder import CACHE_FORMAT, CACHE_NAME, IMG_EXTENSIONS, list_classes, list_images
 
 SPLITS = ("train", "val")
 
 
+class CacheNotWrittenWarning(UserWarning):
+    """The scan cache could not be written (a read-only dataset): the message names the path and what to do."""
+
+
 @dataclass
 class ScanReport:
-    """Result of :func:`scan_image_folder`: counts, the bad files with reasons, and where the cache went."""
+    """Result of :func:`scan_image_folder`: counts, the bad files and empty class folders with reasons, the cache.
+
+    ``cache_path`` is where the cache was written (None when it was not); ``cache_error`` why it could not be.
+    """
 
     root: Path
     splits: dict = field(repr=False)
     bad: list
     num_files: int
     cache_path: Path | None
+    empty_classes: list = field(default_factory=list)
+    cache_error: str | None = None
 
     @property
     def ok(self):
-        return not self.bad
+        """Nothing the loaders would refuse: no bad file, no class folder without a good image."""
+        return not self.bad and not self.empty_classes
 
 
 def check_image(path, formats=("JPEG",)):
@@ -87,7 +106,10 @@ def scan_image_folder(root, workers=None, cache=None, write_cache=True, formats=
         progress: show a progress bar on stderr.
 
     Returns:
-        ScanReport with ``bad`` = [(path, reason)] sorted by path; ``ok`` is True when nothing was bad.
+        ScanReport with ``bad`` = [(path, reason)] sorted by path, ``empty_classes`` = [(class folder, reason)]
+        for the class folders left without a good image (the loaders refuse them); ``ok`` is True when neither
+        has an entry. A cache that cannot be written (a read-only dataset) gives a
+        :class:`CacheNotWrittenWarning` naming the path, ``cache_path=None`` and the reason in ``cache_error``.
     """
     root = Path(root).expanduser().resolve()
     if not root.is_dir():
@@ -112,26 +134,57 @@ def scan_image_folder(root, workers=None, cache=None, write_cache=True, formats=
         reasons = list(results)
     splits = {s: {"classes": c, "files": []} for s, c in listing.items()}
     bad = []
+    found = {s: [0] * len(c) for s, c in listing.items()}
+    good = {s: [0] * len(c) for s, c in listing.items()}
     for (split, rel, label), path, reason in zip(jobs, paths, reasons):
+        found[split][label] += 1
         if reason is None:
             splits[split]["files"].append([rel, label])
+            good[split][label] += 1
         else:
             bad.append((path, reason))
-    cache_path = None
+    empty = []
+    for split, classes in listing.items():
+        for label, name in enumerate(classes):
+            if good[split][label] == 0:
+                n = found[split][label]
+                what = f"no good image (its {n} file(s) are bad)" if n else \
+                    f"no image file (extensions {', '.join(IMG_EXTENSIONS)})"
+                empty.append((str(split_dirs[split] / name), f"class folder with {what}; the loaders refuse it: "
+                                                              "remove the folder or add images"))
+    cache_path = cache_error = None
     if write_cache:
-        cache_path = Path(cache) if cache is not None else root / CACHE_NAME
+        target = Path(cache) if cache is not None else root / CACHE_NAME
         payload = {"format": CACHE_FORMAT, "root": str(root), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                   "formats": list(formats), "splits": splits, "bad": [{"path": p, "reason": r} for p, r in bad]}
-        # Atomic write: a temporary file in the same folder, then a rename.
-        tmp = cache_path.with_name(cache_path.name + f".tmp{os.getpid()}")
+                   "formats": list(formats), "splits": splits, "bad": [{"path": p, "reason": r} for p, r in bad],
+                   "empty_classes": [{"path": p, "reason": r} for p, r in empty]}
+        cache_error = _write_cache(payload, target, root)
+        cache_path = None if cache_error else target
+    return ScanReport(root, splits, sorted(bad), len(paths), cache_path, sorted(empty), cache_error)
+
+
+def _write_cache(payload, path, root):
+    """Write the cache atomically (a temporary file in the same folder, then a rename).
+
+    Returns None, or why it could not be written (also given as a :class:`CacheNotWrittenWarning`)."""
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    try:
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(payload, f)
-        os.replace(tmp, cache_path)
-    return ScanReport(root, splits, sorted(bad), len(paths), cache_path)
+        os.replace(tmp, path)
+        return None
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        message = (f"cannot write the scan cache {path} ({e.strerror or e}); the findings stand, but the loaders "
+                   f"will not use them: write the cache elsewhere with `teskd-scan {root} --cache PATH` and give "
+                   "it to the loaders (imagenet_loaders(..., scan_cache=PATH))")
+        warnings.warn(message, CacheNotWrittenWarning, stacklevel=3)
+        return message
 
 
 def main(argv=None):
-    """Entry point of ``teskd-scan``: exit status 0 when every file is good, 1 when bad files were found."""
+    """Entry point of ``teskd-scan``; exit status 0 nothing found, 1 bad files or empty class folders, 2 no scan."""
     parser = argparse.ArgumentParser(
         prog="teskd-scan",
         description="Decode-check every image of an ImageFolder tree (ROOT/train/<class>/*.JPEG, ROOT/val/...) in "
@@ -140,7 +193,8 @@ def main(argv=None):
     )
     parser.add_argument("root", help="dataset root (holding train/ and val/) or one ImageFolder split")
     parser.add_argument("--workers", type=int, default=None, help="decoding threads (default: all cores)")
-    parser.add_argument("--cache", default=None, help=f"where to write the cache (default: ROOT/{CACHE_NAME})")
+    parser.add_argument("--cache", default=None, help=f"where to write the cache (default: ROOT/{CACHE_NAME}); for a "
+                        "read-only dataset, a path elsewhere (then pass it to the loaders as scan_cache=PATH)")
     parser.add_argument("--no-cache", action="store_true", help="report only; write no cache")
     parser.add_argument("--allow-png", action="store_true", help="accept PNG files (DALI and torchvision read them)")
     parser.add_argument("--progress", action="store_true", help="progress bar on stderr")
@@ -150,18 +204,27 @@ def main(argv=None):
     formats = ("JPEG", "PNG") if args.allow_png else ("JPEG",)
     start = time.perf_counter()
     try:
-        report = scan_image_folder(args.root, workers=args.workers, cache=args.cache,
-                                   write_cache=not args.no_cache, formats=formats, progress=args.progress)
+        with warnings.catch_warnings():
+            # The report carries the reason; it is printed below as the command's own warning.
+            warnings.simplefilter("ignore", CacheNotWrittenWarning)
+            report = scan_image_folder(args.root, workers=args.workers, cache=args.cache,
+                                       write_cache=not args.no_cache, formats=formats, progress=args.progress)
     except (DatasetNotFoundError, OSError) as e:
         print(f"teskd-scan: error: {e}", file=sys.stderr)
         return 2
     for path, reason in report.bad:
         print(f"BAD {path}: {reason}")
+    for path, reason in report.empty_classes:
+        print(f"EMPTY {path}: {reason}")
+    if report.cache_error:
+        print(f"teskd-scan: warning: {report.cache_error}", file=sys.stderr)
     summary = ", ".join(f"{s or 'root'}: {len(v['files'])} good in {len(v['classes'])} classes"
                         for s, v in report.splits.items())
+    empty = f", {len(report.empty_classes)} class folder(s) without a good image" if report.empty_classes else ""
     print(f"teskd-scan: {report.num_files} files checked in {time.perf_counter() - start:.1f}s ({summary}); "
-          f"{len(report.bad)} bad" + (f"; good-file list written to {report.cache_path}" if report.cache_path else ""))
-    return 1 if report.bad else 0
+          f"{len(report.bad)} bad{empty}"
+          + (f"; good-file list written to {report.cache_path}" if report.cache_path else ""))
+    return 0 if report.ok else 1
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 """torch.compile around the whole TESKD forward (shared backbone plus students)."""
 
+import functools
+
 import torch
 
 
@@ -9,7 +11,9 @@ def compile_model(model, mode=None, fullgraph=True, dynamic=None, backend="induc
     Model code stays eager; this is the call site of ``torch.compile``. The forward has no graph break
     (``fullgraph=True`` by default makes one an error). A training loop compiles once per mode: one graph for
     ``train()`` and one for ``eval()``, both cached, so switching back and forth recompiles nothing; a new input
-    shape does (drop the last partial batch in training). Works under ``torch.autocast`` (bf16/fp16).
+    shape does (drop the last partial batch in training). Works under ``torch.autocast`` (bf16/fp16). A bad input
+    raises the network's own ValueError / TypeError (see ``TESKDNet.check_input``), checked before the compiled
+    forward runs.
 
     Args:
         model: a TESKD network (any formulation; ``fast`` is the one to compile).
@@ -25,4 +29,15 @@ def compile_model(model, mode=None, fullgraph=True, dynamic=None, backend="induc
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"compile_model needs an nn.Module, got {type(model).__name__}")
-    return torch.compile(model, mode=mode, fullgraph=fullgraph, dynamic=dynamic, backend=backend)
+    compiled = torch.compile(model, mode=mode, fullgraph=fullgraph, dynamic=dynamic, backend=backend)
+    check = getattr(model, "check_input", None)
+    if check is not None:
+        # The input check, also run eagerly before the compiled forward: with fullgraph=True Dynamo would report
+        # the check's error as an "Observed exception" graph break instead of the ValueError / TypeError itself.
+        compiled.register_forward_pre_hook(functools.partial(_check_first_argument, check))
+    return compiled
+
+
+def _check_first_argument(check, module, args):
+    if args:
+        check(args[0])

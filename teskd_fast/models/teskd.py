@@ -33,6 +33,52 @@ class ResizeTo(nn.Module):
         return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
 
 
+def _dtype_name(dtype):
+    return str(dtype).removeprefix("torch.")
+
+
+def check_image_batch(x, channels, dtype):
+    """Raise unless ``x`` is an image batch a network with ``channels`` input channels and ``dtype`` weights takes.
+
+    Reads only the shape and dtype (no host synchronisation; under ``torch.compile`` the check is resolved while
+    tracing and costs nothing at run time).
+
+    Args:
+        x: the input batch.
+        channels: the first convolution's input channels (None: any).
+        dtype: the network's parameter dtype. ``x`` must have this dtype; under autocast (on ``x``'s device type)
+            float32, bfloat16 and float16 mix freely (autocast casts them; it never casts float64).
+
+    Raises:
+        TypeError: ``x`` is not a tensor, or has an integer / other dtype than the network's.
+        ValueError: ``x`` is not ``[B, channels, H, W]``.
+    """
+    c = "C" if channels is None else channels
+    want = f"a {_dtype_name(dtype)} [B, {c}, H, W] image batch"
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"expected {want}, got {type(x).__name__}")
+    if x.dim() != 4 or (channels is not None and x.shape[1] != channels):
+        raise ValueError(f"expected {want}, got {_dtype_name(x.dtype)} of shape {list(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"expected {want}, got {_dtype_name(x.dtype)} of shape {list(x.shape)}: convert the images "
+                        f"to {_dtype_name(dtype)} (and normalise them) first")
+    # Autocast casts float32 / bfloat16 / float16 operands to its dtype, never float64 ones.
+    cast = torch.is_autocast_enabled(x.device.type) and torch.float64 not in (x.dtype, dtype)
+    if x.dtype != dtype and not cast:
+        raise TypeError(f"expected {want}, got {_dtype_name(x.dtype)} of shape {list(x.shape)}: the input's dtype "
+                        "must be the network's (or, for float32 / bfloat16 / float16, run under torch.autocast)")
+
+
+def check_resnet_input(net, args):
+    """Forward pre-hook for a plain torchvision ResNet: :func:`check_image_batch` against its ``conv1``.
+
+    ``build_model`` puts it on the baseline's network (an exported teacher); :func:`teskd_fast.export_teacher`
+    returns the ResNet without it, so that the deployed model stays plain torchvision (TorchScript takes it).
+    """
+    if args:
+        check_image_batch(args[0], net.conv1.in_channels, net.conv1.weight.dtype)
+
+
 def conv_bn_relu(cin, cout, kernel=1, stride=1, bias=False):
     return [nn.Conv2d(cin, cout, kernel, stride=stride, bias=bias), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
@@ -113,10 +159,13 @@ class TESKDNet(nn.Module):
         self.fc_b2 = nn.Linear(width, num_classes)
         self.fc_b1 = nn.Linear(width, num_classes)
 
-    @staticmethod
-    def check_input(x):
-        if not isinstance(x, torch.Tensor) or x.dim() != 4:
-            raise ValueError(f"expected an image batch [B, 3, H, W], got shape {tuple(getattr(x, 'shape', ()))}")
+    def check_input(self, x):
+        """Raise a ValueError / TypeError unless ``x`` is an image batch this network takes (see
+        :func:`check_image_batch`): ``[B, 3, H, W]`` in the parameters' dtype, or any floating dtype under autocast."""
+        if self.kind == "resnet":
+            check_image_batch(x, self.conv1.in_channels, self.conv1.weight.dtype)
+        else:
+            check_image_batch(x, None, next(self.backbone.parameters()).dtype)
 
     def stages(self, x):
         """The backbone's stage outputs s1..s4 for the image batch ``x`` ``[B, 3, H, W]``."""
@@ -183,29 +232,59 @@ class TESKDNet(nn.Module):
                 from DataParallel/DDP is removed; a dict with a ``"state_dict"`` or ``"model"`` entry is unpacked).
 
         Raises:
-            KeyError: the key set differs; the message lists the missing and the unexpected keys.
-            ValueError: a tensor's shape differs.
+            TypeError: ``state_dict`` is not a dict, or one of its values is not a tensor (the key is named).
+            ValueError: the key set differs (the first missing and unexpected keys and their counts are named), or
+                a tensor's shape differs (the key and both shapes are named).
         """
         if not isinstance(state_dict, dict):
             raise TypeError(f"expected a state_dict (a dict of tensors), got {type(state_dict).__name__}")
         for key in ("state_dict", "model"):
             if key in state_dict and isinstance(state_dict[key], dict):
                 state_dict = state_dict[key]
-        state_dict = {k[len("module.") :] if k.startswith("module.") else k: v for k, v in state_dict.items()}
-        own = self.state_dict()
-        missing = sorted(set(own) - set(state_dict))
-        unexpected = sorted(set(state_dict) - set(own))
-        if missing or unexpected:
-            raise KeyError(
-                f"checkpoint does not match the TESKD {self.kind} network: missing keys {missing}, "
-                f"unexpected keys {unexpected}"
-            )
-        wrong = [
-            f"{k}: {tuple(v.shape)} != {tuple(own[k].shape)}"
-            for k, v in state_dict.items()
-            if tuple(v.shape) != tuple(own[k].shape)
-        ]
-        if wrong:
-            raise ValueError(f"checkpoint shapes differ from the network's: {wrong}")
+        state_dict = {k[len("module.") :] if isinstance(k, str) and k.startswith("module.") else k: v
+                      for k, v in state_dict.items()}
+        check_state_dict(state_dict, self.state_dict(), f"the TESKD {self.kind} network")
         self.load_state_dict(state_dict, strict=True)
         return self
+
+
+def _some(keys, shown=5):
+    """``'a', 'b', ... (12 in all)``: the first few of ``keys`` and their count."""
+    keys = sorted(keys, key=str)
+    head = ", ".join(repr(k) for k in keys[:shown])
+    return head + (f", ... ({len(keys)} in all)" if len(keys) > shown else "")
+
+
+def check_state_dict(state_dict, expected, target="the network"):
+    """Raise unless ``state_dict`` loads strictly where ``expected`` (a module's ``state_dict()``) came from.
+
+    Args:
+        state_dict: the dict to check.
+        expected: the destination's ``state_dict()`` (its keys and shapes).
+        target: what the destination is, for the messages.
+
+    Raises:
+        TypeError: ``state_dict`` is not a dict, or a value is not a tensor (the first such keys are named).
+        ValueError: the key sets differ (the first few missing and unexpected keys and their counts), or shapes
+            differ (the first few keys, each with the given and the expected shape).
+    """
+    if not isinstance(state_dict, dict):
+        raise TypeError(f"expected a state_dict (a dict of tensors) for {target}, got {type(state_dict).__name__}")
+    missing = set(expected) - set(state_dict)
+    unexpected = set(state_dict) - set(expected)
+    if missing or unexpected:
+        parts = [f"{len(missing)} missing key(s) [{_some(missing)}]" if missing else "",
+                 f"{len(unexpected)} unexpected key(s) [{_some(unexpected)}]" if unexpected else ""]
+        raise ValueError(f"state_dict does not match {target}: {'; '.join(p for p in parts if p)}")
+    not_tensors = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        first = not_tensors[0]
+        raise TypeError(f"state_dict entry {first!r} is a {type(state_dict[first]).__name__}, not a tensor"
+                        + (f" (and {len(not_tensors) - 1} more: {_some(not_tensors[1:])})" if len(not_tensors) > 1
+                           else ""))
+    wrong = [k for k, v in state_dict.items() if tuple(v.shape) != tuple(expected[k].shape)]
+    if wrong:
+        shapes = "; ".join(f"{k}: {tuple(state_dict[k].shape)} given, {tuple(expected[k].shape)} expected"
+                           for k in wrong[:5])
+        raise ValueError(f"state_dict shapes do not fit {target} in {len(wrong)} entry(ies): {shapes}"
+                         + (" ..." if len(wrong) > 5 else ""))

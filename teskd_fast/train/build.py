@@ -110,7 +110,11 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
     model = teskd_fast.create_model(cfg.arch, num_classes, stem=cfg.stem, formulation=cfg.formulation,
                                     width=cfg.width)
     if cfg.method == "baseline":
+        from teskd_fast.models.teskd import check_resnet_input
+
         model = teskd_fast.export_teacher(model)
+        # The teacher alone checks its input as the TESKD network does (a clear error, not one from inside conv2d).
+        model.register_forward_pre_hook(check_resnet_input)
     return model
 
 

@@ -13,15 +13,28 @@ A run folder is used by one training process at a time (:mod:`.runfolder`): a se
 resume continues the same run: a last.pt of another run, or a flag that changes what the run computes (any but
 those in :data:`teskd_fast.train.config.CHANGEABLE_AT_RESUME`), is refused before any work.
 
-Exit status: 0 done; 1 a missing or unusable dataset (any :class:`teskd_fast.data.DatasetError`: the message
-names the path) or checkpoint; 2 a bad flag value, a resume that would change the run, or a run folder in use
-by another run; 3 a non-finite loss; 128 + signal number when stopped by SIGTERM / Ctrl-C (after writing last.pt).
+Exit status (every failure prints one ``teskd-train: ...`` line naming the file, folder or flag; no traceback):
+
+- 0: done.
+- 1: a missing or unusable dataset (any :class:`teskd_fast.data.DatasetError`, whether the check before the run
+  or a loader during it found it, e.g. an image that cannot be decoded: last.pt then holds the last finished
+  epoch), or a checkpoint that is missing, corrupt, of another kind (``--eval-only`` takes a teskd-train
+  checkpoint or a teacher.pt state_dict) or that does not fit the network.
+- 2: a bad flag value or configuration, found before any work: an unknown or invalid value, ``--loader nvjpeg``
+  without CUDA or ``--loader dali`` without DALI, an ``--out`` folder that cannot be created or written, a
+  resume that would change the run, a run folder in use by another run.
+- 3: a non-finite loss.
+- 128 + signal number: stopped by SIGTERM / Ctrl-C (after writing last.pt).
+
+A run that stops before training starts (exit 1 or 2) leaves no run folder behind: it is created once the data
+and the network are built.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -113,16 +126,95 @@ def _eval_config(overrides: dict[str, Any]) -> tuple[TrainConfig, dict[str, Any]
     if isinstance(ckpt, dict) and ckpt.get("format") == CHECKPOINT_FORMAT:
         cfg = resolve(overrides, base=ckpt["config"])
         return cfg, ckpt, path.parent
+    if not _is_state_dict(ckpt):
+        raise ValueError(f"--eval-only {path}: expected a teskd-train checkpoint (last.pt, best.pt) or a teacher.pt "
+                         f"state_dict (a dict of tensors); the file holds {_describe(ckpt)}")
     info_path = path.with_suffix(".json")
     base: dict[str, Any] = {}
     if info_path.is_file():
-        info = json.loads(info_path.read_text())
+        try:
+            info = json.loads(info_path.read_text())
+        except ValueError as e:
+            raise ValueError(f"--eval-only {path}: {info_path} (how to build the teacher) is not JSON: {e}") from e
         base = {k: info[k] for k in ("arch", "stem", "width") if k in info}
         config_yaml = path.parent / "config.yaml"
         if config_yaml.is_file():
             base = {**load_yaml(str(config_yaml)), **base}
     cfg = resolve({**base, **overrides, "method": "baseline"})
     return cfg, {"teacher_state_dict": ckpt}, path.parent
+
+
+def _is_state_dict(obj: Any) -> bool:
+    import torch
+
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _describe(obj: Any) -> str:
+    """What an unpickled object is, in a few words (for the message about a file of the wrong kind)."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return f"a tensor of shape {tuple(obj.shape)}"
+    if isinstance(obj, dict):
+        keys = sorted(map(str, obj))
+        return f"a dict with keys {keys[:5]}" + (f" ... ({len(keys)} in all)" if len(keys) > 5 else "")
+    if isinstance(obj, (list, tuple)):
+        return f"a {type(obj).__name__} of {len(obj)} items"
+    return f"a {type(obj).__name__}"
+
+
+def _check_loader(cfg: TrainConfig) -> None:
+    """Refuse an ImageNet loader this machine cannot run (ConfigError naming --loader and the alternatives)."""
+    if cfg.dataset != "imagenet" or cfg.loader not in ("nvjpeg", "dali"):
+        return
+    import torch
+
+    from teskd_fast.data.imagenet import dali_available
+
+    if cfg.loader == "nvjpeg" and (cfg.device == "cpu" or not torch.cuda.is_available()):
+        where = "--device cpu" if cfg.device == "cpu" else "no CUDA device on this machine"
+        raise ConfigError(f"--loader nvjpeg decodes JPEGs on the GPU and needs CUDA ({where}); use --loader "
+                          "torchvision (Pillow in worker processes) or --loader dali (DALI's CPU mode) here")
+    if cfg.loader == "dali" and not dali_available():
+        raise ConfigError("--loader dali: NVIDIA DALI is not installed (pip install nvidia-dali-cuda130, or the "
+                          "build for your CUDA); or use --loader torchvision, or --loader nvjpeg on CUDA")
+
+
+def _check_run_folder(run_dir: Path) -> None:
+    """Refuse, before any work, a run folder that cannot be created or written (ConfigError naming it)."""
+    existing = run_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        problem = f"{existing} is not a folder"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        problem = f"{existing} is not writable"
+    else:
+        return
+    raise ConfigError(f"--out {run_dir}: the run folder cannot be created or written ({problem}); choose another "
+                      "with --out")
+
+
+def _holds_a_run(run_dir: Path) -> bool:
+    """True (and says so) when a new run's folder already holds another run's last.pt."""
+    if not (run_dir / "last.pt").exists():
+        return False
+    print(f"teskd-train: {run_dir} already holds a run; continue it with --resume {run_dir} or choose another "
+          "--out", file=sys.stderr)
+    return True
+
+
+def _folder_error(run_dir: Path, e: OSError) -> ConfigError:
+    return ConfigError(f"--out {run_dir}: the run folder cannot be created or written ({e.strerror or e}); choose "
+                       "another with --out")
+
+
+def _make_run_folder(run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _folder_error(run_dir, e) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -150,6 +242,13 @@ def _run(cfg: TrainConfig, ckpt: dict[str, Any] | None, run_dir: Path, held: con
     from teskd_fast.train.trainer import Interrupted, NonFiniteLoss, Trainer
 
     try:
+        _check_loader(cfg)
+        if not cfg.eval_only and not cfg.resume:
+            _check_run_folder(run_dir)
+    except ConfigError as e:
+        print(f"teskd-train: error: {e}", file=sys.stderr)
+        return 2
+    try:
         check_dataset(cfg)
     except DatasetError as e:
         print(f"teskd-train: {e}", file=sys.stderr)
@@ -164,18 +263,23 @@ def _run(cfg: TrainConfig, ckpt: dict[str, Any] | None, run_dir: Path, held: con
         if cfg.eval_only:
             return _evaluate_only(cfg, ckpt, run_dir, env)
         if env.is_main:
+            if not cfg.resume and _holds_a_run(run_dir):
+                return 2
+        # The run folder is made once the data and the network are built: a run that cannot start leaves none.
+        trainer = Trainer(cfg, run_dir, env, resume=ckpt)
+        if env.is_main:
             if not cfg.resume:
-                # A resume locked its folder before reading it (_resume_config).
-                run_dir.mkdir(parents=True, exist_ok=True)
+                # A resume locked its folder before reading it (_resolve_args).
+                _make_run_folder(run_dir)
                 lock = held.enter_context(RunLock(run_dir))
-                if (run_dir / "last.pt").exists():
-                    print(f"teskd-train: {run_dir} already holds a run; continue it with --resume {run_dir} or "
-                          "choose another --out", file=sys.stderr)
+                if _holds_a_run(run_dir):  # another run saved there meanwhile
                     return 2
                 lock.remove_stale_temporaries()
-            _write_config(cfg, run_dir)
+            try:
+                _write_config(cfg, run_dir)
+            except OSError as e:
+                raise _folder_error(run_dir, e) from None
         D.barrier(env)
-        trainer = Trainer(cfg, run_dir, env, resume=ckpt)
         if env.is_main:
             what = "resuming" if ckpt else "training"
             at = f" from epoch {trainer.epoch + 1}, batch {trainer.position}" if ckpt else ""
@@ -187,8 +291,11 @@ def _run(cfg: TrainConfig, ckpt: dict[str, Any] | None, run_dir: Path, held: con
         return 0
     except DatasetError as e:
         # Whatever only reading the data reveals (an empty class folder, a missing or corrupt CIFAR file, an
-        # undecodable image): the data package's message, no traceback.
-        print(f"teskd-train: {e}", file=sys.stderr)
+        # undecodable image): the data package's message, no traceback. A run stopped by it keeps the last.pt
+        # of its last finished epoch (nothing is saved mid-epoch here).
+        last = run_dir / "last.pt"
+        saved = f"; {last} holds the last saved state" if not cfg.eval_only and last.exists() else ""
+        print(f"teskd-train: {e}{saved}", file=sys.stderr)
         return 1
     except CheckpointError as e:
         print(f"teskd-train: {e}", file=sys.stderr)
@@ -212,13 +319,24 @@ def _run(cfg: TrainConfig, ckpt: dict[str, Any] | None, run_dir: Path, held: con
 
 
 def _evaluate_only(cfg: TrainConfig, ckpt: dict[str, Any], run_dir: Path, env) -> int:
+    from teskd_fast.models.teskd import check_state_dict
     from teskd_fast.train.report import print_evaluation
     from teskd_fast.train.trainer import Trainer
 
-    teacher_sd = ckpt.pop("teacher_state_dict", None) if "format" not in ckpt else None
-    trainer = Trainer(cfg, run_dir, env, resume=None if teacher_sd is not None else ckpt)
-    if teacher_sd is not None:
-        trainer.raw_model.load_state_dict(teacher_sd)
+    # Only the weights matter here: a teacher.pt state_dict, or the model entry of a training checkpoint.
+    teacher_sd = "format" not in ckpt
+    state = ckpt["teacher_state_dict"] if teacher_sd else ckpt.get("model")
+    trainer = Trainer(cfg, run_dir, env)
+    what = "teacher" if cfg.method == "baseline" else "TESKD network"
+    target = f"the {cfg.arch} {what} (--stem {cfg.stem}, --width {cfg.width:g}, {trainer.num_classes} classes)"
+    try:
+        check_state_dict(state, trainer.raw_model.state_dict(), target)
+    except (TypeError, ValueError) as e:
+        hint = ("the teacher.json written beside a teacher.pt, or --arch / --stem / --width, say which network it is"
+                if teacher_sd else "a training checkpoint fits the flags it was trained with")
+        print(f"teskd-train: --eval-only {cfg.eval_only}: {e} ({hint})", file=sys.stderr)
+        return 1
+    trainer.raw_model.load_state_dict(state)
     metrics = trainer.evaluate()
     if env.is_main:
         print_evaluation(metrics, cfg.eval_only, cfg.dataset)
