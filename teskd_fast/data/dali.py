@@ -34,7 +34,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from teskd_fast.data.common import DALI_STREAM, SCAN_HINT, derive_seed, numpy_generator
+from teskd_fast.data.common import DALI_STREAM, SCAN_HINT, BadImageError, derive_seed, numpy_generator
 from teskd_fast.data.image_base import ImageLoaderBase, jpeg_frame, train_crops
 
 _DALI_HINT = ("install it with: pip install nvidia-dali-cuda130 (or the build matching your CUDA), "
@@ -303,5 +303,6 @@ class DaliImageLoader(ImageLoaderBase):
             reason = check_image(self.index.path(i), formats=("JPEG", "PNG", "BMP", "TIFF", "PPM", "WEBP"))
             if reason is not None:
                 return self.bad_file_error(self.index.path(i), f"{reason} (DALI: {detail})")
-        return RuntimeError(f"DALI stopped while reading {self.index.root} near batch {done}: {detail}; "
-                            f"{SCAN_HINT.format(root=self.index.root.parent)}")
+        # No file of the batches in flight is bad by itself: still the data's problem (exit status 1), not ours.
+        return BadImageError(f"DALI stopped while reading {self.index.root} near batch {done}: {detail}; "
+                             f"{SCAN_HINT.format(root=self.index.root.parent)}")
