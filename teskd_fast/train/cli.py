@@ -262,19 +262,23 @@ def _run(cfg: TrainConfig, ckpt: dict[str, Any] | None, run_dir: Path, held: con
         check_device_options(cfg, env)
         if cfg.eval_only:
             return _evaluate_only(cfg, ckpt, run_dir, env)
-        if env.is_main:
-            if not cfg.resume and _holds_a_run(run_dir):
+        new_run = env.is_main and not cfg.resume  # (a resume locked its folder before reading it: _resolve_args)
+        lock = None
+        if new_run and run_dir.is_dir():
+            # An existing folder: refused now if another run holds it (naming that run) or has saved there.
+            lock = held.enter_context(RunLock(run_dir))
+            if _holds_a_run(run_dir):
                 return 2
-        # The run folder is made once the data and the network are built: a run that cannot start leaves none.
+        # A new run folder is made once the data and the network are built: a run that cannot start leaves none.
         trainer = Trainer(cfg, run_dir, env, resume=ckpt)
-        if env.is_main:
-            if not cfg.resume:
-                # A resume locked its folder before reading it (_resolve_args).
+        if new_run:
+            if lock is None:
                 _make_run_folder(run_dir)
                 lock = held.enter_context(RunLock(run_dir))
-                if _holds_a_run(run_dir):  # another run saved there meanwhile
+                if _holds_a_run(run_dir):  # another run started there meanwhile and saved
                     return 2
-                lock.remove_stale_temporaries()
+            lock.remove_stale_temporaries()
+        if env.is_main:
             try:
                 _write_config(cfg, run_dir)
             except OSError as e:

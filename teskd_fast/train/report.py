@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from teskd_fast.train.checkpoint import atomic_save
+from teskd_fast.train.checkpoint import atomic_save, atomic_write_text
 from teskd_fast.train.config import TrainConfig
 
 
@@ -41,7 +41,7 @@ def summarize(rows: list[dict[str, Any]], cfg: TrainConfig, epochs: int, best: d
 
 def write_summary(summary: dict[str, Any], run_dir: Path) -> Path:
     path = Path(run_dir) / "summary.json"
-    path.write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(path, json.dumps(summary, indent=2) + "\n")
     return path
 
 
@@ -56,7 +56,7 @@ def export_teacher(model: nn.Module, cfg: TrainConfig, num_classes: int, run_dir
     info = {"arch": cfg.arch, "num_classes": num_classes, "stem": cfg.stem, "width": cfg.width,
             "build": "teskd_fast.models.resnet.build_resnet(arch, num_classes, stem=stem, width=width); with "
                      "width 1 and the imagenet stem: torchvision.models.<arch>(num_classes=num_classes)"}
-    (run_dir / "teacher.json").write_text(json.dumps(info, indent=2) + "\n")
+    atomic_write_text(run_dir / "teacher.json", json.dumps(info, indent=2) + "\n")
     return run_dir / "teacher.pt"
 
 

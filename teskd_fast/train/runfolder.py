@@ -33,7 +33,7 @@ except ImportError:
 
 LOCK_NAME = ".lock"
 # The files a run writes atomically, whose temporary files a killed write may leave.
-ATOMIC_FILES = ("last.pt", "best.pt", "teacher.pt", "config.yaml")
+ATOMIC_FILES = ("last.pt", "best.pt", "teacher.pt", "config.yaml", "summary.json", "teacher.json")
 # Fields that name the run folder or the command's mode: a resume sets them itself.
 _WHERE = frozenset({"out", "resume", "eval_only"})
 

@@ -313,8 +313,6 @@ class Trainer:
         i = start
         try:
             for batch in loader:
-                if i >= steps:
-                    break
                 images, target = batch
                 self._set_lr(self.schedule(self.epoch, i))
                 self.train_step(images, target, step_ids[i])
@@ -337,7 +335,8 @@ class Trainer:
                             bar.set_postfix(loss=f"{latest[0] / max(latest[1], 1):.4f}", img_s=f"{rate:.0f}")
                     if bar is not None:
                         bar.update(i - bar.n)
-                if i < steps and self._should_stop(i):
+                # Stop at --steps-per-epoch without fetching one more batch (whose images might not even decode).
+                if i >= steps or self._should_stop(i):
                     break
         finally:
             if bar is not None:
