@@ -252,7 +252,8 @@ def _pointers(tensors):
     """The K data pointers of K tensors, or of the K slices of one contiguous ``[K, ...]`` tensor (no views made)."""
     if isinstance(tensors, torch.Tensor):
         base, step = tensors.data_ptr(), tensors.stride(0) * tensors.element_size()
-        return (ctypes.c_void_p * tensors.shape[0])(*range(base, base + tensors.shape[0] * step, step))
+        # A generator, not range(): a [1, ...] tensor may have stride 0 in its first dimension.
+        return (ctypes.c_void_p * tensors.shape[0])(*(base + k * step for k in range(tensors.shape[0])))
     return (ctypes.c_void_p * len(tensors))(*(t.data_ptr() for t in tensors))
 
 

@@ -199,3 +199,24 @@ def test_missing_root_and_empty_class(tmp_path, folder):
         imagenet_loaders(tmp_path, backend="torchvision", device="cpu")
     with pytest.raises(ValueError, match="backend"):
         imagenet_loaders(folder, backend="pil", device="cpu")
+
+
+@needs_dali
+def test_dali_a_file_spoilt_between_passes_is_named(tmp_path):
+    # The second pass restarts the reused pipeline, which reads its first batches at once: an unreadable file there
+    # must still be a BadImageError naming it, not an OSError from inside the restart.
+    from teskd_fast.data import BadImageError
+
+    root = tmp_path / "data"
+    rng = np.random.default_rng(3)
+    for c in range(2):
+        write_jpegs(root / "train" / f"class_{c}", rng, [(40, 48)] * 2)
+        write_jpegs(root / "val" / f"class_{c}", rng, [(40, 48)])
+    train, _ = imagenet_loaders(root, batch_size=4, backend="dali", image_size=32, val_resize=32, device="cpu",
+                                workers=1, drop_last=True)
+    assert len(list(train)) == 1
+    for path in (root / "train").glob("*/*.JPEG"):
+        path.write_bytes(b"not an image at all")
+    train.set_epoch(1)
+    with pytest.raises(BadImageError, match=r"class_\d/img_\d+\.JPEG"):
+        list(train)

@@ -258,6 +258,23 @@ def test_torch_backend_mixed_student_forms(form, cpu_path):
     assert_close(fs2.grad, want[4], torch.float64, "grad stacked student features")
 
 
+def test_torch_backend_one_stacked_student_with_a_zero_first_stride(cpu_path):
+    """A ``[1, B, C]`` student (and feature) tensor whose first stride is 0 is still contiguous: the kernel's
+    pointers into it must not assume a non-zero step between students."""
+    B, C, D = 5, 11, 7
+    teacher, students, target, (f_t, f_s) = make_inputs(B, C, 1, D, dtype=torch.float64)
+    s = students[0].clone().as_strided((1, B, C), (0, C, 1)).requires_grad_()
+    fs = f_s[0].clone().as_strided((1, B, D), (0, D, 1)).requires_grad_()
+    assert s.is_contiguous() and s.stride(0) == 0
+    total = teskd_loss(teacher, s, target, f_t, fs, backend="torch", feat_weight=0.05)
+    grad_out = torch.tensor(1.3, dtype=torch.float64)
+    total.backward(grad_out)
+    want = reference64(teacher, students, target, (f_t, f_s), grad_out, feat_weight=0.05)
+    assert_close(total, want[0], torch.float64, "total", scale=10)
+    assert_close(s.grad, want[3], torch.float64, "grad student")
+    assert_close(fs.grad, want[4], torch.float64, "grad student feature")
+
+
 def test_module_accepts_teskd_output_and_positional():
     teacher, students, target, feats = make_inputs(6, 12, 3, 8)
     crit = TESKDLoss(temperature=3.0, backend="torch")

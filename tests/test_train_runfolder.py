@@ -308,11 +308,17 @@ def test_processes_forked_by_a_run_do_not_keep_its_lock(tmp_path):
 def test_a_checkpoint_whose_weights_do_not_fit_is_named(runs, tmp_path, capsys):
     run = _copy(runs["finished"], tmp_path / "run")
     ckpt = load_checkpoint(run / "last.pt")
-    del ckpt["model"]["fc.weight"]
+    fc = ckpt["model"].pop("fc.weight")
+    (run / "last.pt").unlink()
+    torch.save(ckpt, run / "last.pt")
+    assert main(["--resume", str(run), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert f"{run / 'last.pt'} does not fit the model" in err and "1 missing key(s) ['fc.weight']" in err
+    # The keys fit, a shape does not: named with both shapes.
+    ckpt["model"]["fc.weight"] = fc
     ckpt["model"]["layer1.0.conv1.weight"] = torch.zeros(3, 3)
     (run / "last.pt").unlink()
     torch.save(ckpt, run / "last.pt")
     assert main(["--resume", str(run), "--no-progress"]) == 1
     err = capsys.readouterr().err
-    assert f"{run / 'last.pt'} does not fit the model" in err
-    assert "1 missing (fc.weight)" in err and "layer1.0.conv1.weight [3, 3] in the checkpoint" in err
+    assert f"{run / 'last.pt'} does not fit the model" in err and "layer1.0.conv1.weight: (3, 3) given" in err

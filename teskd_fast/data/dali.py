@@ -164,6 +164,10 @@ class _PassFeed:
         """Feed ``batches`` from the next call on: [(dataset indices, key tuple of the crop generator)]."""
         self._batches, self._ahead = iter(batches), None
 
+    def close(self):
+        """Stop the reading threads (the pipeline that calls this feed is being dropped)."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
     def _submit(self, batch):
         indices, keys = batch
         return indices, keys, [self._pool.submit(_read_file, self.index.path(i), self.train) for i in indices]
@@ -228,10 +232,16 @@ class DaliImageLoader(ImageLoaderBase):
         self.pipelines_built += 1
         return _Pipeline(self.image_size, feed, iterator)
 
+    def _drop(self):
+        """Let the current pipeline go (a new image size, or a dead pipeline), with its feed's threads."""
+        if self._pipe is not None:
+            self._pipe.feed.close()
+            self._pipe = None
+
     def _start(self, batches):
         """The DALI iterator of a pass over ``batches``, on the pipeline of the current image size."""
         if self._pipe is not None and self._pipe.image_size != self.image_size:
-            self._pipe = None
+            self._drop()
         if self._pipe is not None and self._open:
             # The last pass was left early: run out its batches in flight (an error there: build anew).
             self._pipe.feed.start(())
@@ -239,7 +249,7 @@ class DaliImageLoader(ImageLoaderBase):
                 for _ in self._pipe.iterator:
                     pass
             except (RuntimeError, OSError):
-                self._pipe = None
+                self._drop()
         if self._pipe is None:
             self._pipe = self._build()
             self._pipe.feed.start(batches)
@@ -259,10 +269,11 @@ class DaliImageLoader(ImageLoaderBase):
         mine = self.epoch_indices(epoch)[start * b :].tolist()
         batches = [(mine[j : j + b], (self.seed, epoch, self.rank, start + j // b))
                    for j in range(0, (len(self) - start) * b, b)]
-        iterator = self._start(batches)
         k = start
-        error = None
+        error = iterator = None
         try:
+            # Inside the try: from the second pass on, starting resets the pipeline, which already reads files.
+            iterator = self._start(batches)
             for out in iterator:
                 images, labels = out[0]["images"], out[0]["labels"]
                 k += 1
@@ -279,7 +290,7 @@ class DaliImageLoader(ImageLoaderBase):
         if error is not None:
             # Raised once the dead pipeline and its threads are released: no DALI traceback.
             del iterator
-            self._pipe = None
+            self._drop()
             raise error
         self._end_pass(epoch)
 

@@ -80,10 +80,13 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
 
 
 def remove_stale_temporaries(folder: str | os.PathLike, names: tuple[str, ...]) -> list[Path]:
@@ -137,19 +140,6 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
         return torch.load(path, map_location=map_location, weights_only=False)
     except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as e:
         raise RuntimeError(f"checkpoint {path} is corrupt or not a torch checkpoint: {e}") from e
-
-
-def state_dict_mismatch(expected: dict[str, torch.Tensor], saved: dict[str, Any]) -> str | None:
-    """What keeps ``saved`` from loading into a model whose state_dict is ``expected``, in one line; None if it fits."""
-    missing = [k for k in expected if k not in saved]
-    unexpected = [k for k in saved if k not in expected]
-    shapes = [f"{k} {list(saved[k].shape)} in the checkpoint, {list(v.shape)} in the model"
-              for k, v in expected.items() if k in saved and tuple(getattr(saved[k], "shape", ())) != tuple(v.shape)]
-    problems = []
-    for what, keys in (("missing", missing), ("unexpected", unexpected), ("of another shape", shapes)):
-        if keys:
-            problems.append(f"{len(keys)} {what} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})")
-    return "; ".join(problems) or None
 
 
 def rng_state() -> dict[str, Any]:

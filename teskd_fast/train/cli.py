@@ -22,7 +22,8 @@ Exit status (every failure prints one ``teskd-train: ...`` line naming the file,
   checkpoint or a teacher.pt state_dict) or that does not fit the network.
 - 2: a bad flag value or configuration, found before any work: an unknown or invalid value, ``--loader nvjpeg``
   without CUDA or ``--loader dali`` without DALI, an ``--out`` folder that cannot be created or written, a
-  resume that would change the run, a run folder in use by another run.
+  resume that would change the run, a run folder in use by another run or already holding one (without
+  ``--resume``).
 - 3: a non-finite loss.
 - 128 + signal number: stopped by SIGTERM / Ctrl-C (after writing last.pt).
 
@@ -316,7 +317,9 @@ def _run(cfg: TrainConfig, ckpt: dict[str, Any] | None, run_dir: Path, held: con
         return 128 + int(e.signum)
     except KeyboardInterrupt:
         # A second Ctrl-C: the step in flight is abandoned and last.pt is the one of the previous save.
-        print(f"\nteskd-train: abandoned; {run_dir / 'last.pt'} holds the last saved state", file=sys.stderr)
+        last = run_dir / "last.pt"
+        saved = f"; {last} holds the last saved state" if not cfg.eval_only and last.exists() else ""
+        print(f"\nteskd-train: abandoned{saved}", file=sys.stderr)
         return 130
     finally:
         D.cleanup()

@@ -12,8 +12,8 @@ and before logging the epoch, or after logging epochs past last.pt, leaves one r
 The loaders draw each epoch's order and augmentation from ``(seed, epoch)`` and can start at any batch, so a
 run stopped by SIGTERM in the middle of an epoch and resumed ends, on the CPU, with the same weights and metrics
 as a run never stopped (tested with the digits and CIFAR loaders). The ImageNet loaders resume at the same
-batch with the same remaining images; DALI's random crops after a mid-epoch resume come from a restarted
-pipeline, so a DALI run is exact only when resumed at an epoch boundary. On a GPU, cuDNN and atomics make even
+batch with the same remaining images; the dali and nvjpeg loaders also with the same crops and flips (drawn
+per batch from the seed), the torchvision loader with crops drawn afresh. On a GPU, cuDNN and atomics make even
 an uninterrupted run not bitwise repeatable; a resumed one is then as close as two uninterrupted runs.
 
 Synchronisation. Per step, the loop queues work on the device and never waits for it: losses, parts, accuracy
@@ -52,7 +52,6 @@ from teskd_fast.train.checkpoint import (
     atomic_save,
     rng_state,
     set_rng_state,
-    state_dict_mismatch,
 )
 from teskd_fast.train.config import ConfigError, TrainConfig
 from teskd_fast.train.metrics import (
@@ -179,15 +178,20 @@ class Trainer:
         }
 
     def _load(self, ckpt: dict[str, Any]) -> None:
-        source = self.cfg.eval_only or str(self.run_dir / "last.pt")
+        from teskd_fast.models.teskd import check_state_dict
+
+        source = self.run_dir / "last.pt"
         saved_classes = ckpt.get("num_classes", self.num_classes)
         if saved_classes != self.num_classes:
+            # The data changed (--data-dir may), not the checkpoint: a configuration error (exit status 2).
             raise ConfigError(f"{source} was trained on {saved_classes} classes; the {self.cfg.dataset} data in "
                               f"--data-dir {self.cfg.data_dir or './data'} has {self.num_classes}")
-        mismatch = state_dict_mismatch(self.raw_model.state_dict(), ckpt["model"])
-        if mismatch:
-            raise CheckpointError(f"{source} does not fit the model of its configuration ({self.cfg.arch}, width "
-                                  f"{self.cfg.width}, {self.cfg.method}): parameters {mismatch}")
+        try:
+            check_state_dict(ckpt["model"], self.raw_model.state_dict(),
+                             f"the model of its configuration ({self.cfg.arch}, width {self.cfg.width}, "
+                             f"{self.cfg.method})")
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{source} does not fit the model: {e}") from None
         self.raw_model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if self.scaler is not None and ckpt.get("scaler"):
