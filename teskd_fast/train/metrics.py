@@ -181,7 +181,7 @@ class MetricsLog:
         self.run_dir = Path(run_dir)
         self.jsonl = self.run_dir / "metrics.jsonl"
         self.csv = self.run_dir / "metrics.csv"
-        logged = _readable_rows(self.run_dir)
+        logged = read_metrics(self.run_dir, strict=False)
         if rows is not None:
             self.rows = list(rows)
         else:
@@ -237,28 +237,26 @@ class MetricsLog:
             self.tb.close()
 
 
-def _readable_rows(run_dir: Path) -> list[dict[str, Any]]:
-    # What metrics.jsonl holds, up to a line cut short by a killed write; nothing if it is missing.
-    rows = []
-    try:
-        with open(run_dir / "metrics.jsonl") as f:
-            for line in f:
-                if line.strip():
-                    rows.append(json.loads(line))
-    except (OSError, ValueError):
-        pass
-    return [r for r in rows if isinstance(r, dict)]
+def read_metrics(run_dir: str | Path, strict: bool = True) -> list[dict[str, Any]]:
+    """Rows of ``RUN_DIR/metrics.jsonl`` (one dict per epoch).
 
-
-def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """Rows of ``RUN_DIR/metrics.jsonl`` (one dict per epoch)."""
+    ``strict=False``: what the file holds up to a line cut short by a killed write, and no error for a missing
+    file (the rows a resume compares with its checkpoint's)."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
+        if not strict:
+            return []
         raise FileNotFoundError(f"no metrics.jsonl in {run_dir}: is it a teskd-train run folder?")
     rows = []
     with open(path) as f:
         for line in f:
             line = line.strip()
-            if line:
+            if not line:
+                continue
+            try:
                 rows.append(json.loads(line))
-    return rows
+            except ValueError:
+                if strict:
+                    raise
+                break
+    return rows if strict else [r for r in rows if isinstance(r, dict)]
