@@ -16,6 +16,7 @@ import pickle
 import random
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,59 +35,49 @@ def _temporary(path: Path) -> tuple[int, str]:
     return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
 
 
-def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file in the same folder, flushed to disk, then renamed over ``path``.
+def _atomic_write(path: str | os.PathLike, write: Callable[[Any], None]) -> None:
+    """``write(f)`` into a temporary binary file in ``path``'s folder, flushed to disk, then renamed over ``path``.
 
-    A process killed at any moment leaves either the previous file or the new one, never a partial file.
-
-    Args:
-        obj: anything ``torch.save`` takes.
-        path: the destination.
+    A process killed at any moment leaves either the previous file or the new one, never a partial file; a failed
+    write (KeyboardInterrupt included) leaves no temporary file behind.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = _temporary(path)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        # Covers KeyboardInterrupt too: never leave a stray temporary file behind a failed write.
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to ``path`` atomically (see :func:`_atomic_write`).
+
+    Args:
+        obj: anything ``torch.save`` takes.
+        path: the destination.
+    """
+    _atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
-    """Copy ``src`` to ``dst`` through a temporary file and a rename (``best.pt`` from ``last.pt``)."""
-    dst = Path(dst)
-    fd, tmp = _temporary(dst)
-    os.close(fd)
-    try:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Copy ``src`` to ``dst`` atomically (``best.pt`` from ``last.pt``)."""
+    def copy(f):
+        with open(src, "rb") as source:
+            shutil.copyfileobj(source, f)
+
+    _atomic_write(dst, copy)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a small text file (config.yaml, a report) through a temporary file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = _temporary(path)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    """Write a small text file (config.yaml, a report) atomically."""
+    _atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def remove_stale_temporaries(folder: str | os.PathLike, names: tuple[str, ...]) -> list[Path]:
