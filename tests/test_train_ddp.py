@@ -109,6 +109,32 @@ def test_torchrun_two_processes_through_the_cli(tmp_path):
     assert [r["epoch"] for r in read_metrics(out)] == [1, 2]
 
 
+def _cli_worker(rank, world_size, port, out_dir):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    import gc
+
+    from teskd_fast.train import cli
+
+    torch.set_num_threads(1)
+    gc.disable()  # only the collections the command makes itself
+    status = cli.main(["--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "16", "--device", "cpu",
+                       "--no-progress", "--no-tensorboard", "--no-plot", "--out", os.path.join(out_dir, "run")])
+    alive = [type(o).__name__ for o in gc.get_objects()
+             if isinstance(o, (trainer.Trainer, torch.nn.parallel.DistributedDataParallel))]
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump({"status": status, "alive": alive, "group": torch.distributed.is_initialized()}, f)
+
+
+def test_a_finished_rank_holds_no_process_group_when_the_command_returns(tmp_path):
+    # Left to the interpreter's exit, the trainer (kept by a reference cycle) freed DDP and its gloo group there,
+    # and a finished rank sometimes aborted: "terminate called without an active exception", exit -6.
+    mp.start_processes(_cli_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    for rank in (0, 1):
+        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert result == {"status": 0, "alive": [], "group": False}, (rank, result)
+
+
 def test_sync_bn_across_cpu_processes_is_refused_before_any_work(tmp_path):
     # SyncBatchNorm has no CPU path: without this check, step 1 ended in a traceback.
     out = tmp_path / "run"

@@ -259,6 +259,7 @@ def _run(cfg: TrainConfig, ckpt: dict[str, Any] | None, run_dir: Path, held: con
     except RuntimeError as e:
         print(f"teskd-train: {e}", file=sys.stderr)
         return 2
+    trainer = None
     try:
         check_device_options(cfg, env)
         if cfg.eval_only:
@@ -322,6 +323,9 @@ def _run(cfg: TrainConfig, ckpt: dict[str, Any] | None, run_dir: Path, held: con
         print(f"\nteskd-train: abandoned{saved}", file=sys.stderr)
         return 130
     finally:
+        # The DDP wrapper holds the process group. Drop the trainer here so that cleanup() destroys both while
+        # the interpreter is alive: left to the exit, gloo's threads could abort a finished rank (see cleanup).
+        trainer = None
         D.cleanup()
 
 
