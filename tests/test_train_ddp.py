@@ -51,6 +51,7 @@ def _run(out_dir, world_size=1):
     metrics = run.train_epoch()
     val = run.evaluate()
     state = {k: v.clone() for k, v in run.raw_model.state_dict().items()}
+    del run  # its DDP wrapper holds the process group: cleanup() frees both (see D.cleanup)
     D.cleanup()
     return state, {**metrics, **val}
 
