@@ -310,3 +310,16 @@ def test_imagenet_folder_with_progressive_resizing_through_the_cli(tmp_path, mon
     assert sizes == [32, 32, 32, 64, 64, 64]
     assert all(np.isfinite(r["train_loss"]) for r in rows)
     assert json.loads((run / "teacher.json").read_text())["num_classes"] == 3
+
+
+def test_the_report_names_a_best_after_epoch_n_only_when_the_run_has_epochs_after_n(capsys):
+    from teskd_fast.train.report import print_summary
+
+    final = {"top1_teacher": 50.0, "top5_teacher": 90.0}
+    base = {"method": "teskd", "preset": "digits-demo", "final": final, "best_teacher_top1": 60.0, "best_epoch": 1}
+    print_summary({**base, "epochs": 20, "best_teacher_top1_after_epoch_15": 55.0}, "run")
+    assert "best teacher top-1 60.00% (epoch 1); best teacher top1 after epoch 15: 55.00%" in capsys.readouterr().out
+    # 2 epochs, report_after 0.75: no epoch after epoch 2, so the figure would be the overall best mislabelled.
+    print_summary({**base, "epochs": 2, "best_teacher_top1_after_epoch_2": 60.0}, "run")
+    out = capsys.readouterr().out
+    assert "best teacher top-1 60.00% (epoch 1)\n" in out and "after epoch" not in out

@@ -77,10 +77,11 @@ def print_summary(summary: dict[str, Any], run_dir: Path) -> None:
     print(f"\nTest accuracy after {summary['epochs']} epochs ({summary['method']}, {summary['preset']}):")
     for h in heads:
         print(f"  {h:<10} top-1 {final['top1_' + h]:6.2f}%   top-5 {final['top5_' + h]:6.2f}%")
-    late = [k for k in summary if k.startswith("best_teacher_top1_after")]
+    # The best after epoch N, where the run has epochs after N (otherwise it is the best over all, just above).
+    late = [k for k in summary if k.startswith("best_teacher_top1_after_epoch_")
+            and int(k.rsplit("_", 1)[1]) < summary["epochs"] and summary[k] is not None]
     print(f"  best teacher top-1 {summary['best_teacher_top1']:.2f}% (epoch {summary['best_epoch']})"
-          + (f"; {late[0].replace('_', ' ')}: {summary[late[0]]:.2f}%" if late and summary[late[0]] is not None
-             else ""))
+          + (f"; {late[0].replace('_', ' ')}: {summary[late[0]]:.2f}%" if late else ""))
     print(f"Run folder: {run_dir}")
 
 
