@@ -158,6 +158,21 @@ def test_flags_exist(page):
     assert flag_problems_in(page.name, page.read_text(encoding="utf-8")) == []
 
 
+def test_the_readme_is_short_and_starts_with_the_quickstart():
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert len(text.splitlines()) <= 200, "the README is the five-minute page: details go to docs/"
+    quickstart = text.split("## Quickstart", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    assert quickstart.splitlines() == [
+        'pip install torch==2.14.1 torchvision==0.29.1 && pip install -e ".[dev,dali]" && teskd-train',
+        "python -m pytest tests/",
+    ]
+    # .ci/run installs and tests as the Quickstart says.
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    for step in ("pip install --quiet torch==2.14.1 torchvision==0.29.1", 'pip install --quiet -e ".[dev,dali]"',
+                 "python -m pytest tests/"):
+        assert step in ci
+
+
 def test_the_parsers_are_the_commands():
     assert isinstance(PARSERS["teskd-train"], argparse.ArgumentParser)
     assert PARSERS["teskd-train"].prog == "teskd-train" and PARSERS["teskd-compare"].prog == "teskd-compare"
