@@ -273,7 +273,7 @@ def teskd_loss(
     backend="auto",
     return_parts=False,
     check_target=False,
-):
+) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The TESKD loss (docs/method.md, "Loss"): ``ce_weight * CE + kd_weight * KD + feat_weight * FEA``.
 
     CE is the cross-entropy of every head (teacher and students, weighted by ``head_weights``), mean over
@@ -361,14 +361,14 @@ class TESKDLoss(nn.Module):
     logits, teacher feature, student features).
     """
 
-    def __init__(self, **options):
+    def __init__(self, **options) -> None:
         super().__init__()
         unknown = set(options) - set(_OPTION_NAMES)
         if unknown:
             raise TypeError(f"TESKDLoss: unknown options {sorted(unknown)}; valid: {sorted(_OPTION_NAMES)}")
         self.options = options
 
-    def forward(self, *args, **kwargs):
+    def forward(self, *args, **kwargs) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if len(args) == 2 and isinstance(args[0], TESKDOutput):
             out, target = args
             return teskd_loss(
@@ -376,7 +376,7 @@ class TESKDLoss(nn.Module):
             )
         return teskd_loss(*args, **self.options, **kwargs)
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
 
 

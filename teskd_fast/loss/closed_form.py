@@ -34,7 +34,7 @@ def _constant(values, dtype, device):
     return _CONSTANTS[key]
 
 
-def use_fused(device):
+def use_fused(device: torch.device) -> bool:
     """Whether the torch backend runs the fused CPU kernel for tensors on ``device``."""
     return device.type == "cpu" and not torch.compiler.is_compiling() and cpu_kernel.enabled()
 
@@ -50,7 +50,7 @@ class Layout(NamedTuple):
     stacked_logits: bool
     stacked_features: bool
 
-    def split(self, values):
+    def split(self, values: Sequence) -> tuple["Args", tuple, tuple]:
         """``values`` in the Function's input order (its inputs, or ``ctx.needs_input_grad``) ->
         ``(Args, students, student_features)``: the named leading arguments, then the tensors holding the student
         logits (one or K) and those holding the student features (none, one or K), as tuples."""
