@@ -78,6 +78,7 @@ class Args(NamedTuple):
 
 
 _N_ARGS = len(Args._fields)
+_NO_GRADS = Args(*(None,) * _N_ARGS)
 
 
 def closed_form_loss(
@@ -111,7 +112,8 @@ class TESKDLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, *inputs):
         args, students, student_features = Args(*inputs[:_N_ARGS]).layout.split(inputs)
-        teacher, target, teacher_feature, head_weights, options, layout, fused = args
+        teacher, target, teacher_feature = args.teacher, args.target, args.teacher_feature
+        head_weights, options, layout = args.head_weights, args.options, args.layout
         K = layout.K
         acc = torch.float64 if teacher.dtype == torch.float64 else torch.float32
         # Gradients go back in the input dtypes (the students share the teacher's, checked by teskd_loss).
@@ -119,7 +121,7 @@ class TESKDLossFunction(torch.autograd.Function):
         ctx.layout = layout
         # The logits-only case has no gradient for the non-differentiable parts to materialise.
         ctx.set_materialize_grads(False)
-        if fused:
+        if args.fused:
             cast = [
                 t if t.dtype == acc and t.is_contiguous() else t.to(acc).contiguous()
                 for t in (teacher, *students, *student_features)
@@ -259,8 +261,7 @@ class TESKDLossFunction(torch.autograd.Function):
             rows = (grad_feat,) if layout.stacked_features else grad_feat.unbind(0)
             grad_features = [g_k if need else None for g_k, need in zip(rows, needs_features)]
         # Only the teacher's logits among the named arguments take a gradient.
-        grad_args = Args(*(None,) * _N_ARGS)._replace(teacher=grad_teacher)
-        return *grad_args, *grad_students, *grad_features
+        return *_NO_GRADS._replace(teacher=grad_teacher), *grad_students, *grad_features
 
     @staticmethod
     def _recompute(ctx):
