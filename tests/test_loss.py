@@ -275,6 +275,51 @@ def test_torch_backend_one_stacked_student_with_a_zero_first_stride(cpu_path):
     assert_close(fs.grad, want[4], torch.float64, "grad student feature")
 
 
+def test_torch_backend_gradients_reach_the_inputs_that_need_them(cpu_path):
+    """Listed students and features of which only some require a gradient: each gradient lands on its own input
+    (the teacher's, student 1's logits, student 2's feature), the others get none."""
+    B, C, K, D = 6, 9, 3, 5
+    teacher, students, target, (f_t, f_s) = make_inputs(B, C, K, D, dtype=torch.float64)
+    t = teacher.clone().requires_grad_()
+    s = [x.clone().requires_grad_(k == 1) for k, x in enumerate(students.unbind(0))]
+    fs = [x.clone().requires_grad_(k == 2) for k, x in enumerate(f_s.unbind(0))]
+    grad_out = torch.tensor(0.6, dtype=torch.float64)
+    teskd_loss(t, s, target, f_t, fs, backend="torch", feat_weight=0.05).backward(grad_out)
+    want = reference64(teacher, students, target, (f_t, f_s), grad_out, feat_weight=0.05)
+    assert_close(t.grad, want[2], torch.float64, "grad teacher")
+    assert_close(s[1].grad, want[3][1], torch.float64, "grad student 1")
+    assert_close(fs[2].grad, want[4][2], torch.float64, "grad student feature 2")
+    assert [x.grad is None for x in s + fs] == [True, False, True, True, True, False]
+
+
+def _strided(t):
+    """``t``'s values in a non-contiguous tensor: its last two dimensions' transpose, transposed back."""
+    return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+
+@pytest.mark.parametrize("stacked", [True, False])
+def test_torch_backend_takes_non_contiguous_inputs(stacked, cpu_path):
+    """Non-contiguous logits, targets and features (transposed views, a strided target) on both CPU paths, against
+    the reference: the batched path once failed on them (``view size is not compatible``)."""
+    B, C, K, D = 4, 5, 3, 6
+    teacher, students, target, (f_t, f_s) = make_inputs(B, C, K, D, dtype=torch.float64)
+    t, s, fs = (_strided(x).requires_grad_() for x in (teacher, students, f_s))
+    assert not (t.is_contiguous() or s.is_contiguous() or fs.is_contiguous())
+    s_arg = s if stacked else [_strided(x) for x in s.unbind(0)]
+    fs_arg = fs if stacked else [_strided(x) for x in fs.unbind(0)]
+    strided_target = torch.stack([target, target], 1)[:, 0]
+    assert not strided_target.is_contiguous()
+    total = teskd_loss(t, s_arg, strided_target, _strided(f_t), fs_arg, backend="torch", feat_weight=0.05,
+                       label_smoothing=0.1)  # fmt: skip
+    grad_out = torch.tensor(-1.3, dtype=torch.float64)
+    total.backward(grad_out)
+    want = reference64(teacher, students, target, (f_t, f_s), grad_out, feat_weight=0.05, label_smoothing=0.1)
+    assert_close(total, want[0], torch.float64, "total", scale=10)
+    assert_close(t.grad, want[2], torch.float64, "grad teacher")
+    assert_close(s.grad, want[3], torch.float64, "grad students")
+    assert_close(fs.grad, want[4], torch.float64, "grad student features")
+
+
 def test_module_accepts_teskd_output_and_positional():
     teacher, students, target, feats = make_inputs(6, 12, 3, 8)
     crit = TESKDLoss(temperature=3.0, backend="torch")

@@ -404,6 +404,33 @@ def test_initialisation_follows_the_reference():
         assert model.downsample1[0].weight.abs().max() <= 1 / (512 * 64) ** 0.5
 
 
+def test_build_resnet_is_torchvisions_network_where_torchvision_builds_it():
+    """Width 1 with the ImageNet stem: torchvision's own constructor, so the same weights for the same seed."""
+    from teskd_fast.models.resnet import build_resnet
+
+    torch.manual_seed(3)
+    ours = build_resnet("resnet18", 10)
+    torch.manual_seed(3)
+    theirs = torchvision.models.resnet18(num_classes=10)
+    assert type(ours) is torchvision.models.ResNet
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    assert all(torch.equal(v, theirs.state_dict()[k]) for k, v in ours.state_dict().items())
+
+
+@pytest.mark.parametrize("arch,stem,width", [("resnet18", "cifar", 1.0), ("resnext50_32x4d", "imagenet", 0.25)])
+def test_resnets_torchvision_cannot_build_hold_no_placeholder(arch, stem, width):
+    """A CIFAR stem or a width factor: torchvision's ResNet with our modules in place of its placeholders, every
+    parameter and buffer real (none left on the meta device), on its export as on the build."""
+    from teskd_fast.models.resnet import build_resnet
+
+    net = build_resnet(arch, 10, stem, width)
+    model = teskd_fast.wrap(build_resnet(arch, 10, stem, width), 10)
+    for module in (net, teskd_fast.export_teacher(model)):
+        assert type(module) is torchvision.models.ResNet
+        assert all(t.device.type == "cpu" for t in module.state_dict().values())
+        assert module(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="unknown arch 'resnet19'"):
         teskd_fast.create_model("resnet19", 10)

@@ -21,7 +21,7 @@ from torch import nn
 from teskd_fast.kernels.teskd_loss_cpu import target_error
 from teskd_fast.outputs import TESKDOutput
 
-from .closed_form import TESKDLossFunction, use_fused
+from .closed_form import closed_form_loss, use_fused
 from .options import LossOptions
 from .reference import teskd_loss_reference
 
@@ -82,6 +82,11 @@ class _Heads:
 
     def __len__(self):
         return self.shape[0]
+
+    @property
+    def given(self):
+        """The tensors as given: the stacked tensor, or the tuple of K tensors."""
+        return self._stacked if self.is_stacked else self._tensors
 
     @property
     def inputs(self):
@@ -268,7 +273,7 @@ def teskd_loss(
     backend="auto",
     return_parts=False,
     check_target=False,
-):
+) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The TESKD loss (docs/method.md, "Loss"): ``ce_weight * CE + kd_weight * KD + feat_weight * FEA``.
 
     CE is the cross-entropy of every head (teacher and students, weighted by ``head_weights``), mean over
@@ -332,11 +337,10 @@ def teskd_loss(
         parts = torch.stack([ce, kd, feat]).detach()
     elif backend == "torch":
         # Stacked students (logits or features) enter as one tensor, a sequence as its K tensors.
-        layout = (len(students), students.is_stacked, f_s is not None and f_s.is_stacked)
-        features = () if f_s is None else f_s.inputs
-        total, parts = TESKDLossFunction.apply(
-            teacher_logits, target.long(), f_t, head_weights, options, layout, fused, *students.inputs, *features
-        )
+        total, parts = closed_form_loss(
+            teacher_logits, students.given, target.long(), f_t, None if f_s is None else f_s.given, head_weights,
+            options, fused,
+        )  # fmt: skip
     else:
         from teskd_fast.kernels.teskd_loss import teskd_loss_triton
 
@@ -357,14 +361,14 @@ class TESKDLoss(nn.Module):
     logits, teacher feature, student features).
     """
 
-    def __init__(self, **options):
+    def __init__(self, **options) -> None:
         super().__init__()
         unknown = set(options) - set(_OPTION_NAMES)
         if unknown:
             raise TypeError(f"TESKDLoss: unknown options {sorted(unknown)}; valid: {sorted(_OPTION_NAMES)}")
         self.options = options
 
-    def forward(self, *args, **kwargs):
+    def forward(self, *args, **kwargs) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if len(args) == 2 and isinstance(args[0], TESKDOutput):
             out, target = args
             return teskd_loss(
@@ -372,7 +376,7 @@ class TESKDLoss(nn.Module):
             )
         return teskd_loss(*args, **self.options, **kwargs)
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
 
 

@@ -14,9 +14,14 @@ computes the same closed form; the batched ops below are its fallback where no C
 ``torch.compile`` traces.
 """
 
+from collections.abc import Sequence
+from typing import NamedTuple
+
 import torch
 
 from teskd_fast.kernels import teskd_loss_cpu as cpu_kernel
+
+from .options import LossOptions
 
 _CONSTANTS = {}
 
@@ -29,54 +34,126 @@ def _constant(values, dtype, device):
     return _CONSTANTS[key]
 
 
-def use_fused(device):
+def use_fused(device: torch.device) -> bool:
     """Whether the torch backend runs the fused CPU kernel for tensors on ``device``."""
     return device.type == "cpu" and not torch.compiler.is_compiling() and cpu_kernel.enabled()
 
 
+class Layout(NamedTuple):
+    """How the K students enter :class:`TESKDLossFunction`: their logits as one stacked ``[K, B, C]`` tensor or
+    as K ``[B, C]`` tensors, their features (when given) as one ``[K, B, D]`` tensor or as K ``[B, D]`` tensors.
+
+    Each form enters as given, so that lists are never stacked and a stacked tensor gets its gradient as one block
+    (no unbind, no stack in autograd)."""
+
+    K: int
+    stacked_logits: bool
+    stacked_features: bool
+
+    def split(self, values: Sequence) -> tuple["Args", tuple, tuple]:
+        """``values`` in the Function's input order (its inputs, or ``ctx.needs_input_grad``) ->
+        ``(Args, students, student_features)``: the named leading arguments, then the tensors holding the student
+        logits (one or K) and those holding the student features (none, one or K), as tuples."""
+        n_logits = 1 if self.stacked_logits else self.K
+        return (
+            Args(*values[:_N_ARGS]),
+            tuple(values[_N_ARGS : _N_ARGS + n_logits]),
+            tuple(values[_N_ARGS + n_logits :]),
+        )
+
+
+class Args(NamedTuple):
+    """The leading inputs of :class:`TESKDLossFunction`, in order; the students' logits, then their features,
+    follow as :class:`Layout` says. Of these only ``teacher`` is differentiable (``teacher_feature`` is detached,
+    as in the method)."""
+
+    teacher: torch.Tensor  # [B, C]
+    target: torch.Tensor  # [B] int64
+    teacher_feature: torch.Tensor | None  # [B, D]
+    head_weights: tuple[float, ...]
+    options: LossOptions
+    layout: Layout
+    # Run the fused CPU kernel (CPU tensors, eager mode, kernel built: see use_fused), else the batched ops.
+    fused: bool
+
+
+_N_ARGS = len(Args._fields)
+_NO_GRADS = Args(*(None,) * _N_ARGS)
+
+
+def closed_form_loss(
+    teacher: torch.Tensor,
+    students: torch.Tensor | Sequence[torch.Tensor],
+    target: torch.Tensor,
+    teacher_feature: torch.Tensor | None,
+    student_features: torch.Tensor | Sequence[torch.Tensor] | None,
+    head_weights: tuple[float, ...],
+    options: LossOptions,
+    fused: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss through :class:`TESKDLossFunction`; inputs validated by :func:`teskd_fast.teskd_loss`.
+
+    ``students`` and ``student_features``: one stacked tensor or K tensors each (see :class:`Layout`); ``target``
+    int64. Returns ``(total, parts)``, ``parts`` the detached ``[3]`` (ce, kd, feat)."""
+    layout = Layout(len(students), isinstance(students, torch.Tensor), isinstance(student_features, torch.Tensor))
+    logits = (students,) if layout.stacked_logits else tuple(students)
+    if student_features is None:
+        features = ()
+    else:
+        features = (student_features,) if layout.stacked_features else tuple(student_features)
+    args = Args(teacher, target, teacher_feature, head_weights, options, layout, fused)
+    return TESKDLossFunction.apply(*args, *logits, *features)
+
+
 class TESKDLossFunction(torch.autograd.Function):
-    """``apply(teacher, target, teacher_feature, head_weights, options, layout, fused, *students, *student_features)``:
-    ``layout = (K, stacked_logits, stacked_features)``; the students' logits (and features, when ``teacher_feature``
-    is given) are either one stacked ``[K, B, ...]`` tensor or K separate tensors, and enter as given, so that lists
-    are never stacked and a stacked tensor gets its gradient as one block (no unbind, no stack in autograd);
-    ``options`` a :class:`~teskd_fast.loss.options.LossOptions`; ``fused``: run the fused CPU kernel (CPU tensors,
-    eager mode, kernel built: see :func:`use_fused`), else the batched ops. Returns ``(total, parts)``."""
+    """``apply(*Args(...), *students, *student_features)`` (see :class:`Args` and :class:`Layout`; called through
+    :func:`closed_form_loss`). Returns ``(total, parts)``."""
 
     @staticmethod
-    def forward(ctx, teacher, target, teacher_feature, head_weights, options, layout, fused, *tensors):
-        T, ce_weight, kd_weight, feat_weight, kd_eps, detach_teacher, label_smoothing, ignore_index = options
-        K, stacked_logits, stacked_features = layout
-        n = 1 if stacked_logits else K  # inputs holding the student logits
+    def forward(ctx, *inputs):
+        args, students, student_features = Args(*inputs[:_N_ARGS]).layout.split(inputs)
+        teacher, target, teacher_feature = args.teacher, args.target, args.teacher_feature
+        head_weights, options, layout = args.head_weights, args.options, args.layout
+        K = layout.K
         acc = torch.float64 if teacher.dtype == torch.float64 else torch.float32
         # Gradients go back in the input dtypes (the students share the teacher's, checked by teskd_loss).
-        ctx.dtypes = (teacher.dtype, None if teacher_feature is None else tensors[n].dtype)
+        ctx.dtypes = (teacher.dtype, None if teacher_feature is None else student_features[0].dtype)
         ctx.layout = layout
         # The logits-only case has no gradient for the non-differentiable parts to materialise.
         ctx.set_materialize_grads(False)
-        if fused:
-            cast = [t if t.dtype == acc and t.is_contiguous() else t.to(acc).contiguous() for t in (teacher, *tensors)]
+        if args.fused:
+            cast = [
+                t if t.dtype == acc and t.is_contiguous() else t.to(acc).contiguous()
+                for t in (teacher, *students, *student_features)
+            ]
+            n = len(students)
+            c_teacher, c_students, c_features = cast[0], cast[1 : n + 1], cast[n + 1 :]
             f_t = None if teacher_feature is None else teacher_feature.to(acc).contiguous()
             # K [B, ...] tensors, or one contiguous [K, B, ...] tensor: the kernel takes K pointers either way.
-            students = cast[1] if stacked_logits else cast[1 : n + 1]
-            features = None if f_t is None else (cast[n + 1] if stacked_features else cast[n + 1 :])
-            kernel_args = (cast[0], students, target.contiguous(), f_t, features, head_weights)
+            kernel_students = c_students[0] if layout.stacked_logits else c_students
+            kernel_features = None if f_t is None else (c_features[0] if layout.stacked_features else c_features)
+            kernel_args = (c_teacher, kernel_students, target.contiguous(), f_t, kernel_features, head_weights)
             # The feature gradient comes from the same pass when a student feature needs it (reading the features
             # once). The first backward hands these buffers out as the gradients (scaled in place); a second one
             # (retain_graph=True) recomputes them from the inputs, checked unmodified.
-            with_feature_grad = f_t is not None and any(ctx.needs_input_grad[7 + n :])
+            with_feature_grad = f_t is not None and any(layout.split(ctx.needs_input_grad)[2])
             total, parts, grad, *grad_feat = cpu_kernel.fused_loss(*kernel_args, options, with_feature_grad)
-            ctx.fused, ctx.feat_scale, ctx.grad = True, 2.0 * feat_weight, grad
+            ctx.fused, ctx.feat_scale, ctx.grad = True, 2.0 * options.feat_weight, grad
             ctx.grad_feat = grad_feat[0] if grad_feat else None
             ctx.kernel = (kernel_args, options, cast, [t._version for t in (*cast, kernel_args[2])])
-            ctx.save_for_backward(*(() if f_t is None else (f_t, *cast[n + 1 :])))
+            ctx.save_for_backward(*(() if f_t is None else (f_t, *c_features)))
             ctx.mark_non_differentiable(parts)
             return total, parts
 
         ctx.fused = False
         B, C = teacher.shape
-        students, student_features = tensors[:n], tensors[n:] or None
+        T, label_smoothing, kd_eps = options.temperature, options.label_smoothing, options.kd_eps
+        ce_weight, kd_weight, feat_weight = options.ce_weight, options.kd_weight, options.feat_weight
         # [K+1, B, C], ours to overwrite
-        z = torch.cat([teacher.unsqueeze(0), students[0]]) if stacked_logits else torch.stack([teacher, *students])
+        if layout.stacked_logits:
+            z = torch.cat([teacher.unsqueeze(0), students[0]])
+        else:
+            z = torch.stack([teacher, *students])
         if z.dtype != acc:
             z = z.to(acc)
 
@@ -93,7 +170,7 @@ class TESKDLossFunction(torch.autograd.Function):
 
         # Cross-entropy of every head, PyTorch's semantics for ignore_index and label smoothing. Ignored rows
         # (and out-of-range targets, rejected upstream in eager mode) read an in-range index with weight 0.
-        valid = target != ignore_index
+        valid = target != options.ignore_index
         row_scale = valid.to(acc)
         row_scale /= row_scale.sum()  # [B]
         nll = lse - z_y  # [K+1, B]
@@ -120,19 +197,21 @@ class TESKDLossFunction(torch.autograd.Function):
         kd = torch.dot(p_eps.view(-1), h_sum.view(-1)) * (T * T / B)
         scale = kd_weight * T / B
         grad[1:].add_(p_t[1:], alpha=scale * (1 + C * kd_eps)).sub_(p_eps, alpha=scale)
-        if not detach_teacher:
+        if not options.detach_teacher:
             # sum_k (h_k - A_k), A_k = sum_j P_j h_k,j.
             grad[0].addcmul_(p, h_sum - (p * h_sum).sum(-1, keepdim=True), value=scale)
 
         # Masked squared error of the student features against the detached teacher feature.
         if teacher_feature is not None:
             f_t = teacher_feature if teacher_feature.dtype == acc else teacher_feature.to(acc)
-            f_s = student_features[0] if stacked_features else torch.stack(student_features, 0)
+            f_s = student_features[0] if layout.stacked_features else torch.stack(student_features, 0)
             f_s = f_s if f_s.dtype == acc else f_s.to(acc)
             # [f_s > 0 or f_t > 0] as a float 0/1 mask: float ops are several times faster than bool ones on CPUs.
             mask = torch.maximum(f_s, f_t).gt_(0)
-            diff = (f_s - f_t).mul_(mask)  # [K, B, D]
-            feat = torch.dot(diff.view(-1), diff.view(-1))
+            # [K, B, D], laid out as f_s is (a stacked feature may be non-contiguous: reshape copies it then)
+            diff = (f_s - f_t).mul_(mask)
+            flat = diff.reshape(-1)
+            feat = torch.dot(flat, flat)
             grad_feat = diff * (2 * feat_weight)
         else:
             feat = kd.new_zeros(())
@@ -148,12 +227,10 @@ class TESKDLossFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_total, grad_parts):
         t_dtype, f_dtype = ctx.dtypes
-        K, stacked_logits, stacked_features = ctx.layout
-        n = 1 if stacked_logits else K
-        needs = ctx.needs_input_grad
-        n_inputs = len(needs)
+        layout = ctx.layout
+        needs, needs_students, needs_features = layout.split(ctx.needs_input_grad)
         if grad_total is None:  # no gradient flows into the total (the parts have none)
-            return (None,) * n_inputs
+            return (None,) * len(ctx.needs_input_grad)
         if ctx.fused:
             feats = ctx.saved_tensors
             g = float(grad_total)
@@ -166,29 +243,25 @@ class TESKDLossFunction(torch.autograd.Function):
             grad, *feats = ctx.saved_tensors
             grad = grad * grad_total
         grad = grad if grad.dtype == t_dtype else grad.to(t_dtype)  # [K + 1, B, C]
-        grad_teacher = grad[0] if needs[0] else None
-        if stacked_logits:
-            grad_students = [grad[1:] if needs[7] else None]
-        else:
-            rows = grad.unbind(0)
-            grad_students = [rows[k] if needs[6 + k] else None for k in range(1, K + 1)]
-        grad_features = [None] * (n_inputs - 7 - n)
-        if feats and any(needs[7 + n :]):
+        grad_teacher = grad[0] if needs.teacher else None
+        rows = (grad[1:],) if layout.stacked_logits else grad[1:].unbind(0)
+        grad_students = [g_k if need else None for g_k, need in zip(rows, needs_students)]
+        grad_features = [None] * len(needs_features)
+        if feats and any(needs_features):
             if ctx.fused:  # from the forward's pass, else (a second backward) from the saved features, alike
                 grad_feat, ctx.grad_feat = ctx.grad_feat, None
                 if grad_feat is None:
-                    student_features = feats[1] if stacked_features else feats[1:]
+                    student_features = feats[1] if layout.stacked_features else feats[1:]
                     grad_feat = cpu_kernel.feature_grad(feats[0], student_features, ctx.feat_scale)
                 if g != 1.0:
                     cpu_kernel.scale_(grad_feat, g)
             else:  # stored by the batched path
                 grad_feat = feats[0] * grad_total
             grad_feat = grad_feat if grad_feat.dtype == f_dtype else grad_feat.to(f_dtype)  # [K, B, D]
-            if stacked_features:
-                grad_features = [grad_feat]
-            else:
-                grad_features = [g_k if needs[7 + n + k] else None for k, g_k in enumerate(grad_feat.unbind(0))]
-        return grad_teacher, None, None, None, None, None, None, *grad_students, *grad_features
+            rows = (grad_feat,) if layout.stacked_features else grad_feat.unbind(0)
+            grad_features = [g_k if need else None for g_k, need in zip(rows, needs_features)]
+        # Only the teacher's logits among the named arguments take a gradient.
+        return *_NO_GRADS._replace(teacher=grad_teacher), *grad_students, *grad_features
 
     @staticmethod
     def _recompute(ctx):

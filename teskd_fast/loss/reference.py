@@ -13,7 +13,7 @@ from .options import LossOptions
 
 def teskd_loss_reference(
     teacher_logits, student_logits, target, teacher_feature, student_features, head_weights, options: LossOptions
-):
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """TESKD loss by composition. Inputs are already validated by :func:`teskd_fast.teskd_loss`.
 
     Args:

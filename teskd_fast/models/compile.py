@@ -5,7 +5,7 @@ import functools
 import torch
 
 
-def compile_model(model, mode=None, fullgraph=True, dynamic=None, backend="inductor"):
+def compile_model(model, mode=None, fullgraph=True, dynamic=None, backend="inductor") -> torch.nn.Module:
     """Compile a TESKD network's forward (teacher backbone and students in one graph).
 
     Model code stays eager; this is the call site of ``torch.compile``. The forward has no graph break
@@ -38,6 +38,6 @@ def compile_model(model, mode=None, fullgraph=True, dynamic=None, backend="induc
     return compiled
 
 
-def _check_first_argument(check, module, args):
+def _check_first_argument(check, module, args) -> None:
     if args:
         check(args[0])

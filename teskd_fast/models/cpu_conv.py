@@ -47,7 +47,7 @@ class UnitStridePointwiseConv2d(nn.Conv2d):
         return F.conv2d(x[..., ::step_h, ::step_w], weight, bias, 1, 0, self.dilation, self.groups)
 
 
-def is_affected(conv):
+def is_affected(conv: nn.Module) -> bool:
     """Whether ``conv`` is a convolution oneDNN's strided 1x1 backward-weights kernel could get wrong."""
     return (
         type(conv) is nn.Conv2d
@@ -58,7 +58,7 @@ def is_affected(conv):
     )
 
 
-def avoid_strided_pointwise_bug(model):
+def avoid_strided_pointwise_bug(model: nn.Module) -> nn.Module:
     """Make every affected ``nn.Conv2d`` of ``model`` a :class:`UnitStridePointwiseConv2d`, in place.
 
     The modules keep their identity, parameters and buffers (only their class changes), so optimizers, state_dicts

@@ -3,14 +3,13 @@
 import copy
 
 import torch
-import torch.nn as nn
 from torchvision.models import ResNet
 
-from .resnet import build_resnet
+from .resnet import build_resnet, resnet_shell
 from .teskd import RESNET_MODULES
 
 
-def export_teacher(model):
+def export_teacher(model: torch.nn.Module) -> ResNet:
     """The teacher of a TESKD network as a plain ``torchvision.models.ResNet``, in eval mode.
 
     Args:
@@ -32,13 +31,10 @@ def export_teacher(model):
         net = build_resnet(model.arch, model.num_classes, model.stem, model.width_factor)
         net.load_state_dict(state, strict=True)
     else:
-        # A wrapped torchvision model: copy its modules into a fresh ResNet shell.
-        net = ResNet.__new__(ResNet)
-        nn.Module.__init__(net)
+        # A wrapped torchvision model: copies of its modules in a fresh ResNet.
+        net = resnet_shell()
         for name in RESNET_MODULES + ("fc",):
             setattr(net, name, copy.deepcopy(getattr(model, name)))
-        net.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-        net._norm_layer = nn.BatchNorm2d
-        net.inplanes, net.dilation, net.groups, net.base_width = model.channels[3], 1, 1, 64
+        net.inplanes = model.channels[3]
     ref = next(model.parameters())
     return net.to(device=ref.device, dtype=ref.dtype, memory_format=torch.contiguous_format).eval()

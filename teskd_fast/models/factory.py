@@ -11,7 +11,7 @@ from .teskd import TESKDNet
 FORMULATIONS = {"faithful": TESKDNet, "fast": FastTESKDNet}
 
 
-def _network(formulation, backbone, num_classes, **kwargs):
+def _network(formulation, backbone, num_classes, **kwargs) -> TESKDNet:
     if formulation not in FORMULATIONS:
         raise ValueError(f"unknown formulation {formulation!r}; choose 'fast' or 'faithful'")
     model = FORMULATIONS[formulation](backbone, num_classes, **kwargs)
@@ -22,7 +22,7 @@ def _network(formulation, backbone, num_classes, **kwargs):
     return model
 
 
-def create_model(arch, num_classes, stem="cifar", formulation="fast", width=1.0):
+def create_model(arch, num_classes, stem="cifar", formulation="fast", width=1.0) -> TESKDNet:
     """A ResNet-family teacher with three TESKD students.
 
     Args:
@@ -51,7 +51,7 @@ def create_model(arch, num_classes, stem="cifar", formulation="fast", width=1.0)
     return model
 
 
-def wrap(backbone, num_classes, formulation="fast"):
+def wrap(backbone, num_classes, formulation="fast") -> TESKDNet:
     """Build the TESKD students on an existing backbone, which becomes the teacher.
 
     Args:

@@ -39,7 +39,7 @@ for _t in (torch.empty(0), torch.nn.Parameter(torch.empty(0))):
 del _t
 
 
-def interpolation_matrix(n_in, n_out, dtype, device):
+def interpolation_matrix(n_in, n_out, dtype, device) -> torch.Tensor:
     """``[n_out, n_in]`` weights of 1-D linear interpolation with align_corners=True (rows sum to 1)."""
     scale = (n_in - 1) / (n_out - 1) if n_out > 1 else 0.0
     src = torch.arange(n_out, dtype=torch.float64, device=device) * scale
@@ -57,7 +57,7 @@ def interpolation_matrix(n_in, n_out, dtype, device):
 _RESIZE_STATS = {}
 
 
-def resize_statistics(n_in, n_out, dtype, device):
+def resize_statistics(n_in, n_out, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
     """``(A.sum(0), A.T @ A)`` of :func:`interpolation_matrix` ``A`` (``[n_in]``, ``[n_in, n_in]``).
 
     Cached per (sizes, dtype, device) in eager mode: a dozen tiny launches per up block and step otherwise. Under
@@ -72,7 +72,7 @@ def resize_statistics(n_in, n_out, dtype, device):
     return stats
 
 
-def resize_bn_relu(y, bn, size):
+def resize_bn_relu(y, bn, size) -> torch.Tensor:
     """``relu(bn(interpolate(y, size, bilinear, align_corners=True)))`` with the BatchNorm computed on ``y``.
 
     Args:
@@ -164,7 +164,7 @@ def _upsampled_statistics(y, size):
     return mean, var, n
 
 
-def patch_conv(x, weight, bias):
+def patch_conv(x, weight, bias) -> torch.Tensor:
     """A k x k convolution with stride k (disjoint patches) as one matmul.
 
     Args:
@@ -192,11 +192,11 @@ class FastTESKDNet(TESKDNet):
 
     formulation = "fast"
 
-    def stages(self, x):
+    def stages(self, x) -> list[torch.Tensor]:
         self.check_input(x)
         return super().stages(x.contiguous(memory_format=torch.channels_last))
 
-    def students(self, stages):
+    def students(self, stages) -> tuple[torch.Tensor, torch.Tensor]:
         width = self.width
         size4 = stages[3].shape[-2:]
         t = self.laterals[3](stages[3])

@@ -5,6 +5,7 @@ state_dict is the reference implementation's backbone state_dict, and at ``width
 loads strictly into ``torchvision.models.<arch>()``.
 """
 
+import torch
 import torch.nn as nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
@@ -20,7 +21,7 @@ ARCHS = {
 STEMS = ("cifar", "imagenet")
 
 
-def check_arch(arch, stem, width):
+def check_arch(arch: str, stem: str, width: float) -> None:
     """Raise a ValueError naming the problem when ``arch``, ``stem`` or ``width`` is not supported."""
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; choose one of {sorted(ARCHS)}")
@@ -34,11 +35,11 @@ def check_arch(arch, stem, width):
             raise ValueError(f"width={width} is too small for {arch}: a stage or a group would have no channel")
 
 
-def _scaled(channels, width):
+def _scaled(channels: int, width: float) -> int:
     return max(1, int(round(channels * width))) if width != 1 else channels
 
 
-def build_resnet(arch, num_classes, stem="imagenet", width=1.0):
+def build_resnet(arch: str, num_classes: int, stem: str = "imagenet", width: float = 1.0) -> ResNet:
     """A plain torchvision ``ResNet`` with the given stem and every channel count scaled by ``width``.
 
     Args:
@@ -54,27 +55,24 @@ def build_resnet(arch, num_classes, stem="imagenet", width=1.0):
     """
     check_arch(arch, stem, width)
     block, layers, groups, width_per_group = ARCHS[arch]
-    # Build through torchvision's own attribute layout and _make_layer, so that names and blocks are torchvision's.
-    net = ResNet.__new__(ResNet)
-    nn.Module.__init__(net)
-    net._norm_layer = nn.BatchNorm2d
-    net.inplanes = _scaled(64, width)
-    net.dilation = 1
-    net.groups = groups
-    net.base_width = width_per_group
+    if stem == "imagenet" and width == 1:
+        return ResNet(block, list(layers), num_classes, groups=groups, width_per_group=width_per_group)
+    # Torchvision's constructor has no width factor and no CIFAR stem: its modules are replaced by ours, made in
+    # its order (the same random numbers drawn for the same seed), from its public blocks, under its names.
+    net = resnet_shell(block, groups, width_per_group)
+    inplanes = _scaled(64, width)
     if stem == "imagenet":
-        net.conv1 = nn.Conv2d(3, net.inplanes, kernel_size=7, stride=2, padding=3, bias=False)
+        net.conv1 = nn.Conv2d(3, inplanes, kernel_size=7, stride=2, padding=3, bias=False)
     else:
-        net.conv1 = nn.Conv2d(3, net.inplanes, kernel_size=3, stride=1, padding=1, bias=False)
-    net.bn1 = nn.BatchNorm2d(net.inplanes)
-    net.relu = nn.ReLU(inplace=True)
-    net.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1) if stem == "imagenet" else nn.Identity()
-    net.layer1 = net._make_layer(block, _scaled(64, width), layers[0])
-    net.layer2 = net._make_layer(block, _scaled(128, width), layers[1], stride=2)
-    net.layer3 = net._make_layer(block, _scaled(256, width), layers[2], stride=2)
-    net.layer4 = net._make_layer(block, _scaled(512, width), layers[3], stride=2)
-    net.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-    net.fc = nn.Linear(_scaled(512, width) * block.expansion, num_classes)
+        net.conv1 = nn.Conv2d(3, inplanes, kernel_size=3, stride=1, padding=1, bias=False)
+        net.maxpool = nn.Identity()
+    net.bn1 = nn.BatchNorm2d(inplanes)
+    for i, (planes, blocks) in enumerate(zip((64, 128, 256, 512), layers)):
+        stage = _stage(block, inplanes, _scaled(planes, width), blocks, 1 if i == 0 else 2, groups, width_per_group)
+        setattr(net, f"layer{i + 1}", stage)
+        inplanes = _scaled(planes, width) * block.expansion
+    net.fc = nn.Linear(inplanes, num_classes)
+    net.inplanes = inplanes  # the channels into fc, as torchvision's constructor leaves it
     if stem == "imagenet":
         for m in net.modules():
             if isinstance(m, nn.Conv2d):
@@ -85,7 +83,31 @@ def build_resnet(arch, num_classes, stem="imagenet", width=1.0):
     return net
 
 
-def stage_channels(net):
+def resnet_shell(
+    block: type[BasicBlock | Bottleneck] = BasicBlock, groups: int = 1, width_per_group: int = 64
+) -> ResNet:
+    """A torchvision ``ResNet`` whose modules are placeholders on the meta device, for the caller to replace.
+
+    Made by torchvision's constructor on the meta device: no memory, no random numbers drawn. Every module that
+    holds parameters or buffers (``conv1``, ``bn1``, ``layer1`` ... ``layer4``, ``fc``) must be replaced."""
+    with torch.device("meta"):
+        return ResNet(block, [1, 1, 1, 1], groups=groups, width_per_group=width_per_group)
+
+
+def _stage(block, inplanes, planes, blocks, stride, groups, base_width):
+    """``layer<i>``: ``blocks`` torchvision blocks, the first with the stride and the shortcut projection,
+    made in the order of torchvision's ``ResNet`` (the projection first)."""
+    out = planes * block.expansion
+    downsample = None
+    if stride != 1 or inplanes != out:
+        downsample = nn.Sequential(nn.Conv2d(inplanes, out, kernel_size=1, stride=stride, bias=False),
+                                   nn.BatchNorm2d(out))  # fmt: skip
+    first = block(inplanes, planes, stride, downsample, groups=groups, base_width=base_width)
+    rest = [block(out, planes, groups=groups, base_width=base_width) for _ in range(1, blocks)]
+    return nn.Sequential(first, *rest)
+
+
+def stage_channels(net: ResNet) -> list[int]:
     """Output channels of ``layer1..layer4`` of a torchvision ResNet."""
     channels = []
     for name in ("layer1", "layer2", "layer3", "layer4"):

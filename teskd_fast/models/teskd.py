@@ -29,7 +29,7 @@ class ResizeTo(nn.Module):
     exactly twice the input (align_corners=True samples the same points either way); any size otherwise.
     """
 
-    def forward(self, x, size):
+    def forward(self, x, size) -> torch.Tensor:
         return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
 
 
@@ -37,7 +37,7 @@ def _dtype_name(dtype):
     return str(dtype).removeprefix("torch.")
 
 
-def check_image_batch(x, channels, dtype):
+def check_image_batch(x, channels, dtype) -> None:
     """Raise unless ``x`` is an image batch a network with ``channels`` input channels and ``dtype`` weights takes.
 
     Reads only the shape and dtype (no host synchronisation; under ``torch.compile`` the check is resolved while
@@ -69,7 +69,7 @@ def check_image_batch(x, channels, dtype):
                         "must be the network's (or, for float32 / bfloat16 / float16, run under torch.autocast)")
 
 
-def check_resnet_input(net, args):
+def check_resnet_input(net, args) -> None:
     """Forward pre-hook for a plain torchvision ResNet: :func:`check_image_batch` against its ``conv1``.
 
     ``build_model`` puts it on the baseline's network (an exported teacher); :func:`teskd_fast.export_teacher`
@@ -79,11 +79,11 @@ def check_resnet_input(net, args):
         check_image_batch(args[0], net.conv1.in_channels, net.conv1.weight.dtype)
 
 
-def conv_bn_relu(cin, cout, kernel=1, stride=1, bias=False):
+def conv_bn_relu(cin, cout, kernel=1, stride=1, bias=False) -> list[nn.Module]:
     return [nn.Conv2d(cin, cout, kernel, stride=stride, bias=bias), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
 
-def fit(x, size):
+def fit(x, size) -> torch.Tensor:
     """Zero-pad (or crop) the last two dims of ``x`` evenly to ``size``; the extra row/column goes bottom/right."""
     dh, dw = size[0] - x.shape[-2], size[1] - x.shape[-1]
     if dh == 0 and dw == 0:
@@ -116,7 +116,7 @@ class TESKDNet(nn.Module):
 
     formulation = "faithful"
 
-    def __init__(self, backbone, num_classes, channels=None, strides=None, fc=None):
+    def __init__(self, backbone, num_classes, channels=None, strides=None, fc=None) -> None:
         super().__init__()
         if not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
@@ -159,7 +159,7 @@ class TESKDNet(nn.Module):
         self.fc_b2 = nn.Linear(width, num_classes)
         self.fc_b1 = nn.Linear(width, num_classes)
 
-    def check_input(self, x):
+    def check_input(self, x) -> None:
         """Raise a ValueError / TypeError unless ``x`` is an image batch this network takes (see
         :func:`check_image_batch`): ``[B, 3, H, W]`` in the parameters' dtype, or any floating dtype under autocast."""
         if self.kind == "resnet":
@@ -167,7 +167,7 @@ class TESKDNet(nn.Module):
         else:
             check_image_batch(x, None, next(self.backbone.parameters()).dtype)
 
-    def stages(self, x):
+    def stages(self, x) -> list[torch.Tensor]:
         """The backbone's stage outputs s1..s4 for the image batch ``x`` ``[B, 3, H, W]``."""
         self.check_input(x)
         if self.kind == "features":
@@ -178,12 +178,12 @@ class TESKDNet(nn.Module):
         s3 = self.layer3(s2)
         return [s1, s2, s3, self.layer4(s3)]
 
-    def teacher_forward(self, x):
+    def teacher_forward(self, x) -> torch.Tensor:
         """Teacher logits ``[B, C]`` for ``x`` ``[B, 3, H, W]``: the backbone and its head, no student work at all."""
         s4 = self.stages(x)[-1]
         return self.fc(torch.flatten(self.avgpool(s4), 1))
 
-    def forward(self, x):
+    def forward(self, x) -> TESKDOutput:
         """Teacher and students on ``x`` ``[B, 3, H, W]``.
 
         Returns:
@@ -196,7 +196,7 @@ class TESKDNet(nn.Module):
         student_logits, student_features = self.students(stages)
         return TESKDOutput(logits, student_logits, feature, student_features)
 
-    def students(self, stages):
+    def students(self, stages) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
         """Student logits and features (levels 3, 2, 1) from the stage outputs, module by module as the reference."""
         s1, s2, s3, s4 = stages
         t = self.laterals[3](s4)
@@ -217,14 +217,14 @@ class TESKDNet(nn.Module):
             logits.append(fc(f))
         return tuple(logits), tuple(features)
 
-    def heads(self):
+    def heads(self) -> tuple[nn.Sequential, nn.Sequential, nn.Sequential]:
         """The student heads for levels 3, 2, 1 (``downsample3``, ``downsample2``, ``downsample1``)."""
         return (self.downsample3, self.downsample2, self.downsample1)
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return f"formulation={self.formulation!r}, kind={self.kind!r}, channels={self.channels}, width={self.width}"
 
-    def load_official_state_dict(self, state_dict):
+    def load_official_state_dict(self, state_dict) -> "TESKDNet":
         """Load a checkpoint of the published reference implementation, strictly.
 
         Args:
@@ -255,7 +255,7 @@ def _some(keys, shown=5):
     return head + (f", ... ({len(keys)} in all)" if len(keys) > shown else "")
 
 
-def check_state_dict(state_dict, expected, target="the network"):
+def check_state_dict(state_dict, expected, target="the network") -> None:
     """Raise unless ``state_dict`` loads strictly where ``expected`` (a module's ``state_dict()``) came from.
 
     Args:
