@@ -1,8 +1,13 @@
-"""Process-group set-up for ``torchrun`` (single- or multi-node): NCCL on CUDA, gloo on the CPU."""
+"""Process-group set-up for ``torchrun`` (single- or multi-node): NCCL on CUDA, gloo on the CPU.
+
+``TESKD_FAST_DIST_TIMEOUT`` (seconds) bounds the process group's operations, joining it included (default:
+PyTorch's, 10 minutes for NCCL and 30 for gloo); a process that cannot join raises :class:`DistributedSetupError`.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import gc
 import os
 from collections.abc import Iterator
@@ -12,6 +17,10 @@ import torch
 import torch.distributed as dist
 
 from teskd_fast.device import make_current, resolve_device
+
+
+class DistributedSetupError(RuntimeError):
+    """This process could not join its ``torchrun`` process group (no rendezvous, a peer gone, a timeout)."""
 
 
 @dataclass
@@ -62,8 +71,30 @@ def setup(device_name: str) -> DistEnv:
         return DistEnv(device=device)
     rank = launch_rank()
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        try:
+            dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=_timeout())
+        except Exception as e:  # DistNetworkError, DistStoreError, a gloo or NCCL error
+            where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+            text = str(e).strip().splitlines()
+            raise DistributedSetupError(
+                f"rank {rank} of {world_size} could not join the {backend} process group at {where}: "
+                f"{text[0] if text else type(e).__name__} (are the other processes running and reachable?)"
+            ) from None
     return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def _timeout() -> datetime.timedelta | None:
+    value = os.environ.get("TESKD_FAST_DIST_TIMEOUT")
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise DistributedSetupError(f"TESKD_FAST_DIST_TIMEOUT={value!r}: expected a positive number of seconds")
+    return datetime.timedelta(seconds=seconds)
 
 
 # Inside keep_process_group(), cleanup() leaves the process group alone.
