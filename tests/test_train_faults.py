@@ -229,7 +229,10 @@ def test_torchrun_restart_resumes_from_last_pt(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--max-restarts",
            "1", "-m", "teskd_fast.train", *FAST, "--epochs", "3", "--steps-per-epoch", "6", "--out", str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT,
+    # Without a store prefix per attempt (distributed._restart_store), about half the restarted gloo groups failed
+    # to connect, or hung: a bounded timeout makes a hang a failure with a message.
+    env = {**ENV, "TESKD_FAST_DIST_TIMEOUT": "120"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
                             start_new_session=True)
     try:
         deadline = time.monotonic() + 240

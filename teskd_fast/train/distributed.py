@@ -12,6 +12,7 @@ import gc
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -73,7 +74,9 @@ def setup(device_name: str) -> DistEnv:
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         try:
-            dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=_timeout())
+            timeout = _timeout()
+            dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout,
+                                    **_restart_store(rank, world_size, timeout))
         except Exception as e:  # DistNetworkError, DistStoreError, a gloo or NCCL error
             where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
             text = str(e).strip().splitlines()
@@ -82,6 +85,22 @@ def setup(device_name: str) -> DistEnv:
                 f"{text[0] if text else type(e).__name__} (are the other processes running and reachable?)"
             ) from None
     return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def _restart_store(rank: int, world_size: int, timeout: datetime.timedelta | None) -> dict[str, Any]:
+    """For a worker group that torchrun restarted: its rendezvous store under a prefix of this attempt's own.
+
+    torchrun keeps its store across restarts, and the addresses the failed attempt's ranks published there are
+    still in it: a restarted rank that reads one before its new peer overwrites it connects to a dead process
+    (gloo: "connectFullMesh failed ... Connection refused", or a hang). Seen here in about half the restarts of
+    a two-rank gloo job with torch 2.14; with a prefix per attempt, in none.
+    """
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if not restart.isdigit() or int(restart) == 0:
+        return {}
+    store, _, _ = next(dist.rendezvous("env://", rank, world_size,
+                                       **({} if timeout is None else {"timeout": timeout})))
+    return {"store": dist.PrefixStore(f"teskd_fast/restart{restart}", store)}
 
 
 def _timeout() -> datetime.timedelta | None:
