@@ -48,15 +48,56 @@ def list_classes(split_dir):
 
 
 def list_images(class_dir):
-    """Image files (ImageFolder's extensions) under ``class_dir``, recursively, as sorted relative paths."""
+    """Image files (ImageFolder's extensions) under ``class_dir``, recursively, as sorted relative paths.
+
+    Folder links are followed (a dataset assembled from links is common), but each real folder is read once: a
+    link back into a folder already on the walk (a loop, ``a/sub -> .``) or a second link to a folder already
+    read would list its images again, so it is refused with a :class:`CorruptDatasetError` naming the link.
+    """
+    class_dir = Path(class_dir)
+    seen = {}
     out = []
-    for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
-        dirnames.sort()
-        rel = os.path.relpath(dirpath, class_dir)
-        for name in filenames:
-            if name.lower().endswith(IMG_EXTENSIONS):
-                out.append(name if rel == "." else os.path.join(rel, name))
+
+    def walk(folder, rel):
+        info = os.stat(folder)
+        key = (info.st_dev, info.st_ino)
+        if key in seen:
+            raise CorruptDatasetError(
+                f"{folder} is a link to {seen[key]}, which is already read"
+                f"{' (a link loop)' if _inside(folder, seen[key]) else ''}: its images would be listed twice; "
+                f"remove the link"
+            )
+        seen[key] = folder
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as e:
+            raise DatasetNotFoundError(f"cannot read the folder {folder}: {e.strerror or e}") from e
+        for entry in entries:
+            child = entry.name if rel is None else os.path.join(rel, entry.name)
+            if entry.is_dir():  # follows links
+                walk(Path(entry.path), child)
+            elif entry.name.lower().endswith(IMG_EXTENSIONS):
+                out.append(child)
+
+    walk(class_dir, None)
     return sorted(out)
+
+
+def _inside(path, folder):
+    """Whether ``path`` (a link) lies inside ``folder``: the link then leads back to where it is."""
+    try:
+        Path(path).absolute().relative_to(Path(folder).absolute())
+        return True
+    except ValueError:
+        return False
+
+
+def resolve_folder(path):
+    """``path`` made absolute with its links resolved; a link loop is a :class:`DatasetNotFoundError` naming it."""
+    try:
+        return Path(path).expanduser().resolve()
+    except (RuntimeError, OSError) as e:  # Python < 3.13 raises RuntimeError for a loop, later ones OSError
+        raise DatasetNotFoundError(f"{path} cannot be resolved ({e}): a link loop? give the real folder") from e
 
 
 def find_scan_cache(split_dir, scan_cache=None):
@@ -97,7 +138,7 @@ def index_image_folder(split_dir, scan_cache=None, use_scan=True):
     Returns:
         FolderIndex with sorted classes and samples sorted by class, then path.
     """
-    split_dir = Path(split_dir).expanduser().resolve()
+    split_dir = resolve_folder(split_dir)
     classes = list_classes(split_dir)
     cache_path = find_scan_cache(split_dir, scan_cache) if use_scan else None
     samples = []

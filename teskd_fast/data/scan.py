@@ -25,8 +25,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from teskd_fast.data.common import DatasetNotFoundError
-from teskd_fast.data.folder import CACHE_FORMAT, CACHE_NAME, IMG_EXTENSIONS, list_classes, list_images
+from teskd_fast.data.common import CorruptDatasetError, DatasetNotFoundError
+from teskd_fast.data.folder import CACHE_FORMAT, CACHE_NAME, IMG_EXTENSIONS, list_classes, list_images, resolve_folder
 
 SPLITS = ("train", "val")
 
@@ -111,7 +111,7 @@ def scan_image_folder(root, workers=None, cache=None, write_cache=True, formats=
         has an entry. A cache that cannot be written (a read-only dataset) gives a
         :class:`CacheNotWrittenWarning` naming the path, ``cache_path=None`` and the reason in ``cache_error``.
     """
-    root = Path(root).expanduser().resolve()
+    root = resolve_folder(root)
     if not root.is_dir():
         raise DatasetNotFoundError(f"{root} is not a folder: give the dataset root (holding train/ and val/) "
                                    f"or one ImageFolder split (holding one folder per class)")
@@ -183,6 +183,19 @@ def _write_cache(payload, path, root):
         return message
 
 
+_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def escape(text):
+    """``text`` on one line: backslashes and control characters (newlines included) as backslash escapes.
+
+    The report prints one entry a line; a file name holding a newline could otherwise print a line of its own
+    (a fake ``EMPTY ...`` entry). Printable characters, non-ASCII ones included, are kept as they are.
+    """
+    return "".join(_ESCAPES.get(c) or (f"\\x{ord(c):02x}" if ord(c) < 32 or ord(c) == 127 else
+                                       f"\\u{ord(c):04x}" if c in "\x85\u2028\u2029" else c) for c in str(text))
+
+
 def main(argv=None):
     """Entry point of ``teskd-scan``; exit status 0 nothing found, 1 bad files or empty class folders, 2 no scan."""
     parser = argparse.ArgumentParser(
@@ -209,13 +222,13 @@ def main(argv=None):
             warnings.simplefilter("ignore", CacheNotWrittenWarning)
             report = scan_image_folder(args.root, workers=args.workers, cache=args.cache,
                                        write_cache=not args.no_cache, formats=formats, progress=args.progress)
-    except (DatasetNotFoundError, OSError) as e:
-        print(f"teskd-scan: error: {e}", file=sys.stderr)
+    except (DatasetNotFoundError, CorruptDatasetError, OSError) as e:
+        print(f"teskd-scan: error: {escape(e)}", file=sys.stderr)
         return 2
     for path, reason in report.bad:
-        print(f"BAD {path}: {reason}")
+        print(f"BAD {escape(path)}: {escape(reason)}")
     for path, reason in report.empty_classes:
-        print(f"EMPTY {path}: {reason}")
+        print(f"EMPTY {escape(path)}: {escape(reason)}")
     if report.cache_error:
         print(f"teskd-scan: warning: {report.cache_error}", file=sys.stderr)
     summary = ", ".join(f"{s or 'root'}: {len(v['files'])} good in {len(v['classes'])} classes"
@@ -223,7 +236,7 @@ def main(argv=None):
     empty = f", {len(report.empty_classes)} class folder(s) without a good image" if report.empty_classes else ""
     print(f"teskd-scan: {report.num_files} files checked in {time.perf_counter() - start:.1f}s ({summary}); "
           f"{len(report.bad)} bad{empty}"
-          + (f"; good-file list written to {report.cache_path}" if report.cache_path else ""))
+          + (f"; good-file list written to {escape(report.cache_path)}" if report.cache_path else ""))
     return 0 if report.ok else 1
 
 

@@ -12,10 +12,10 @@ has locked the folder.
 from __future__ import annotations
 
 import os
-import pickle
 import random
 import shutil
 import tempfile
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,8 @@ CHECKPOINT_FORMAT = "teskd_fast.train/1"
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used as it is (its weights do not fit the model); the message says why."""
+    """A checkpoint that cannot be used as it is (corrupt, or its weights do not fit the model); the message says
+    why."""
 
 
 def _temporary(path: Path) -> tuple[int, str]:
@@ -50,10 +51,25 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[Any], None]) -> None
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
-        raise
+        cause = _os_error(e)
+        if cause is None:
+            raise
+        # torch.save reports a failed write as its own RuntimeError, the OSError (a full disk) in its chain.
+        raise OSError(cause.errno, f"cannot write {path}: {cause.strerror or cause}", str(path)) from None
     _fsync_dir(path.parent)
+
+
+def _os_error(e: BaseException | None) -> OSError | None:
+    """The OSError in ``e``'s chain (itself, its cause or context), if any."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
@@ -116,6 +132,11 @@ def _fsync_dir(folder: Path) -> None:
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
     """Load a checkpoint written by :func:`atomic_save`, with a clear error for a missing or corrupt file.
 
+    ``torch.save`` writes a zip archive whose members carry CRC-32 checksums that ``torch.load`` does not check: a
+    flipped bit in a tensor loads as a wrong weight, one in the pickled structure as anything from a
+    ``TypeError`` to an unknown class. So the checksums are checked first (one read of the file); a file that
+    fails them, or that cannot be unpickled, is a :class:`CheckpointError` naming it.
+
     Args:
         path: the checkpoint file.
         map_location: as for ``torch.load``.
@@ -126,11 +147,31 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    _check_archive(path)
     try:
         # Our checkpoints hold numpy and Python RNG states next to tensors: they need the full unpickler.
         return torch.load(path, map_location=map_location, weights_only=False)
-    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as e:
-        raise RuntimeError(f"checkpoint {path} is corrupt or not a torch checkpoint: {e}") from e
+    except Exception as e:  # a corrupt pickle raises almost any exception type
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a torch checkpoint ({_first_line(e)})") from None
+
+
+def _check_archive(path: Path) -> None:
+    """Raise :class:`CheckpointError` when ``path`` is a zip archive (torch's format) failing its own checks."""
+    try:
+        if not zipfile.is_zipfile(path):
+            return  # a legacy (pre-1.6) torch file or not a checkpoint at all: torch.load tells
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except Exception as e:  # BadZipFile, and whatever a damaged header makes zipfile raise
+        raise CheckpointError(f"checkpoint {path} is corrupt: its archive cannot be read ({_first_line(e)})") from None
+    if bad is not None:
+        raise CheckpointError(f"checkpoint {path} is corrupt: its member {bad} fails its CRC-32 check (a damaged "
+                              "file or a copy cut short); use another checkpoint")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
 
 
 def rng_state() -> dict[str, Any]:

@@ -25,15 +25,24 @@ Exit status (every failure prints one ``teskd-train: ...`` line naming the file,
   resume that would change the run, a run folder in use by another run or already holding one (without
   ``--resume``).
 - 3: a non-finite loss.
+- 4: the run could not go on for a reason outside it: a write to the run folder failed (the disk is full, a
+  quota, an I/O error; last.pt then holds the last saved state), or this process could not join its torchrun
+  process group (the peers unreachable, or not there within ``TESKD_FAST_DIST_TIMEOUT`` seconds).
 - 128 + signal number: stopped by SIGTERM / Ctrl-C (after writing last.pt).
 
 A run that stops before training starts (exit 1 or 2) leaves no run folder behind: it is created once the data
 and the network are built.
+
+Elastic restarts: when ``torchrun --max-restarts N`` restarts a failed worker group, each worker runs the same
+command line again (``TORCHELASTIC_RESTART_COUNT`` > 0). If its ``--out`` folder then holds a last.pt, the run
+resumes from it exactly as ``--resume`` would, with the same checks; without ``--out`` (a default folder is named
+after its start time) a restarted group cannot find its run and is refused (exit 2).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import sys
@@ -81,6 +90,8 @@ def _resolve_args(argv: list[str] | None, held: contextlib.ExitStack) -> _Resolv
             return _resume_config(overrides, held)
         if overrides.get("eval_only"):
             return _eval_config(overrides)
+        if _restarted_run(overrides):
+            return _resume_config({**overrides, "resume": overrides["out"]}, held)
         cfg = resolve(overrides)
         return cfg, None, Path(cfg.out) if cfg.out else _default_out(cfg)
     except RunFolderRefused as e:
@@ -94,6 +105,29 @@ def _resolve_args(argv: list[str] | None, held: contextlib.ExitStack) -> _Resolv
         # A missing or foreign checkpoint for --resume / --eval-only.
         print(f"teskd-train: {e}", file=sys.stderr)
         raise SystemExit(1) from None
+    except OSError as e:
+        # The resumed folder's lock file cannot be written (a full disk): nothing has run.
+        print(f"teskd-train: {_os_error_message(e, Path(overrides.get('resume') or '.'))}", file=sys.stderr)
+        raise SystemExit(4) from None
+
+
+def _restarted_run(overrides: dict[str, Any]) -> bool:
+    """True when torchrun restarted this worker group and its run folder holds a last.pt to resume from."""
+    from teskd_fast.train.distributed import launch_rank
+
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if not restart.isdigit() or int(restart) == 0:
+        return False
+    if not overrides.get("out"):
+        raise RunFolderRefused(f"torchrun restarted the workers (TORCHELASTIC_RESTART_COUNT={restart}), but without "
+                               "--out the first attempt's run folder cannot be found (its name holds its start "
+                               "time): resume it with --resume RUN_DIR, and give --out to jobs that may restart")
+    if not (Path(overrides["out"]) / "last.pt").is_file():
+        return False  # nothing saved yet: the run starts again
+    if launch_rank() == 0:
+        print(f"teskd-train: torchrun restarted the workers (restart {restart}): resuming {overrides['out']} from "
+              "its last.pt", file=sys.stderr, flush=True)
+    return True
 
 
 def _resume_config(overrides: dict[str, Any], held: contextlib.ExitStack) -> _Resolved:
@@ -256,6 +290,9 @@ def _run(cfg: TrainConfig, ckpt: dict[str, Any] | None, run_dir: Path, held: con
         return 1
     try:
         env = D.setup(cfg.device)
+    except D.DistributedSetupError as e:
+        print(f"teskd-train: {e}", file=sys.stderr)
+        return 4
     except RuntimeError as e:
         print(f"teskd-train: {e}", file=sys.stderr)
         return 2
@@ -316,6 +353,12 @@ def _run(cfg: TrainConfig, ckpt: dict[str, Any] | None, run_dir: Path, held: con
         if env.is_main:
             print(str(e), file=sys.stderr)
         return 128 + int(e.signum)
+    except OSError as e:
+        # A write to the run folder failed (checkpoints, metrics, exports: the data's errors are DatasetErrors).
+        last = run_dir / "last.pt"
+        saved = f"; {last} holds the last saved state" if not cfg.eval_only and last.exists() else ""
+        print(f"teskd-train: {_os_error_message(e, run_dir)}{saved}", file=sys.stderr)
+        return 4
     except KeyboardInterrupt:
         # A second Ctrl-C: the step in flight is abandoned and last.pt is the one of the previous save.
         last = run_dir / "last.pt"
@@ -327,6 +370,16 @@ def _run(cfg: TrainConfig, ckpt: dict[str, Any] | None, run_dir: Path, held: con
         # the interpreter is alive: left to the exit, gloo's threads could abort a finished rank (see cleanup).
         trainer = None
         D.cleanup()
+
+
+def _os_error_message(e: OSError, run_dir: Path) -> str:
+    """One line for a failed write: the file (or the run folder), the reason, and a full disk said so."""
+    what = e.strerror or str(e)
+    if e.filename and str(e.filename) not in what:
+        what = f"{e.filename}: {what}"
+    elif not e.filename:
+        what = f"a write in the run folder {run_dir} failed: {what}"
+    return what + (" (the disk is full)" if e.errno == errno.ENOSPC else "")
 
 
 def _evaluate_only(cfg: TrainConfig, ckpt: dict[str, Any], run_dir: Path, env) -> int:

@@ -30,6 +30,8 @@ _CHOICES = {
     "stem": ("cifar", "imagenet"),
     "formulation": ("fast", "faithful"),
     "schedule": ("multistep", "cosine", "linear"),
+    # torch.compile's modes (it refuses any other only when it compiles, deep in the first step)
+    "compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     "precision": ("auto", "bf16", "fp16", "fp32"),
     "loader": ("auto", "dali", "nvjpeg", "torchvision"),
     "arch": ("resnet18", "resnet34", "resnet50", "resnet101", "resnext50_32x4d", "wide_resnet50_2"),
@@ -264,7 +266,12 @@ def load_yaml(path: str) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"--config: no such file: {p}")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except OSError as e:
+        raise ConfigError(f"--config {p}: cannot be read ({e.strerror or e})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"--config {p}: not a text file (not UTF-8): expected a YAML mapping of field: value") \
+            from None
     except yaml.YAMLError as e:
         raise ConfigError(f"--config {p}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
@@ -342,3 +349,5 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"--device: expected auto, cpu, cuda or cuda:N, got {dev!r}")
     if cfg.resume and cfg.eval_only:
         raise ConfigError("--resume and --eval-only cannot be combined")
+    if not 0 <= cfg.seed < 2**64:  # torch.manual_seed's range (and the data's SeedSequence keys)
+        raise ConfigError(f"--seed: must be in [0, 2**64), got {cfg.seed}")

@@ -1,17 +1,27 @@
-"""Process-group set-up for ``torchrun`` (single- or multi-node): NCCL on CUDA, gloo on the CPU."""
+"""Process-group set-up for ``torchrun`` (single- or multi-node): NCCL on CUDA, gloo on the CPU.
+
+``TESKD_FAST_DIST_TIMEOUT`` (seconds) bounds the process group's operations, joining it included (default:
+PyTorch's, 10 minutes for NCCL and 30 for gloo); a process that cannot join raises :class:`DistributedSetupError`.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import gc
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from teskd_fast.device import make_current, resolve_device
+
+
+class DistributedSetupError(RuntimeError):
+    """This process could not join its ``torchrun`` process group (no rendezvous, a peer gone, a timeout)."""
 
 
 @dataclass
@@ -62,8 +72,48 @@ def setup(device_name: str) -> DistEnv:
         return DistEnv(device=device)
     rank = launch_rank()
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        try:
+            timeout = _timeout()
+            dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout,
+                                    **_restart_store(rank, world_size, timeout))
+        except Exception as e:  # DistNetworkError, DistStoreError, a gloo or NCCL error
+            where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+            text = str(e).strip().splitlines()
+            raise DistributedSetupError(
+                f"rank {rank} of {world_size} could not join the {backend} process group at {where}: "
+                f"{text[0] if text else type(e).__name__} (are the other processes running and reachable?)"
+            ) from None
     return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def _restart_store(rank: int, world_size: int, timeout: datetime.timedelta | None) -> dict[str, Any]:
+    """For a worker group that torchrun restarted: its rendezvous store under a prefix of this attempt's own.
+
+    torchrun keeps its store across restarts, and the addresses the failed attempt's ranks published there are
+    still in it: a restarted rank that reads one before its new peer overwrites it connects to a dead process
+    (gloo: "connectFullMesh failed ... Connection refused", or a hang). Seen here in about half the restarts of
+    a two-rank gloo job with torch 2.14; with a prefix per attempt, in none.
+    """
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if not restart.isdigit() or int(restart) == 0:
+        return {}
+    store, _, _ = next(dist.rendezvous("env://", rank, world_size,
+                                       **({} if timeout is None else {"timeout": timeout})))
+    return {"store": dist.PrefixStore(f"teskd_fast/restart{restart}", store)}
+
+
+def _timeout() -> datetime.timedelta | None:
+    value = os.environ.get("TESKD_FAST_DIST_TIMEOUT")
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise DistributedSetupError(f"TESKD_FAST_DIST_TIMEOUT={value!r}: expected a positive number of seconds")
+    return datetime.timedelta(seconds=seconds)
 
 
 # Inside keep_process_group(), cleanup() leaves the process group alone.

@@ -248,15 +248,17 @@ def read_metrics(run_dir: str | Path, strict: bool = True) -> list[dict[str, Any
             return []
         raise FileNotFoundError(f"no metrics.jsonl in {run_dir}: is it a teskd-train run folder?")
     rows = []
-    with open(path) as f:
-        for line in f:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
             line = line.strip()
             if not line:
                 continue
             try:
                 rows.append(json.loads(line))
-            except ValueError:
+            except ValueError as e:
                 if strict:
-                    raise
+                    raise ValueError(f"{path}: line {number} is not a JSON row ({e}); a run killed while writing "
+                                     "it leaves its last line cut short: `teskd-train --resume` rewrites the file "
+                                     "from last.pt") from None
                 break
     return rows if strict else [r for r in rows if isinstance(r, dict)]
