@@ -160,3 +160,24 @@ def test_compiled_model_refuses_bad_input_with_the_networks_own_error(formulatio
         with pytest.raises(ValueError, match=r"got float32 of shape \[4, 1, 16, 16\]"):
             compiled(x[:, :1])
     assert unique_graphs() == 1 and not counters["graph_break"], (unique_graphs(), dict(counters["graph_break"]))
+
+
+@pytest.mark.parametrize("formulation", ["fast", "faithful"])
+def test_compiled_model_checks_the_batch_given_by_name(formulation):
+    # compiled(x=bad) skipped the eager check, and Dynamo reported an "Observed exception" instead.
+    compiled = teskd_fast.compile_model(tiny(formulation), backend="aot_eager")
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(compiled(x=x).logits, compiled(x).logits)
+        with pytest.raises(TypeError, match=r"expected a float32 \[B, 3, H, W\] image batch, got int64"):
+            compiled(x=x.long())
+
+
+def test_export_teacher_takes_the_compiled_module():
+    # Its state_dict's "_orig_mod." names made the export's load fail, listing every key.
+    model = tiny("fast").eval()
+    compiled = teskd_fast.compile_model(model, backend="aot_eager")
+    teacher = teskd_fast.export_teacher(compiled)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(teacher(x), teskd_fast.export_teacher(model)(x))

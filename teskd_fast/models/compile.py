@@ -1,6 +1,7 @@
 """torch.compile around the whole TESKD forward (shared backbone plus students)."""
 
 import functools
+import inspect
 
 import torch
 
@@ -34,10 +35,14 @@ def compile_model(model, mode=None, fullgraph=True, dynamic=None, backend="induc
     if check is not None:
         # The input check, also run eagerly before the compiled forward: with fullgraph=True Dynamo would report
         # the check's error as an "Observed exception" graph break instead of the ValueError / TypeError itself.
-        compiled.register_forward_pre_hook(functools.partial(_check_first_argument, check))
+        first = next(iter(inspect.signature(model.forward).parameters), None)
+        compiled.register_forward_pre_hook(functools.partial(_check_first_argument, check, first), with_kwargs=True)
     return compiled
 
 
-def _check_first_argument(check, module, args) -> None:
+def _check_first_argument(check, name, module, args, kwargs) -> None:
+    # The image batch, given by position or by its name (``compiled(x=batch)``).
     if args:
         check(args[0])
+    elif name in kwargs:
+        check(kwargs[name])

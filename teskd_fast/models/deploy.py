@@ -14,7 +14,8 @@ def export_teacher(model: torch.nn.Module) -> ResNet:
 
     Args:
         model: a TESKD network with a torchvision ResNet teacher (from :func:`teskd_fast.create_model`, or from
-            :func:`teskd_fast.wrap` on a torchvision ResNet), either formulation.
+            :func:`teskd_fast.wrap` on a torchvision ResNet), either formulation, or its
+            :func:`teskd_fast.compile_model` module.
 
     Returns:
         A new ``torchvision.models.ResNet`` holding copies of the teacher's weights, contiguous (NCHW) memory
@@ -23,6 +24,8 @@ def export_teacher(model: torch.nn.Module) -> ResNet:
         ``conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)`` and ``maxpool = nn.Identity()``. Its eval-mode logits equal
         ``model.teacher_forward(x)`` in eval mode.
     """
+    # compile_model's module: its own state_dict names carry an "_orig_mod." prefix; the network is inside.
+    model = getattr(model, "_orig_mod", model)
     if getattr(model, "kind", None) != "resnet":
         raise TypeError(f"export_teacher needs a TESKD network with a torchvision ResNet teacher, got {type(model)}")
     teacher_keys = tuple(f"{name}." for name in RESNET_MODULES + ("fc",))
