@@ -51,12 +51,12 @@ class ScanReport:
     cache_error: str | None = None
 
     @property
-    def ok(self):
+    def ok(self) -> bool:
         """Nothing the loaders would refuse: no bad file, no class folder without a good image."""
         return not self.bad and not self.empty_classes
 
 
-def check_image(path, formats=("JPEG",)):
+def check_image(path, formats=("JPEG",)) -> str | None:
     """Why the file at ``path`` is unusable, or None when it decodes completely in one of ``formats``."""
     from PIL import Image
 
@@ -91,7 +91,8 @@ def _split_dirs(root):
     return {"": root}
 
 
-def scan_image_folder(root, workers=None, cache=None, write_cache=True, formats=("JPEG",), progress=False):
+def scan_image_folder(root, workers=None, cache=None, write_cache=True, formats=("JPEG",),
+                      progress=False) -> ScanReport:
     """Decode-check every image of an ImageFolder tree in parallel and write the list of good files.
 
     Args:
@@ -183,7 +184,7 @@ def _write_cache(payload, path, root):
         return message
 
 
-def main(argv=None):
+def main(argv=None) -> int:
     """Entry point of ``teskd-scan``; exit status 0 nothing found, 1 bad files or empty class folders, 2 no scan."""
     parser = argparse.ArgumentParser(
         prog="teskd-scan",

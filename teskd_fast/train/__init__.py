@@ -19,7 +19,7 @@ from teskd_fast.train.config import PRESETS, TrainConfig
 __all__ = ["PRESETS", "TrainConfig", "main"]
 
 
-def main(argv=None):
+def main(argv=None) -> int:
     """Run ``teskd-train`` with ``argv`` (default: the command line); returns the exit status."""
     from teskd_fast.train.cli import main as _main
 
