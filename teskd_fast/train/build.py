@@ -19,7 +19,7 @@ from teskd_fast.data.catalog import LoaderRequest, dataset_spec
 from teskd_fast.data.imagenet import backend_problem
 from teskd_fast.data.protocol import Loader
 from teskd_fast.train import distributed as D
-from teskd_fast.train.config import ConfigError, TrainConfig
+from teskd_fast.train.config import ConfigError, TrainConfig, loss_fields
 from teskd_fast.train.schedule import image_size_at
 
 
@@ -127,9 +127,10 @@ def build_criterion(cfg: TrainConfig, world_size: int) -> Callable:
         return ce
     from teskd_fast import TESKDLoss
 
-    return TESKDLoss(temperature=cfg.temperature, ce_weight=cfg.ce_weight, kd_weight=cfg.kd_weight,
-                     feat_weight=cfg.feat_weight * world_size, label_smoothing=cfg.label_smoothing,
-                     backend="auto", return_parts=True)
+    # Every loss option the config has (config.loss_fields), by name.
+    options = {name: getattr(cfg, name) for name in loss_fields()}
+    options["feat_weight"] *= world_size
+    return TESKDLoss(**options, backend="auto", return_parts=True)
 
 
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:

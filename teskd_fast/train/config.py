@@ -371,15 +371,20 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("--resume and --eval-only cannot be combined")
 
 
-# The fields that are the loss's options (:class:`teskd_fast.loss.options.LossOptions`, whose check they pass).
-LOSS_FIELDS = ("temperature", "ce_weight", "kd_weight", "feat_weight", "label_smoothing")
+def loss_fields() -> tuple[str, ...]:
+    """The fields that are options of the loss: those named as a field of
+    :class:`teskd_fast.loss.options.LossOptions` (a new loss option becomes a flag by a field of that name here)."""
+    from teskd_fast.loss.options import LossOptions
+
+    names = {f.name for f in fields(TrainConfig)}
+    return tuple(name for name in LossOptions._fields if name in names)
 
 
 def _check_loss_options(cfg: TrainConfig) -> None:
     """The loss's own check of its options (LossOptions.checked), its ValueError as a ConfigError naming the flag."""
     from teskd_fast.loss.options import LossOptions
 
-    for name in LOSS_FIELDS:
+    for name in loss_fields():
         try:
             LossOptions.checked(**{name: getattr(cfg, name)})
         except ValueError as e:
