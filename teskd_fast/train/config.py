@@ -77,7 +77,7 @@ class TrainConfig:
 
     preset: str = _f("digits-demo", "named recipe to start from (see --list-presets)")
     method: str = _f("teskd", "teskd: teacher + students + TESKD loss; baseline: the teacher alone with plain CE")
-    dataset: str = _f("digits", "digits (built in), cifar10, cifar100 or imagenet (ImageFolder layout)")
+    dataset: str = _f("digits", "the dataset (digits: built in, nothing to download; imagenet: any ImageFolder tree)")
     data_dir: str = _f("", "where the dataset lives (default: ./data)")
     download: bool = _f(False, "download CIFAR with torchvision's downloader when it is missing")
     arch: str = _f("resnet18", "backbone")
@@ -110,7 +110,8 @@ class TrainConfig:
     compile: bool | None = _f(None, "torch.compile the model (default: on with CUDA)")
     compile_mode: str = _f("default", "torch.compile mode")
     channels_last: bool | None = _f(None, "channels_last memory format (default: on with CUDA)")
-    loader: str = _f("auto", "ImageNet loader: dali, nvjpeg, torchvision (auto: dali if installed)")
+    loader: str = _f("auto", "ImageFolder loader backend (auto: dali if installed, else nvjpeg on CUDA, else "
+                     "torchvision)")
     workers: int = _f(8, "data loading workers per process (ImageNet)")
     threads: int = _f(0, "CPU threads per process for PyTorch's intra-op parallelism (0: PyTorch's default)")
     seed: int = _f(27, "seed of the weights' initialisation and of the data order")
