@@ -34,9 +34,7 @@ def check_dataset(cfg: TrainConfig) -> None:
     The message comes from the data package (:data:`teskd_fast.data.catalog.DATASETS`): where it looked and how
     to get the dataset.
     """
-    from teskd_fast.data.catalog import check_dataset as check
-
-    check(cfg.dataset, data_root(cfg), download=cfg.download)
+    dataset_spec(cfg.dataset).check(data_root(cfg), cfg.download)
 
 
 def check_device_options(cfg: TrainConfig, env: D.DistEnv) -> None:
