@@ -15,7 +15,7 @@ setup(
     python_requires=">=3.10",
     packages=[
         "teskd_fast", "teskd_fast.kernels", "teskd_fast.loss", "teskd_fast.models", "teskd_fast.data",
-        "teskd_fast.train",
+        "teskd_fast.train", "teskd_fast.train.compare",
     ],  # fmt: skip
     package_dir={"teskd_fast": "teskd_fast", "teskd_fast.kernels": "kernels"},
     # The fused CPU loss kernel ships as C source, built at first use (kernels/teskd_loss_cpu.py).

@@ -14,7 +14,7 @@ from test_data_imagenet import make_image_folder, needs_dali, write_jpegs
 
 from teskd_fast.data.common import epoch_order
 from teskd_fast.data.folder import index_image_folder
-from teskd_fast.data.image_base import jpeg_frame
+from teskd_fast.data.jpeg import jpeg_frame
 from teskd_fast.data.nvjpeg import NvjpegImageLoader, _collate, needs_cpu_decode
 
 pytestmark = pytest.mark.timeout(300)

@@ -16,6 +16,7 @@ from teskd_fast.data.common import (
     DatasetNotFoundError,
 )
 from teskd_fast.data.imagenet import imagenet_loaders
+from teskd_fast.data.protocol import Loader
 from teskd_fast.data.scan import scan_image_folder
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "scan_image_folder",
     "load_cifar",
     "CifarLoader",
+    "Loader",
     "check_dataset",
     "DATASETS",
     "DatasetError",

@@ -11,7 +11,9 @@ import pickle
 import tarfile
 import warnings
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -71,7 +73,7 @@ def _layout(dataset):
     return _LAYOUTS[dataset]
 
 
-def locate_cifar(root, dataset="cifar100"):
+def locate_cifar(root, dataset="cifar100") -> Path:
     """The extracted folder or the .tar.gz of ``dataset`` under ``root`` (or ``root`` itself).
 
     Raises:
@@ -171,7 +173,7 @@ def _split_arrays(batch, where, labels_key, classes):
     raise CorruptDatasetError(f"{where}: {found}; expected {n} integers in [0, {classes})")
 
 
-def load_cifar(root, dataset="cifar100", download=False):
+def load_cifar(root, dataset="cifar100", download=False) -> dict[str, Any]:
     """Read a CIFAR split pair from the standard python-version archive or its extracted folder.
 
     Args:
@@ -290,12 +292,12 @@ class CifarLoader(EpochState):
         self._init_state()
 
     @property
-    def images(self):
+    def images(self) -> torch.Tensor:
         """The split as stored, without padding: [N, 3, 32, 32] uint8 on the device."""
         p = PAD if self.train else 0
         return self.data[:, :, p : p + SIZE, p : p + SIZE]
 
-    def epoch_plan(self, epoch):
+    def epoch_plan(self, epoch) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """The epoch's sample indices for this rank and their crop offsets and flips (CPU tensors).
 
         Returns:
@@ -311,7 +313,7 @@ class CifarLoader(EpochState):
         flips = torch.rand(len(order), generator=g) < 0.5
         return order[positions], offsets[positions], flips[positions]
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         epoch, start = self._begin_pass()
         indices, offsets, flips = self.epoch_plan(epoch)
         indices = indices.to(self.device, non_blocking=True)
@@ -369,7 +371,7 @@ class CifarLoader(EpochState):
 
 def cifar_loaders(root, dataset="cifar100", batch_size=128, device="cuda", seed=27, drop_last=False,
                   download=False, *, rank=0, world_size=1, channels_last=False, dtype=torch.float32,
-                  eval_batch_size=None):
+                  eval_batch_size=None) -> tuple[CifarLoader, CifarLoader]:
     """Training and test loaders over CIFAR-10 / CIFAR-100, the whole split resident on ``device``.
 
     Args:

@@ -5,6 +5,8 @@ seeded by :func:`seed_sequence` over ``(seed, epoch, ...)``, so an epoch's batch
 the epoch: the same on every rank, on the CPU and on a GPU, and after a resume.
 """
 
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -37,7 +39,7 @@ class BadImageError(DatasetError, RuntimeError):
     """An image file cannot be decoded; the message names the file and says to run ``teskd-scan``."""
 
 
-def check_dtype(dtype):
+def check_dtype(dtype) -> torch.dtype:
     if isinstance(dtype, str):
         dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
                  "float16": torch.float16, "fp16": torch.float16}.get(dtype, dtype)
@@ -46,7 +48,7 @@ def check_dtype(dtype):
     return dtype
 
 
-def check_sharding(batch_size, rank, world_size):
+def check_sharding(batch_size, rank, world_size) -> None:
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     if not isinstance(world_size, int) or world_size < 1:
@@ -60,7 +62,7 @@ AUGMENT_STREAM = 1
 DALI_STREAM = 2
 
 
-def seed_sequence(*keys):
+def seed_sequence(*keys) -> np.random.SeedSequence:
     """The package's one seeding scheme: numpy's ``SeedSequence`` over integer keys, e.g. ``(seed, epoch)``.
 
     Distinct key tuples give statistically independent streams (SeedSequence hashes them), whatever their size.
@@ -69,27 +71,28 @@ def seed_sequence(*keys):
     return np.random.SeedSequence([int(k) % 2**64 for k in keys])
 
 
-def derive_seed(*keys):
+def derive_seed(*keys) -> int:
     """A 63-bit integer seed derived from ``keys`` (for ``torch.Generator.manual_seed`` or a DALI pipeline)."""
     return int(seed_sequence(*keys).generate_state(1, np.uint64)[0] >> 1)
 
 
-def torch_generator(*keys):
+def torch_generator(*keys) -> torch.Generator:
     """A CPU ``torch.Generator`` seeded from ``keys``: a pure function of them."""
     return torch.Generator().manual_seed(derive_seed(*keys))
 
 
-def numpy_generator(*keys):
+def numpy_generator(*keys) -> np.random.Generator:
     """A numpy ``Generator`` (PCG64) seeded from ``keys``: a pure function of them."""
     return np.random.default_rng(seed_sequence(*keys))
 
 
-def shard_bounds(n, rank, world_size):
+def shard_bounds(n, rank, world_size) -> tuple[int, int]:
     """Contiguous shard ``[start, stop)`` of ``n`` items for ``rank``: DALI's readers split the same way."""
     return n * rank // world_size, n * (rank + 1) // world_size
 
 
-def epoch_order(n, *, shuffle, seed, epoch, rank=0, world_size=1, equal_shards=False):
+def epoch_order(n, *, shuffle, seed, epoch, rank=0, world_size=1,
+                equal_shards=False) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices this rank reads in one epoch, and the positions they hold in the global epoch order.
 
     Args:
@@ -110,11 +113,11 @@ def epoch_order(n, *, shuffle, seed, epoch, rank=0, world_size=1, equal_shards=F
     return order, torch.arange(start, stop)
 
 
-def num_batches(n, batch_size, drop_last):
+def num_batches(n, batch_size, drop_last) -> int:
     return n // batch_size if drop_last else -(-n // batch_size)
 
 
-def normalize_constants(mean, std, device, dtype=torch.float32, dim=4):
+def normalize_constants(mean, std, device, dtype=torch.float32, dim=4) -> tuple[torch.Tensor, torch.Tensor]:
     """``(scale, bias)`` with ``x * scale + bias == (x / 255 - mean) / std``, shaped to broadcast on channel dim 1."""
     shape = (1, -1) + (1,) * (dim - 2)
     scale = torch.tensor([1.0 / (255.0 * s) for s in std], device=device, dtype=dtype).view(shape)
@@ -122,7 +125,7 @@ def normalize_constants(mean, std, device, dtype=torch.float32, dim=4):
     return scale, bias
 
 
-def normalize_(images, mean, std, constants=None):
+def normalize_(images, mean, std, constants=None) -> torch.Tensor:
     """In place: ``images`` float in [0, 255] -> ``(images / 255 - mean) / std``, channel dim 1. Returns it.
 
     ``constants``: :func:`normalize_constants` made once, for a caller that normalises many batches.
@@ -144,17 +147,17 @@ class EpochState:
         self.position = 0
         self._start_batch = 0
 
-    def set_epoch(self, epoch, start_batch=0):
+    def set_epoch(self, epoch, start_batch=0) -> None:
         """Select the epoch of the next pass (its order and augmentation), starting at batch ``start_batch``."""
         if int(epoch) < 0 or int(start_batch) < 0:
             raise ValueError(f"epoch and start_batch must be >= 0, got {epoch}, {start_batch}")
         self.epoch, self._start_batch, self.position = int(epoch), int(start_batch), int(start_batch)
 
-    def state_dict(self):
+    def state_dict(self) -> dict[str, Any]:
         """``{"epoch", "position", ...}``: where the loader stands; restore it with ``load_state_dict``."""
         return {"epoch": self.epoch, "position": self.position, **self._fingerprint()}
 
-    def load_state_dict(self, state):
+    def load_state_dict(self, state) -> None:
         """Resume: the next pass yields exactly the batches the saved loader had not yet handed out."""
         mine = self._fingerprint()
         for key, value in mine.items():
@@ -168,13 +171,13 @@ class EpochState:
                 "num_images": self.num_images}
 
     @property
-    def num_samples(self):
+    def num_samples(self) -> int:
         """Samples this rank reads per epoch (training shards are equal in size, evaluation shards cover all)."""
         _, positions = epoch_order(self.num_images, shuffle=False, seed=0, epoch=0, rank=self.rank,
                                    world_size=self.world_size, equal_shards=self.train)
         return len(positions)
 
-    def __len__(self):
+    def __len__(self) -> int:
         return num_batches(self.num_samples, self.batch_size, self.drop_last)
 
     def _begin_pass(self):

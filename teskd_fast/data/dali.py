@@ -28,14 +28,16 @@ import errno
 import io
 import os
 import re
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
 from teskd_fast.data.common import DALI_STREAM, SCAN_HINT, BadImageError, derive_seed, numpy_generator
-from teskd_fast.data.image_base import ImageLoaderBase, jpeg_frame, train_crops
+from teskd_fast.data.image_base import ImageLoaderBase, train_crops
+from teskd_fast.data.jpeg import jpeg_frame
 
 _DALI_HINT = ("install it with: pip install nvidia-dali-cuda130 (or the build matching your CUDA), "
               "or use backend='torchvision'")
@@ -60,7 +62,7 @@ LARGE_IMAGE_SIDE = 2048
 HW_DECODER_LOAD = 0.9
 
 
-def decoder_arguments(mixed):
+def decoder_arguments(mixed) -> dict[str, Any]:
     """Keyword arguments of the image decoders: RGB, no EXIF rotation, and on the GPU nvJPEG's buffer sizes.
 
     Args:
@@ -75,7 +77,7 @@ def decoder_arguments(mixed):
     return args
 
 
-def dali_threads(world_size):
+def dali_threads(world_size) -> int:
     """DALI's CPU threads per rank by default: the cores this process may use over the ranks on its node.
 
     The ranks on the node come from torchrun's ``LOCAL_WORLD_SIZE``; without it all ``world_size`` ranks are
@@ -87,7 +89,8 @@ def dali_threads(world_size):
 
 
 @pipeline_def
-def imagenet_pipeline(*, source, train, image_size, val_resize, mean, std, channels_last, half, mixed):
+def imagenet_pipeline(*, source, train, image_size, val_resize, mean, std, channels_last, half,
+                      mixed) -> tuple[Any, Any]:
     """One pass over an ImageFolder split as DALI decodes it: crop and augment or centre-crop, normalise.
 
     Called as ``imagenet_pipeline(batch_size=, num_threads=, device_id=, seed=, prefetch_queue_depth=, ...)``
@@ -213,7 +216,7 @@ class DaliImageLoader(ImageLoaderBase):
         self._open = False
 
     @property
-    def mixed(self):
+    def mixed(self) -> bool:
         """True when DALI decodes on the GPU (device="mixed")."""
         return self.device.type == "cuda"
 
@@ -260,7 +263,7 @@ class DaliImageLoader(ImageLoaderBase):
         self._open = True
         return self._pipe.iterator
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         epoch, start = self._begin_pass()
         if start >= len(self):
             self._end_pass(epoch)

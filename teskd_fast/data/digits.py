@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from teskd_fast.data.common import AUGMENT_STREAM, EpochState, torch_generator
 
 NUM_CLASSES = 10
+# The class names, in label order.
+CLASSES = tuple(str(d) for d in range(NUM_CLASSES))
 TRAIN_SIZE = 1437
 TEST_SIZE = 360
 _SPLIT_SEED = 0
@@ -83,6 +85,8 @@ class DigitsLoader(EpochState):
     Shapes:
         yields ``images [b, 3, S, S]`` and ``labels [b]`` with ``b <= batch_size``.
     """
+
+    classes = CLASSES
 
     def __init__(
         self,

@@ -8,6 +8,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from teskd_fast.data.common import SCAN_HINT, CorruptDatasetError, DatasetNotFoundError
 
@@ -27,14 +28,14 @@ class FolderIndex:
     from_scan: Path | None = None
 
     @property
-    def class_to_idx(self):
+    def class_to_idx(self) -> dict[str, int]:
         return {c: i for i, c in enumerate(self.classes)}
 
-    def path(self, i):
+    def path(self, i) -> str:
         return str(self.root / self.samples[i][0])
 
 
-def list_classes(split_dir):
+def list_classes(split_dir) -> list[str]:
     split_dir = Path(split_dir)
     if not split_dir.is_dir():
         raise DatasetNotFoundError(
@@ -47,7 +48,7 @@ def list_classes(split_dir):
     return classes
 
 
-def list_images(class_dir):
+def list_images(class_dir) -> list[str]:
     """Image files (ImageFolder's extensions) under ``class_dir``, recursively, as sorted relative paths.
 
     Folder links are followed (a dataset assembled from links is common), but each real folder is read once: a
@@ -83,7 +84,7 @@ def list_images(class_dir):
     return sorted(out)
 
 
-def _inside(path, folder):
+def _inside(path, folder) -> bool:
     """Whether ``path`` (a link) lies inside ``folder``: the link then leads back to where it is."""
     try:
         Path(path).absolute().relative_to(Path(folder).absolute())
@@ -92,7 +93,7 @@ def _inside(path, folder):
         return False
 
 
-def resolve_folder(path):
+def resolve_folder(path) -> Path:
     """``path`` made absolute with its links resolved; a link loop is a :class:`DatasetNotFoundError` naming it."""
     try:
         return Path(path).expanduser().resolve()
@@ -100,7 +101,7 @@ def resolve_folder(path):
         raise DatasetNotFoundError(f"{path} cannot be resolved ({e}): a link loop? give the real folder") from e
 
 
-def find_scan_cache(split_dir, scan_cache=None):
+def find_scan_cache(split_dir, scan_cache=None) -> Path | None:
     """The scan cache that covers ``split_dir``: given, in the split folder, or in its parent (dataset root)."""
     if scan_cache is not None:
         path = Path(scan_cache)
@@ -114,7 +115,7 @@ def find_scan_cache(split_dir, scan_cache=None):
     return None
 
 
-def read_scan_cache(path):
+def read_scan_cache(path) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as f:
             cache = json.load(f)
@@ -126,7 +127,7 @@ def read_scan_cache(path):
     return cache
 
 
-def index_image_folder(split_dir, scan_cache=None, use_scan=True):
+def index_image_folder(split_dir, scan_cache=None, use_scan=True) -> FolderIndex:
     """Index one ImageFolder split, using the good-file list of a ``teskd-scan`` cache when one is present.
 
     Args:

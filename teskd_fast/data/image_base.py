@@ -1,5 +1,7 @@
 """What the ImageFolder backends share: the loader base class, the crop constants, the sampler, the errors.
 
+JPEG headers are read by :mod:`.jpeg`.
+
 The three backends (:mod:`.torchvision_loader`, :mod:`.nvjpeg`, :mod:`.dali`) import this module; the factory
 :func:`teskd_fast.data.imagenet_loaders` (:mod:`.imagenet`) imports the backends. Nothing here imports a
 backend or the factory, so the imports form no circle.
@@ -11,7 +13,7 @@ normalised with the ImageNet mean and std, labels [B] int64, both on the device.
 
 import math
 import os
-from typing import NamedTuple
+from collections.abc import Iterator
 
 import torch
 
@@ -32,54 +34,9 @@ from teskd_fast.device import resolve_device
 # torchvision's RandomResizedCrop defaults: the training crop's area fraction and aspect ratio.
 TRAIN_SCALE = (0.08, 1.0)
 TRAIN_RATIO = (3.0 / 4.0, 4.0 / 3.0)
-# JPEG start-of-frame markers (SOF0-SOF15 but DHT, JPG and DAC): the segment holding the size and components.
-_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
-# Markers that stand alone, without a length: TEM and RST0-RST7.
-_BARE_MARKERS = frozenset([0x01, *range(0xD0, 0xD8)])
 
 
-class JpegFrame(NamedTuple):
-    """A JPEG's frame header: its SOF marker (0xC0 baseline, 0xC2 progressive, ...) and what it declares."""
-
-    marker: int
-    precision: int
-    height: int
-    width: int
-    components: int
-
-
-def jpeg_frame(data):
-    """The frame header of the JPEG file content ``data`` (bytes), or None when it is not a JPEG or cut short.
-
-    Walks the marker segments from the start of the file to the first start-of-frame, skipping the others
-    by their length, so it reads a few hundred bytes, not the image.
-    """
-    if data[:2] != b"\xff\xd8":
-        return None
-    i, n = 2, len(data)
-    while i + 4 <= n:
-        if data[i] != 0xFF:
-            return None
-        marker = data[i + 1]
-        if marker == 0xFF or marker in _BARE_MARKERS:
-            # A fill byte, or a marker without a segment.
-            i += 1 if marker == 0xFF else 2
-            continue
-        if marker in (0xD9, 0xDA):
-            # End of image or start of scan before any frame: not a valid JPEG.
-            return None
-        if marker in _SOF_MARKERS:
-            if i + 10 > n:
-                return None
-            frame = JpegFrame(marker, data[i + 4], int.from_bytes(data[i + 5 : i + 7], "big"),
-                              int.from_bytes(data[i + 7 : i + 9], "big"), data[i + 9])
-            # A height of 0 is declared later (DNL marker): the size is then unknown here.
-            return frame if frame.height and frame.width else None
-        i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
-    return None
-
-
-def random_resized_crop_params(height, width, rng, scale=TRAIN_SCALE, ratio=TRAIN_RATIO):
+def random_resized_crop_params(height, width, rng, scale=TRAIN_SCALE, ratio=TRAIN_RATIO) -> tuple[int, int, int, int]:
     """torchvision's RandomResizedCrop.get_params with a numpy generator: (top, left, h, w)."""
     area = height * width
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
@@ -100,7 +57,7 @@ def random_resized_crop_params(height, width, rng, scale=TRAIN_SCALE, ratio=TRAI
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def train_crops(sizes, rng):
+def train_crops(sizes, rng) -> list[tuple[int, int, int, int, bool]]:
     """Each image's training crop and flip, drawn in order from ``rng``: [(top, left, h, w, flip)].
 
     ``sizes``: the images' (height, width). The nvjpeg and DALI backends draw a batch's crops with this from
@@ -109,7 +66,7 @@ def train_crops(sizes, rng):
     return [(*random_resized_crop_params(h, w, rng), bool(rng.random() < 0.5)) for h, w in sizes]
 
 
-def default_workers(world_size=1):
+def default_workers(world_size=1) -> int:
     """DataLoader processes per rank: min(8, cores / world_size), at least 1 (DALI threads: ``dali.dali_threads``)."""
     return max(1, min(8, (os.cpu_count() or 1) // max(1, world_size)))
 
@@ -143,23 +100,23 @@ class ImageLoaderBase(EpochState):
         self._init_state()
 
     @property
-    def classes(self):
+    def classes(self) -> list[str]:
         return self.index.classes
 
     @property
-    def num_images(self):
+    def num_images(self) -> int:
         return len(self.index.samples)
 
     def _fingerprint(self):
         return {**super()._fingerprint(), "backend": self.backend}
 
-    def epoch_indices(self, epoch):
+    def epoch_indices(self, epoch) -> torch.Tensor:
         """Dataset indices this rank reads in ``epoch``, in order (int64 CPU tensor)."""
         order, positions = epoch_order(self.num_images, shuffle=self.train, seed=self.seed, epoch=epoch,
                                        rank=self.rank, world_size=self.world_size, equal_shards=self.train)
         return order[positions]
 
-    def set_image_size(self, image_size):
+    def set_image_size(self, image_size) -> None:
         """Training resolution of the next passes (progressive resizing); evaluation keeps its crop."""
         if int(image_size) < 1:
             raise ValueError(f"image_size must be >= 1, got {image_size}")
@@ -176,7 +133,7 @@ class ImageLoaderBase(EpochState):
             images = normalize_(images.float(), self.mean, self.std, self._constants)
         return images if images.dtype == self.dtype else images.to(self.dtype)
 
-    def bad_file_error(self, path, reason):
+    def bad_file_error(self, path, reason) -> BadImageError:
         return BadImageError(f"cannot decode {path}: {reason}; {SCAN_HINT.format(root=self.index.root.parent)}")
 
 
@@ -186,14 +143,14 @@ class ListSampler(torch.utils.data.Sampler):
     def __init__(self):
         self.indices = []
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[int]:
         return iter(self.indices)
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self.indices)
 
 
-def unwrap_worker_error(e):
+def unwrap_worker_error(e) -> BadImageError:
     """A BadImageError re-raised by a DataLoader worker carries the worker traceback; keep our message only."""
     text = str(e)
     marker = "BadImageError: "

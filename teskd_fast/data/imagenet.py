@@ -11,18 +11,22 @@ This module is the factory: it checks the layout and imports the backends (DALI 
 What the backends share lives in :mod:`.image_base`.
 """
 
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from teskd_fast.data.common import CorruptDatasetError, DatasetNotFoundError
-from teskd_fast.data.folder import index_image_folder
+from teskd_fast.data.folder import FolderIndex, index_image_folder
+from teskd_fast.data.image_base import ImageLoaderBase
 from teskd_fast.device import resolve_device
 
-BACKENDS = ("dali", "nvjpeg", "torchvision")
 
-
-def dali_available():
+def dali_available() -> bool:
     try:
         import nvidia.dali  # noqa: F401
     except ImportError:
@@ -30,14 +34,81 @@ def dali_available():
     return True
 
 
-def default_backend(device):
+def _backend_option(backend: str) -> str:
+    return f"backend={backend!r}"
+
+
+class LoaderBackend(NamedTuple):
+    """One ImageFolder loader backend: where its loader class lives and what it needs to run.
+
+    Attributes:
+        module, class_name: the :class:`~teskd_fast.data.image_base.ImageLoaderBase` subclass (imported only
+            when the backend is chosen).
+        problem: ``problem(device, option)`` says why the backend cannot run on ``device`` here, or None;
+            ``option(name)`` spells how the caller chooses a backend (``backend='dali'``, ``--loader dali``).
+        error: the exception :func:`imagenet_loaders` raises with that message.
+    """
+
+    module: str
+    class_name: str
+    problem: Callable[[torch.device, Callable[[str], str]], str | None]
+    error: type[Exception]
+
+
+def _nvjpeg_problem(device: torch.device, option: Callable[[str], str]) -> str | None:
+    if device.type == "cuda":
+        return None
+    where = f"got device {str(device)!r}" if torch.cuda.is_available() else "no CUDA device on this machine"
+    return (f"{option('nvjpeg')} decodes JPEGs on the GPU with torchvision.io.decode_jpeg(device='cuda') and needs a "
+            f"CUDA device ({where}); use {option('torchvision')} (Pillow in worker processes) or {option('dali')} "
+            "(DALI's CPU mode) here")
+
+
+def _dali_problem(device: torch.device, option: Callable[[str], str]) -> str | None:
+    if dali_available():
+        return None
+    return (f"{option('dali')} needs NVIDIA DALI, which is not installed: pip install nvidia-dali-cuda130 (or the "
+            "build for your CUDA; teskd_fast's extra: pip install 'teskd_fast[dali]'), or use "
+            f"{option('torchvision')}, or {option('nvjpeg')} on CUDA")
+
+
+# name -> backend; the order is the one --loader lists (after "auto").
+LOADER_BACKENDS: dict[str, LoaderBackend] = {
+    "dali": LoaderBackend("teskd_fast.data.dali", "DaliImageLoader", _dali_problem, ImportError),
+    "nvjpeg": LoaderBackend("teskd_fast.data.nvjpeg", "NvjpegImageLoader", _nvjpeg_problem, RuntimeError),
+    "torchvision": LoaderBackend("teskd_fast.data.torchvision_loader", "TorchvisionImageLoader",
+                                 lambda device, option: None, RuntimeError),
+}
+BACKENDS = tuple(LOADER_BACKENDS)
+
+
+def loader_backend(backend: str) -> LoaderBackend:
+    """The registry entry of ``backend``; a ValueError names the known ones."""
+    if backend not in LOADER_BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return LOADER_BACKENDS[backend]
+
+
+def backend_problem(backend: str, device: torch.device, option: Callable[[str], str] = _backend_option) -> str | None:
+    """Why loader ``backend`` cannot run on ``device`` on this machine, or None when it can.
+
+    Args:
+        backend: a name of :data:`LOADER_BACKENDS`.
+        device: where the loader would deliver (and, for nvjpeg and DALI, decode) its batches.
+        option: how the message names a backend: ``backend='dali'`` by default, ``--loader dali`` for the
+            training command.
+    """
+    return loader_backend(backend).problem(device, option)
+
+
+def default_backend(device: torch.device) -> str:
     """DALI where installed; else nvjpeg on CUDA; else torchvision."""
     if dali_available():
         return "dali"
     return "nvjpeg" if device.type == "cuda" else "torchvision"
 
 
-def check_imagenet_root(root, train_dir="train", val_dir="val", splits=True):
+def check_imagenet_root(root: str | Path, train_dir: str = "train", val_dir: str = "val", splits: bool = True) -> Path:
     """``root`` as a Path, once it is a folder holding (with ``splits``) the two split folders, neither empty.
 
     Without ``splits`` only the root is checked; the folder index then names a missing split or class folder.
@@ -62,26 +133,16 @@ def check_imagenet_root(root, train_dir="train", val_dir="val", splits=True):
     )
 
 
-def make_image_loader(backend, index, **kwargs):
-    if backend == "torchvision":
-        from teskd_fast.data.torchvision_loader import TorchvisionImageLoader
-
-        return TorchvisionImageLoader(index, **kwargs)
-    if backend == "dali":
-        from teskd_fast.data.dali import DaliImageLoader
-
-        return DaliImageLoader(index, **kwargs)
-    if backend == "nvjpeg":
-        from teskd_fast.data.nvjpeg import NvjpegImageLoader
-
-        return NvjpegImageLoader(index, **kwargs)
-    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+def make_image_loader(backend: str, index: FolderIndex, **kwargs) -> ImageLoaderBase:
+    """The ``backend``'s loader over ``index`` (keyword arguments: those of ``ImageLoaderBase``)."""
+    spec = loader_backend(backend)
+    return getattr(importlib.import_module(spec.module), spec.class_name)(index, **kwargs)
 
 
 def imagenet_loaders(root, batch_size=256, backend=None, image_size=224, val_resize=256, device=None, rank=0,
                      world_size=1, workers=None, *, seed=0, drop_last=False, channels_last=False,
                      dtype=torch.float32, eval_batch_size=None, val_image_size=None, scan_cache=None,
-                     use_scan=True, train_dir="train", val_dir="val"):
+                     use_scan=True, train_dir="train", val_dir="val") -> tuple[ImageLoaderBase, ImageLoaderBase]:
     """Training and validation loaders over an ImageFolder tree (ImageNet layout).
 
     Args:
@@ -112,16 +173,9 @@ def imagenet_loaders(root, batch_size=256, backend=None, image_size=224, val_res
     root = check_imagenet_root(root, train_dir, val_dir, splits=False)
     device = resolve_device(device)
     backend = default_backend(device) if backend is None else backend
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "nvjpeg" and device.type != "cuda":
-        raise RuntimeError("backend='nvjpeg' decodes JPEGs on the GPU with torchvision.io.decode_jpeg(device='cuda') "
-                           f"and needs a CUDA device (got device={str(device)!r}); use backend='dali' (CPU mode) or "
-                           "backend='torchvision' here")
-    if backend == "dali" and not dali_available():
-        raise ImportError("backend='dali' needs NVIDIA DALI: pip install nvidia-dali-cuda130 (or the build for "
-                          "your CUDA; teskd_fast's extra: pip install 'teskd_fast[dali]'), or use backend='nvjpeg' "
-                          "or 'torchvision'")
+    problem = backend_problem(backend, device)
+    if problem:
+        raise LOADER_BACKENDS[backend].error(problem)
     train_index = index_image_folder(root / train_dir, scan_cache=scan_cache, use_scan=use_scan)
     val_index = index_image_folder(root / val_dir, scan_cache=scan_cache, use_scan=use_scan)
     if train_index.classes != val_index.classes:

@@ -16,19 +16,21 @@ without a GPU; only the decode call then runs on the CPU.
 """
 
 import warnings
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 
 from teskd_fast.data.common import BadImageError, numpy_generator
-from teskd_fast.data.image_base import ImageLoaderBase, ListSampler, jpeg_frame, train_crops, unwrap_worker_error
+from teskd_fast.data.image_base import ImageLoaderBase, ListSampler, train_crops, unwrap_worker_error
+from teskd_fast.data.jpeg import jpeg_frame
 from teskd_fast.data.torchvision_loader import _pil_loader
 
 # nvJPEG through torchvision decodes 8-bit baseline (SOF0) and progressive (SOF2) JPEGs of 1 or 3 components.
 _GPU_MARKERS = (0xC0, 0xC2)
 
 
-def needs_cpu_decode(data):
+def needs_cpu_decode(data) -> bool:
     """Whether the file content ``data`` (bytes) is a JPEG that torchvision's CUDA ``decode_jpeg`` does not take.
 
     Read from the JPEG header: True for a CMYK or YCCK JPEG (4 components; torchvision does not enable nvJPEG's
@@ -175,7 +177,7 @@ class NvjpegImageLoader(ImageLoaderBase):
             out[n] = img[0, :, top : top + s, left : left + s]
         return out
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         epoch, start = self._begin_pass()
         self._sampler.indices = self.epoch_indices(epoch)[start * self.batch_size :].tolist()
         k = start

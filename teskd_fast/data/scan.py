@@ -51,12 +51,12 @@ class ScanReport:
     cache_error: str | None = None
 
     @property
-    def ok(self):
+    def ok(self) -> bool:
         """Nothing the loaders would refuse: no bad file, no class folder without a good image."""
         return not self.bad and not self.empty_classes
 
 
-def check_image(path, formats=("JPEG",)):
+def check_image(path, formats=("JPEG",)) -> str | None:
     """Why the file at ``path`` is unusable, or None when it decodes completely in one of ``formats``."""
     from PIL import Image
 
@@ -91,7 +91,8 @@ def _split_dirs(root):
     return {"": root}
 
 
-def scan_image_folder(root, workers=None, cache=None, write_cache=True, formats=("JPEG",), progress=False):
+def scan_image_folder(root, workers=None, cache=None, write_cache=True, formats=("JPEG",),
+                      progress=False) -> ScanReport:
     """Decode-check every image of an ImageFolder tree in parallel and write the list of good files.
 
     Args:
@@ -186,7 +187,7 @@ def _write_cache(payload, path, root):
 _ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
-def escape(text):
+def escape(text) -> str:
     """``text`` on one line: backslashes and control characters (newlines included) as backslash escapes.
 
     The report prints one entry a line; a file name holding a newline could otherwise print a line of its own
@@ -196,7 +197,7 @@ def escape(text):
                                        f"\\u{ord(c):04x}" if c in "\x85\u2028\u2029" else c) for c in str(text))
 
 
-def main(argv=None):
+def main(argv=None) -> int:
     """Entry point of ``teskd-scan``; exit status 0 nothing found, 1 bad files or empty class folders, 2 no scan."""
     parser = argparse.ArgumentParser(
         prog="teskd-scan",

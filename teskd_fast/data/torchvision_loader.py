@@ -1,5 +1,6 @@
 """The torchvision backend: ImageFolder + DataLoader, Pillow decoding in worker processes (the familiar baseline)."""
 
+from collections.abc import Iterator
 from functools import partial
 
 import torch
@@ -72,7 +73,7 @@ class TorchvisionImageLoader(ImageLoaderBase):
         )
         self._loader_size = self.image_size
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         epoch, start = self._begin_pass()
         if self._loader is None or self._loader_size != self.image_size:
             self._loader = None

@@ -10,7 +10,8 @@
 - :mod:`~teskd_fast.train.metrics`: on-device accumulators and the metrics files;
 - :mod:`~teskd_fast.train.distributed`: torchrun / DDP set-up;
 - :mod:`~teskd_fast.train.plot`: ``teskd-plot`` (curves.png);
-- :mod:`~teskd_fast.train.compare`: ``teskd-compare`` (TESKD against its baseline over seeds);
+- :mod:`~teskd_fast.train.compare`: ``teskd-compare`` (TESKD against its baseline over seeds; a package: parsing,
+  runs, report, plot);
 - :mod:`~teskd_fast.train.stats`: mean, standard deviation, Student's t intervals of paired differences.
 """
 
@@ -19,7 +20,7 @@ from teskd_fast.train.config import PRESETS, TrainConfig
 __all__ = ["PRESETS", "TrainConfig", "main"]
 
 
-def main(argv=None):
+def main(argv=None) -> int:
     """Run ``teskd-train`` with ``argv`` (default: the command line); returns the exit status."""
     from teskd_fast.train.cli import main as _main
 

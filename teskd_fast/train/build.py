@@ -15,8 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from teskd_fast.data.catalog import LoaderRequest, dataset_spec
+from teskd_fast.data.imagenet import backend_problem
+from teskd_fast.data.protocol import Loader
 from teskd_fast.train import distributed as D
-from teskd_fast.train.config import ConfigError, TrainConfig
+from teskd_fast.train.config import ConfigError, TrainConfig, loss_fields
 from teskd_fast.train.schedule import image_size_at
 
 
@@ -28,17 +31,18 @@ def data_root(cfg: TrainConfig) -> Path:
 def check_dataset(cfg: TrainConfig) -> None:
     """Fail before any work when the dataset is not there (:class:`teskd_fast.data.DatasetNotFoundError`).
 
-    The message comes from the data package: where it looked and how to get the dataset.
+    The message comes from the data package (:data:`teskd_fast.data.catalog.DATASETS`): where it looked and how
+    to get the dataset.
     """
-    from teskd_fast.data import check_dataset as check
-
-    check(cfg.dataset, data_root(cfg), download=cfg.download)
+    dataset_spec(cfg.dataset).check(data_root(cfg), cfg.download)
 
 
 def check_device_options(cfg: TrainConfig, env: D.DistEnv) -> None:
     """Refuse, before any work, what this process's device cannot do (:class:`ConfigError`, exit status 2).
 
     - ``--precision fp16`` needs CUDA (its grad scaler);
+    - ``--loader nvjpeg`` needs CUDA and ``--loader dali`` needs DALI installed (for a dataset read by a loader
+      backend; the reasons are :func:`teskd_fast.data.imagenet.backend_problem`'s);
     - ``--sync-bn`` in a multi-process run needs CUDA devices (``nn.SyncBatchNorm`` has no CPU path), and cannot
       be compiled: SyncBatchNorm's statistics gather has data-dependent shapes, which ``torch.compile`` cannot put
       into the forward's one graph. Without ``--compile``, ``--sync-bn`` turns compilation off
@@ -47,6 +51,10 @@ def check_device_options(cfg: TrainConfig, env: D.DistEnv) -> None:
     dev = env.device
     if cfg.precision == "fp16" and dev.type != "cuda":
         raise ConfigError(f"--precision fp16 needs a CUDA device (this run is on {dev}); use bf16 or fp32")
+    if cfg.loader != "auto" and dataset_spec(cfg.dataset).uses_backend:
+        problem = backend_problem(cfg.loader, dev, option=lambda name: f"--loader {name}")
+        if problem:
+            raise ConfigError(problem)
     if cfg.sync_bn and env.distributed:
         if dev.type != "cuda":
             raise ConfigError(f"--sync-bn needs CUDA devices (SyncBatchNorm has no {dev.type} implementation); "
@@ -65,36 +73,22 @@ def use_compile(cfg: TrainConfig, env: D.DistEnv) -> bool:
     return env.device.type == "cuda" and not (cfg.sync_bn and env.distributed)
 
 
-def build_data(cfg: TrainConfig, env: D.DistEnv, channels_last: bool) -> tuple[Any, Any, int]:
+def build_data(cfg: TrainConfig, env: D.DistEnv, channels_last: bool) -> tuple[Loader, Loader, int]:
     """Training and validation loaders for this process's shard, and the number of classes.
 
+    The dataset's entry of :data:`teskd_fast.data.catalog.DATASETS` builds them.
+
     Returns:
-        ``(train, val, num_classes)``; each loader has ``len()``, yields ``(images, labels)`` on the device.
+        ``(train, val, num_classes)``: two :class:`~teskd_fast.data.protocol.Loader` objects yielding
+        ``(images, labels)`` on the device, and the number of the training set's classes.
     """
-    per_rank = cfg.batch_size // env.world_size
-    if cfg.dataset == "digits":
-        from teskd_fast.data.digits import NUM_CLASSES, digits_loaders
-
-        train, val = digits_loaders(batch_size=per_rank, device=env.device, seed=cfg.seed, rank=env.rank,
-                                    world_size=env.world_size, image_size=cfg.image_size,
-                                    channels_last=channels_last)
-        return train, val, NUM_CLASSES
-    if cfg.dataset in ("cifar10", "cifar100"):
-        from teskd_fast.data import cifar_loaders
-
-        train, val = cifar_loaders(
-            str(data_root(cfg)), dataset=cfg.dataset, batch_size=per_rank, device=env.device, seed=cfg.seed,
-            download=cfg.download, rank=env.rank, world_size=env.world_size, channels_last=channels_last,
-        )
-        return train, val, len(train.classes)
-    from teskd_fast.data import imagenet_loaders
-
-    train, val = imagenet_loaders(
-        str(data_root(cfg)), batch_size=per_rank, backend=None if cfg.loader == "auto" else cfg.loader,
-        image_size=image_size_at(cfg, 0), val_resize=cfg.val_resize, val_image_size=cfg.val_image_size,
-        device=env.device, rank=env.rank, world_size=env.world_size, workers=cfg.workers, seed=cfg.seed,
-        channels_last=channels_last,
+    request = LoaderRequest(
+        data_root(cfg), batch_size=cfg.batch_size // env.world_size, device=env.device, seed=cfg.seed,
+        rank=env.rank, world_size=env.world_size, channels_last=channels_last, download=cfg.download,
+        image_size=cfg.image_size, first_image_size=image_size_at(cfg, 0), val_image_size=cfg.val_image_size,
+        val_resize=cfg.val_resize, backend=None if cfg.loader == "auto" else cfg.loader, workers=cfg.workers,
     )
+    train, val = dataset_spec(cfg.dataset).loaders(request)
     return train, val, len(train.classes)
 
 
@@ -131,9 +125,10 @@ def build_criterion(cfg: TrainConfig, world_size: int) -> Callable:
         return ce
     from teskd_fast import TESKDLoss
 
-    return TESKDLoss(temperature=cfg.temperature, ce_weight=cfg.ce_weight, kd_weight=cfg.kd_weight,
-                     feat_weight=cfg.feat_weight * world_size, label_smoothing=cfg.label_smoothing,
-                     backend="auto", return_parts=True)
+    # Every loss option the config has (config.loss_fields), by name.
+    options = {name: getattr(cfg, name) for name in loss_fields()}
+    options["feat_weight"] *= world_size
+    return TESKDLoss(**options, backend="auto", return_parts=True)
 
 
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:

@@ -50,7 +50,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from teskd_fast.train.config import PRESET_HELP, PRESETS, ConfigError, TrainConfig, build_parser, load_yaml, resolve
+from teskd_fast.train.config import ConfigError, TrainConfig, build_parser, load_yaml, resolve
 from teskd_fast.train.runfolder import RunFolderRefused
 
 
@@ -77,10 +77,6 @@ def _resolve_args(argv: list[str] | None, held: contextlib.ExitStack) -> _Resolv
     """
     parser = build_parser()
     given = vars(parser.parse_args(argv))
-    if given.pop("list_presets", False):
-        for name in sorted(PRESETS):
-            print(f"{name:<32} {PRESET_HELP.get(name, '')}")
-        raise SystemExit(0)
     try:
         overrides = load_yaml(given.pop("config")) if "config" in given else {}
         overrides.update(given)
@@ -199,23 +195,6 @@ def _describe(obj: Any) -> str:
     return f"a {type(obj).__name__}"
 
 
-def _check_loader(cfg: TrainConfig) -> None:
-    """Refuse an ImageNet loader this machine cannot run (ConfigError naming --loader and the alternatives)."""
-    if cfg.dataset != "imagenet" or cfg.loader not in ("nvjpeg", "dali"):
-        return
-    import torch
-
-    from teskd_fast.data.imagenet import dali_available
-
-    if cfg.loader == "nvjpeg" and (cfg.device == "cpu" or not torch.cuda.is_available()):
-        where = "--device cpu" if cfg.device == "cpu" else "no CUDA device on this machine"
-        raise ConfigError(f"--loader nvjpeg decodes JPEGs on the GPU and needs CUDA ({where}); use --loader "
-                          "torchvision (Pillow in worker processes) or --loader dali (DALI's CPU mode) here")
-    if cfg.loader == "dali" and not dali_available():
-        raise ConfigError("--loader dali: NVIDIA DALI is not installed (pip install nvidia-dali-cuda130, or the "
-                          "build for your CUDA); or use --loader torchvision, or --loader nvjpeg on CUDA")
-
-
 def _check_run_folder(run_dir: Path) -> None:
     """Refuse, before any work, a run folder that cannot be created or written (ConfigError naming it)."""
     existing = run_dir
@@ -271,23 +250,16 @@ def main(argv: list[str] | None = None) -> int:
 def _run(cfg: TrainConfig, ckpt: dict[str, Any] | None, run_dir: Path, held: contextlib.ExitStack) -> int:
     from teskd_fast.data import DatasetError
     from teskd_fast.train import distributed as D
-    from teskd_fast.train.build import check_dataset, check_device_options
     from teskd_fast.train.checkpoint import CheckpointError
     from teskd_fast.train.runfolder import RunLock
     from teskd_fast.train.trainer import Interrupted, NonFiniteLoss, Trainer
 
     try:
-        _check_loader(cfg)
         if not cfg.eval_only and not cfg.resume:
             _check_run_folder(run_dir)
     except ConfigError as e:
         print(f"teskd-train: error: {e}", file=sys.stderr)
         return 2
-    try:
-        check_dataset(cfg)
-    except DatasetError as e:
-        print(f"teskd-train: {e}", file=sys.stderr)
-        return 1
     try:
         env = D.setup(cfg.device)
     except D.DistributedSetupError as e:
@@ -298,7 +270,6 @@ def _run(cfg: TrainConfig, ckpt: dict[str, Any] | None, run_dir: Path, held: con
         return 2
     trainer = None
     try:
-        check_device_options(cfg, env)
         if cfg.eval_only:
             return _evaluate_only(cfg, ckpt, run_dir, env)
         new_run = env.is_main and not cfg.resume  # (a resume locked its folder before reading it: _resolve_args)
@@ -335,9 +306,10 @@ def _run(cfg: TrainConfig, ckpt: dict[str, Any] | None, run_dir: Path, held: con
     except DatasetError as e:
         # Whatever only reading the data reveals (an empty class folder, a missing or corrupt CIFAR file, an
         # undecodable image): the data package's message, no traceback. A run stopped by it keeps the last.pt
-        # of its last finished epoch (nothing is saved mid-epoch here).
+        # of its last finished epoch (nothing is saved mid-epoch here). The Trainer checks that the dataset is
+        # there before it builds anything: an error then (no trainer yet) says nothing about last.pt.
         last = run_dir / "last.pt"
-        saved = f"; {last} holds the last saved state" if not cfg.eval_only and last.exists() else ""
+        saved = f"; {last} holds the last saved state" if trainer is not None and last.exists() else ""
         print(f"teskd-train: {e}{saved}", file=sys.stderr)
         return 1
     except CheckpointError as e:

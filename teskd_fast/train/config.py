@@ -24,18 +24,35 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-_CHOICES = {
-    "method": ("teskd", "baseline"),
-    "dataset": ("digits", "cifar10", "cifar100", "imagenet"),
-    "stem": ("cifar", "imagenet"),
-    "formulation": ("fast", "faithful"),
-    "schedule": ("multistep", "cosine", "linear"),
-    # torch.compile's modes (it refuses any other only when it compiles, deep in the first step)
-    "compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
-    "precision": ("auto", "bf16", "fp16", "fp32"),
-    "loader": ("auto", "dali", "nvjpeg", "torchvision"),
-    "arch": ("resnet18", "resnet34", "resnet50", "resnet101", "resnext50_32x4d", "wide_resnet50_2"),
-}
+METHODS = ("teskd", "baseline")
+
+
+def choices() -> dict[str, tuple[str, ...]]:
+    """The fields with a fixed set of values, and those values: each set read from the registry that defines it.
+
+    Datasets from :data:`teskd_fast.data.catalog.DATASETS`, ImageFolder loader backends from
+    :data:`teskd_fast.data.imagenet.LOADER_BACKENDS`, architectures and stems from :mod:`teskd_fast.models.resnet`,
+    formulations from :data:`teskd_fast.models.factory.FORMULATIONS`, schedules from
+    :data:`teskd_fast.train.schedule.SCHEDULES`. The ``teskd-train`` choices and :func:`validate` read this.
+    """
+    from teskd_fast.data.catalog import DATASETS
+    from teskd_fast.data.imagenet import LOADER_BACKENDS
+    from teskd_fast.models.factory import FORMULATIONS
+    from teskd_fast.models.resnet import ARCHS, STEMS
+    from teskd_fast.train.schedule import SCHEDULES
+
+    return {
+        "method": METHODS,
+        "dataset": tuple(DATASETS),
+        "stem": tuple(STEMS),
+        "formulation": tuple(FORMULATIONS),
+        "schedule": tuple(SCHEDULES),
+        # torch.compile's modes (it refuses any other only when it compiles, deep in the first step)
+        "compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+        "precision": ("auto", "bf16", "fp16", "fp32"),
+        "loader": ("auto", *LOADER_BACKENDS),
+        "arch": tuple(ARCHS),
+    }
 
 
 # Fields a resumed run may change (``teskd-train --resume RUN --FIELD VALUE``): how long it runs, where and how
@@ -62,7 +79,7 @@ class TrainConfig:
 
     preset: str = _f("digits-demo", "named recipe to start from (see --list-presets)")
     method: str = _f("teskd", "teskd: teacher + students + TESKD loss; baseline: the teacher alone with plain CE")
-    dataset: str = _f("digits", "digits (built in), cifar10, cifar100 or imagenet (ImageFolder layout)")
+    dataset: str = _f("digits", "the dataset (digits: built in, nothing to download; imagenet: any ImageFolder tree)")
     data_dir: str = _f("", "where the dataset lives (default: ./data)")
     download: bool = _f(False, "download CIFAR with torchvision's downloader when it is missing")
     arch: str = _f("resnet18", "backbone")
@@ -95,7 +112,8 @@ class TrainConfig:
     compile: bool | None = _f(None, "torch.compile the model (default: on with CUDA)")
     compile_mode: str = _f("default", "torch.compile mode")
     channels_last: bool | None = _f(None, "channels_last memory format (default: on with CUDA)")
-    loader: str = _f("auto", "ImageNet loader: dali, nvjpeg, torchvision (auto: dali if installed)")
+    loader: str = _f("auto", "ImageFolder loader backend (auto: dali if installed, else nvjpeg on CUDA, else "
+                     "torchvision)")
     workers: int = _f(8, "data loading workers per process (ImageNet)")
     threads: int = _f(0, "CPU threads per process for PyTorch's intra-op parallelism (0: PyTorch's default)")
     seed: int = _f(27, "seed of the weights' initialisation and of the data order")
@@ -202,6 +220,18 @@ def _base_type(tp):
 _HINTS = typing.get_type_hints(TrainConfig)
 
 
+class _ListPresets(argparse.Action):
+    """``--list-presets``: print every preset with its description, and exit (as ``--help`` does)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any):
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        for name in sorted(PRESETS):
+            print(f"{name:<32} {PRESET_HELP.get(name, '')}")
+        parser.exit(0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``teskd-train`` parser: one flag per :class:`TrainConfig` field, defaults suppressed.
 
@@ -217,12 +247,13 @@ def build_parser() -> argparse.ArgumentParser:
         argument_default=argparse.SUPPRESS,
     )
     parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of field: value pairs (over the preset)")
-    parser.add_argument("--list-presets", action="store_true", help="list the presets and exit")
+    parser.add_argument("--list-presets", action=_ListPresets, help="list the presets and exit")
+    allowed = choices()
     for f in fields(TrainConfig):
         tp, optional, is_tuple = _base_type(_HINTS[f.name])
         kw: dict[str, Any] = {"help": f.metadata["help"], "dest": f.name}
-        if f.name in _CHOICES:
-            kw["choices"] = _CHOICES[f.name]
+        if f.name in allowed:
+            kw["choices"] = allowed[f.name]
         if f.name == "preset":
             kw["choices"] = sorted(PRESETS)
             kw["metavar"] = "NAME"
@@ -308,16 +339,17 @@ def resolve(overrides: dict[str, Any], base: dict[str, Any] | None = None) -> Tr
 
 def validate(cfg: TrainConfig) -> None:
     """Reject values that cannot work, with a message naming the flag. Raises :class:`ConfigError`."""
-    for name, choices in _CHOICES.items():
-        if getattr(cfg, name) not in choices:
-            raise ConfigError(f"{_flag(name)}: {getattr(cfg, name)!r} is not one of {', '.join(choices)}")
+    for name, allowed in choices().items():
+        if getattr(cfg, name) not in allowed:
+            raise ConfigError(f"{_flag(name)}: {getattr(cfg, name)!r} is not one of {', '.join(allowed)}")
     for f in fields(cfg):
         value = getattr(cfg, f.name)
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{_flag(f.name)}: must be a finite number, got {value}")
     if not 0.0 <= cfg.momentum < 1.0:
         raise ConfigError(f"--momentum: must be in [0, 1), got {cfg.momentum}")
-    positive = ("epochs", "batch_size", "lr", "width", "temperature", "log_every")
+    _check_loss_options(cfg)
+    positive = ("epochs", "batch_size", "lr", "width", "log_every")
     for name in positive:
         if not getattr(cfg, name) > 0:
             raise ConfigError(f"{_flag(name)}: must be > 0, got {getattr(cfg, name)}")
@@ -326,8 +358,6 @@ def validate(cfg: TrainConfig) -> None:
     for name in non_negative:
         if getattr(cfg, name) < 0:
             raise ConfigError(f"{_flag(name)}: must be >= 0, got {getattr(cfg, name)}")
-    if not 0.0 <= cfg.label_smoothing < 1.0:
-        raise ConfigError(f"--label-smoothing: must be in [0, 1), got {cfg.label_smoothing}")
     if not 0.0 < cfg.lr_gamma <= 1.0:
         raise ConfigError(f"--lr-gamma: must be in (0, 1], got {cfg.lr_gamma}")
     ms = list(cfg.lr_milestones)
@@ -342,8 +372,6 @@ def validate(cfg: TrainConfig) -> None:
             raise ConfigError(f"{_flag(name)}: must be >= 8 pixels, got {getattr(cfg, name)}")
     if cfg.val_resize < cfg.val_image_size:
         raise ConfigError(f"--val-resize ({cfg.val_resize}) must be >= --val-image-size ({cfg.val_image_size})")
-    if cfg.precision == "fp16" and cfg.device == "cpu":
-        raise ConfigError("--precision fp16: needs a CUDA device; use bf16 or fp32 on the CPU")
     dev = cfg.device
     if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
         raise ConfigError(f"--device: expected auto, cpu, cuda or cuda:N, got {dev!r}")
@@ -351,3 +379,23 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("--resume and --eval-only cannot be combined")
     if not 0 <= cfg.seed < 2**64:  # torch.manual_seed's range (and the data's SeedSequence keys)
         raise ConfigError(f"--seed: must be in [0, 2**64), got {cfg.seed}")
+
+
+def loss_fields() -> tuple[str, ...]:
+    """The fields that are options of the loss: those named as a field of
+    :class:`teskd_fast.loss.options.LossOptions` (a new loss option becomes a flag by a field of that name here)."""
+    from teskd_fast.loss.options import LossOptions
+
+    names = {f.name for f in fields(TrainConfig)}
+    return tuple(name for name in LossOptions._fields if name in names)
+
+
+def _check_loss_options(cfg: TrainConfig) -> None:
+    """The loss's own check of its options (LossOptions.checked), its ValueError as a ConfigError naming the flag."""
+    from teskd_fast.loss.options import LossOptions
+
+    for name in loss_fields():
+        try:
+            LossOptions.checked(**{name: getattr(cfg, name)})
+        except ValueError as e:
+            raise ConfigError(f"{_flag(name)}: {str(e).removeprefix(name + ': ')}") from None

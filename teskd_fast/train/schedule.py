@@ -7,6 +7,7 @@ resumed run recomputes them, and an extended run (a larger ``epochs``) follows t
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 from teskd_fast.train.config import TrainConfig
 
@@ -26,14 +27,28 @@ class LRSchedule:
         t = epoch + step_in_epoch / n
         if cfg.warmup_epochs > 0 and t < cfg.warmup_epochs:
             return cfg.lr * (epoch * n + step_in_epoch + 1) / (cfg.warmup_epochs * n)
-        if cfg.schedule == "multistep":
-            passed = sum(epoch >= round(m * cfg.epochs) for m in cfg.lr_milestones)
-            return cfg.lr * cfg.lr_gamma**passed
         frac = (t - cfg.warmup_epochs) / max(cfg.epochs - cfg.warmup_epochs, 1e-9)
-        frac = min(max(frac, 0.0), 1.0)
-        if cfg.schedule == "cosine":
-            return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * frac))
-        return cfg.lr * (1.0 - frac)
+        return cfg.lr * SCHEDULES[cfg.schedule](cfg, epoch, min(max(frac, 0.0), 1.0))
+
+
+def _multistep(cfg: TrainConfig, epoch: int, frac: float) -> float:
+    # Whole epochs, as the reference's per-epoch MultiStepLR.
+    return cfg.lr_gamma ** sum(epoch >= round(m * cfg.epochs) for m in cfg.lr_milestones)
+
+
+def _cosine(cfg: TrainConfig, epoch: int, frac: float) -> float:
+    return 0.5 * (1.0 + math.cos(math.pi * frac))
+
+
+def _linear(cfg: TrainConfig, epoch: int, frac: float) -> float:
+    return 1.0 - frac
+
+
+# --schedule NAME -> the factor on the peak learning rate after the warm-up, a function of (config, epoch, the
+# fraction of the post-warm-up training done, in [0, 1]).
+SCHEDULES: dict[str, Callable[[TrainConfig, int, float], float]] = {
+    "multistep": _multistep, "cosine": _cosine, "linear": _linear,
+}
 
 
 def image_size_at(cfg: TrainConfig, epoch: int) -> int:

@@ -296,12 +296,8 @@ class Trainer:
         if start == 0:
             self.acc = TrainAccumulator(self.parts, dev)
             self._epoch_elapsed = 0.0
-        try:
-            # Our loaders draw the epoch's order and augmentation from (seed, epoch) and start at any batch.
-            loader.set_epoch(self.epoch, start_batch=start)
-        except TypeError:
-            # A loader of another library that cannot seek: its epoch restarts (exact only between epochs).
-            loader.set_epoch(self.epoch)
+        # Every Loader draws the epoch's order and augmentation from (seed, epoch) and starts at any batch.
+        loader.set_epoch(self.epoch, start_batch=start)
         steps = self.steps_per_epoch
         first_step = self.epoch * steps
         step_ids = torch.arange(first_step, first_step + steps, device=dev)

@@ -1,0 +1,94 @@
+"""``teskd-compare``: TESKD against its same-recipe baseline over several seeds, and the gain with its uncertainty.
+
+Examples::
+
+    teskd-compare                                   # the digits demo on the CPU, 2 seeds, a few minutes
+    teskd-compare --preset cifar100-resnet18 --data-dir data/          # 3 seeds x (TESKD, baseline)
+    teskd-compare --preset cifar100-resnet18 --seeds 5 --epochs 100 --out runs/c100-short
+    torchrun --nproc_per_node 8 -m teskd_fast.train.compare --preset imagenet-resnet18 --data-dir /imagenet
+
+Every ``teskd-train`` flag is accepted and applies to every run, except ``--method`` (both are run),
+``--resume`` and ``--eval-only`` (the comparison manages its runs). ``--seed S`` is the first seed; the runs
+use seeds ``S, S + 1, ..., S + N - 1``. For each seed, a TESKD run and a baseline run (the TESKD model's own
+teacher with plain cross-entropy, the same initial teacher weights and data order) are trained one after the
+other, each into an ordinary ``teskd-train`` run folder. ``OUT`` (default ``runs/compare-<preset>``) holds:
+
+- ``config.yaml``: the comparison's training configuration, checked when the command is run again;
+- ``teskd-seed<S>/``, ``baseline-seed<S>/``: the run folders (metrics.jsonl, checkpoints, curves.png, ...);
+- ``compare.md``, ``compare.json``: per seed and method the teacher's top-1 at the last epoch and by the
+  reference's rule (the best after epoch ``round(report_after * epochs)``), the students' and the ensemble's
+  top-1 at the last epoch and the run's time; per method the mean and sample standard deviation over seeds;
+  the paired difference TESKD minus baseline with its Student's t 95% confidence interval; the paper's
+  figures in rows of their own for the presets that reproduce a published table;
+- ``compare.png``: the teacher's test top-1 per epoch, for both methods, the mean with a +-1 std band.
+
+Running the same command again continues where it stopped: a finished run (its summary.json written) is
+reused, an interrupted one continues from its last.pt (``teskd-train --resume``, exact on the CPU), and nothing
+is trained twice. A changed training configuration is refused with a message naming the fields that differ;
+flags that do not change what a run computes (``--device``, ``--data-dir``, ``--progress``, ``--plot``, ...)
+may change. A different ``--seeds`` adds seeds (or reports over the first N); the others are kept.
+
+Under ``torchrun`` every process runs this command: each run uses all ranks, one run after another, and only
+rank 0 writes files. OUT must be on a filesystem every rank sees (as ``teskd-train --resume`` needs).
+
+Exit status: 0 done; 1 a missing dataset or a run folder that cannot be read; 2 a bad flag or a changed
+configuration; 3 a non-finite loss; 128 + signal number when a run was stopped (rerun the command to continue).
+
+The package, by job: :mod:`.options` parses the command line into a :class:`Comparison`; :mod:`.runs` refuses a
+changed configuration and trains the runs in turn; :mod:`.report` reads the runs and writes the statistics
+(compare.json, compare.md); :mod:`.plot` draws compare.png.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from teskd_fast.train.compare.options import CompareError, Comparison, Run, build_compare_parser, parse
+from teskd_fast.train.compare.report import read_run, render_markdown, summarise, write_report
+from teskd_fast.train.compare.runs import check_configuration, execute, write_record
+
+__all__ = [
+    "CompareError",
+    "Comparison",
+    "Run",
+    "build_compare_parser",
+    "check_configuration",
+    "execute",
+    "main",
+    "parse",
+    "read_run",
+    "render_markdown",
+    "summarise",
+    "write_record",
+    "write_report",
+]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``teskd-compare`` and ``python -m teskd_fast.train.compare``; returns the exit status."""
+    cmp = parse(argv)
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    t0 = time.perf_counter()
+    try:
+        check_configuration(cmp)
+        if is_main:
+            write_record(cmp)
+        status = execute(cmp, is_main)
+        if status or not is_main:
+            return status
+        write_report(cmp)
+    except CompareError as e:
+        if is_main:
+            print(f"teskd-compare: {e}", file=sys.stderr)
+        return e.status
+    except OSError as e:
+        # OUT not writable, a file where a folder should be, a disk full.
+        print(f"teskd-compare: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nteskd-compare: interrupted; run the same command again to continue", file=sys.stderr)
+        return 130
+    print(f"teskd-compare: {len(cmp.runs)} runs in {cmp.out}; this invocation took {time.perf_counter() - t0:.0f} s")
+    return 0

@@ -1,0 +1,105 @@
+"""The comparison's runs: the refusal of a changed configuration, each run's state, training them in turn."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from teskd_fast.train.checkpoint import atomic_write_text
+from teskd_fast.train.compare.options import METHOD_LABEL, NOT_COMPARED, CompareError, Comparison, Run, config_record
+from teskd_fast.train.config import config_differences
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise CompareError(f"cannot read {path}: {e}", 1) from None
+    if not isinstance(data, dict):
+        raise CompareError(f"{path} is not a mapping of field: value", 1)
+    return data
+
+
+def check_configuration(cmp: Comparison) -> None:
+    """Refuse (:class:`CompareError`, status 2) a comparison folder or run folder made with another configuration."""
+    record = cmp.out / "config.yaml"
+    refusals, record_diffs, same = [], [], []
+    if record.is_file():
+        stored = _read_yaml(record).get("train", {})
+        record_diffs = config_differences(stored, config_record(cmp)["train"], NOT_COMPARED)
+        if record_diffs:
+            refusals.append(f"{record}: {'; '.join(record_diffs)}")
+    for run in cmp.runs:
+        run_config = run.folder / "config.yaml"
+        if run_config.is_file():
+            diffs = config_differences(_read_yaml(run_config), run.cfg.to_dict(), NOT_COMPARED)
+            if diffs and diffs == record_diffs:
+                same.append(run.name)
+            elif diffs:
+                refusals.append(f"{run_config}: {'; '.join(diffs)}")
+    if same:
+        refusals.insert(1, f"the same in its run folders {', '.join(same)}")
+    if refusals:
+        raise CompareError(
+            f"{cmp.out} holds a comparison made with another configuration; the fields that differ (stored -> "
+            "now):\n  " + "\n  ".join(refusals)
+            + "\nRerun with the flags it was started with to continue it, or choose another --out.", 2)
+
+
+def write_record(cmp: Comparison) -> None:
+    import yaml
+
+    atomic_write_text(cmp.out / "config.yaml", yaml.safe_dump(config_record(cmp), sort_keys=False))
+
+
+def run_state(run: Run) -> str:
+    """``"done"`` (summary.json for all its epochs), ``"resume"`` (a last.pt to continue from) or ``"new"``."""
+    summary = run.folder / "summary.json"
+    if summary.is_file() and (run.folder / "teacher.pt").is_file():
+        try:
+            if json.loads(summary.read_text()).get("epochs") == run.cfg.epochs:
+                return "done"
+        except (OSError, json.JSONDecodeError):
+            pass
+    return "resume" if (run.folder / "last.pt").is_file() else "new"
+
+
+def train_argv(cmp: Comparison, run: Run, state: str) -> list[str]:
+    """The ``teskd-train`` command line of one run: the shared flags, then the run's method, seed and folder."""
+    # --out last: it overrides the comparison's own --out among the shared flags (a resume accepts its own folder).
+    where = (["--resume", str(run.folder)] if state == "resume" else []) + ["--out", str(run.folder)]
+    return [*cmp.train_argv, "--method", run.method, "--seed", str(run.seed), *where]
+
+
+def execute(cmp: Comparison, is_main: bool) -> int:
+    """Train the runs that are not finished, one after another; returns 0 or the first failing run's status."""
+    from teskd_fast.train import distributed
+    from teskd_fast.train.cli import main as train_main
+
+    with distributed.keep_process_group():
+        return _execute(cmp, is_main, train_main)
+
+
+def _execute(cmp: Comparison, is_main: bool, train_main) -> int:
+    for i, run in enumerate(cmp.runs, 1):
+        state = run_state(run)
+        if is_main:
+            what = {"done": "finished, reused", "resume": "resuming from its last.pt", "new": "training"}[state]
+            print(f"teskd-compare: [{i}/{len(cmp.runs)}] {METHOD_LABEL[run.method]} seed {run.seed}: {what} "
+                  f"({run.folder})", flush=True)
+        if state == "done":
+            continue
+        try:
+            status = train_main(train_argv(cmp, run, state))
+        except SystemExit as e:
+            status = e.code if isinstance(e.code, int) else 2
+        if status:
+            if is_main:
+                print(f"teskd-compare: the run in {run.folder} stopped with status {status}; the finished runs are "
+                      "kept: run the same command again to continue", file=sys.stderr)
+            return status
+    return 0
