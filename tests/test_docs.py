@@ -102,7 +102,8 @@ def _flag_problems(command: str, tokens: list[str], where: str) -> list[str]:
         choices = actions[flags[0]].choices
         value = tok.partition("=")[2] if "=" in tok else (tokens[i + 1] if i + 1 < len(tokens) else "")
         # A placeholder (NAME, RUN_DIR), an elision or another flag is not a value.
-        if choices is None or not value or value.startswith("-") or value.isupper() or "..." in value or value.startswith("<"):
+        if (choices is None or not value or value.startswith(("-", "<")) or value.isupper()
+                or "..." in value):
             continue
         for v in value.strip(",.;:)").split("|"):
             if v not in choices:

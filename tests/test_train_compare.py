@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from teskd_fast.train.compare import CompareError, main, parse, read_run, render_markdown, summarise
+from teskd_fast.train.metrics import read_metrics
 from teskd_fast.train.stats import betainc, mean, paired_difference, std, t_cdf, t_ppf
 
 # A comparison small enough for a test: 2 seeds x 2 methods, 3 epochs of 3 steps, an eighth-width ResNet-18.
@@ -298,3 +299,44 @@ def test_torchrun_runs_each_run_on_all_ranks_one_after_another(tmp_path):
     assert [(r["method"], r["seed"]) for r in report["runs"]] == [("teskd", 27), ("baseline", 27), ("teskd", 28),
                                                                  ("baseline", 28)]
     assert all(r["epochs"] == 2 for r in report["runs"])
+
+
+def test_a_run_killed_during_its_final_export_is_finished_without_training(tmp_path):
+    # A real SIGKILL in the first run's last step: its teacher exported, its curves not yet drawn. Before, its
+    # summary.json (written first) made it "finished": curves.png stayed missing for good.
+    out = tmp_path / "killed"
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        from teskd_fast.train import report
+        from teskd_fast.train.compare import main
+
+        plot = report.plot_curves
+
+        def killed(run_dir):
+            if run_dir.name == "teskd-seed27":
+                os.kill(os.getpid(), signal.SIGKILL)
+            plot(run_dir)
+
+        report.plot_curves = killed
+        sys.exit(main({TINY + ["--seeds", "1", "--out", str(out)]!r}))
+    """)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    run = out / "teskd-seed27"
+    assert (run / "teacher.pt").is_file() and not (run / "curves.png").exists()
+    assert not (run / "summary.json").exists()
+    last, rows = (run / "last.pt").stat().st_mtime_ns, read_metrics(run)
+
+    proc = subprocess.run([sys.executable, "-m", "teskd_fast.train.compare", *TINY, "--seeds", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "[1/2] TESKD seed 27: resuming from its last.pt" in proc.stdout
+    # Finished without a step: the same checkpoint and rows, and every promised file there.
+    assert (run / "last.pt").stat().st_mtime_ns == last and read_metrics(run) == rows
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["outputs"] == ["teacher.pt", "teacher.json", "curves.png"]
+    assert all((run / name).is_file() for name in summary["outputs"])
+    assert "[1/2] TESKD seed 27: finished, reused" in subprocess.run(
+        [sys.executable, "-m", "teskd_fast.train.compare", *TINY, "--seeds", "1", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, env=env).stdout

@@ -39,6 +39,24 @@ def summarize(rows: list[dict[str, Any]], cfg: TrainConfig, epochs: int, best: d
     }
 
 
+# The files a finished run holds beside its checkpoints, written before summary.json (which lists those written).
+OUTPUTS = ("teacher.pt", "teacher.json", "curves.png")
+
+
+def finished(run_dir: Path, epochs: int) -> bool:
+    """Whether the run in ``run_dir`` finished ``epochs`` epochs and holds every file its summary.json lists."""
+    run_dir = Path(run_dir)
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(summary, dict) or summary.get("epochs") != epochs:
+        return False
+    # A summary.json of an earlier version, written before the teacher's files, lists none.
+    listed = summary.get("outputs", ["teacher.pt", "teacher.json"])
+    return all((run_dir / name).is_file() for name in listed)
+
+
 def write_summary(summary: dict[str, Any], run_dir: Path) -> Path:
     path = Path(run_dir) / "summary.json"
     atomic_write_text(path, json.dumps(summary, indent=2) + "\n")

@@ -428,14 +428,18 @@ class Trainer:
         return self.finish()
 
     def finish(self) -> dict[str, Any]:
-        """Write summary.json, teacher.pt (and teacher.json) and curves.png; print every head's accuracy."""
+        """Write teacher.pt (and teacher.json), curves.png, then summary.json; print every head's accuracy.
+
+        summary.json comes last and lists the files written before it: a run is finished when it and they exist
+        (a kill before it leaves a run that ``--resume`` finishes without training)."""
         if not self.env.is_main:
             return {}
         summary = report.summarize(read_metrics(self.run_dir), self.cfg, self.epoch, self.best)
-        report.write_summary(summary, self.run_dir)
         self.export_teacher()
         if self.cfg.plot:
             report.plot_curves(self.run_dir)
+        summary["outputs"] = [name for name in report.OUTPUTS if (self.run_dir / name).is_file()]
+        report.write_summary(summary, self.run_dir)
         report.print_summary(summary, self.run_dir)
         return summary
 

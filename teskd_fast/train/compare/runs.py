@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -10,6 +9,7 @@ from typing import Any
 from teskd_fast.train.checkpoint import atomic_write_text
 from teskd_fast.train.compare.options import METHOD_LABEL, NOT_COMPARED, CompareError, Comparison, Run, config_record
 from teskd_fast.train.config import config_differences
+from teskd_fast.train.report import finished
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -57,14 +57,10 @@ def write_record(cmp: Comparison) -> None:
 
 
 def run_state(run: Run) -> str:
-    """``"done"`` (summary.json for all its epochs), ``"resume"`` (a last.pt to continue from) or ``"new"``."""
-    summary = run.folder / "summary.json"
-    if summary.is_file() and (run.folder / "teacher.pt").is_file():
-        try:
-            if json.loads(summary.read_text()).get("epochs") == run.cfg.epochs:
-                return "done"
-        except (OSError, json.JSONDecodeError):
-            pass
+    """``"done"`` (summary.json for all its epochs and every file it lists), ``"resume"`` (a last.pt to continue
+    from, or to finish from: a run killed during its final export is completed without training) or ``"new"``."""
+    if finished(run.folder, run.cfg.epochs):
+        return "done"
     return "resume" if (run.folder / "last.pt").is_file() else "new"
 
 
