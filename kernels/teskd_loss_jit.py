@@ -35,6 +35,19 @@ MAX_DIM = 2**31 - MAX_TILE
 
 
 @triton.jit
+def _class_tile(t_row, s_rows, i_c, C, m_k, inv_T, lseT_t, BLOCK_C: tl.constexpr):
+    # Classes [i_c, i_c + BLOCK_C) of the row (passes 2 and 3): offsets, masks, the teacher's and the students'
+    # logits in float32 and the teacher's softened probabilities P.
+    o_c = i_c + tl.arange(0, BLOCK_C)
+    m_c = o_c < C
+    m_kc = m_k[:, None] & m_c[None, :]
+    b_t = tl.load(t_row + o_c, mask=m_c, other=-float("inf")).to(tl.float32)
+    b_s = tl.load(s_rows + o_c[None, :], mask=m_kc, other=0.0).to(tl.float32)
+    b_p = tl.exp(b_t * inv_T - lseT_t)
+    return o_c, m_c, m_kc, b_t, b_s, b_p
+
+
+@triton.jit
 def _teskd_fwd_kernel(
     t_ptr,
     s_ptr,
@@ -154,12 +167,7 @@ def _teskd_fwd_kernel(
     a_k = tl.zeros([BLOCK_K], dtype=tl.float32)
     i_c = 0
     while i_c < C:
-        o_c = i_c + tl.arange(0, BLOCK_C)
-        m_c = o_c < C
-        m_kc = m_k[:, None] & m_c[None, :]
-        b_t = tl.load(t_row + o_c, mask=m_c, other=-float("inf")).to(tl.float32)
-        b_s = tl.load(s_rows + o_c[None, :], mask=m_kc, other=0.0).to(tl.float32)
-        b_p = tl.exp(b_t * inv_T - lseT_t)
+        o_c, m_c, m_kc, b_t, b_s, b_p = _class_tile(t_row, s_rows, i_c, C, m_k, inv_T, lseT_t, BLOCK_C)
         b_pe = b_p + eps
         b_h = tl.where(m_kc, tl.log(b_pe)[None, :] - (b_s * inv_T - lseT_s[:, None]), 0.0)
         kl += tl.sum(b_pe[None, :] * b_h, axis=1)
@@ -172,14 +180,9 @@ def _teskd_fwd_kernel(
     if NEED_GRAD:
         i_c = 0
         while i_c < C:
-            o_c = i_c + tl.arange(0, BLOCK_C)
-            m_c = o_c < C
-            m_kc = m_k[:, None] & m_c[None, :]
-            b_t = tl.load(t_row + o_c, mask=m_c, other=-float("inf")).to(tl.float32)
-            b_s = tl.load(s_rows + o_c[None, :], mask=m_kc, other=0.0).to(tl.float32)
+            o_c, m_c, m_kc, b_t, b_s, b_p = _class_tile(t_row, s_rows, i_c, C, m_k, inv_T, lseT_t, BLOCK_C)
             b_y = tl.where(o_c == y_safe, 1.0 - ls, 0.0) + ls / C
             b_y = tl.where(valid, b_y, 0.0)
-            b_p = tl.exp(b_t * inv_T - lseT_t)
             b_pe = b_p + eps
             b_logq = b_s * inv_T - lseT_s[:, None]
 
