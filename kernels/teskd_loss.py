@@ -109,13 +109,15 @@ def teskd_fwd(
     parts = _empty((3,), dtype=torch.float32, device=teacher.device)
 
     BLOCK_K, BLOCK_C, BLOCK_D, BLOCK_B, num_warps = launch_config(K, B, C, D)
+    # BLOCK_K + 1 scalars (the padded students' weights are 0): one compiled kernel per BLOCK_K, as in the tests.
+    weights = tuple(float(w) for w in head_weights) + (0.0,) * (BLOCK_K - K)
     T = options.temperature
     with _on_device(teacher.device):
         _teskd_fwd_kernel[(B,)](
             teacher,
             students,
             target,
-            tuple(float(w) for w in head_weights),
+            weights,
             teacher_feature,
             student_features,
             grad[0],

@@ -89,7 +89,9 @@ def _teskd_fwd_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_B: tl.constexpr,
 ):
-    # Offsets in 64 bits: K * B * C or K * B * D elements may exceed 2^31.
+    # Offsets in 64 bits: K * B * C or K * B * D elements may exceed 2^31. The loops are while loops: Triton 3.6's
+    # interpreter cannot take a scalar argument as a range() bound (a 1-element array, which NumPy 2.4 will not
+    # convert to an int); compiled, both lower to the same loop.
     i_b = tl.program_id(0).to(tl.int64)
     o_k = tl.arange(0, BLOCK_K).to(tl.int64)
     m_k = o_k < K

@@ -115,6 +115,8 @@ def test_triton_kernels_compile_for_h100_without_register_spills():
         # each), in the variant with the most live values (features, gradients, KD into the teacher).
         configs = sorted({launch_config(K, 256, C, 512) for K, C in itertools.product(
             range(1, 33), (2**i for i in range(1, 14)))})
+        for K, C in itertools.product((1, 3, 32), (2, 1000, 5000)):
+            assert len({launch_config(K, B, C, D) for B in (1, 17, 65536) for D in (1, 100, 8192)}) == 1, (K, C)
         for block_k, block_c, block_d, block_b, num_warps in configs:
             consts = dict(HAS_FEAT=True, DETACH=False, NEED_GRAD=True, BLOCK_K=block_k, BLOCK_C=block_c,
                           BLOCK_D=block_d, BLOCK_B=block_b)
