@@ -133,3 +133,20 @@ def test_triton_loss_is_capturable_on_its_first_call():
                torch.tensor(1.0, dtype=torch.float64, device="cuda"), head_weights=weights)  # fmt: skip
     assert_close(loss, want[0], torch.float32, "graph total", scale=10)
     assert_rms_close(t.grad, want[2], torch.bfloat16, "graph teacher grad", scale=2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_backward_scales_2_31_logit_gradients_on_cuda():
+    """The whole launch at the size where a 32-bit cdiv(N1, BLOCK) wraps: 8 GiB of bfloat16 (skipped if it does not
+    fit)."""
+    from teskd_fast.kernels.teskd_loss import teskd_bwd
+
+    if torch.cuda.mem_get_info()[0] < 12 * 2**30:
+        pytest.skip("needs 12 GiB of free device memory")
+    grad = torch.ones(2**31 - 1, dtype=torch.bfloat16, device="cuda")
+    grad_feat = torch.full((1000,), 2.0, device="cuda")
+    scaled, scaled_feat = teskd_bwd(torch.tensor(-0.5, device="cuda"), grad, grad_feat, torch.bfloat16, torch.float32)
+    del grad
+    assert bool((scaled == -0.5).all()), "a logit gradient was not scaled"
+    assert bool((scaled_feat == -1.0).all()), "a feature gradient was not scaled"
