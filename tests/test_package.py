@@ -68,6 +68,21 @@ def test_import_is_light():
     assert out.stdout.strip() == "[]"
 
 
+def test_kernels_import_nothing_from_the_layers_above():
+    """kernels/ is the lowest layer: importing every kernel module loads no other part of teskd_fast."""
+    out = _run(
+        """
+        import sys
+        import teskd_fast.kernels.options, teskd_fast.kernels.teskd_loss, teskd_fast.kernels.teskd_loss_cpu
+        print(sorted(m for m in sys.modules if m.startswith("teskd_fast.") and not m.startswith("teskd_fast.kernels")))
+        """,
+        cwd=ROOT,
+        env_extra={"TRITON_INTERPRET": "1"},
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"
+
+
 def test_triton_kernels_compile_for_h100_without_register_spills():
     """Compile the kernels ahead of time for sm_90 (no GPU needed; the interpreter does not type-check), in every
     configuration the launcher can pick, and read ptxas' report: no register may spill."""
