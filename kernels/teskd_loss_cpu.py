@@ -105,7 +105,7 @@ def _cache_dir():
     return Path(root)
 
 
-def isa():
+def isa() -> str:
     """The instruction set the kernel is built for: ``$TESKD_FAST_CPU_KERNEL_ISA``, default ``native``."""
     name = os.environ.get(ENV_ISA, "").strip().lower() or "native"
     if name not in _ISA_FLAGS:
@@ -178,7 +178,7 @@ def _load():
     return lib
 
 
-def library():
+def library() -> ctypes.CDLL | None:
     """The loaded kernel library, or None (with the reason in :func:`status`) where it cannot be built."""
     if _state["lib"] is not None or _state["error"] is not None:
         return _state["lib"]
@@ -191,7 +191,7 @@ def library():
     return _state["lib"]
 
 
-def reload():
+def reload() -> str | None:
     """Load the kernel again, for the instruction set ``$TESKD_FAST_CPU_KERNEL_ISA`` now names (built or taken from
     the cache); for benchmarks that compare the builds in one process. Returns :func:`built_isa`."""
     with _lock:
@@ -200,7 +200,7 @@ def reload():
     return built_isa()
 
 
-def enabled():
+def enabled() -> bool:
     """True when the fused CPU kernel will be used: not switched off, and built."""
     if os.environ.get(ENV_SWITCH, "1") == "0":
         return False
@@ -217,12 +217,12 @@ def enabled():
     return True
 
 
-def status():
+def status() -> tuple[bool, str | None]:
     """``(available, reason)``: whether the kernel is built, and why not."""
     return library() is not None, _state["error"]
 
 
-def built_isa():
+def built_isa() -> str | None:
     """The widest vector instruction set the loaded kernel was compiled for: ``avx512f``, ``avx2``, ``sse2``,
     ``neon`` or ``scalar`` (the branches of teskd_loss_cpu.c); None where it is not built."""
     lib = library()
@@ -267,7 +267,7 @@ def _run_rows(fn, opts, *args):
 def _options(K, B, C, D, work, options):
     """The kernel's struct, one per row range; cached (a loss is called with the same few shapes).
 
-    ``options`` (a :class:`~teskd_fast.loss.options.LossOptions`) is unpacked here, by field name; None for the
+    ``options`` (a :class:`~teskd_fast.kernels.options.LossOptions`) is unpacked here, by field name; None for the
     feature gradient, which reads only the shape and the row range."""
     key = (K, B, C, D, work, torch.get_num_threads(), _MIN_PARALLEL_WORK, options)
     opts = _OPTIONS.get(key)
@@ -281,7 +281,7 @@ def _options(K, B, C, D, work, options):
     return opts
 
 
-def target_error(target, index, num_classes, ignore_index):
+def target_error(target, index, num_classes, ignore_index) -> ValueError:
     """The error for an out-of-range class index (also raised by ``teskd_fast.teskd_loss``'s own check)."""
     return ValueError(
         f"target: class index {int(target[index])} at position {index} is out of range [0, {num_classes}) "
@@ -291,14 +291,14 @@ def target_error(target, index, num_classes, ignore_index):
 
 def fused_loss(
     teacher, students, target, teacher_feature, student_features, head_weights, options, with_feature_grad=False
-):
+) -> tuple[torch.Tensor, ...]:
     """Loss and unscaled logit gradients in one call; also checks the targets (a ValueError names the first
     out-of-range one).
 
     Inputs: contiguous CPU tensors of one dtype, float32 or float64: teacher ``[B, C]``, students a sequence of
     K ``[B, C]`` or one ``[K, B, C]``, features ``[B, D]`` and K ``[B, D]`` or one ``[K, B, D]`` (or None); target
     int64 ``[B]``; ``options`` a
-    :class:`~teskd_fast.loss.options.LossOptions`.
+    :class:`~teskd_fast.kernels.options.LossOptions`.
     Returns ``(total, parts, grad)``, ``grad`` the ``[K + 1, B, C]`` gradient of the logits (teacher first); with
     ``with_feature_grad`` (and features), also the ``[K, B, D]`` gradient of the student features, unscaled by
     grad_output (``feature_grad(..., 2 * feat_weight)``), written in the same pass as the feature term.
@@ -346,7 +346,7 @@ def fused_loss(
     return (total, parts, grad) if not with_feature_grad else (total, parts, grad, grad_f)
 
 
-def feature_grad(teacher_feature, student_features, scale):
+def feature_grad(teacher_feature, student_features, scale) -> torch.Tensor:
     """``scale * (f_k - f_t) * [f_k > 0 or f_t > 0]`` for the K student features (K ``[B, D]`` tensors or one
     ``[K, B, D]``), as one ``[K, B, D]`` tensor."""
     K = len(student_features)
@@ -359,7 +359,7 @@ def feature_grad(teacher_feature, student_features, scale):
     return grad
 
 
-def scale_(grad, scale):
+def scale_(grad, scale) -> torch.Tensor:
     """``grad *= scale`` in place (single-threaded: no OpenMP fork at these sizes)."""
     fn = library().teskd_scale_f64 if grad.dtype == torch.float64 else library().teskd_scale_f32
     fn(grad.data_ptr(), grad.data_ptr(), grad.numel(), scale)

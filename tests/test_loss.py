@@ -526,6 +526,14 @@ def test_bad_option_errors(options, match):
         teskd_loss(**_good(), **options)
 
 
+@pytest.mark.parametrize("ignore_index", [2**64, 2**63, -(2**63) - 1])
+def test_every_backend_refuses_an_ignore_index_past_int64(ignore_index, cpu_path):
+    # The fused CPU kernel took 2**64 for 0 (ctypes truncates it), where the other paths raised their own errors.
+    for backend in ["reference", "torch"] + (["triton"] if TRITON_OK else []):
+        with pytest.raises(ValueError, match=rf"ignore_index: must fit in int64.*got {ignore_index}"):
+            teskd_loss(**_good(), ignore_index=ignore_index, backend=backend)
+
+
 def test_triton_backend_rejects_float64_and_cpu_without_interpreter(monkeypatch):
     args = _good()
     monkeypatch.setenv("TRITON_INTERPRET", "0")
