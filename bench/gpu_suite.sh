@@ -4,10 +4,10 @@
 #
 # Usage: bash bench/gpu_suite.sh [--dry-run] OUT
 #
-# Stages, each under its own cap (seconds), in this order: install 30, env 15, tests 90 (pytest tests/ -m gpu),
-# loss 45, step 60, data 30 (the GPU benchmarks: -m "gpu and not gpu_extra"), e2e 90 (teskd-train, compiled,
+# Stages, each under its own cap (seconds), in this order: install 30, env 20, tests 90 (pytest tests/ -m gpu),
+# loss 40, step 60, data 30 (the GPU benchmarks: -m "gpu and not gpu_extra"), e2e 90 (teskd-train, compiled,
 # bf16, 300 steps). A stage's cap interrupts it with SIGINT (pytest prints its summary and writes its reports),
-# then kills it 5 s later. After every stage OUT holds the report of the stages so far: summary.md (read it
+# then kills it 10 s later. After every stage OUT holds the report of the stages so far: summary.md (read it
 # first), results.json and logs.tar.gz (every stage's log and reports): three files, of the eight that come back.
 #
 # --dry-run: the same stages with CUDA hidden, to test the plumbing on a CPU (CI runs it, in under 2 minutes):
@@ -28,7 +28,7 @@ if [ -n "$dry_run" ]; then
 fi
 
 stages=(install env tests loss step data e2e)
-declare -A cap=([install]=30 [env]=15 [tests]=90 [loss]=45 [step]=60 [data]=30 [e2e]=90)
+declare -A cap=([install]=30 [env]=20 [tests]=90 [loss]=40 [step]=60 [data]=30 [e2e]=90)
 python - "$work" "${dry_run:+dry-run}" "${stages[@]}" <<PY
 import json, sys
 work, mode, stages = sys.argv[1], sys.argv[2] or "gpu", sys.argv[3:]
@@ -49,7 +49,7 @@ run_stage() {
   local start rc
   echo "== $name (cap ${cap[$name]} s): $*"
   start=$(date +%s.%N)
-  timeout -s INT -k 5 $((cap[$name] - 5)) "$@" > "$work/logs/$name.log" 2>&1
+  timeout -s INT -k 10 $((cap[$name] - 10)) "$@" > "$work/logs/$name.log" 2>&1
   rc=$?
   local seconds
   seconds=$(python -c "import sys; print(round($(date +%s.%N) - $start, 1))")

@@ -3,9 +3,9 @@
 # what the image has, no package registry. Usage: bash bench/suite_install.sh WORK
 # 1. pip install --no-index --no-deps --no-build-isolation -e . (the image may lack the `wheel` package or pip
 #    may be unusable: then 2.);
-# 2. else the source tree itself: WORK/src/teskd_fast is a folder of links to teskd_fast/'s entries plus
-#    kernels -> kernels/ (setup.py's package_dir mapping), put first on PYTHONPATH, and WORK/bin holds the four
-#    console scripts as small wrappers.
+# 2. else the source tree itself: bench/source_tree (its sitecustomize maps teskd_fast to teskd_fast/ and
+#    teskd_fast.kernels to kernels/, setup.py's package_dir mapping, in every Python process, whatever its working
+#    folder or sys.path) goes on PYTHONPATH, and WORK/bin holds the four console scripts as small wrappers.
 # Either way the check at the end imports teskd_fast and teskd_fast.kernels from this tree and every dependency
 # the package and the suite need. Writes WORK/install.env (the variables the later stages source).
 set -uo pipefail
@@ -36,23 +36,19 @@ else
   echo "install: pip could not install teskd_fast (above); running from the source tree"
 fi
 if [ -z "$mode" ]; then
-  src="$work/src/teskd_fast"
-  rm -rf "$work/src" "$work/bin"
-  mkdir -p "$src" "$work/bin"
-  for entry in "$repo"/teskd_fast/*; do
-    [ "$(basename "$entry")" = __pycache__ ] || ln -s "$entry" "$src/"
-  done
-  ln -s "$repo/kernels" "$src/kernels"
+  rm -rf "$work/bin"
+  mkdir -p "$work/bin"
   for script in teskd-train:teskd_fast.train.cli teskd-scan:teskd_fast.data.scan teskd-plot:teskd_fast.train.plot \
                 teskd-compare:teskd_fast.train.compare; do
     printf '#!/bin/sh\nexec python -c "import sys; from %s import main; sys.exit(main())" "$@"\n' \
       "${script#*:}" > "$work/bin/${script%%:*}"
     chmod +x "$work/bin/${script%%:*}"
   done
-  export PYTHONPATH="$work/src${PYTHONPATH:+:$PYTHONPATH}" PATH="$work/bin:$PATH"
-  printf 'export PYTHONPATH=%q PATH=%q\n' "$PYTHONPATH" "$PATH" > "$work/install.env"
+  export TESKD_FAST_SOURCE_TREE="$repo" PYTHONPATH="$repo/bench/source_tree${PYTHONPATH:+:$PYTHONPATH}" \
+    PATH="$work/bin:$PATH"
+  printf 'export TESKD_FAST_SOURCE_TREE=%q PYTHONPATH=%q PATH=%q\n' "$repo" "$PYTHONPATH" "$PATH" > "$work/install.env"
   from_this_tree || exit 2
-  mode="source tree ($work/src on PYTHONPATH)"
+  mode="source tree (bench/source_tree/sitecustomize.py on PYTHONPATH)"
 fi
 echo "export GPU_SUITE_INSTALL=$(printf %q "$mode")" >> "$work/install.env"
 echo "install: $mode"

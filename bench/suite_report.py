@@ -12,6 +12,7 @@ WORK is the suite's scratch folder: ``stages.jsonl`` (one line per finished stag
 every stage, so that OUT always holds what the stages so far found; each file is replaced atomically.
 """
 
+import importlib.metadata
 import json
 import os
 import platform
@@ -76,12 +77,12 @@ def environment(command):
     info["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (no CUDA)"
     if torch.cuda.is_available():
         info["capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
-    for name in ("triton", "torchvision", "nvidia.dali", "timm", "matplotlib", "sklearn", "pytest", "xdist",
-                 "pytest_benchmark"):
+    # Versions read from the installed metadata: importing timm, DALI or scikit-learn would cost seconds.
+    for name in ("triton", "torchvision", "nvidia-dali-cuda130", "nvidia-dali-cuda120", "timm", "matplotlib",
+                 "scikit-learn", "pytest", "pytest-xdist", "pytest-benchmark", "pytest-timeout", "numpy"):
         try:
-            mod = __import__(name, fromlist=["__version__"])
-            info[name] = getattr(mod, "__version__", "installed")
-        except ImportError:
+            info[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
             info[name] = None
     import teskd_fast
 
@@ -138,6 +139,14 @@ def bench_rows(path):
 
 
 # ------------------------------------------------------------------------------------------------------- report
+def _tail(path, lines=12):
+    try:
+        text = Path(path).read_text(errors="replace").splitlines()
+    except OSError:
+        return []
+    return [line[:300] for line in text if not line.startswith("WARNING: Location")][-lines:]
+
+
 def collect(work):
     work = Path(work)
     planned = _read_json(work / "plan.json", {})
@@ -153,6 +162,8 @@ def collect(work):
         if name in done:
             rc = stage["rc"]
             stage["status"] = "cut off at its cap" if rc in (124, 137) else ("ok" if rc == 0 else f"failed (exit {rc})")
+            if rc != 0:
+                stage["log_tail"] = _tail(work / "logs" / f"{name}.log")
             junit = junit_counts(work / f"{name}.xml")
             if junit is not None:
                 stage["tests"] = junit
@@ -162,7 +173,7 @@ def collect(work):
             if name == "e2e":
                 stage["e2e"] = _read_json(work / "e2e.json")
         else:
-            stage["why"] = done.get("_why") or planned.get("why", {}).get(name) or "the suite stopped before it"
+            stage["why"] = done.get("_why", {}).get("why") or "the suite stopped before it"
         stages.append(stage)
     return {"mode": planned.get("mode", "gpu"), "caps_s": planned.get("caps", {}), "env": _read_json(work / "env.json"),
             "stages": stages, "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -180,8 +191,9 @@ def summary_markdown(results):
                   f"- device: {env.get('device')} (capability {env.get('capability', '-')}); nvidia-smi: "
                   f"{env.get('nvidia_smi')}",
                   f"- python {env.get('python')}, torch {env.get('torch')} (CUDA {env.get('cuda_runtime')}), triton "
-                  f"{env.get('triton')}, torchvision {env.get('torchvision')}, DALI {env.get('nvidia.dali')}, "
-                  f"pytest-xdist {env.get('xdist')}",
+                  f"{env.get('triton')}, torchvision {env.get('torchvision')}, DALI "
+                  f"{env.get('nvidia-dali-cuda130') or env.get('nvidia-dali-cuda120')}, pytest-xdist "
+                  f"{env.get('pytest-xdist')}",
                   f"- teskd_fast from {env.get('teskd_fast')} ({env.get('install') or 'as found'})", ""]
     lines += ["| stage | status | seconds | cap (s) | result |", "|---|---|---|---|---|"]
     for s in results["stages"]:
@@ -199,6 +211,8 @@ def summary_markdown(results):
         lines.append(f"| {s['name']} | {s['status']} | {s.get('seconds', '')} | "
                      f"{s.get('cap_s', results['caps_s'].get(s['name'], ''))} | {result} |")
     for s in results["stages"]:
+        if s.get("log_tail") and not s.get("tests", {}).get("failures"):
+            lines += ["", f"## {s['name']}: {s['status']}, the end of its log", "", "```", *s["log_tail"], "```"]
         if "tests" in s and s["tests"]["failures"]:
             lines += ["", f"## {s['name']}: failures", ""]
             lines += [f"- `{f['test']}` ({f['kind']}): {f['message']}" for f in s["tests"]["failures"][:60]]
