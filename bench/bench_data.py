@@ -196,6 +196,10 @@ def _imagenet(benchmark, root, backend, device, baseline=False, workers=2):
         shape=[IMAGENET_BATCH, 3, 224, 224],
     )
     _run(benchmark, train, device, train.num_samples)
+    if backend == "nvjpeg":
+        # The slow path (a batch decoded file by file, some on the CPU): a figure with fallbacks is not nvJPEG's.
+        benchmark.extra_info.update(decode_fallbacks=train.decode_fallbacks,
+                                    cpu_decoded_images=train.cpu_decoded_images)
 
 
 @pytest.mark.parametrize("device", ["cpu"] + ([pytest.param("cuda", marks=pytest.mark.gpu)] if HAS_CUDA else []))
