@@ -75,7 +75,8 @@ source "$work/install.env"
 run_stage env python bench/suite_report.py env "$work"
 
 pytest_args=(-q -p no:cacheprovider -rfEs --durations=15)
-tests_args=(-m gpu)
+# A hung test fails after 60 s with its stack (pytest-timeout) instead of taking the whole stage.
+tests_args=(-m gpu --timeout=60)
 if [ -z "$dry_run" ] && python -c "import xdist" 2>/dev/null; then
   # The cold Triton and Inductor compiles dominate: four processes compile side by side.
   tests_args+=(-n 4)
@@ -91,9 +92,9 @@ bench_args=(--benchmark-columns=median,iqr,rounds --benchmark-disable-gc)
 declare -A dry_select=([loss]=forward [step]=tiny [data]=smoke)
 for stage in loss:bench_loss step:bench_models data:bench_data; do
   name=${stage%%:*}
-  select=("${bench_select[@]}")
-  [ -n "$dry_run" ] && select+=(-k "${dry_select[$name]}")
-  run_stage "$name" python -m pytest "bench/${stage#*:}.py" "${pytest_args[@]}" "${select[@]}" \
+  selection=("${bench_select[@]}")
+  [ -n "$dry_run" ] && selection+=(-k "${dry_select[$name]}")
+  run_stage "$name" python -m pytest "bench/${stage#*:}.py" "${pytest_args[@]}" "${selection[@]}" \
     "${bench_args[@]}" --benchmark-json="$work/$name.bench.json" --junitxml="$work/$name.xml"
 done
 
