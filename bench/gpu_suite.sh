@@ -48,6 +48,9 @@ run_stage() {
   local name=$1; shift
   local start rc
   echo "== $name (cap ${cap[$name]} s): $*"
+  # Reported as running until it ends: a suite stopped from outside (the lease's limit) says which stage it was in.
+  echo "$name" > "$work/running"
+  report
   start=$(date +%s.%N)
   timeout -s INT -k 10 $((cap[$name] - 10)) "$@" > "$work/logs/$name.log" 2>&1
   rc=$?

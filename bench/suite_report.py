@@ -156,6 +156,10 @@ def collect(work):
             if line.strip():
                 stage = json.loads(line)
                 done[stage["name"]] = stage
+    try:
+        running = (work / "running").read_text().strip()
+    except OSError:
+        running = None
     stages = []
     for name in planned.get("stages", list(done)):
         stage = dict(done.get(name, {"name": name, "status": "not run"}))
@@ -174,6 +178,10 @@ def collect(work):
                 stage["e2e"] = _read_json(work / "e2e.json")
         else:
             stage["why"] = done.get("_why", {}).get("why") or "the suite stopped before it"
+            if name == running:
+                stage["status"] = "running or stopped in it"
+                stage["why"] = "the suite was stopped from outside while this stage ran (or it is running now)"
+                stage["log_tail"] = _tail(work / "logs" / f"{name}.log")
         stages.append(stage)
     return {"mode": planned.get("mode", "gpu"), "caps_s": planned.get("caps", {}), "env": _read_json(work / "env.json"),
             "stages": stages, "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -206,7 +214,7 @@ def summary_markdown(results):
         if s.get("e2e"):
             e = s["e2e"]
             result += f"{e.get('images_per_s_last_epoch', 0):.0f} img/s, teacher top-1 {e.get('teacher_top1')}"
-        if s["status"] == "not run":
+        if s["status"] in ("not run", "running or stopped in it"):
             result = s.get("why", "")
         lines.append(f"| {s['name']} | {s['status']} | {s.get('seconds', '')} | "
                      f"{s.get('cap_s', results['caps_s'].get(s['name'], ''))} | {result} |")

@@ -139,6 +139,11 @@ def test_report_has_counts_failures_figures_and_what_did_not_run(tmp_path):
     assert any("stage loss: cut off" in p for p in problems) and any("stage e2e: not run" in p for p in problems)
     (out / "stray.txt").write_text("")
     assert any("unexpected files" in p for p in suite_report.check(out))
+    # A suite stopped from outside (the lease's limit) while a stage ran names that stage.
+    (work / "running").write_text("e2e\n")
+    stopped = suite_report.report(work, out)
+    assert stopped["stages"][2]["status"] == "running or stopped in it"
+    assert "| e2e | running or stopped in it |" in (out / "summary.md").read_text()
 
 
 def test_step_benchmark_takes_teskd_trains_step():
