@@ -135,6 +135,7 @@ def test_cifar_resident_loader_smoke(benchmark, cifar_split):
     _run(benchmark, loader, "cpu", 1024, rounds=1)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="the GPU-resident CIFAR loader needs a CUDA device (target: >= 100k images/s)")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cifar_resident_loader_cuda(benchmark, dtype):
@@ -195,19 +196,24 @@ def _imagenet(benchmark, root, backend, device, baseline=False, workers=2):
         shape=[IMAGENET_BATCH, 3, 224, 224],
     )
     _run(benchmark, train, device, train.num_samples)
+    if backend == "nvjpeg":
+        # The slow path (a batch decoded file by file, some on the CPU): a figure with fallbacks is not nvJPEG's.
+        benchmark.extra_info.update(decode_fallbacks=train.decode_fallbacks,
+                                    cpu_decoded_images=train.cpu_decoded_images)
 
 
-@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if HAS_CUDA else []))
+@pytest.mark.parametrize("device", ["cpu"] + ([pytest.param("cuda", marks=pytest.mark.gpu)] if HAS_CUDA else []))
 def test_imagenet_torchvision(benchmark, jpeg_folder, device):
     _imagenet(benchmark, jpeg_folder, "torchvision", device, baseline=True)
 
 
 @pytest.mark.skipif(not _dali_installed(), reason="NVIDIA DALI is not installed")
-@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if HAS_CUDA else []))
+@pytest.mark.parametrize("device", ["cpu"] + ([pytest.param("cuda", marks=pytest.mark.gpu)] if HAS_CUDA else []))
 def test_imagenet_dali(benchmark, jpeg_folder, device):
     _imagenet(benchmark, jpeg_folder, "dali", device)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="the nvjpeg backend decodes on the GPU: needs a CUDA device")
 def test_imagenet_nvjpeg(benchmark, jpeg_folder):
     _imagenet(benchmark, jpeg_folder, "nvjpeg", "cuda")

@@ -121,6 +121,10 @@ def _params():
             for provider in PROVIDERS:
                 smoke = (B, C) == (128, 100) and provider in ("reference", "torch", *ISA_PROVIDERS)
                 marks = [pytest.mark.smoke] if smoke else []
+                if HAS_CUDA:
+                    # The GPU suite's selection; torch.compile(reference) there in bfloat16 alone (one cold compile).
+                    extra = provider == "compiled-reference" and dtype != torch.bfloat16
+                    marks = [pytest.mark.gpu, *([pytest.mark.gpu_extra] if extra else [])]
                 yield pytest.param(provider, B, C, dtype, marks=marks, id=f"{provider}-{B}x{C}x{K}-{str(dtype)[6:]}")
 
 

@@ -4,7 +4,8 @@ Usage: python bench/profile_gpu.py OUT_DIR   (needs CUDA; bench/gpu_suite.sh run
 
 Writes OUT_DIR/profile_loss.txt (the fused loss at 256 x 1000 x 3 bf16: per-kernel device time, host time per
 call in eager mode and as one CUDA-graph replay) and OUT_DIR/profile_step.txt (fast ImageNet ResNet-18 train step,
-batch 128, bf16 + channels_last: the top kernels by device time).
+batch 128, bf16 + channels_last, as teskd-train takes it: configure_backends' settings, the loss's auto backend
+and the fused SGD (bench_models.make_step); the top kernels by device time).
 """
 
 import sys
@@ -15,6 +16,10 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import teskd_fast
+from teskd_fast.device import configure_backends
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_models import make_step  # noqa: E402  (bench/ is not a package)
 
 
 def _loss_inputs(B=256, C=1000, K=3, D=512, dtype=torch.bfloat16):
@@ -74,18 +79,13 @@ def profile_loss(out):
 
 
 def profile_step(out):
-    model = teskd_fast.create_model("resnet18", 1000, stem="imagenet").cuda().to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    x = torch.randn(128, 3, 224, 224, device="cuda").to(memory_format=torch.channels_last)
-    y = torch.randint(0, 1000, (128,), device="cuda")
-
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            o = model(x)
-        teskd_fast.teskd_loss(o.logits, o.student_logits, y, o.feature, o.student_features).backward()
-        optimizer.step()
-
+    """teskd-train's step (eager here): its process settings, the loss's auto backend, the fused SGD."""
+    device = torch.device("cuda", torch.cuda.current_device())
+    settings = configure_backends(device)
+    model = teskd_fast.create_model("resnet18", 1000, stem="imagenet").to(device, memory_format=torch.channels_last)
+    x = torch.randn(128, 3, 224, 224, device=device).to(memory_format=torch.channels_last)
+    y = torch.randint(0, 1000, (128,), device=device)
+    step = make_step(model, x, y, autocast=torch.bfloat16)
     for _ in range(3):
         step()
     torch.cuda.synchronize()
@@ -94,7 +94,10 @@ def profile_step(out):
             step()
         torch.cuda.synchronize()
     table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25)
-    (out / "profile_step.txt").write_text(f"fast resnet18 eager bf16 channels_last, batch 128, 5 steps\n{table}\n")
+    (out / "profile_step.txt").write_text(
+        f"fast resnet18 eager bf16 channels_last, batch 128, 5 steps; loss backend auto, fused SGD, {settings}\n"
+        f"{table}\n"
+    )
 
 
 def main():

@@ -299,6 +299,7 @@ def test_an_archive_cut_in_half_is_a_corrupt_dataset_error_naming_it(tmp_path):
         cifar_loaders(tmp_path, device="cpu")
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: the split resident in GPU memory")
 def test_cuda_matches_cpu(cifar100):
     base, _ = cifar100

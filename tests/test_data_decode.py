@@ -158,6 +158,7 @@ def nvjpeg_race(folder, rounds=20):
     return ordered, bare
 
 
+@pytest.mark.gpu
 @needs_cuda
 def test_nvjpeg_decode_is_ordered_against_the_current_stream(tmp_path):
     root = make_image_folder(tmp_path, np.random.default_rng(9), per_class=4, splits=("train",))
@@ -168,6 +169,7 @@ def test_nvjpeg_decode_is_ordered_against_the_current_stream(tmp_path):
     assert ordered == 0, f"the loader's decode disturbed the current stream's work in {ordered}/20 rounds"
 
 
+@pytest.mark.gpu
 @needs_cuda
 def test_nvjpeg_decode_is_ordered_under_cuda_malloc_async(tmp_path):
     root = make_image_folder(tmp_path, np.random.default_rng(9), per_class=4, splits=("train",))
@@ -185,6 +187,7 @@ def test_nvjpeg_decode_is_ordered_under_cuda_malloc_async(tmp_path):
     assert ordered == 0, f"the loader's decode disturbed the current stream's work in {ordered}/10 rounds"
 
 
+@pytest.mark.gpu
 @needs_cuda
 def test_nvjpeg_mixed_batch_on_cuda_matches_the_cpu_loader(mixed_folder):
     """RGB, greyscale and CMYK in one batch: nvJPEG for the first two, the worker's Pillow decode for CMYK."""

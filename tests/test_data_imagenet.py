@@ -171,6 +171,7 @@ def test_nvjpeg_needs_cuda(folder):
         imagenet_loaders(folder, backend="nvjpeg", device="cpu")
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="nvjpeg decodes on the GPU: needs a CUDA device")
 def test_nvjpeg_on_cuda(folder):
     train, val = imagenet_loaders(folder, batch_size=4, backend="nvjpeg", image_size=64, device="cuda", workers=2)
@@ -182,6 +183,7 @@ def test_nvjpeg_on_cuda(folder):
         assert Counter(torch.cat(labels).tolist()) == _expected_labels(folder, split)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="DALI's GPU decoding (device='mixed') needs CUDA")
 def test_dali_on_cuda(folder):
     pytest.importorskip("nvidia.dali", reason="DALI is not installed on this GPU machine")

@@ -96,6 +96,7 @@ def test_cifar_loader_normalises_with_constants_made_once(train):
     _batches_build_nothing_from_lists(_cifar("cpu", train))
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 @pytest.mark.parametrize("train", [True, False])
 def test_cuda_cifar_batches_copy_nothing_from_the_host(train):
@@ -112,6 +113,7 @@ def test_cuda_cifar_batches_copy_nothing_from_the_host(train):
     assert loader._constants[0].device == loader.device
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 def test_cuda_torchvision_loader_normalises_with_constants_made_once(folder):
     loader = _image_loader(folder, "torchvision", "cuda")

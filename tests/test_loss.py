@@ -167,6 +167,7 @@ def poisoned(monkeypatch):
     monkeypatch.setattr(mod, "_empty_like", empty_like)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not TRITON_OK, reason="Triton needs CUDA or TRITON_INTERPRET=1")
 @pytest.mark.parametrize("case", TRITON_CASES, ids=lambda c: "B{}-C{}-K{}-D{}-opt{}".format(*c))
 @pytest.mark.parametrize("grad_out", [1.0, -0.37])
@@ -175,6 +176,7 @@ def test_triton_backend_float32(case, grad_out, poisoned):
     check_against_reference("triton", torch.float32, B, C, K, D, resolve(OPTIONS[idx], K), torch.tensor(grad_out))
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not TRITON_OK, reason="Triton needs CUDA or TRITON_INTERPRET=1")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("idx", range(len(OPTIONS)))
@@ -184,6 +186,7 @@ def test_triton_backend_low_precision(dtype, idx, poisoned):
     )
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 @pytest.mark.parametrize("B,C", [(256, 1000), (1024, 1000), (64, 32768)])
 def test_triton_backend_gpu_sizes(B, C, poisoned):
@@ -333,6 +336,7 @@ def test_module_accepts_teskd_output_and_positional():
         TESKDLoss(temprature=3.0)
 
 
+@pytest.mark.gpu
 def test_parts_are_detached_and_sum_to_total():
     for backend in ["reference", "torch"] + (["triton"] if TRITON_OK else []):
         device = TRITON_DEVICE if backend == "triton" else "cpu"
@@ -347,6 +351,7 @@ def test_parts_are_detached_and_sum_to_total():
         assert_close(total, recombined, torch.float32, f"{backend} parts")
 
 
+@pytest.mark.gpu
 def test_logits_are_never_overwritten(cpu_path):
     # cpu_path only concerns the torch backend: triton runs once.
     for backend in ["torch"] + (["triton"] if TRITON_OK and cpu_path == "fused" else []):
@@ -395,6 +400,7 @@ def test_compiles_without_graph_break(backend):
         assert_close(a.grad, b.grad, torch.float32, "compiled grad")
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not TRITON_OK, reason="Triton needs CUDA or TRITON_INTERPRET=1")
 def test_triton_custom_op_compiles_without_graph_break():
     teacher, students, target, feats = make_inputs(4, 10, 3, 16, device=TRITON_DEVICE)
@@ -411,6 +417,7 @@ def test_triton_custom_op_compiles_without_graph_break():
     assert_close(inputs[2].grad, ref[4], torch.float32, "compiled triton feature grad")
 
 
+@pytest.mark.gpu
 def test_triton_kernel_opcheck():
     """torch.library's own consistency checks of the custom ops (schema, fake tensors, autograd)."""
     if not TRITON_OK:
@@ -552,6 +559,7 @@ def test_top_level_api():
         assert not name.startswith("_teskd") and "Function" not in name
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not TRITON_OK, reason="Triton needs CUDA or TRITON_INTERPRET=1")
 def test_triton_masks_out_of_range_targets_like_ignore_index(poisoned):
     """Unchecked out-of-range targets (the CUDA default) never index memory: they count like ignore_index."""
@@ -571,6 +579,7 @@ def test_triton_masks_out_of_range_targets_like_ignore_index(poisoned):
     assert_close(grad[1:], want[3], torch.float32, "student grads")
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs need a CUDA device")
 def test_triton_loss_is_cuda_graph_capturable():
     teacher, students, target, feats = make_inputs(64, 1000, 3, 512, dtype=torch.bfloat16, device="cuda")
@@ -600,6 +609,7 @@ def test_triton_loss_is_cuda_graph_capturable():
     assert_rms_close(t.grad, want[2], torch.bfloat16, "graph teacher grad", scale=2)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not TRITON_OK, reason="Triton needs CUDA or TRITON_INTERPRET=1")
 def test_triton_evaluation_call_stores_no_gradients():
     """A call that needs no gradient (no input requires one, or under no_grad) computes the loss alone."""
@@ -621,6 +631,7 @@ def test_triton_evaluation_call_stores_no_gradients():
     assert_close(got, want, torch.float32, "no_grad total")
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs need a CUDA device")
 def test_triton_loss_graphs_replayed_concurrently_each_reduce_their_own_rows():
     # Two captured losses of different batches, replayed at once on two streams, many times: a reduction counter
@@ -649,6 +660,7 @@ def test_triton_loss_graphs_replayed_concurrently_each_reduce_their_own_rows():
             assert_close(loss, want, torch.float32, "concurrently replayed total", scale=10)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA or torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 def test_triton_loss_launches_on_the_tensors_device():
     teacher, students, target, feats = make_inputs(32, 100, 3, 64, device="cuda:1")

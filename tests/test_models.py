@@ -450,6 +450,7 @@ def test_bad_arguments_are_named():
         teskd_fast.export_teacher(nn.Linear(3, 3))
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("stem,size", [("imagenet", 224), ("cifar", 32), ("imagenet", 200)])
 def test_fast_equals_faithful_float64_on_cuda(stem, size):
@@ -460,6 +461,7 @@ def test_fast_equals_faithful_float64_on_cuda(stem, size):
     check_pair(faithful, fast, x, torch.float64)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_fast_bf16_autocast_channels_last_step_on_cuda():
     """A bf16 training step of the fast network with the fused loss: finite, and close to the float32 step."""

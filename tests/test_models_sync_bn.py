@@ -145,6 +145,7 @@ def _network_worker(rank, port, out_dir):
         dist.destroy_process_group()
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="nn.SyncBatchNorm needs CUDA tensors")
 def test_fast_network_under_sync_batchnorm_equals_the_faithful_one_on_cuda(tmp_path):
     mp.start_processes(_network_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True,

@@ -98,6 +98,7 @@ def _read_on(device):
     return event, reader.latest()
 
 
+@pytest.mark.gpu
 @needs_cuda
 def test_cuda_explicit_device_is_made_current(single_process, restore_backends):
     env = D.setup("cuda:0")
@@ -107,6 +108,7 @@ def test_cuda_explicit_device_is_made_current(single_process, restore_backends):
     assert latest == [0.5, 1.5, 2.5, 3.5]
 
 
+@pytest.mark.gpu
 @needs_cuda
 def test_cuda_trainer_configures_the_backends_and_steps_without_host_sync(tmp_path, restore_backends):
     """fp16 with its grad scaler: after warm-up steps, a training step never waits for the device."""
@@ -130,6 +132,7 @@ def test_cuda_trainer_configures_the_backends_and_steps_without_host_sync(tmp_pa
     assert torch.isfinite(trainer.acc.sums).all()
 
 
+@pytest.mark.gpu
 @needs_two_gpus
 def test_cuda_second_device_in_a_single_process(single_process, restore_backends, tmp_path):
     torch.cuda.set_device(0)

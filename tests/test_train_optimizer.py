@@ -137,6 +137,7 @@ def test_build_optimizer_is_fused_over_the_param_groups():
     assert len(optimizer.state) == sum(1 for _ in model.parameters())
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="fp16 autocast with a grad scaler on CUDA: needs a CUDA device")
 def test_cuda_fp16_scaler_fused_matches_plain_without_host_sync():
     """fp16 autocast, a grad scaler, an overflowing first step: fused and plain SGD end with the same weights,

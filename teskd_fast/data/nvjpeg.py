@@ -4,10 +4,12 @@
 the current CUDA stream (see ``_decode_ordered``). A JPEG whose header says nvJPEG cannot take it (CMYK, see
 :func:`needs_cpu_decode`) is decoded by the worker that read it, with the torchvision backend's Pillow loader;
 a file the batch call rejects is retried alone, then on the CPU, and a file nothing can decode stops the run
-with :class:`teskd_fast.data.BadImageError` naming it. Training: torchvision's
-RandomResizedCrop parameters (area 0.08-1, aspect 3/4-4/3, 10 tries, then a centre crop) drawn from a
-generator seeded by (seed, epoch, rank, batch), an antialiased bilinear resize of each crop on the GPU, and a
-flip with p = 0.5; evaluation: resize the shorter side to ``val_resize``, centre crop. The per-batch seeds
+with :class:`teskd_fast.data.BadImageError` naming it. A batch call that fails is a slow path (one decode call per
+file, some on the CPU): the loader warns the first time, with the error, and counts them in ``decode_fallbacks``
+(batch calls that failed) and ``cpu_decoded_images`` (images the CPU decoded after the GPU refused them).
+Training: torchvision's RandomResizedCrop parameters (area 0.08-1, aspect 3/4-4/3, 10 tries, then a centre crop)
+drawn from a generator seeded by (seed, epoch, rank, batch), an antialiased bilinear resize of each crop on the GPU,
+and a flip with p = 0.5; evaluation: resize the shorter side to ``val_resize``, centre crop. The per-batch seeds
 make a mid-epoch resume exact.
 
 ``imagenet_loaders`` accepts this backend only with a CUDA device. The class itself takes
@@ -81,6 +83,9 @@ class NvjpegImageLoader(ImageLoaderBase):
     def __init__(self, index, decode_device=None, **kwargs):
         super().__init__(index, **kwargs)
         self.decode_device = self.device if decode_device is None else torch.device(decode_device)
+        # The slow path's counts (see the module docs); the benchmarks report them.
+        self.decode_fallbacks = 0
+        self.cpu_decoded_images = 0
         # The stream the GPU decode allocates its outputs on (see _decode_ordered).
         self._decode_stream = torch.cuda.Stream(self.decode_device) if self.decode_device.type == "cuda" else None
         self._sampler = ListSampler()
@@ -138,9 +143,16 @@ class NvjpegImageLoader(ImageLoaderBase):
 
         try:
             return decode_jpeg(data, mode=ImageReadMode.RGB, device=self.decode_device)
-        except RuntimeError:
-            pass
+        except RuntimeError as e:
+            batch_error = e
         # The batch call failed: retry one by one, then on the CPU, to decode the good ones and name the bad one.
+        self.decode_fallbacks += 1
+        if self.decode_fallbacks == 1:
+            first = str(batch_error).strip().splitlines()[0] if str(batch_error).strip() else type(batch_error).__name__
+            warnings.warn(f"nvjpeg loader: the batch decode on {self.decode_device} failed ({first}); decoding this "
+                          "batch one file at a time, on the CPU where the GPU refuses a file. Later fallbacks are "
+                          "counted in the loader's decode_fallbacks and cpu_decoded_images, without a warning",
+                          RuntimeWarning, stacklevel=2)
         out = []
         for d, i in zip(data, idx):
             try:
@@ -150,6 +162,7 @@ class NvjpegImageLoader(ImageLoaderBase):
                 gpu_error = e
             try:
                 out.append(decode_jpeg(d, mode=ImageReadMode.RGB).to(self.decode_device))
+                self.cpu_decoded_images += 1
             except RuntimeError as e:
                 reason = str(e).strip().splitlines()[0] if str(e).strip() else str(gpu_error)
                 raise self.bad_file_error(self.index.path(i), f"not a decodable JPEG ({reason})") from None
