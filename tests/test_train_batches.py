@@ -71,6 +71,29 @@ def test_partial_batches_compile_no_graph_of_their_own(tmp_path, monkeypatch):
             assert abs(got[key] - value) <= 1e-6 * max(1.0, abs(value)), key
 
 
+@pytest.mark.parametrize("kind, n, batch, world_size, drop_last", [
+    ("digits", 35, 8, 2, False),  # global batches of 16: a tail of 3, split 2 + 1
+    ("digits", 33, 8, 2, False),  # a tail of 1 < 2 processes: the loader drops it
+    ("digits", 33, 8, 1, True),
+    ("cifar", 37, 4, 2, False),  # 18 images per process: 4 x 4 + 2
+    ("cifar", 37, 6, 3, False),  # 12 per process: 2 x 6
+    ("cifar", 37, 4, 1, True),
+])
+def test_last_batch_size_is_the_size_of_the_last_batch_each_process_gets(kind, n, batch, world_size, drop_last):
+    from teskd_fast.data.cifar import CifarLoader
+    from teskd_fast.train.batches import last_batch_size
+
+    for rank in range(world_size):
+        common = {"rank": rank, "world_size": world_size, "drop_last": drop_last}
+        if kind == "digits":
+            loader = DigitsLoader(torch.rand(n, 1, 8, 8), torch.arange(n) % 10, batch, **common)
+        else:
+            loader = CifarLoader(torch.zeros(n, 3, 32, 32, dtype=torch.uint8), torch.arange(n) % 10,
+                                 batch_size=batch, device="cpu", **common)
+        sizes = [len(y) for _, y in loader]
+        assert len(sizes) == len(loader) and last_batch_size(loader) == sizes[-1], (rank, sizes)
+
+
 def test_a_batch_size_of_one_is_refused_before_any_work(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["--batch-size", "1", "--epochs", "1", "--out", str(out)] + FAST) == 2
