@@ -169,3 +169,21 @@ def test_a_mid_epoch_resume_with_another_process_count_is_refused(tmp_path, caps
     assert "inside epoch 1 (batch 2) by 2 process(es); this resume has 1" in err
     assert "torchrun --nproc_per_node 2" in err and "Traceback" not in err
     assert load_checkpoint(out / "last.pt")["position"] == 2  # nothing was trained
+
+
+def test_repair_best_rewrites_only_what_last_pt_can_give(tmp_path):
+    from teskd_fast.train.checkpoint import atomic_save, repair_best
+
+    best = {"top1": 50.0, "epoch": 2}
+    atomic_save({"epoch": 2, "position": 0, "best": best, "model": {"w": torch.ones(2)}}, tmp_path / "last.pt")
+    assert repair_best(tmp_path, 2, 0, best)  # missing: last.pt is the best epoch's state
+    assert load_checkpoint(tmp_path / "best.pt")["best"] == best
+    assert not repair_best(tmp_path, 2, 0, best)  # agrees: left alone
+    (tmp_path / "best.pt").write_bytes(b"cut short")
+    assert repair_best(tmp_path, 2, 0, best)
+    assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 2
+    (tmp_path / "best.pt").unlink()
+    with pytest.warns(UserWarning, match="does not hold epoch 2.*cannot be rebuilt"):
+        assert not repair_best(tmp_path, 3, 0, best)  # the best epoch's state is gone
+    assert not (tmp_path / "best.pt").exists()
+    assert not repair_best(tmp_path, 0, 0, {"top1": -1.0, "epoch": 0})  # no finished epoch

@@ -172,10 +172,12 @@ def repair_best(run_dir: str | Path, epoch: int, position: int, best: dict[str, 
     path = folder / "best.pt"
     try:
         held = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-        if held.get("epoch") == best["epoch"] and held.get("best") == best:
-            return False
+        agrees = held.get("epoch") == best["epoch"] and held.get("best") == best
+        del held  # the mapping closed before best.pt may be replaced
     except Exception:  # missing, cut short or not a checkpoint: rewritten (or warned about) below
-        pass
+        agrees = False
+    if agrees:
+        return False
     if epoch == best["epoch"] and position == 0:
         atomic_copy(folder / "last.pt", path)
         return True
