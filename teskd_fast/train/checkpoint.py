@@ -15,6 +15,7 @@ import os
 import random
 import shutil
 import tempfile
+import warnings
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -190,6 +191,40 @@ def set_rng_state(state: dict[str, Any]) -> None:
     if "cuda" in state and torch.cuda.is_available():
         states = state["cuda"][: torch.cuda.device_count()]
         torch.cuda.set_rng_state_all([s.cpu() for s in states])
+
+
+def repair_best(run_dir: str | Path, epoch: int, position: int, best: dict[str, Any]) -> bool:
+    """Make ``best.pt`` the state that ``last.pt`` names as the best; returns whether it was rewritten.
+
+    A run writes ``last.pt``, then copies it to ``best.pt`` when the epoch is the best so far: a process killed
+    between the two leaves a ``last.pt`` of the best epoch and a ``best.pt`` that is missing or older. That
+    ``last.pt`` (saved at the end of the best epoch: ``epoch == best["epoch"]``, ``position == 0``) is the best
+    state, and is copied again. A ``best.pt`` that disagrees with an earlier best epoch cannot be rebuilt (that
+    state is gone): a warning names it.
+
+    Args:
+        run_dir: the run folder (locked by the caller).
+        epoch, position, best: the finished epochs, the position inside the next one and the ``best`` record of
+            the folder's ``last.pt``.
+    """
+    folder = Path(run_dir)
+    if best.get("epoch", 0) < 1:
+        return False
+    path = folder / "best.pt"
+    try:
+        held = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        agrees = held.get("epoch") == best["epoch"] and held.get("best") == best
+        del held  # the mapping closed before best.pt may be replaced
+    except Exception:  # missing, cut short or not a checkpoint: rewritten (or warned about) below
+        agrees = False
+    if agrees:
+        return False
+    if epoch == best["epoch"] and position == 0:
+        atomic_copy(folder / "last.pt", path)
+        return True
+    warnings.warn(f"{path} does not hold epoch {best['epoch']}, the best that {folder / 'last.pt'} records, and "
+                  "cannot be rebuilt (that state was not kept)", stacklevel=2)
+    return False
 
 
 def load_resume(run_dir: str | Path) -> dict[str, Any]:

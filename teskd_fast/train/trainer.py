@@ -36,6 +36,7 @@ from torch import nn
 from teskd_fast.device import configure_backends
 from teskd_fast.train import distributed as D
 from teskd_fast.train import report
+from teskd_fast.train.batches import EagerTails, check_batches, train_steps
 from teskd_fast.train.build import (
     build_criterion,
     build_data,
@@ -50,6 +51,7 @@ from teskd_fast.train.checkpoint import (
     CheckpointError,
     atomic_copy,
     atomic_save,
+    repair_best,
     rng_state,
     set_rng_state,
 )
@@ -98,9 +100,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: Path, env: D.DistEnv, resume: dict | None = None,
                  on_step: Callable[[Trainer], None] | None = None):
         self.cfg, self.run_dir, self.env, self.on_step = cfg, Path(run_dir), env, on_step
-        if cfg.batch_size % env.world_size:
-            raise ConfigError(f"--batch-size {cfg.batch_size} (global) is not divisible by the "
-                             f"{env.world_size} processes")
+        check_batches(cfg, env, resume)
         check_device_options(cfg, env)
         dev = env.device
         # The current CUDA device, cuDNN autotuning and TF32 matmuls, as the benchmarks measure them.
@@ -121,8 +121,7 @@ class Trainer:
         self.criterion = build_criterion(cfg, env.world_size)
         self.optimizer = build_optimizer(self.raw_model, cfg)
         self.scaler = torch.amp.GradScaler(dev.type) if self.precision == "fp16" else None
-        n = len(self.train_loader)
-        self.steps_per_epoch = min(n, cfg.steps_per_epoch) if cfg.steps_per_epoch else n
+        self.steps_per_epoch = train_steps(self.train_loader, cfg, env)
         if self.steps_per_epoch < 1:
             raise ConfigError(f"the training set gives no batch of {cfg.batch_size // env.world_size} per process")
         self.schedule = LRSchedule(cfg, self.steps_per_epoch)
@@ -144,12 +143,13 @@ class Trainer:
         if env.distributed:
             ids = [dev.index] if dev.type == "cuda" else None
             forward_model = nn.parallel.DistributedDataParallel(forward_model, device_ids=ids)
+        if self.compiled:
+            forward_model = EagerTails(forward_model, self.train_loader, self.val_loader)
         self.forward_model = forward_model
         self._stop_signal: int | None = None
 
     def _compile(self, model: nn.Module) -> nn.Module:
-        # Static shapes: the last partial batch of an epoch gets its own graph (compiled once) instead of
-        # turning every batch's graph dynamic.
+        # Static shapes: a batch of another size runs eagerly (EagerTails), compiling no graph of its own.
         mode = None if self.cfg.compile_mode == "default" else self.cfg.compile_mode
         if self.cfg.method == "teskd":
             import teskd_fast
@@ -352,7 +352,7 @@ class Trainer:
             raise NonFiniteLoss(self._nonfinite_message(metrics["_nonfinite"]))
         if self.position < steps:
             signum = self._stop_signal or signal.SIGTERM
-            self._acc_state = {"sums": sums.cpu(), "first_bad": bad.cpu()}
+            self._acc_state = {"sums": sums.cpu(), "first_bad": bad.cpu(), "world_size": self.env.world_size}
             self.save()
             name = signal.Signals(signum).name
             raise Interrupted(
@@ -392,6 +392,7 @@ class Trainer:
             # rows up to its epoch are kept).
             log = MetricsLog(self.run_dir, tensorboard=cfg.tensorboard, rows=self.history, keep_epochs=self.epoch)
             self.history = list(log.rows)
+            repair_best(self.run_dir, self.epoch, self.position, self.best)
         try:
             with self._signals():
                 while self.epoch < cfg.epochs:
