@@ -91,7 +91,7 @@ class EagerTails(nn.Module):
         self.module = module
         self.full = {True: getattr(train_loader, "batch_size", None), False: getattr(eval_loader, "batch_size", None)}
 
-    def forward(self, images: torch.Tensor):
+    def forward(self, images: torch.Tensor) -> Any:
         if self.full[self.training] is None:
             self.full[self.training] = images.shape[0]
         if images.shape[0] == self.full[self.training]:
