@@ -72,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     is_main = int(os.environ.get("RANK", "0")) == 0
     t0 = time.perf_counter()
     try:
+        if cmp.report_only:
+            if is_main:
+                write_report(cmp)
+            return 0
         check_configuration(cmp)
         if is_main:
             write_record(cmp)
