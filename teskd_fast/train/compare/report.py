@@ -166,6 +166,7 @@ def summarise(cmp: Comparison, results: list[dict[str, Any]]) -> dict[str, Any]:
 def _pct(x: float | None, sign: bool = False) -> str:
     if x is None:
         return "–"
+    x = round(x, 2) + 0.0  # no "-0.00" for a difference of -1e-15
     return f"{x:+.2f}" if sign else f"{x:.2f}"
 
 
