@@ -133,6 +133,19 @@ def test_a_study_of_arms_extended_by_an_arm_and_rebuilt_from_its_run_folders(tmp
     (out / "compare.json").unlink()
     assert main(["--report-only", str(out)]) == 0
     assert json.loads((out / "compare.json").read_text()) == report
+    # A study written before arms and CutMix existed (no arms in its record, no cutmix fields in the TESKD runs'
+    # configurations) continues: its runs are reused.
+    import yaml
+
+    for path in [out / "config.yaml", out / "teskd-seed27" / "config.yaml", out / "teskd-seed28" / "config.yaml"]:
+        data = yaml.safe_load(path.read_text())
+        data.pop("arms", None)
+        for d in (data, data.get("train", {})):
+            d.pop("cutmix_alpha", None), d.pop("cutmix_prob", None)
+        path.write_text(yaml.safe_dump(data))
+    before = {p.name: _mtimes(p) for p in out.iterdir() if p.is_dir()}
+    assert main(study + ["--arms", "teskd,cutmix,smooth-wd", "--arms-file", str(arms), "--no-plot"]) == 0
+    assert {p.name: _mtimes(p) for p in out.iterdir() if p.is_dir()} == before
     # A changed arm is refused, naming the fields; nothing is trained.
     arms.write_text("smooth-wd:\n  method: baseline\n  label_smoothing: 0.3\n  weight_decay: 0.001\n")
     assert main(study + ["--arms", "teskd,cutmix,smooth-wd", "--arms-file", str(arms)]) == 2
