@@ -60,6 +60,8 @@ def check_sharding(batch_size, rank, world_size) -> None:
 # Streams: the last key of a seed that is not the epoch order (which uses (seed, epoch) alone).
 AUGMENT_STREAM = 1
 DALI_STREAM = 2
+# The trainer's batch mixing (CutMix): keys (seed, epoch, rank, batch, MIX_STREAM).
+MIX_STREAM = 3
 
 
 def seed_sequence(*keys) -> np.random.SeedSequence:

@@ -113,22 +113,29 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
 
 
 def build_criterion(cfg: TrainConfig, world_size: int) -> Callable:
-    """``criterion(output, target) -> (loss, parts)``.
+    """``criterion(output, target) -> (loss, parts)``; with CutMix, ``target`` may be a mixed batch's
+    :class:`~teskd_fast.train.mix.MixedTarget`.
 
     The feature term is a sum over the batch, not a mean; DDP averages gradients over processes, so its
     weight is multiplied by ``world_size`` to keep the global-batch loss of one process.
     """
     if cfg.method == "baseline":
-        def ce(logits, target):
+        def criterion(logits, target):
             loss = F.cross_entropy(logits.float(), target, label_smoothing=cfg.label_smoothing)
             return loss, {"ce": loss.detach()}
-        return ce
-    from teskd_fast import TESKDLoss
+    else:
+        from teskd_fast import TESKDLoss
 
-    # Every loss option the config has (config.loss_fields), by name.
-    options = {name: getattr(cfg, name) for name in loss_fields()}
-    options["feat_weight"] *= world_size
-    return TESKDLoss(**options, backend="auto", return_parts=True)
+        # Every loss option the config has (config.loss_fields), by name.
+        options = {name: getattr(cfg, name) for name in loss_fields()}
+        options["feat_weight"] *= world_size
+        criterion = TESKDLoss(**options, backend="auto", return_parts=True)
+    if cfg.cutmix_alpha > 0:
+        from teskd_fast.train.mix import with_mixed_targets
+
+        # CutMix's batches come with a MixedTarget: every head's CE on both labels (teskd_fast.loss.mixed).
+        return with_mixed_targets(criterion, cfg)
+    return criterion
 
 
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:

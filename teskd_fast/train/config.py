@@ -102,6 +102,8 @@ class TrainConfig:
     kd_weight: float = _f(0.8, "beta: weight of the teacher-to-student KL divergence")
     feat_weight: float = _f(1e-7, "gamma: weight of the feature loss (a sum over batch and channels)")
     label_smoothing: float = _f(0.0, "label smoothing of the cross-entropy")
+    cutmix_alpha: float = _f(0.0, "CutMix: Beta(alpha, alpha) of the kept area, per batch on the device (0: off)")
+    cutmix_prob: float = _f(0.5, "CutMix: the probability that a batch is mixed (with --cutmix-alpha > 0)")
     image_size: int = _f(224, "training image size: ImageNet crop (final size when progressive), digits side")
     image_size_start: int = _f(0, "progressive resizing: first training size (0: off); ramps to --image-size")
     progressive_end: float = _f(0.85, "progressive resizing reaches --image-size at this fraction of the epochs")
@@ -354,10 +356,12 @@ def validate(cfg: TrainConfig) -> None:
         if not getattr(cfg, name) > 0:
             raise ConfigError(f"{_flag(name)}: must be > 0, got {getattr(cfg, name)}")
     non_negative = ("momentum", "weight_decay", "warmup_epochs", "ce_weight", "kd_weight", "feat_weight",
-                    "workers", "steps_per_epoch", "image_size_start", "threads")
+                    "workers", "steps_per_epoch", "image_size_start", "threads", "cutmix_alpha")
     for name in non_negative:
         if getattr(cfg, name) < 0:
             raise ConfigError(f"{_flag(name)}: must be >= 0, got {getattr(cfg, name)}")
+    if not 0.0 <= cfg.cutmix_prob <= 1.0:
+        raise ConfigError(f"--cutmix-prob: must be in [0, 1], got {cfg.cutmix_prob}")
     if not 0.0 < cfg.lr_gamma <= 1.0:
         raise ConfigError(f"--lr-gamma: must be in (0, 1], got {cfg.lr_gamma}")
     ms = list(cfg.lr_milestones)

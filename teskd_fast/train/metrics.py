@@ -81,6 +81,8 @@ class TrainAccumulator:
             out[f"train_{p}"] = sums[1 + i] / batches * scale
         out["train_top1_teacher"] = 100.0 * sums[n] / max(sums[n + 1], 1.0)
         out["_images"] = sums[n + 1]
+        # The processes that trained the epoch: device hours are its time times them (teskd-compare's cost).
+        out["processes"] = world_size
         bad_steps = {name: int(b) for name, b in zip(["loss"] + self.parts, bad) if b < NO_STEP}
         out["_nonfinite"] = bad_steps
         return out

@@ -161,3 +161,24 @@ def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float 
     sem = s / math.sqrt(n)
     t = t_ppf(0.5 * (1.0 + confidence), n - 1)
     return PairedDifference(n, m, s, sem, t, confidence, m - t * sem, m + t * sem)
+
+
+def paired_p_value(d: PairedDifference) -> float:
+    """The two-sided p-value of Student's paired t-test of ``d.mean == 0`` (NaN for fewer than two pairs; with
+    no spread, 0 for a nonzero mean and 1 for a zero one)."""
+    if not d.defined:
+        return math.nan
+    if d.sem == 0.0:
+        return 1.0 if d.mean == 0.0 else 0.0
+    return min(1.0, 2.0 * (1.0 - t_cdf(abs(d.mean) / d.sem, d.n - 1)))
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment of m p-values (NaN stays NaN and is not counted): the adjusted p of the i-th
+    smallest is ``max over j <= i of min(1, (m - j + 1) * p_(j))``; reject where it is below the level."""
+    order = sorted((p, i) for i, p in enumerate(p_values) if not math.isnan(p))
+    m, adjusted, running = len(order), [math.nan] * len(p_values), 0.0
+    for rank, (p, i) in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p))
+        adjusted[i] = running
+    return adjusted

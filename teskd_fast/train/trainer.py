@@ -65,6 +65,7 @@ from teskd_fast.train.metrics import (
     head_names,
     read_metrics,
 )
+from teskd_fast.train.mix import build_mix, labels
 from teskd_fast.train.schedule import LRSchedule, image_size_at
 
 
@@ -118,7 +119,7 @@ class Trainer:
         if cfg.sync_bn and env.distributed:
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.raw_model = self.model
-        self.criterion = build_criterion(cfg, env.world_size)
+        self.criterion, self.mix = build_criterion(cfg, env.world_size), build_mix(cfg, env.rank)
         self.optimizer = build_optimizer(self.raw_model, cfg)
         self.scaler = torch.amp.GradScaler(dev.type) if self.precision == "fp16" else None
         self.steps_per_epoch = train_steps(self.train_loader, cfg, env)
@@ -275,7 +276,7 @@ class Trainer:
             loss.backward()
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.acc.update(step_tensor, loss, parts, logits, target)
+        self.acc.update(step_tensor, loss, parts, logits, labels(target))
 
     def _nonfinite_message(self, bad: dict[str, int]) -> str:
         first = min(bad.values())
@@ -313,13 +314,13 @@ class Trainer:
         i = start
         try:
             for batch in loader:
-                images, target = batch
+                images, target = self.mix(*batch, self.epoch, i)
                 self._set_lr(self.schedule(self.epoch, i))
                 self.train_step(images, target, step_ids[i])
                 i += 1
                 self.step += 1
                 self.position = i
-                images_done += target.shape[0]
+                images_done += images.shape[0]
                 if self.on_step is not None:
                     self.on_step(self)
                 if i % cfg.log_every == 0 or i == steps:

@@ -1,30 +1,41 @@
-"""``teskd-compare``: TESKD against its same-recipe baseline over several seeds, and the gain with its uncertainty.
+"""``teskd-compare``: TESKD against the baselines that matter over several seeds, each difference with its
+uncertainty, and what each arm costs.
 
 Examples::
 
     teskd-compare                                   # the digits demo on the CPU, 2 seeds, a few minutes
+    teskd-compare --arms teskd,baseline,label-smoothing,cutmix --seeds 2             # four arms, 8 runs
     teskd-compare --preset cifar100-resnet18 --data-dir data/          # 3 seeds x (TESKD, baseline)
     teskd-compare --preset cifar100-resnet18 --seeds 5 --epochs 100 --out runs/c100-short
+    teskd-compare --report-only runs/c100-short     # the report again, from the run folders alone
     torchrun --nproc_per_node 8 -m teskd_fast.train.compare --preset imagenet-resnet18 --data-dir /imagenet
 
-Every ``teskd-train`` flag is accepted and applies to every run, except ``--method`` (both are run),
+Every ``teskd-train`` flag is accepted and applies to every run, except ``--method`` (the arms set it),
 ``--resume`` and ``--eval-only`` (the comparison manages its runs). ``--seed S`` is the first seed; the runs
-use seeds ``S, S + 1, ..., S + N - 1``. For each seed, a TESKD run and a baseline run (the TESKD model's own
-teacher with plain cross-entropy, the same initial teacher weights and data order) are trained one after the
-other, each into an ordinary ``teskd-train`` run folder. ``OUT`` (default ``runs/compare-<preset>``) holds:
+use seeds ``S, S + 1, ..., S + N - 1``. An arm is a named change to that shared configuration
+(:data:`.options.BUILTIN_ARMS`: ``teskd``, ``baseline``, ``label-smoothing``, ``cutmix``, ``teskd+cutmix``; others
+from ``--arms-file`` as ``name: {field: value}``); ``--arms`` chooses them (default ``teskd,baseline``), the first
+is the reference. For each seed, every arm's run (the same initial teacher weights and data order when the
+arms share the network and the batching) is trained one after the other, each into an ordinary ``teskd-train``
+run folder. ``OUT`` (default ``runs/compare-<preset>``) holds:
 
-- ``config.yaml``: the comparison's training configuration, checked when the command is run again;
-- ``teskd-seed<S>/``, ``baseline-seed<S>/``: the run folders (metrics.jsonl, checkpoints, curves.png, ...);
-- ``compare.md``, ``compare.json``: per seed and method the teacher's top-1 at the last epoch and by the
-  reference's rule (the best after epoch ``round(report_after * epochs)``), the students' and the ensemble's
-  top-1 at the last epoch and the run's time; per method the mean and sample standard deviation over seeds;
-  the paired difference TESKD minus baseline with its Student's t 95% confidence interval; the paper's
-  figures in rows of their own for the presets that reproduce a published table;
-- ``compare.png``: the teacher's test top-1 per epoch, for both methods, the mean with a +-1 std band.
+- ``config.yaml``: the seeds, the shared training configuration and the arms, checked when the command is run
+  again (and read by ``--report-only``);
+- ``<arm>-seed<S>/`` (``teskd-seed<S>/``, ``baseline-seed<S>/``, ...): the run folders;
+- ``compare.md``, ``compare.json``: what each arm shares with the reference; per seed and arm the teacher's
+  top-1 at the last epoch and by the reference's rule (the best after epoch ``round(report_after * epochs)`` of
+  the reference arm), the students' and the ensemble's top-1 at the last epoch, the run's time, images/s and
+  device hours; per arm the mean and sample standard deviation over seeds; per other arm the paired difference
+  reference minus it with its Student's t 95% interval, its p-value and the Holm-adjusted verdict across the
+  comparisons; the cost (points per extra device hour against the cheapest arm); the paper's figures in rows
+  of their own for the presets that reproduce a published table;
+- ``compare.png``: per arm the teacher's test top-1 per epoch (the mean with a +-1 std band), and each seed's
+  top-1 with the arm's interval against its run time.
 
 Running the same command again continues where it stopped: a finished run (its summary.json written) is
 reused, an interrupted one continues from its last.pt (``teskd-train --resume``, exact on the CPU), and nothing
-is trained twice. A changed training configuration is refused with a message naming the fields that differ;
+is trained twice; a new arm trains only its runs. A changed training configuration, or a changed arm, is refused
+with a message naming the fields that differ;
 flags that do not change what a run computes (``--device``, ``--data-dir``, ``--progress``, ``--plot``, ...)
 may change. A different ``--seeds`` adds seeds (or reports over the first N); the others are kept.
 
@@ -72,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     is_main = int(os.environ.get("RANK", "0")) == 0
     t0 = time.perf_counter()
     try:
+        if cmp.report_only:
+            if is_main:
+                write_report(cmp)
+            return 0
         check_configuration(cmp)
         if is_main:
             write_record(cmp)

@@ -1,48 +1,63 @@
-"""compare.png: the teacher's test top-1 per epoch for both methods, the mean over seeds with a +-1 std band."""
+"""compare.png: per arm, the teacher's test top-1 per epoch (the mean over seeds with a +-1 std band), and each
+seed's final top-1 with the arm's mean and 95% t-interval against its training time."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
-from teskd_fast.train.compare.options import METHOD_LABEL
-from teskd_fast.train.config import METHODS
-from teskd_fast.train.stats import mean, std
+from teskd_fast.train.compare.options import arm_label
+from teskd_fast.train.stats import mean, std, t_ppf
 
 
-def plot_curves(report: dict[str, Any], results: list[dict[str, Any]], path: Path) -> Path:
-    """compare.png: the teacher's test top-1 per epoch, per method the mean over seeds with a +-1 std band."""
+def plot_report(report: dict[str, Any], results: list[dict[str, Any]], path: Path) -> Path:
+    """compare.png: the curves per arm (left, and from the middle epoch on) and accuracy against time (right)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
-    epochs = report["epochs"]
-    x = list(range(1, epochs + 1))
-    first_zoomed = epochs // 2
-    for m, color in zip(METHODS, ("tab:red", "tab:blue")):
-        curves = [r["curve"] for r in results if r["method"] == m]
-        mu = [mean(c) for c in zip(*curves)]
-        sd = [std(c) if len(curves) > 1 else 0.0 for c in zip(*curves)]
-        for ax, lo in ((axes[0], 0), (axes[1], first_zoomed)):
-            ax.plot(x[lo:], mu[lo:], color=color, lw=2, label=f"{METHOD_LABEL[m]}: mean of {len(curves)} seeds")
+    fig, axes = plt.subplots(1, 3, figsize=(18, 4.8))
+    colors = plt.get_cmap("tab10").colors
+    arms = [a["arm"] for a in report["arms"]]
+    for arm, color in zip(arms, colors):
+        rows = [r for r in results if r["arm"] == arm]
+        curves = [r["curve"] for r in rows]
+        epochs = min(len(c) for c in curves)
+        x = list(range(1, epochs + 1))
+        mu = [mean(c) for c in zip(*curves)][:epochs]
+        sd = [std(c) if len(curves) > 1 else 0.0 for c in zip(*curves)][:epochs]
+        name = arm_label(arm)
+        for ax, lo in ((axes[0], 0), (axes[1], epochs // 2)):
+            ax.plot(x[lo:], mu[lo:], color=color, lw=2, label=f"{name}: mean of {len(curves)} seeds")
             if len(curves) > 1:
                 ax.fill_between(x[lo:], [a - b for a, b in zip(mu, sd)][lo:], [a + b for a, b in zip(mu, sd)][lo:],
-                                color=color, alpha=0.2, lw=0, label=f"{METHOD_LABEL[m]}: ± 1 std")
+                                color=color, alpha=0.2, lw=0)
+        # Right: each seed's last-epoch top-1 at its time, and the arm's mean with its 95% interval.
+        times = [r["time_s"] for r in rows]
+        tops = [r["teacher_top1_last"] for r in rows]
+        axes[2].scatter(times, tops, color=color, alpha=0.6, s=25)
+        half = t_ppf(0.975, len(tops) - 1) * std(tops) / math.sqrt(len(tops)) if len(tops) > 1 else 0.0
+        axes[2].errorbar([mean(times)], [mean(tops)], yerr=[half], color=color, marker="D", capsize=5, lw=2,
+                         label=f"{name}: mean, 95% interval" if len(tops) > 1 else f"{name}: one seed")
     paper = report["paper"]
     if paper:
-        for m, color in zip(METHODS, ("tab:red", "tab:blue")):
-            for ax in axes:
-                ax.axhline(paper[m], color=color, ls="--", lw=1, label=f"{METHOD_LABEL[m]}: paper's {paper[m]:.2f}")
+        for m, color in (("teskd", colors[arms.index("teskd")]), ("baseline", colors[arms.index("baseline")])):
+            for ax in axes[:2]:
+                ax.axhline(paper[m], color=color, ls="--", lw=1, label=f"{arm_label(m)}: paper's {paper[m]:.2f}")
     axes[0].set(title="teacher test top-1 (%)", xlabel="epoch")
-    axes[1].set(title=f"from epoch {first_zoomed + 1}", xlabel="epoch")
+    axes[1].set(title=f"from epoch {report['epochs'] // 2 + 1}", xlabel="epoch")
+    axes[2].set(title="teacher top-1 (last epoch) against training time", xlabel="run time (s)",
+                ylabel="top-1 (%)")
     for ax in axes:
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"TESKD against its baseline: {report['preset']}, seeds {', '.join(map(str, report['seeds']))}")
+    for ax in axes[:2]:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.suptitle(f"{', '.join(map(arm_label, arms))}: {report['preset']}, seeds "
+                 f"{', '.join(map(str, report['seeds']))}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -7,8 +7,16 @@ from pathlib import Path
 from typing import Any
 
 from teskd_fast.train.checkpoint import atomic_write_text
-from teskd_fast.train.compare.options import METHOD_LABEL, NOT_COMPARED, CompareError, Comparison, Run, config_record
-from teskd_fast.train.config import config_differences
+from teskd_fast.train.compare.options import (
+    NOT_COMPARED,
+    CompareError,
+    Comparison,
+    Run,
+    arm_flags,
+    arm_label,
+    config_record,
+)
+from teskd_fast.train.config import TrainConfig, config_differences
 from teskd_fast.train.report import finished
 
 
@@ -24,19 +32,29 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+def _complete(config: dict[str, Any]) -> dict[str, Any]:
+    # A configuration written by an earlier version lacks the fields added since: they had their default value.
+    return {**TrainConfig().to_dict(), **config}
+
+
 def check_configuration(cmp: Comparison) -> None:
-    """Refuse (:class:`CompareError`, status 2) a comparison folder or run folder made with another configuration."""
+    """Refuse (:class:`CompareError`, status 2) a comparison folder or run folder made with another configuration,
+    or an arm whose change differs from the one recorded under its name. A new arm is not a change."""
     record = cmp.out / "config.yaml"
     refusals, record_diffs, same = [], [], []
     if record.is_file():
-        stored = _read_yaml(record).get("train", {})
-        record_diffs = config_differences(stored, config_record(cmp)["train"], NOT_COMPARED)
+        data = _read_yaml(record)
+        record_diffs = config_differences(_complete(data.get("train", {})), config_record(cmp)["train"],
+                                          NOT_COMPARED)
         if record_diffs:
             refusals.append(f"{record}: {'; '.join(record_diffs)}")
+        for arm, change in (data.get("arms") or {}).items():
+            if arm in cmp.arms and config_differences(change, cmp.arms[arm]):
+                refusals.append(f"{record}: arm {arm!r}: {'; '.join(config_differences(change, cmp.arms[arm]))}")
     for run in cmp.runs:
         run_config = run.folder / "config.yaml"
         if run_config.is_file():
-            diffs = config_differences(_read_yaml(run_config), run.cfg.to_dict(), NOT_COMPARED)
+            diffs = config_differences(_complete(_read_yaml(run_config)), run.cfg.to_dict(), NOT_COMPARED)
             if diffs and diffs == record_diffs:
                 same.append(run.name)
             elif diffs:
@@ -51,6 +69,8 @@ def check_configuration(cmp: Comparison) -> None:
 
 
 def write_record(cmp: Comparison) -> None:
+    """OUT/config.yaml: the seeds, the shared configuration and the arms of this invocation (``--report-only``
+    rebuilds its report; an arm left out keeps its run folders, each with its config.yaml)."""
     import yaml
 
     atomic_write_text(cmp.out / "config.yaml", yaml.safe_dump(config_record(cmp), sort_keys=False))
@@ -65,10 +85,10 @@ def run_state(run: Run) -> str:
 
 
 def train_argv(cmp: Comparison, run: Run, state: str) -> list[str]:
-    """The ``teskd-train`` command line of one run: the shared flags, then the run's method, seed and folder."""
+    """The ``teskd-train`` command line of one run: the shared flags, then the run's arm, seed and folder."""
     # --out last: it overrides the comparison's own --out among the shared flags (a resume accepts its own folder).
     where = (["--resume", str(run.folder)] if state == "resume" else []) + ["--out", str(run.folder)]
-    return [*cmp.train_argv, "--method", run.method, "--seed", str(run.seed), *where]
+    return [*cmp.train_argv, *arm_flags(cmp.arms[run.arm]), "--seed", str(run.seed), *where]
 
 
 def execute(cmp: Comparison, is_main: bool) -> int:
@@ -85,7 +105,7 @@ def _execute(cmp: Comparison, is_main: bool, train_main) -> int:
         state = run_state(run)
         if is_main:
             what = {"done": "finished, reused", "resume": "resuming from its last.pt", "new": "training"}[state]
-            print(f"teskd-compare: [{i}/{len(cmp.runs)}] {METHOD_LABEL[run.method]} seed {run.seed}: {what} "
+            print(f"teskd-compare: [{i}/{len(cmp.runs)}] {arm_label(run.arm)} seed {run.seed}: {what} "
                   f"({run.folder})", flush=True)
         if state == "done":
             continue
