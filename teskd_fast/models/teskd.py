@@ -80,6 +80,15 @@ def check_resnet_input(net, args) -> None:
         check_image_batch(args[0], net.conv1.in_channels, net.conv1.weight.dtype)
 
 
+def check_plain_input(net, args) -> None:
+    """Forward pre-hook for a plain teacher: :func:`check_resnet_input` for a ResNet, else :func:`check_image_batch`
+    against the model's parameter dtype (any channel count: a timm model's stem says it in its own terms)."""
+    if hasattr(net, "conv1") and isinstance(net.conv1, nn.Conv2d):
+        check_resnet_input(net, args)
+    elif args:
+        check_image_batch(args[0], None, next(net.parameters()).dtype)
+
+
 def conv_bn_relu(cin, cout, kernel=1, stride=1, bias=False) -> list[nn.Module]:
     return [nn.Conv2d(cin, cout, kernel, stride=stride, bias=bias), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
