@@ -127,3 +127,14 @@ def test_torchrun_two_processes(tmp_path):
     assert "over 2 process(es)" in proc.stdout
     plain = timm.create_model("test_convnext", num_classes=10)
     plain.load_state_dict(torch.load(out / "teacher.pt"), strict=True)
+
+
+def test_compare_takes_the_same_arch(tmp_path):
+    from teskd_fast.train.compare import main as compare_main
+
+    out = tmp_path / "cmp"
+    assert compare_main([*FAST, "--epochs", "1", "--out", str(out)]) == 0
+    assert json.loads((out / "compare.json").read_text())["arch"] == ARCH
+    for run in ("teskd-seed27", "baseline-seed27"):
+        plain = timm.create_model("test_convnext", num_classes=10)
+        plain.load_state_dict(torch.load(out / run / "teacher.pt"), strict=True)
