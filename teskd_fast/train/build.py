@@ -19,7 +19,8 @@ from teskd_fast.data.catalog import LoaderRequest, dataset_spec
 from teskd_fast.data.imagenet import backend_problem
 from teskd_fast.data.protocol import Loader
 from teskd_fast.train import distributed as D
-from teskd_fast.train.config import ConfigError, TrainConfig, loss_fields, timm_name
+from teskd_fast.train.archs import timm_name
+from teskd_fast.train.config import ConfigError, TrainConfig, loss_fields
 from teskd_fast.train.schedule import image_size_at
 
 

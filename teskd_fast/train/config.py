@@ -25,45 +25,14 @@ from pathlib import Path
 from typing import Any
 
 METHODS = ("teskd", "baseline")
-TIMM_PREFIX = "timm/"
-# Digits are 8x8: a timm backbone (stride-32 features, stems that refuse tiny inputs) sees them resized to this.
-TIMM_DIGITS_SIZE = 32
-
-
-class ArchChoices(tuple):
-    """The ``--arch`` names: the ResNet registry's (listed, iterated) and any ``timm/NAME`` (accepted: argparse
-    and :func:`validate` ask ``in``; whether timm has NAME is :func:`check_timm_arch`'s business)."""
-
-    def __contains__(self, name) -> bool:
-        return tuple.__contains__(self, name) or (isinstance(name, str) and name.startswith(TIMM_PREFIX)
-                                                   and len(name) > len(TIMM_PREFIX))
-
-
-def timm_name(arch: str) -> str | None:
-    """``NAME`` for ``--arch timm/NAME``, else None."""
-    return arch[len(TIMM_PREFIX):] if arch.startswith(TIMM_PREFIX) else None
-
-
-def check_timm_arch(arch: str) -> None:
-    """Raise :class:`ConfigError` when ``--arch timm/NAME`` cannot be built: timm missing, or no such model."""
-    name = timm_name(arch)
-    if name is None:
-        return
-    try:
-        import timm
-    except ImportError:
-        raise ConfigError(f"--arch {arch}: needs timm, an optional dependency: pip install timm") from None
-    if not timm.is_model(name):
-        close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
-        raise ConfigError(f"--arch {arch}: timm has no model {name!r}"
-                          + (f" (similar: {', '.join(close)})" if close else ""))
 
 
 def choices() -> dict[str, tuple[str, ...]]:
     """The fields with a fixed set of values, and those values: each set read from the registry that defines it.
 
     Datasets from :data:`teskd_fast.data.catalog.DATASETS`, ImageFolder loader backends from
-    :data:`teskd_fast.data.imagenet.LOADER_BACKENDS`, architectures and stems from :mod:`teskd_fast.models.resnet`,
+    :data:`teskd_fast.data.imagenet.LOADER_BACKENDS`, architectures and stems from :mod:`teskd_fast.models.resnet`
+    (and any ``timm/NAME``, :class:`teskd_fast.train.archs.ArchChoices`),
     formulations from :data:`teskd_fast.models.factory.FORMULATIONS`, schedules from
     :data:`teskd_fast.train.schedule.SCHEDULES`. The ``teskd-train`` choices and :func:`validate` read this.
     """
@@ -71,6 +40,7 @@ def choices() -> dict[str, tuple[str, ...]]:
     from teskd_fast.data.imagenet import LOADER_BACKENDS
     from teskd_fast.models.factory import FORMULATIONS
     from teskd_fast.models.resnet import ARCHS, STEMS
+    from teskd_fast.train.archs import ArchChoices
     from teskd_fast.train.schedule import SCHEDULES
 
     return {
@@ -367,22 +337,13 @@ def resolve(overrides: dict[str, Any], base: dict[str, Any] | None = None) -> Tr
     else:
         values = {k: v for k, v in base.items() if k in names}
     values.update(overrides)
+    from teskd_fast.train.archs import timm_defaults, timm_name
+
     if timm_name(str(values.get("arch", ""))) is not None and base is None:
-        _timm_defaults(values, overrides)
+        timm_defaults(values, overrides)
     cfg = TrainConfig(**{k: _coerce(k, v) for k, v in values.items()})
     validate(cfg)
     return cfg
-
-
-def _timm_defaults(values: dict[str, Any], overrides: dict[str, Any]) -> None:
-    """A preset's ResNet-only values, for a timm backbone: width 1 (a timm model has no width factor) and, on the
-    8x8 digits, images resized to :data:`TIMM_DIGITS_SIZE` (stride-32 features would be empty), unless given."""
-    if "width" not in overrides:
-        values["width"] = 1.0
-    if values.get("dataset") == "digits":
-        for name in ("image_size", "val_image_size", "val_resize"):
-            if name not in overrides and values.get(name, 0) < TIMM_DIGITS_SIZE:
-                values[name] = TIMM_DIGITS_SIZE
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -418,10 +379,9 @@ def validate(cfg: TrainConfig) -> None:
     for name in ("image_size", "val_image_size", "val_resize"):
         if getattr(cfg, name) < 8:
             raise ConfigError(f"{_flag(name)}: must be >= 8 pixels, got {getattr(cfg, name)}")
-    check_timm_arch(cfg.arch)
-    if timm_name(cfg.arch) is not None and cfg.width != 1.0:
-        raise ConfigError(f"--width {cfg.width:g}: the width factor applies to the torchvision ResNets; for "
-                          f"{cfg.arch} choose a smaller timm model instead")
+    from teskd_fast.train.archs import check_timm_arch
+
+    check_timm_arch(cfg)
     if cfg.val_resize < cfg.val_image_size:
         raise ConfigError(f"--val-resize ({cfg.val_resize}) must be >= --val-image-size ({cfg.val_image_size})")
     dev = cfg.device

@@ -12,8 +12,9 @@ from typing import Any
 
 from torch import nn
 
+from teskd_fast.train.archs import timm_name
 from teskd_fast.train.checkpoint import atomic_save, atomic_write_text
-from teskd_fast.train.config import TrainConfig, timm_name
+from teskd_fast.train.config import TrainConfig
 
 
 def format_epoch(row: dict[str, Any], parts: list[str], epochs: int) -> str:
