@@ -138,3 +138,22 @@ def test_compare_takes_the_same_arch(tmp_path):
     for run in ("teskd-seed27", "baseline-seed27"):
         plain = timm.create_model("test_convnext", num_classes=10)
         plain.load_state_dict(torch.load(out / run / "teacher.pt"), strict=True)
+
+
+def test_init_from_a_previous_runs_checkpoint_and_from_torchvision_weights(tmp_path):
+    import torchvision
+
+    run = tmp_path / "run"
+    assert main([*FAST, "--epochs", "1", "--out", str(run)]) == 0
+    trained = load_checkpoint(run / "last.pt")["model"]
+    model = build.build_model(resolve({"arch": ARCH, "init": str(run / "last.pt"), "seed": 3}), 10)
+    for key, value in model.backbone.state_dict().items():
+        assert torch.equal(value, trained["backbone." + key]), key
+    # timm's ResNets have torchvision's parameter names: torchvision weights start a timm resnet18 teacher.
+    plain = torchvision.models.resnet18(num_classes=10).eval()
+    torch.save(plain.state_dict(), tmp_path / "tv.pth")
+    cfg = resolve({"arch": "timm/resnet18", "method": "baseline", "init": str(tmp_path / "tv.pth")})
+    model = build.build_model(cfg, 10).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), plain(x), rtol=1e-5, atol=1e-5)
