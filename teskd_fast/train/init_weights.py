@@ -63,6 +63,19 @@ def _state_dict_of(obj, path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
+def _teacher_part(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The teacher's entries of a TESKD network's state_dict (a timm teacher's ``backbone.*`` without the prefix;
+    a ResNet teacher's ``conv1 ... layer4, fc``); any other state_dict as it is."""
+    from teskd_fast.models.teskd import RESNET_MODULES
+
+    if not any(k.startswith("laterals.") for k in state):
+        return state
+    if prefix:
+        return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    resnet = tuple(f"{name}." for name in RESNET_MODULES + ("fc",))
+    return {k: v for k, v in state.items() if k.startswith(resnet)}
+
+
 def load_teacher_init(model: nn.Module, path: str, say=print) -> list[str]:
     """Load ``path`` into the teacher of ``model`` (a TESKD network or a plain teacher), in place.
 
@@ -76,19 +89,9 @@ def load_teacher_init(model: nn.Module, path: str, say=print) -> list[str]:
     from teskd_fast.models.teskd import check_state_dict
 
     path = Path(path).expanduser()
-    state = _state_dict_of(_read(path), path)
     teacher, prefix = plain_teacher(model)
-    expected = {k[len(prefix):]: v for k, v in model.state_dict().items() if k.startswith(prefix)}
-    if prefix == "" and hasattr(model, "laterals"):
-        # A TESKD network with a ResNet teacher: its teacher keys are the plain ResNet's.
-        from teskd_fast.models.teskd import RESNET_MODULES
-
-        expected = {k: v for k, v in expected.items() if k.startswith(tuple(f"{n}." for n in RESNET_MODULES + ("fc",)))}
-    if prefix and any(k.startswith(prefix) for k in state) and any(k.startswith("laterals.") for k in state):
-        # A TESKD training checkpoint of a timm teacher: its teacher part.
-        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    elif not prefix and any(k.startswith("laterals.") for k in state):
-        state = {k: v for k, v in state.items() if k in expected or k.startswith("fc.")}
+    state = _teacher_part(_state_dict_of(_read(path), path), prefix)
+    expected = _teacher_part(model.state_dict(), prefix)
     fresh = sorted(k for k in head_keys(teacher)
                    if k in state and k in expected and state[k].shape != expected[k].shape)
     given = {k: tuple(state[k].shape) for k in fresh}
