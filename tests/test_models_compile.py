@@ -181,3 +181,30 @@ def test_export_teacher_takes_the_compiled_module():
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         assert torch.equal(teacher(x), teskd_fast.export_teacher(model)(x))
+
+
+@pytest.mark.parametrize("name", ["test_convnext", "test_efficientnet", "regnetx_002", "resnet10t"])
+def test_wrapped_timm_models_compile_to_one_graph_per_mode(name):
+    """ConvNeXt, EfficientNet, RegNet and ResNet-D: forward_intermediates and the model's own head, no graph break,
+    no recompilation when switching train / eval."""
+    timm = pytest.importorskip("timm", reason="timm is optional: pip install timm")
+    model = teskd_fast.wrap(timm.create_model(name, num_classes=5), 5)
+    compiled = teskd_fast.compile_model(model, backend="aot_eager")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = torch.randn(2, 3, 64, 64), torch.randint(0, 5, (2,))
+    counts = []
+    for _ in range(2):
+        model.train()
+        loss = loss_of(compiled(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        model.eval()
+        with torch.no_grad():
+            compiled(x)
+        counts.append(unique_graphs())
+    assert counts == [2, 2], counts
+    with torch.no_grad():
+        got, expected = compiled(x), model(x)
+    assert_close(got.logits, expected.logits, torch.float32, "compiled eval logits")
+    assert_close(stacked(got.student_logits), stacked(expected.student_logits), torch.float32, "student logits")

@@ -1,16 +1,16 @@
-"""Deployment: the teacher alone, as a plain torchvision ResNet."""
+"""Deployment: the teacher alone, as a plain torchvision ResNet or the user's own timm model."""
 
 import copy
 
 import torch
-from torchvision.models import ResNet
 
+from .cpu_conv import UnitStridePointwiseConv2d
 from .resnet import build_resnet, resnet_shell
 from .teskd import RESNET_MODULES
 
 
-def export_teacher(model: torch.nn.Module) -> ResNet:
-    """The teacher of a TESKD network as a plain ``torchvision.models.ResNet``, in eval mode.
+def export_teacher(model: torch.nn.Module) -> torch.nn.Module:
+    """The teacher of a TESKD network as a plain ``torchvision.models.ResNet`` (or timm model), in eval mode.
 
     Args:
         model: a TESKD network with a torchvision ResNet teacher (from :func:`teskd_fast.create_model`, or from
@@ -23,11 +23,23 @@ def export_teacher(model: torch.nn.Module) -> ResNet:
         ``torchvision.models.<arch>(num_classes=...)``; with the CIFAR stem into the same build with
         ``conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)`` and ``maxpool = nn.Identity()``. Its eval-mode logits equal
         ``model.teacher_forward(x)`` in eval mode.
+
+        For a wrapped timm classifier: a copy of that timm model, unchanged (same class, modules and state_dict
+        names), so that its state_dict loads strictly into ``timm.create_model(NAME, num_classes=N)``.
     """
     # compile_model's module: its own state_dict names carry an "_orig_mod." prefix; the network is inside.
     model = getattr(model, "_orig_mod", model)
-    if getattr(model, "kind", None) != "resnet":
-        raise TypeError(f"export_teacher needs a TESKD network with a torchvision ResNet teacher, got {type(model)}")
+    kind = getattr(model, "kind", None)
+    if kind == "timm":
+        net = copy.deepcopy(model.backbone)
+        # The CPU work-around of cpu_conv changed only the class of some convs: the plain nn.Conv2d again.
+        for module in net.modules():
+            if type(module) is UnitStridePointwiseConv2d:
+                module.__class__ = torch.nn.Conv2d
+        return net.to(memory_format=torch.contiguous_format).eval()
+    if kind != "resnet":
+        raise TypeError("export_teacher needs a TESKD network with a torchvision ResNet teacher or a timm "
+                        f"classifier teacher (teskd_fast.wrap(timm.create_model(...))), got {type(model)}")
     teacher_keys = tuple(f"{name}." for name in RESNET_MODULES + ("fc",))
     state = {k: v for k, v in model.state_dict().items() if k.startswith(teacher_keys)}
     if getattr(model, "arch", None) is not None:

@@ -7,6 +7,7 @@ from .cpu_conv import avoid_strided_pointwise_bug
 from .fast import FastTESKDNet
 from .resnet import build_resnet, check_arch
 from .teskd import TESKDNet
+from .timm_backbone import is_timm_classifier, refuse_torchvision
 
 FORMULATIONS = {"faithful": TESKDNet, "fast": FastTESKDNet}
 
@@ -57,13 +58,23 @@ def wrap(backbone, num_classes, formulation="fast") -> TESKDNet:
     Args:
         backbone: a torchvision ResNet-family model (``resnet*``, ``resnext*``, ``wide_resnet*``, any stem; its
             modules are taken over, not copied, and its ``fc`` is kept when it already has ``num_classes``
-            outputs), or a timm model created with ``features_only=True`` (its ``feature_info`` gives the channels
-            and strides of the last four feature maps, the stages s1..s4).
+            outputs); a timm classifier, ``timm.create_model(NAME, num_classes=N)``, with ``forward_intermediates``
+            (ConvNeXt, EfficientNet, MobileNetV3, RegNet, ResNet / ResNet-D, Swin, ...: kept whole, its own head
+            is the teacher's, its classifier reset when it has another class count; the students sit on its last
+            four feature levels and are as wide as its pre-logits); or a timm model created with
+            ``features_only=True`` (its ``feature_info`` gives the channels and strides of the last four feature
+            maps, the stages s1..s4; the teacher head is then a new pooling + linear).
         num_classes: classes of the teacher and of each student.
         formulation: ``"fast"`` or ``"faithful"``.
 
     Returns:
-        A TESKD network as :func:`create_model` gives; the students' width W is the last stage's channels.
+        A TESKD network as :func:`create_model` gives; the students' width W is the last stage's channels, or a
+        timm classifier's pre-logits width. :func:`teskd_fast.export_teacher` gives back the plain model.
+
+    Raises:
+        ValueError: a timm model with fewer than four feature levels or without a stride pyramid (plain ViTs), or a
+            torchvision classifier that is not a ResNet (the message names the timm model to use instead).
+        TypeError: anything else that is not one of the above.
     """
     from torchvision.models import ResNet
 
@@ -72,10 +83,14 @@ def wrap(backbone, num_classes, formulation="fast") -> TESKDNet:
         if not isinstance(fc, nn.Linear) or fc.out_features != num_classes:
             fc = None
         return _network(formulation, backbone, num_classes, fc=fc)
+    if is_timm_classifier(backbone):
+        return _network(formulation, backbone, num_classes)
+    refuse_torchvision(backbone)
     info = getattr(backbone, "feature_info", None)
     if info is None or not hasattr(info, "channels") or not hasattr(info, "reduction"):
         raise TypeError(
-            f"wrap() takes a torchvision ResNet-family model or a timm model created with features_only=True "
+            f"wrap() takes a torchvision ResNet-family model, a timm classifier with forward_intermediates "
+            f"(timm.create_model(NAME, num_classes=N)) or a timm model created with features_only=True "
             f"(which has feature_info); got {type(backbone).__name__}"
         )
     channels, strides = list(info.channels()), list(info.reduction())

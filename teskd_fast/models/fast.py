@@ -192,9 +192,7 @@ class FastTESKDNet(TESKDNet):
 
     formulation = "fast"
 
-    def stages(self, x) -> list[torch.Tensor]:
-        self.check_input(x)
-        return super().stages(x.contiguous(memory_format=torch.channels_last))
+    input_format = torch.channels_last
 
     def students(self, stages) -> tuple[torch.Tensor, torch.Tensor]:
         width = self.width

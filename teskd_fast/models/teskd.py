@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from teskd_fast.outputs import TESKDOutput
 
 from .resnet import stage_channels
+from .timm_backbone import is_timm_classifier, prepare_classifier, timm_levels
 
 RESNET_MODULES = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
 
@@ -79,6 +80,15 @@ def check_resnet_input(net, args) -> None:
         check_image_batch(args[0], net.conv1.in_channels, net.conv1.weight.dtype)
 
 
+def check_plain_input(net, args) -> None:
+    """Forward pre-hook for a plain teacher: :func:`check_resnet_input` for a ResNet, else :func:`check_image_batch`
+    against the model's parameter dtype (any channel count: a timm model's stem says it in its own terms)."""
+    if hasattr(net, "conv1") and isinstance(net.conv1, nn.Conv2d):
+        check_resnet_input(net, args)
+    elif args:
+        check_image_batch(args[0], None, next(net.parameters()).dtype)
+
+
 def conv_bn_relu(cin, cout, kernel=1, stride=1, bias=False) -> list[nn.Module]:
     return [nn.Conv2d(cin, cout, kernel, stride=stride, bias=bias), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
@@ -101,22 +111,25 @@ class TESKDNet(nn.Module):
 
     Args:
         backbone: a torchvision ``ResNet`` (its modules become this module's ``conv1 ... layer4``, as in the
-            reference) or a module returning a list of feature maps (a timm ``features_only`` model), of which the
-            last four are the stages s1..s4.
+            reference), a timm classifier with ``forward_intermediates`` (kept whole as ``backbone``: the stages are
+            its last four feature levels, the teacher head is its own; see :mod:`teskd_fast.models.timm_backbone`),
+            or a module returning a list of feature maps (a timm ``features_only`` model), of which the last four
+            are the stages s1..s4.
         num_classes: classes of the teacher and of every student.
-        channels: c1..c4 (read from a ResNet when None).
+        channels: c1..c4 (read from a ResNet or a timm classifier when None).
         strides: the stages' strides relative to the input (e.g. (4, 8, 16, 32)); the student head at level i has
-            kernel and stride s4 / s_i. Read from a ResNet when None.
-        fc: the teacher's linear (``W -> num_classes``); a new one when None.
+            kernel and stride s4 / s_i. Read from a ResNet or a timm classifier when None.
+        fc: the teacher's linear (``W -> num_classes``); a new one when None (none for a timm classifier).
+        width: W, the students' width (None: c4; a timm classifier's pre-logits width).
 
     Shapes:
         x: ``[B, 3, H, W]``; teacher logits ``[B, C]``, student logits K = 3 ``[B, C]`` (deepest first),
-        features ``[B, c4]`` (c4 = W, the width of every student module).
+        features ``[B, W]`` (W, the width of every student module: c4, or a timm head's pre-logits width).
     """
 
     formulation = "faithful"
 
-    def __init__(self, backbone, num_classes, channels=None, strides=None, fc=None) -> None:
+    def __init__(self, backbone, num_classes, channels=None, strides=None, fc=None, width=None) -> None:
         super().__init__()
         if not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
@@ -128,6 +141,12 @@ class TESKDNet(nn.Module):
                 setattr(self, name, getattr(backbone, name))
             channels = list(channels or stage_channels(backbone))
             strides = list(strides or (1, 2, 4, 8))
+        elif is_timm_classifier(backbone):
+            # The user's timm model itself: its own head is the teacher's (no fc of ours).
+            self.kind = "timm"
+            self.backbone = prepare_classifier(backbone, num_classes)
+            channels, strides, width = timm_levels(backbone)
+            self.head_dropout = float(getattr(backbone, "drop_rate", 0.0) or 0.0) > 0
         else:
             if channels is None or strides is None:
                 raise ValueError("a non-ResNet backbone needs its four stages' channels and strides")
@@ -140,12 +159,13 @@ class TESKDNet(nn.Module):
         if any(strides[3] % s for s in strides[:3]) or any(strides[i + 1] <= strides[i] for i in range(3)):
             raise ValueError(f"stage strides must increase and divide the last one, got {strides}")
         self.channels, self.strides, self.num_classes = channels, strides, num_classes
-        width = channels[3]
+        width = int(width or channels[3])
         self.width = width
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-        self.fc = fc if fc is not None else nn.Linear(width, num_classes)
-        if self.fc.in_features != width or self.fc.out_features != num_classes:
-            raise ValueError(f"teacher fc must map {width} -> {num_classes}, got {self.fc}")
+        if self.kind != "timm":
+            self.fc = fc if fc is not None else nn.Linear(width, num_classes)
+            if self.fc.in_features != width or self.fc.out_features != num_classes:
+                raise ValueError(f"teacher fc must map {width} -> {num_classes}, got {self.fc}")
         # The students, created after the backbone: PyTorch's default initialisation, as in the reference.
         self.laterals = nn.ModuleList(nn.Sequential(*conv_bn_relu(c, width)) for c in channels)
         self.upsample = nn.ModuleList(nn.Sequential(ResizeTo(), *conv_bn_relu(width, width)) for _ in range(3))
@@ -167,20 +187,36 @@ class TESKDNet(nn.Module):
         else:
             check_image_batch(x, None, next(self.backbone.parameters()).dtype)
 
+    # The input's memory format on the way in (the fast formulation: channels-last).
+    input_format = None
+
+    def _input(self, x) -> torch.Tensor:
+        self.check_input(x)
+        return x if self.input_format is None else x.contiguous(memory_format=self.input_format)
+
     def stages(self, x) -> list[torch.Tensor]:
         """The backbone's stage outputs s1..s4 for the image batch ``x`` ``[B, 3, H, W]``."""
-        self.check_input(x)
+        return self._backbone(self._input(x))[0]
+
+    def _backbone(self, x) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """``(s1..s4, final)``: the stages, and for a timm model its final features (its head's input)."""
+        if self.kind == "timm":
+            final, stages = self.backbone.forward_intermediates(x, indices=4)
+            return list(stages), final
         if self.kind == "features":
-            return list(self.backbone(x))[-4:]
+            return list(self.backbone(x))[-4:], None
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         s1 = self.layer1(x)
         s2 = self.layer2(s1)
         s3 = self.layer3(s2)
-        return [s1, s2, s3, self.layer4(s3)]
+        return [s1, s2, s3, self.layer4(s3)], None
 
     def teacher_forward(self, x) -> torch.Tensor:
         """Teacher logits ``[B, C]`` for ``x`` ``[B, 3, H, W]``: the backbone and its head, no student work at all."""
-        s4 = self.stages(x)[-1]
+        x = self._input(x)
+        if self.kind == "timm":
+            return self.backbone(x)
+        s4 = self._backbone(x)[0][-1]
         return self.fc(torch.flatten(self.avgpool(s4), 1))
 
     def forward(self, x) -> TESKDOutput:
@@ -190,9 +226,16 @@ class TESKDNet(nn.Module):
             :class:`teskd_fast.TESKDOutput`: teacher logits ``[B, C]``, student logits for levels 3, 2, 1
             (deepest first), teacher feature ``[B, W]`` and student features in the same order.
         """
-        stages = self.stages(x)
-        feature = torch.flatten(self.avgpool(stages[3]), 1)
-        logits = self.fc(feature)
+        stages, final = self._backbone(self._input(x))
+        if self.kind == "timm":
+            # The model's own head: its pre-logits are the teacher feature, its classifier gives the logits (the
+            # head run once more only where timm's head dropout, drop_rate > 0, sits between the two).
+            feature = self.backbone.forward_head(final, pre_logits=True)
+            classifier = self.backbone.get_classifier()
+            logits = self.backbone.forward_head(final) if self.head_dropout else classifier(feature)
+        else:
+            feature = torch.flatten(self.avgpool(stages[3]), 1)
+            logits = self.fc(feature)
         student_logits, student_features = self.students(stages)
         return TESKDOutput(logits, student_logits, feature, student_features)
 

@@ -19,6 +19,7 @@ from teskd_fast.data.catalog import LoaderRequest, dataset_spec
 from teskd_fast.data.imagenet import backend_problem
 from teskd_fast.data.protocol import Loader
 from teskd_fast.train import distributed as D
+from teskd_fast.train.archs import timm_name
 from teskd_fast.train.config import ConfigError, TrainConfig, loss_fields
 from teskd_fast.train.schedule import image_size_at
 
@@ -95,21 +96,36 @@ def build_data(cfg: TrainConfig, env: D.DistEnv, channels_last: bool) -> tuple[L
 def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
     """The network, initialised from ``cfg.seed``: the TESKD model, or for ``baseline`` its teacher alone.
 
-    The baseline is the TESKD model's exported teacher, so that the two methods start from identical teacher
-    weights (the same seed, the same construction) and differ only in the students and the loss.
+    The baseline is the TESKD model's exported teacher (for ``--arch timm/NAME``: the very timm model the TESKD
+    network wraps, built first from the same seed), so that the two methods start from identical teacher weights
+    and differ only in the students and the loss. ``--init`` then loads the teacher's weights (not at a resume: the
+    checkpoint holds them).
     """
     import teskd_fast
 
     torch.manual_seed(cfg.seed)
-    model = teskd_fast.create_model(cfg.arch, num_classes, stem=cfg.stem, formulation=cfg.formulation,
-                                    width=cfg.width)
-    if cfg.method == "baseline":
-        from teskd_fast.models.teskd import check_resnet_input
+    name = timm_name(cfg.arch)
+    if name is not None:
+        import timm
 
-        model = teskd_fast.export_teacher(model)
+        model = timm.create_model(name, num_classes=num_classes, pretrained=False)
+        if cfg.method != "baseline":
+            model = teskd_fast.wrap(model, num_classes, formulation=cfg.formulation)
+    else:
+        model = teskd_fast.create_model(cfg.arch, num_classes, stem=cfg.stem, formulation=cfg.formulation,
+                                        width=cfg.width)
+        if cfg.method == "baseline":
+            model = teskd_fast.export_teacher(model)
+    if cfg.init and not cfg.resume:
+        from teskd_fast.train.init_weights import load_teacher_init
+
+        load_teacher_init(model, cfg.init, say=print if D.launch_rank() == 0 else lambda *a, **k: None)
+    if cfg.method == "baseline":
+        from teskd_fast.models.teskd import check_plain_input
+
         # The teacher alone checks its input as the TESKD network does (a clear error, not one from inside conv2d).
-        model.register_forward_pre_hook(check_resnet_input)
-    return model
+        model.register_forward_pre_hook(check_plain_input)
+    return model.train()
 
 
 def build_criterion(cfg: TrainConfig, world_size: int) -> Callable:

@@ -31,7 +31,8 @@ def choices() -> dict[str, tuple[str, ...]]:
     """The fields with a fixed set of values, and those values: each set read from the registry that defines it.
 
     Datasets from :data:`teskd_fast.data.catalog.DATASETS`, ImageFolder loader backends from
-    :data:`teskd_fast.data.imagenet.LOADER_BACKENDS`, architectures and stems from :mod:`teskd_fast.models.resnet`,
+    :data:`teskd_fast.data.imagenet.LOADER_BACKENDS`, architectures and stems from :mod:`teskd_fast.models.resnet`
+    (and any ``timm/NAME``, :class:`teskd_fast.train.archs.ArchChoices`),
     formulations from :data:`teskd_fast.models.factory.FORMULATIONS`, schedules from
     :data:`teskd_fast.train.schedule.SCHEDULES`. The ``teskd-train`` choices and :func:`validate` read this.
     """
@@ -39,6 +40,7 @@ def choices() -> dict[str, tuple[str, ...]]:
     from teskd_fast.data.imagenet import LOADER_BACKENDS
     from teskd_fast.models.factory import FORMULATIONS
     from teskd_fast.models.resnet import ARCHS, STEMS
+    from teskd_fast.train.archs import ArchChoices
     from teskd_fast.train.schedule import SCHEDULES
 
     return {
@@ -51,7 +53,7 @@ def choices() -> dict[str, tuple[str, ...]]:
         "compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
         "precision": ("auto", "bf16", "fp16", "fp32"),
         "loader": ("auto", *LOADER_BACKENDS),
-        "arch": tuple(ARCHS),
+        "arch": ArchChoices(ARCHS),
     }
 
 
@@ -82,7 +84,10 @@ class TrainConfig:
     dataset: str = _f("digits", "the dataset (digits: built in, nothing to download; imagenet: any ImageFolder tree)")
     data_dir: str = _f("", "where the dataset lives (default: ./data)")
     download: bool = _f(False, "download CIFAR with torchvision's downloader when it is missing")
-    arch: str = _f("resnet18", "backbone")
+    arch: str = _f("resnet18", "backbone: a torchvision ResNet of the list, or timm/NAME for any timm model "
+                   "(pip install timm; --stem and --width apply to the ResNets only)")
+    init: str = _f("", "start the teacher (backbone and head) from this local state_dict or checkpoint of the "
+                   "plain model (timm, torchvision, a teacher.pt); a head of another class count is replaced")
     stem: str = _f("cifar", "cifar: 3x3 stride-1 conv, no max-pool; imagenet: torchvision's stem")
     formulation: str = _f("fast", "fast (same function, cheaper) or faithful (module for module as published)")
     width: float = _f(1.0, "channel multiplier of the network (for small demos)")
@@ -334,6 +339,10 @@ def resolve(overrides: dict[str, Any], base: dict[str, Any] | None = None) -> Tr
     else:
         values = {k: v for k, v in base.items() if k in names}
     values.update(overrides)
+    from teskd_fast.train.archs import timm_defaults, timm_name
+
+    if timm_name(str(values.get("arch", ""))) is not None and base is None:
+        timm_defaults(values, overrides)
     cfg = TrainConfig(**{k: _coerce(k, v) for k, v in values.items()})
     validate(cfg)
     return cfg
@@ -374,6 +383,9 @@ def validate(cfg: TrainConfig) -> None:
     for name in ("image_size", "val_image_size", "val_resize"):
         if getattr(cfg, name) < 8:
             raise ConfigError(f"{_flag(name)}: must be >= 8 pixels, got {getattr(cfg, name)}")
+    from teskd_fast.train.archs import check_timm_arch
+
+    check_timm_arch(cfg)
     if cfg.val_resize < cfg.val_image_size:
         raise ConfigError(f"--val-resize ({cfg.val_resize}) must be >= --val-image-size ({cfg.val_image_size})")
     dev = cfg.device

@@ -12,6 +12,7 @@ from typing import Any
 
 from torch import nn
 
+from teskd_fast.train.archs import timm_name
 from teskd_fast.train.checkpoint import atomic_save, atomic_write_text
 from teskd_fast.train.config import TrainConfig
 
@@ -71,9 +72,14 @@ def export_teacher(model: nn.Module, cfg: TrainConfig, num_classes: int, run_dir
     state = {k: v.detach().cpu().contiguous() for k, v in teacher.state_dict().items()}
     run_dir = Path(run_dir)
     atomic_save(state, run_dir / "teacher.pt")
-    info = {"arch": cfg.arch, "num_classes": num_classes, "stem": cfg.stem, "width": cfg.width,
-            "build": "teskd_fast.models.resnet.build_resnet(arch, num_classes, stem=stem, width=width); with "
-                     "width 1 and the imagenet stem: torchvision.models.<arch>(num_classes=num_classes)"}
+    name = timm_name(cfg.arch)
+    if name is not None:
+        info = {"arch": cfg.arch, "timm": name, "num_classes": num_classes,
+                "build": f"timm.create_model({name!r}, num_classes={num_classes}); load_state_dict(teacher.pt)"}
+    else:
+        info = {"arch": cfg.arch, "num_classes": num_classes, "stem": cfg.stem, "width": cfg.width,
+                "build": "teskd_fast.models.resnet.build_resnet(arch, num_classes, stem=stem, width=width); with "
+                         "width 1 and the imagenet stem: torchvision.models.<arch>(num_classes=num_classes)"}
     atomic_write_text(run_dir / "teacher.json", json.dumps(info, indent=2) + "\n")
     return run_dir / "teacher.pt"
 

@@ -1,0 +1,110 @@
+"""``--init PATH``: the teacher (backbone and head) starts from a local state_dict of the plain model.
+
+Accepted: a plain model's ``state_dict`` (timm, torchvision, a previous run's ``teacher.pt``), or a checkpoint
+holding one under ``state_dict`` / ``model`` / ``state_dict_ema`` (timm's ``train.py``, teskd-train's ``last.pt``
+and ``best.pt``, whose TESKD network's teacher part is taken). A ``module.`` prefix (DDP) is removed. The keys and
+shapes must be the teacher's exactly (the first mismatched keys are named), except the classifier: one of another
+class count is left fresh, and the run says so. The students always start fresh. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import pickle
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from teskd_fast.train.config import ConfigError
+
+
+def plain_teacher(model: nn.Module) -> tuple[nn.Module, str]:
+    """``(module, prefix)``: the plain teacher inside ``model`` and the prefix of its keys in ``model``'s state_dict.
+
+    A timm teacher (wrapped or alone) is the timm model; a torchvision ResNet teacher is the TESKD network's
+    ``conv1 ... layer4, fc`` (the same names as the plain ResNet's)."""
+    if getattr(model, "kind", None) == "timm":
+        return model.backbone, "backbone."
+    return model, ""
+
+
+def head_keys(teacher: nn.Module) -> set[str]:
+    """The state_dict keys of ``teacher``'s classifier (timm's ``get_classifier()``, a ResNet's ``fc``)."""
+    head = teacher.get_classifier() if callable(getattr(teacher, "get_classifier", None)) else teacher.fc
+    names = [name for name, module in teacher.named_modules() if module is head]
+    return {f"{names[0]}.{k}" for k in head.state_dict()} if names else set()
+
+
+def _read(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"--init: no such file: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # A training checkpoint with Python objects beside the tensors (timm's args, our RNG states): the full
+        # unpickler, as torch.load would with weights_only=False (a file of your own).
+        from teskd_fast.train.checkpoint import load_checkpoint
+
+        return load_checkpoint(path)
+    except Exception as e:  # not a torch file at all
+        raise ConfigError(f"--init {path}: not a torch state_dict or checkpoint ({e})") from None
+
+
+def _state_dict_of(obj, path: Path) -> dict[str, torch.Tensor]:
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model", "state_dict_ema", "teacher_state_dict"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ConfigError(f"--init {path}: expected a state_dict (a dict of tensors) or a checkpoint holding one "
+                          f"under 'state_dict' or 'model', got {type(obj).__name__}")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def _teacher_part(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The teacher's entries of a TESKD network's state_dict (a timm teacher's ``backbone.*`` without the prefix;
+    a ResNet teacher's ``conv1 ... layer4, fc``); any other state_dict as it is."""
+    from teskd_fast.models.teskd import RESNET_MODULES
+
+    if not any(k.startswith("laterals.") for k in state):
+        return state
+    if prefix:
+        return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    resnet = tuple(f"{name}." for name in RESNET_MODULES + ("fc",))
+    return {k: v for k, v in state.items() if k.startswith(resnet)}
+
+
+def load_teacher_init(model: nn.Module, path: str, say=print) -> list[str]:
+    """Load ``path`` into the teacher of ``model`` (a TESKD network or a plain teacher), in place.
+
+    Returns:
+        the classifier keys left fresh (another class count), empty when the whole teacher was loaded.
+
+    Raises:
+        ConfigError: the file is missing or holds no state_dict, or its keys or shapes are not the teacher's (the
+            first missing / unexpected keys, or the first wrong shapes, are named).
+    """
+    from teskd_fast.models.teskd import check_state_dict
+
+    path = Path(path).expanduser()
+    teacher, prefix = plain_teacher(model)
+    state = _teacher_part(_state_dict_of(_read(path), path), prefix)
+    expected = _teacher_part(model.state_dict(), prefix)
+    fresh = sorted(k for k in head_keys(teacher)
+                   if k in state and k in expected and state[k].shape != expected[k].shape)
+    given = {k: tuple(state[k].shape) for k in fresh}
+    for k in fresh:
+        state[k] = expected[k]
+    try:
+        check_state_dict(state, expected, f"the teacher ({type(teacher).__name__})")
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"--init {path}: {e}") from None
+    teacher.load_state_dict({**teacher.state_dict(), **state} if prefix == "" else state, strict=True)
+    if fresh:
+        head = next(k for k in fresh if k.endswith("weight"))
+        say(f"teskd-train: --init {path}: its classifier has {given[head][0]} classes, this run "
+            f"{expected[head].shape[0]}: a new classifier ({', '.join(fresh)})", file=sys.stderr)
+    return fresh
+
