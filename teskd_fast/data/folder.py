@@ -58,8 +58,9 @@ def list_images(class_dir) -> list[str]:
     class_dir = Path(class_dir)
     seen = {}
     out = []
-
-    def walk(folder, rel):
+    pending = [(class_dir, None)]  # a stack, not a recursive closure: no reference cycle per call
+    while pending:
+        folder, rel = pending.pop()
         info = os.stat(folder)
         key = (info.st_dev, info.st_ino)
         if key in seen:
@@ -73,14 +74,12 @@ def list_images(class_dir) -> list[str]:
             entries = sorted(os.scandir(folder), key=lambda e: e.name)
         except OSError as e:
             raise DatasetNotFoundError(f"cannot read the folder {folder}: {e.strerror or e}") from e
-        for entry in entries:
+        for entry in reversed(entries):
             child = entry.name if rel is None else os.path.join(rel, entry.name)
             if entry.is_dir():  # follows links
-                walk(Path(entry.path), child)
+                pending.append((Path(entry.path), child))
             elif entry.name.lower().endswith(IMG_EXTENSIONS):
                 out.append(child)
-
-    walk(class_dir, None)
     return sorted(out)
 
 

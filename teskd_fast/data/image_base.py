@@ -11,6 +11,7 @@ sharding of :func:`teskd_fast.data.common.epoch_order`, and the output contract:
 normalised with the ImageNet mean and std, labels [B] int64, both on the device.
 """
 
+import gc
 import math
 import os
 from collections.abc import Iterator
@@ -148,6 +149,18 @@ class ListSampler(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return len(self.indices)
+
+
+def workers_iterator(loader: torch.utils.data.DataLoader) -> Iterator:
+    """``iter(loader)``, the process's garbage collected first when that forks worker processes.
+
+    A forked worker inherits every object of this process, garbage in reference cycles too, and may collect it
+    itself: an earlier loader's DALI pipeline collected there waits in its ``__del__`` for threads the child does
+    not have, and the worker hangs (seen in the test suite, the order of collections being a matter of chance).
+    """
+    if loader.num_workers > 0:
+        gc.collect()
+    return iter(loader)
 
 
 def unwrap_worker_error(e) -> BadImageError:

@@ -24,7 +24,13 @@ import torch
 import torch.nn.functional as F
 
 from teskd_fast.data.common import BadImageError, numpy_generator
-from teskd_fast.data.image_base import ImageLoaderBase, ListSampler, train_crops, unwrap_worker_error
+from teskd_fast.data.image_base import (
+    ImageLoaderBase,
+    ListSampler,
+    train_crops,
+    unwrap_worker_error,
+    workers_iterator,
+)
 from teskd_fast.data.jpeg import jpeg_frame
 from teskd_fast.data.torchvision_loader import _pil_loader
 
@@ -194,7 +200,7 @@ class NvjpegImageLoader(ImageLoaderBase):
         epoch, start = self._begin_pass()
         self._sampler.indices = self.epoch_indices(epoch)[start * self.batch_size :].tolist()
         k = start
-        it = iter(self._loader)
+        it = workers_iterator(self._loader)
         while True:
             try:
                 data, labels, idx = next(it)

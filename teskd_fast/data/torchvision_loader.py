@@ -7,7 +7,14 @@ import torch
 from torchvision import datasets
 
 from teskd_fast.data.common import SCAN_HINT, BadImageError
-from teskd_fast.data.image_base import TRAIN_RATIO, TRAIN_SCALE, ImageLoaderBase, ListSampler, unwrap_worker_error
+from teskd_fast.data.image_base import (
+    TRAIN_RATIO,
+    TRAIN_SCALE,
+    ImageLoaderBase,
+    ListSampler,
+    unwrap_worker_error,
+    workers_iterator,
+)
 
 
 def _pil_loader(path, root):
@@ -80,7 +87,7 @@ class TorchvisionImageLoader(ImageLoaderBase):
             self._make_loader()
         self._sampler.indices = self.epoch_indices(epoch)[start * self.batch_size :].tolist()
         k = start
-        it = iter(self._loader)
+        it = workers_iterator(self._loader)
         while True:
             try:
                 images, labels = next(it)
