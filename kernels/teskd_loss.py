@@ -283,15 +283,8 @@ class TESKDLossTritonFunction(torch.autograd.Function):
 _FUNCTION_INPUTS = _input_names(TESKDLossTritonFunction.forward, skip=1)
 
 
-def teskd_loss_triton(
-    teacher,
-    students,
-    target,
-    teacher_feature,
-    student_features,
-    head_weights,
-    options,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def teskd_loss_triton(teacher, students, target, teacher_feature, student_features, head_weights,
+                      options) -> tuple[torch.Tensor, torch.Tensor]:
     """The fused TESKD loss (inputs validated by ``teskd_fast.teskd_loss``). Returns (total, detached parts).
 
     Eager mode goes through an autograd.Function; under ``torch.compile`` through the custom ops, which the

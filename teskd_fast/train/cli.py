@@ -312,15 +312,11 @@ def _run(cfg: TrainConfig, ckpt: dict[str, Any] | None, run_dir: Path, held: con
         saved = f"; {last} holds the last saved state" if trainer is not None and last.exists() else ""
         print(f"teskd-train: {e}{saved}", file=sys.stderr)
         return 1
-    except CheckpointError as e:
-        print(f"teskd-train: {e}", file=sys.stderr)
-        return 1
-    except ConfigError as e:
-        print(f"teskd-train: error: {e}", file=sys.stderr)
-        return 2
-    except NonFiniteLoss as e:
-        print(f"teskd-train: {e}", file=sys.stderr)
-        return 3
+    except (CheckpointError, ConfigError, NonFiniteLoss) as e:
+        # An unusable checkpoint 1, a configuration only the built run reveals 2, a non-finite loss 3.
+        status = 2 if isinstance(e, ConfigError) else 3 if isinstance(e, NonFiniteLoss) else 1
+        print(f"teskd-train: {'error: ' if status == 2 else ''}{e}", file=sys.stderr)
+        return status
     except Interrupted as e:
         if env.is_main:
             print(str(e), file=sys.stderr)
