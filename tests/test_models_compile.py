@@ -17,6 +17,22 @@ def unique_graphs():
     return counters["stats"]["unique_graphs"]
 
 
+def _train_eval_rounds(model, compiled, optimizer, x, y, rounds):
+    """``rounds`` times a train step then an eval forward through ``compiled``; the graph count after each."""
+    counts = []
+    for _ in range(rounds):
+        model.train()
+        loss = loss_of(compiled(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        model.eval()
+        with torch.no_grad():
+            compiled(x)
+        counts.append(unique_graphs())
+    return counts
+
+
 def stacked(v):
     return v if torch.is_tensor(v) else torch.stack(list(v))
 
@@ -42,17 +58,7 @@ def test_fullgraph_no_recompile_across_steps_and_modes(formulation):
     compiled = teskd_fast.compile_model(model, backend="aot_eager")
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 5, (4,))
-    counts = []
-    for _ in range(3):
-        model.train()
-        loss = loss_of(compiled(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        model.eval()
-        with torch.no_grad():
-            compiled(x)
-        counts.append(unique_graphs())
+    counts = _train_eval_rounds(model, compiled, optimizer, x, y, rounds=3)
     # One graph per mode (train with autograd, eval under no_grad), compiled in the first step, then reused.
     assert counts == [2, 2, 2], counts
     with torch.no_grad():
@@ -192,17 +198,7 @@ def test_wrapped_timm_models_compile_to_one_graph_per_mode(name):
     compiled = teskd_fast.compile_model(model, backend="aot_eager")
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     x, y = torch.randn(2, 3, 64, 64), torch.randint(0, 5, (2,))
-    counts = []
-    for _ in range(2):
-        model.train()
-        loss = loss_of(compiled(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        model.eval()
-        with torch.no_grad():
-            compiled(x)
-        counts.append(unique_graphs())
+    counts = _train_eval_rounds(model, compiled, optimizer, x, y, rounds=2)
     assert counts == [2, 2], counts
     with torch.no_grad():
         got, expected = compiled(x), model(x)
