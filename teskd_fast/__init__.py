@@ -16,6 +16,7 @@ __all__ = [
     "create_model",
     "wrap",
     "export_teacher",
+    "load_teacher",
     "compile_model",
     "data",
     "__version__",
@@ -29,6 +30,7 @@ _LAZY = {
     "create_model": "teskd_fast.models",
     "wrap": "teskd_fast.models",
     "export_teacher": "teskd_fast.models",
+    "load_teacher": "teskd_fast.train.teacher_files",
     "compile_model": "teskd_fast.models",
 }
 

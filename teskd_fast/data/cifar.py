@@ -33,6 +33,7 @@ from teskd_fast.data.common import (
     torch_generator,
 )
 from teskd_fast.device import resolve_device
+from teskd_fast.serialization import CIFAR_ADVICE, UnsafeFileError, load_plain_pickle
 
 PAD = 4
 SIZE = 32
@@ -99,8 +100,12 @@ def locate_cifar(root, dataset="cifar100") -> Path:
 
 
 def _unpickle(fileobj, name):
+    # A restricted unpickler: a batch file holds dicts, lists, strings, bytes, numbers and NumPy arrays, and one
+    # that names any other type is refused unbuilt (a pickle can run any code it names).
     try:
-        return pickle.load(fileobj, encoding="latin1")
+        return load_plain_pickle(fileobj, name, encoding="latin1", advice=CIFAR_ADVICE)
+    except UnsafeFileError as e:
+        raise CorruptDatasetError(str(e)) from None
     except (pickle.UnpicklingError, EOFError, ValueError, AttributeError) as e:
         raise CorruptDatasetError(f"{name}: not a CIFAR python-version batch file ({e})") from e
 

@@ -15,7 +15,7 @@ def export_teacher(model: torch.nn.Module) -> torch.nn.Module:
     Args:
         model: a TESKD network with a torchvision ResNet teacher (from :func:`teskd_fast.create_model`, or from
             :func:`teskd_fast.wrap` on a torchvision ResNet), either formulation, or its
-            :func:`teskd_fast.compile_model` module.
+            :func:`teskd_fast.compile_model` module, or either in ``DistributedDataParallel`` / ``DataParallel``.
 
     Returns:
         A new ``torchvision.models.ResNet`` holding copies of the teacher's weights, contiguous (NCHW) memory
@@ -27,8 +27,15 @@ def export_teacher(model: torch.nn.Module) -> torch.nn.Module:
         For a wrapped timm classifier: a copy of that timm model, unchanged (same class, modules and state_dict
         names), so that its state_dict loads strictly into ``timm.create_model(NAME, num_classes=N)``.
     """
-    # compile_model's module: its own state_dict names carry an "_orig_mod." prefix; the network is inside.
-    model = getattr(model, "_orig_mod", model)
+    # DistributedDataParallel / DataParallel and compile_model's module (whose state_dict names carry a "module." or
+    # "_orig_mod." prefix) hold the network inside, in any nesting.
+    while True:
+        if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
+            model = model._orig_mod
+        else:
+            break
     kind = getattr(model, "kind", None)
     if kind == "timm":
         net = copy.deepcopy(model.backbone)

@@ -4,6 +4,11 @@ A training checkpoint (``last.pt``, ``best.pt``) is a dict with ``"format": CHEC
 are written by :meth:`teskd_fast.train.trainer.Trainer.state`. Keys a loader does not know are ignored, so
 checkpoints of earlier versions (which also held a ``"schedule"`` entry, and no ``"metrics"`` rows) still resume.
 
+A checkpoint holds only tensors, numbers, strings, lists and dicts (the NumPy RNG state too, see
+:func:`rng_state`), and is read with PyTorch's restricted unpickler (:func:`teskd_fast.serialization.load_torch`):
+loading one never runs code. Those of teskd_fast 0.1, whose NumPy RNG state is a NumPy array, load through that
+reader's allow-list and resume exactly too.
+
 Every atomic write goes through a temporary file ``.NAME.<random>.tmp`` in the destination's folder. A process
 killed during a write leaves that file behind; :func:`remove_stale_temporaries` deletes them when the next run
 has locked the folder.
@@ -23,6 +28,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from teskd_fast.serialization import UnsafeFileError, load_torch
 
 CHECKPOINT_FORMAT = "teskd_fast.train/1"
 
@@ -136,7 +143,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     ``torch.save`` writes a zip archive whose members carry CRC-32 checksums that ``torch.load`` does not check: a
     flipped bit in a tensor loads as a wrong weight, one in the pickled structure as anything from a
     ``TypeError`` to an unknown class. So the checksums are checked first (one read of the file); a file that
-    fails them, or that cannot be unpickled, is a :class:`CheckpointError` naming it.
+    fails them, or that cannot be unpickled, is a :class:`CheckpointError` naming it. The file is read with the
+    restricted unpickler (:func:`teskd_fast.serialization.load_torch`): one that would need to build another type
+    (loading it could run code) is a :class:`CheckpointError` naming the file and that type.
 
     Args:
         path: the checkpoint file.
@@ -150,10 +159,58 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
         raise FileNotFoundError(f"checkpoint not found: {path}")
     _check_archive(path)
     try:
-        # Our checkpoints hold numpy and Python RNG states next to tensors: they need the full unpickler.
-        return torch.load(path, map_location=map_location, weights_only=False)
+        return load_torch(path, map_location=map_location)
+    except UnsafeFileError as e:
+        raise CheckpointError(str(e)) from None
     except Exception as e:  # a corrupt pickle raises almost any exception type
         raise CheckpointError(f"checkpoint {path} is corrupt or not a torch checkpoint ({_first_line(e)})") from None
+
+
+# The files of a run folder that hold weights, in the order a folder given for a file is read: for evaluation
+# (--eval-only RUN_DIR) the best epoch's checkpoint first, which evaluates every head; for the teacher alone
+# (--init RUN_DIR, teskd_fast.load_teacher(RUN_DIR)) the teacher a finished run exported first.
+RUN_CHECKPOINTS = ("best.pt", "last.pt", "teacher.safetensors", "teacher.pt")
+RUN_TEACHER = ("teacher.safetensors", "teacher.pt", "best.pt", "last.pt")
+
+
+def weights_path(path: str | os.PathLike, flag: str, order: tuple[str, ...] = RUN_CHECKPOINTS) -> Path:
+    """``path`` when it is a file; for a folder (a run folder), the first file of ``order`` it holds.
+
+    Raises:
+        FileNotFoundError: nothing there, or a folder without any of those files (the message says which, and
+            begins with ``flag``).
+    """
+    path = Path(path).expanduser()
+    if path.is_dir():
+        for name in order:
+            if (path / name).is_file():
+                return path / name
+        raise FileNotFoundError(f"{flag} {path}: a folder that holds none of {', '.join(order)}; give the weights "
+                                "file itself")
+    if not path.is_file():
+        raise FileNotFoundError(f"{flag}: no such file: {path}")
+    return path
+
+
+def read_weights(path: str | os.PathLike) -> tuple[Any, dict[str, str]]:
+    """``(object, metadata)`` of a weights file: a ``.safetensors`` file's tensors and metadata, or a torch file's
+    object (a state_dict, a checkpoint) and ``{}``; nothing in either is run.
+
+    Raises:
+        CheckpointError: an empty, corrupt or unreadable file, or one that would need the full unpickler (named
+            with the type it holds).
+    """
+    from teskd_fast.serialization import is_safetensors, load_safetensors
+
+    path = Path(path)
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes): a copy or a save cut short; use another file")
+    if is_safetensors(path):
+        try:
+            return load_safetensors(path)
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
+    return load_checkpoint(path), {}
 
 
 def _check_archive(path: Path) -> None:
@@ -176,17 +233,29 @@ def _first_line(e: BaseException) -> str:
 
 
 def rng_state() -> dict[str, Any]:
-    """Every RNG state the training touches: Python, NumPy, torch CPU and every CUDA device."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG state the training touches: Python, NumPy, torch CPU and every CUDA device.
+
+    Tensors, numbers, strings, tuples and dicts only, so that a checkpoint holding it loads under the restricted
+    unpickler: NumPy's state (a uint32 array of the Mersenne Twister's key beside four numbers) as a dict with
+    the key in an int64 tensor.
+    """
+    name, key, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = {"algorithm": str(name), "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
+                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what :func:`rng_state` returned."""
+    """Restore what :func:`rng_state` returned (or the tuple NumPy state of a teskd_fast 0.1 checkpoint)."""
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    saved = state["numpy"]
+    if isinstance(saved, dict):
+        key = saved["key"].numpy().astype(np.uint32)
+        saved = (saved["algorithm"], key, saved["pos"], saved["has_gauss"], saved["cached_gaussian"])
+    np.random.set_state(saved)
     torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
         states = state["cuda"][: torch.cuda.device_count()]
@@ -212,9 +281,11 @@ def repair_best(run_dir: str | Path, epoch: int, position: int, best: dict[str, 
         return False
     path = folder / "best.pt"
     try:
-        held = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        held = load_torch(path, mmap=True)
         agrees = held.get("epoch") == best["epoch"] and held.get("best") == best
         del held  # the mapping closed before best.pt may be replaced
+    except UnsafeFileError as e:  # not a file this run wrote: refused, not overwritten unread
+        raise CheckpointError(str(e)) from None
     except Exception:  # missing, cut short or not a checkpoint: rewritten (or warned about) below
         agrees = False
     if agrees:

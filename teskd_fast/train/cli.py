@@ -149,11 +149,15 @@ def _resume_config(overrides: dict[str, Any], held: contextlib.ExitStack) -> _Re
 
 
 def _eval_config(overrides: dict[str, Any]) -> tuple[TrainConfig, dict[str, Any], Path]:
-    """Config for --eval-only: from a training checkpoint's config, or from teacher.json beside a teacher.pt."""
-    from teskd_fast.train.checkpoint import CHECKPOINT_FORMAT, load_checkpoint
+    """Config for --eval-only: from a training checkpoint's config, or from the metadata of a teacher.safetensors
+    or the teacher.json beside a teacher.pt. A run folder stands for its best.pt (:func:`weights_path`)."""
+    from teskd_fast.train.checkpoint import CHECKPOINT_FORMAT, read_weights, weights_path
 
-    path = Path(overrides["eval_only"])
-    ckpt = load_checkpoint(path)
+    path = weights_path(overrides["eval_only"], "--eval-only")
+    if path != Path(overrides["eval_only"]).expanduser():
+        print(f"teskd-train: --eval-only {overrides['eval_only']}: a run folder: its {path.name}", file=sys.stderr)
+        overrides = {**overrides, "eval_only": str(path)}
+    ckpt, metadata = read_weights(path)
     if isinstance(ckpt, dict) and ckpt.get("format") == CHECKPOINT_FORMAT:
         cfg = resolve(overrides, base=ckpt["config"])
         return cfg, ckpt, path.parent
@@ -161,16 +165,18 @@ def _eval_config(overrides: dict[str, Any]) -> tuple[TrainConfig, dict[str, Any]
         raise ValueError(f"--eval-only {path}: expected a teskd-train checkpoint (last.pt, best.pt) or a teacher.pt "
                          f"state_dict (a dict of tensors); the file holds {_describe(ckpt)}")
     info_path = path.with_suffix(".json")
-    base: dict[str, Any] = {}
-    if info_path.is_file():
+    base: dict[str, Any] = {k: metadata[k] for k in ("arch", "stem") if k in metadata}
+    if "width" in metadata:
+        base["width"] = float(metadata["width"])
+    if not base and info_path.is_file():
         try:
             info = json.loads(info_path.read_text())
         except ValueError as e:
             raise ValueError(f"--eval-only {path}: {info_path} (how to build the teacher) is not JSON: {e}") from e
         base = {k: info[k] for k in ("arch", "stem", "width") if k in info}
-        config_yaml = path.parent / "config.yaml"
-        if config_yaml.is_file():
-            base = {**load_yaml(str(config_yaml)), **base}
+    config_yaml = path.parent / "config.yaml"
+    if base and config_yaml.is_file():
+        base = {**load_yaml(str(config_yaml)), **base}
     cfg = resolve({**base, **overrides, "method": "baseline"})
     return cfg, {"teacher_state_dict": ckpt}, path.parent
 

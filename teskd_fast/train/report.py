@@ -41,7 +41,7 @@ def summarize(rows: list[dict[str, Any]], cfg: TrainConfig, epochs: int, best: d
 
 
 # The files a finished run holds beside its checkpoints, written before summary.json (which lists those written).
-OUTPUTS = ("teacher.pt", "teacher.json", "curves.png")
+OUTPUTS = ("teacher.pt", "teacher.safetensors", "teacher.json", "curves.png")
 
 
 def finished(run_dir: Path, epochs: int) -> bool:
@@ -65,21 +65,30 @@ def write_summary(summary: dict[str, Any], run_dir: Path) -> Path:
 
 
 def export_teacher(model: nn.Module, cfg: TrainConfig, num_classes: int, run_dir: Path) -> Path:
-    """RUN_DIR/teacher.pt: the plain torchvision teacher's state_dict; teacher.json says how to build it."""
+    """RUN_DIR/teacher.pt and teacher.safetensors: the plain teacher's state_dict (the safetensors file with
+    metadata naming its network); teacher.json says how to build it (:func:`teskd_fast.load_teacher` does)."""
     import teskd_fast
+    from teskd_fast.train.teacher_files import teacher_metadata, write_safetensors
 
     teacher = model if cfg.method == "baseline" else teskd_fast.export_teacher(model)
     state = {k: v.detach().cpu().contiguous() for k, v in teacher.state_dict().items()}
     run_dir = Path(run_dir)
     atomic_save(state, run_dir / "teacher.pt")
+    write_safetensors(state, run_dir / "teacher.safetensors", teacher_metadata(cfg.arch, num_classes, cfg.stem,
+                                                                                cfg.width))
     name = timm_name(cfg.arch)
+    load = "teskd_fast.load_teacher(RUN_DIR)"
     if name is not None:
         info = {"arch": cfg.arch, "timm": name, "num_classes": num_classes,
-                "build": f"timm.create_model({name!r}, num_classes={num_classes}); load_state_dict(teacher.pt)"}
+                "build": f"{load}; or timm.create_model({name!r}, num_classes={num_classes}) and "
+                         "load_state_dict(torch.load('teacher.pt'))"}
     else:
+        plain = (f"torchvision.models.{cfg.arch}(num_classes={num_classes}) and "
+                 "load_state_dict(torch.load('teacher.pt'))" if cfg.stem == "imagenet" and cfg.width == 1 else
+                 f"teskd_fast.models.build_resnet({cfg.arch!r}, {num_classes}, stem={cfg.stem!r}, "
+                 f"width={cfg.width!r}) and load_state_dict(torch.load('teacher.pt'))")
         info = {"arch": cfg.arch, "num_classes": num_classes, "stem": cfg.stem, "width": cfg.width,
-                "build": "teskd_fast.models.resnet.build_resnet(arch, num_classes, stem=stem, width=width); with "
-                         "width 1 and the imagenet stem: torchvision.models.<arch>(num_classes=num_classes)"}
+                "build": f"{load}; or {plain}"}
     atomic_write_text(run_dir / "teacher.json", json.dumps(info, indent=2) + "\n")
     return run_dir / "teacher.pt"
 

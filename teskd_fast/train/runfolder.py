@@ -33,7 +33,8 @@ except ImportError:
 
 LOCK_NAME = ".lock"
 # The files a run writes atomically, whose temporary files a killed write may leave.
-ATOMIC_FILES = ("last.pt", "best.pt", "teacher.pt", "config.yaml", "summary.json", "teacher.json")
+ATOMIC_FILES = ("last.pt", "best.pt", "teacher.pt", "teacher.safetensors", "config.yaml", "summary.json",
+                "teacher.json")
 # Fields that name the run folder or the command's mode: a resume sets them itself.
 _WHERE = frozenset({"out", "resume", "eval_only"})
 
