@@ -31,6 +31,7 @@ setup(
         "scikit-learn>=1.3",
         "pillow>=9.0",
         "einops>=0.8",
+        "safetensors>=0.4",
     ],
     extras_require={
         "dali": ["nvidia-dali-cuda130>=1.50"],

@@ -17,6 +17,7 @@ type it would have had to build. Nothing falls back to the full unpickler.
 
 from __future__ import annotations
 
+import _compat_pickle
 import argparse
 import io
 import os
@@ -98,8 +99,10 @@ def _globals_in(data: bytes) -> list[str]:
     try:
         for op, arg, _ in pickletools.genops(data):
             string = None
-            if op.name == "GLOBAL":
-                found.append(arg.replace(" ", "."))
+            if op.name == "GLOBAL":  # protocols 0-2: Python 2's module names where they differ (__builtin__)
+                module, name = arg.split(" ", 1)
+                module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+                found.append(f"{_compat_pickle.IMPORT_MAPPING.get(module, module)}.{name}")
             elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
                 found.append(f"{strings[-2]}.{strings[-1]}")
             elif isinstance(arg, str) and ("UNICODE" in op.name or "STRING" in op.name):
@@ -127,15 +130,15 @@ def _pickle_of(path: Path) -> bytes:
 
 
 def _refused_global(path: Path, message: str) -> str | None:
-    """The type torch.load's restricted unpickler refused in ``path``, from its message or the pickle itself."""
-    match = re.search(r"GLOBAL ([\w.]+)", message)
-    if match:
-        return match.group(1)
+    """The type torch.load's restricted unpickler refused in ``path``: the first global of the pickle outside the
+    allow-lists (its full ``module.name``), else the one torch's message names."""
     try:
         allowed = _allowed_names()
-        return next((g for g in _globals_in(_pickle_of(path)) if g not in allowed), None)
+        found = next((g for g in _globals_in(_pickle_of(path)) if g not in allowed), None)
     except Exception:
-        return None
+        found = None
+    match = re.search(r"GLOBAL ([\w.]+)", message)
+    return found or (match.group(1) if match else None)
 
 
 def _weights_only_reason(message: str) -> str:
@@ -162,7 +165,7 @@ def load_torch(path: str | os.PathLike, map_location: Any = "cpu", mmap: bool = 
         if "weights_only" not in message and "WeightsUnpickler" not in message:
             raise
         refused = _refused_global(path, message)
-        what = (f"a {refused} object" if refused else
+        what = (refused if refused else
                 f"something PyTorch's restricted unpickler does not build ({_weights_only_reason(message)})")
         raise UnsafeFileError(path, what) from None
 
@@ -196,6 +199,9 @@ class _PlainUnpickler(pickle.Unpickler):
         self.name, self.advice = name, advice
 
     def find_class(self, module: str, name: str):
+        # Python 2's names (__builtin__, copy_reg), as pickle maps them for protocols 0-2 (the CIFAR files).
+        module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         if (module, name) in _NUMPY_FUNCTIONS:
             return _numpy_function(module, name)
         if (module, name) in (("numpy", "ndarray"), ("numpy", "dtype")):
@@ -204,7 +210,7 @@ class _PlainUnpickler(pickle.Unpickler):
             import codecs
 
             return codecs.encode
-        raise UnsafeFileError(self.name, f"a {module}.{name} object", self.advice)
+        raise UnsafeFileError(self.name, f"{module}.{name}", self.advice)
 
 
 def load_plain_pickle(file: io.BufferedIOBase, name: str, encoding: str = "ASCII", advice: str = "") -> Any:

@@ -74,8 +74,11 @@ def export_teacher(model: nn.Module, cfg: TrainConfig, num_classes: int, run_dir
     state = {k: v.detach().cpu().contiguous() for k, v in teacher.state_dict().items()}
     run_dir = Path(run_dir)
     atomic_save(state, run_dir / "teacher.pt")
-    write_safetensors(state, run_dir / "teacher.safetensors", teacher_metadata(cfg.arch, num_classes, cfg.stem,
-                                                                                cfg.width))
+    try:
+        write_safetensors(state, run_dir / "teacher.safetensors", teacher_metadata(cfg.arch, num_classes, cfg.stem,
+                                                                                    cfg.width))
+    except ImportError as e:  # a dependency, but a machine without it still gets its teacher.pt
+        print(f"teskd-train: no teacher.safetensors: {e} (pip install safetensors)")
     name = timm_name(cfg.arch)
     load = "teskd_fast.load_teacher(RUN_DIR)"
     if name is not None:
