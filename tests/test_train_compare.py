@@ -335,7 +335,7 @@ def test_a_run_killed_during_its_final_export_is_finished_without_training(tmp_p
     # Finished without a step: the same checkpoint and rows, and every promised file there.
     assert (run / "last.pt").stat().st_mtime_ns == last and read_metrics(run) == rows
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["outputs"] == ["teacher.pt", "teacher.json", "curves.png"]
+    assert summary["outputs"] == ["teacher.pt", "teacher.safetensors", "teacher.json", "curves.png"]
     assert all((run / name).is_file() for name in summary["outputs"])
     assert "[1/2] TESKD seed 27: finished, reused" in subprocess.run(
         [sys.executable, "-m", "teskd_fast.train.compare", *TINY, "--seeds", "1", "--out", str(out)],

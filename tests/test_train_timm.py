@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+import teskd_fast
 from teskd_fast.train import build
 from teskd_fast.train.checkpoint import load_checkpoint
 from teskd_fast.train.cli import main
@@ -55,8 +56,21 @@ def test_train_both_methods_export_loads_into_timm_and_evaluates(tmp_path, capsy
         assert main([*FAST, "--epochs", "1", "--method", method, "--out", str(run)]) == 0
         info = json.loads((run / "teacher.json").read_text())
         assert info["timm"] == "test_convnext" and info["num_classes"] == 10
-        plain = timm.create_model(info["timm"], num_classes=info["num_classes"])
+        plain = timm.create_model(info["timm"], num_classes=info["num_classes"]).eval()
         plain.load_state_dict(torch.load(run / "teacher.pt"), strict=True)
+        # teacher.safetensors: the same tensors, strictly into the plain model, through timm's own loader (the
+        # num_classes of the overlay keeps timm from dropping the classifier) and through load_teacher.
+        from safetensors.torch import load_file
+
+        x = torch.randn(2, 3, 32, 32)
+        again = timm.create_model(info["timm"], num_classes=10).eval()
+        again.load_state_dict(load_file(run / "teacher.safetensors"), strict=True)
+        hub = timm.create_model(info["timm"], pretrained=True, num_classes=10, pretrained_cfg_overlay=dict(
+            file=str(run / "teacher.safetensors"), num_classes=10)).eval()
+        with torch.no_grad():
+            for model in (again, hub, teskd_fast.load_teacher(run)):
+                assert type(model) is type(plain)
+                assert torch.equal(model(x), plain(x))
         capsys.readouterr()
         assert main(["--eval-only", str(run / "teacher.pt"), "--device", "cpu", "--no-progress"]) == 0
         row = read_metrics(run)[-1]
@@ -72,26 +86,38 @@ def test_resume_continues_exactly(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("source", ["timm", "teacher.pt", "other-classes"])
+@pytest.mark.parametrize("source", ["timm", "safetensors", "teacher.pt", "other-classes"])
 def test_init_reproduces_the_plain_models_logits_at_step_0(tmp_path, source, capsys):
+    import argparse
+
+    from safetensors.torch import save_file
+
     torch.manual_seed(5)
     plain = timm.create_model("test_convnext", num_classes=10 if source != "other-classes" else 1000).eval()
-    path = tmp_path / "weights.pth"
+    path = tmp_path / ("weights.safetensors" if source == "safetensors" else "weights.pth")
     state = plain.state_dict()
-    torch.save({"state_dict": state, "epoch": 3} if source == "timm" else state, path)
-    x = torch.randn(2, 3, 32, 32)
+    if source == "timm":  # timm's train.py: its arguments as an argparse.Namespace beside the weights
+        torch.save({"state_dict": state, "epoch": 3, "args": argparse.Namespace(model="test_convnext", lr=0.1,
+                                                                                 betas=(0.9, 0.99))}, path)
+    elif source == "safetensors":
+        save_file({k: v.contiguous() for k, v in state.items()}, path)
+    else:
+        torch.save(state, path)
+    plain.double()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     for method in ("teskd", "baseline"):
-        model = build.build_model(resolve({"arch": ARCH, "method": method, "init": str(path)}), 10).eval()
+        model = build.build_model(resolve({"arch": ARCH, "method": method, "init": str(path)}), 10).double().eval()
         with torch.no_grad():
             got = model.teacher_forward(x) if method == "teskd" else model(x)
             if source == "other-classes":
                 # Backbone loaded, classifier fresh: the pre-logits are the plain model's, and it says so.
                 teacher = model.backbone if method == "teskd" else model
-                assert torch.equal(teacher.forward_head(teacher.forward_features(x), pre_logits=True),
-                                   plain.forward_head(plain.forward_features(x), pre_logits=True))
+                torch.testing.assert_close(teacher.forward_head(teacher.forward_features(x), pre_logits=True),
+                                           plain.forward_head(plain.forward_features(x), pre_logits=True),
+                                           rtol=0, atol=1e-12)
                 assert "its classifier has 1000 classes, this run 10: a new classifier" in capsys.readouterr().err
             else:
-                torch.testing.assert_close(got, plain(x), rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(got, plain(x), rtol=0, atol=1e-12)
 
 
 def test_init_names_the_mismatched_keys(tmp_path):
@@ -148,6 +174,10 @@ def test_init_from_a_previous_runs_checkpoint_and_from_torchvision_weights(tmp_p
     trained = load_checkpoint(run / "last.pt")["model"]
     model = build.build_model(resolve({"arch": ARCH, "init": str(run / "last.pt"), "seed": 3}), 10)
     for key, value in model.backbone.state_dict().items():
+        assert torch.equal(value, trained["backbone." + key]), key
+    # The baseline (the plain timm model) from a TESKD run's checkpoint: its teacher, the backbone. prefix dropped.
+    model = build.build_model(resolve({"arch": ARCH, "method": "baseline", "init": str(run / "last.pt")}), 10)
+    for key, value in model.state_dict().items():
         assert torch.equal(value, trained["backbone." + key]), key
     # timm's ResNets have torchvision's parameter names: torchvision weights start a timm resnet18 teacher.
     plain = torchvision.models.resnet18(num_classes=10).eval()
