@@ -19,8 +19,11 @@ Exit status (every failure prints one ``teskd-train: ...`` line naming the file,
 - 1: a missing or unusable dataset (any :class:`teskd_fast.data.DatasetError`, whether the check before the run
   or a loader during it found it, e.g. an image that cannot be decoded: last.pt then holds the last finished
   epoch), or a checkpoint that is missing, corrupt, of another kind (``--eval-only`` takes a teskd-train
-  checkpoint or a teacher.pt state_dict) or that does not fit the network.
-- 2: a bad flag value or configuration, found before any work: an unknown or invalid value, ``--loader nvjpeg``
+  checkpoint or a teacher.pt / teacher.safetensors state_dict, or a run folder for its best.pt), refused because
+  loading it would run code (:mod:`teskd_fast.serialization`: last.pt, best.pt, the --eval-only file) or that does
+  not fit the network.
+- 2: a bad flag value or configuration, found before any work: an unknown or invalid value (an ``--init`` file
+  missing, empty, refused as above, or not the teacher's weights included), ``--loader nvjpeg``
   without CUDA or ``--loader dali`` without DALI, an ``--out`` folder that cannot be created or written, a
   resume that would change the run, a run folder in use by another run or already holding one (without
   ``--resume``).
