@@ -37,7 +37,8 @@ import torch
 # numpy._core): a pickled array is _reconstruct(ndarray, shape, dtype) and a __setstate__ with raw bytes, or (in
 # protocol 5) _frombuffer(bytes, dtype, shape, order); a scalar is scalar(dtype, bytes). None of them calls
 # anything a file names: an object array's items are unpickled as items, under the same rules.
-_NUMPY = [np.ndarray, np.dtype, *(getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")
+_DTYPES = getattr(np, "dtypes", None)  # numpy >= 1.25: the dtype classes a dtype's pickle may name
+_NUMPY = [np.ndarray, np.dtype, *(getattr(_DTYPES, n) for n in dir(_DTYPES) if n.endswith("DType")
                                   and n not in ("ObjectDType", "VoidDType", "StringDType"))]
 _NUMPY_FUNCTIONS = {
     ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
@@ -193,7 +194,7 @@ def load_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
 
 
 class _PlainUnpickler(pickle.Unpickler):
-    """Builds dicts, lists, tuples, sets, strings, bytes, numbers and NumPy arrays; refuses every other type."""
+    """Builds dicts, lists, tuples, strings, bytes, numbers and NumPy arrays; refuses every other type."""
 
     def __init__(self, file, name: str, advice: str, **kwargs):
         super().__init__(file, **kwargs)

@@ -89,11 +89,12 @@ def test_eval_only_and_resume_refuse_a_file_that_would_run_code(tmp_path, capsys
     _refused(capsys, marker, run / "last.pt", 1, _status(main, ["--resume", str(run)]))
 
 
-def test_the_best_pt_check_refuses_a_file_that_would_run_code(tmp_path, capsys, finished_run):
+@pytest.mark.parametrize("kind", ["torch", "pickle"])
+def test_the_best_pt_check_refuses_a_file_that_would_run_code(tmp_path, capsys, finished_run, kind):
     run = tmp_path / "run"
     shutil.copytree(finished_run, run)
     marker = tmp_path / "marker"
-    _malicious(run / "best.pt", marker)
+    _malicious(run / "best.pt", marker, kind)
     _refused(capsys, marker, run / "best.pt", 1, _status(main, ["--resume", str(run), "--epochs", "2"]))
 
 

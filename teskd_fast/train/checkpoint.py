@@ -281,7 +281,8 @@ def repair_best(run_dir: str | Path, epoch: int, position: int, best: dict[str, 
         return False
     path = folder / "best.pt"
     try:
-        held = load_torch(path, mmap=True)
+        # Mapped, not read (torch maps only its zip format: another file, say a bare pickle, is read and refused).
+        held = load_torch(path, mmap=path.is_file() and zipfile.is_zipfile(path))
         agrees = held.get("epoch") == best["epoch"] and held.get("best") == best
         del held  # the mapping closed before best.pt may be replaced
     except UnsafeFileError as e:  # not a file this run wrote: refused, not overwritten unread
