@@ -101,7 +101,12 @@ def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write a small text file (config.yaml, a report) atomically."""
-    _atomic_write(path, lambda f: f.write(text.encode()))
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (teacher.safetensors)."""
+    _atomic_write(path, lambda f: f.write(data))
 
 
 def remove_stale_temporaries(folder: str | os.PathLike, names: tuple[str, ...]) -> list[Path]:

@@ -22,7 +22,7 @@ from teskd_fast.train.checkpoint import (
     CHECKPOINT_FORMAT,
     RUN_TEACHER,
     CheckpointError,
-    _atomic_write,
+    atomic_write_bytes,
     read_weights,
     weights_path,
 )
@@ -48,7 +48,7 @@ def write_safetensors(state: dict[str, torch.Tensor], path: str | os.PathLike, m
 
     # safetensors refuses tensors that share memory: each one its own contiguous copy.
     data = save({k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}, metadata=metadata)
-    _atomic_write(path, lambda f: f.write(data))
+    atomic_write_bytes(path, data)
 
 
 def _network_of(path: Path, obj: Any, metadata: dict[str, str]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
