@@ -210,6 +210,9 @@ def test_init_says_what_is_wrong_with_the_file_or_folder(tmp_path, finished_run,
     (tmp_path / "empty.pt").write_bytes(b"")
     with pytest.raises(ConfigError, match=r"--init: .*empty.pt is empty \(0 bytes\)"):
         init(tmp_path / "empty.pt")
+    torch.save({"epoch": 3, "conv1.weight": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(ConfigError, match=r"other.pt: expected a state_dict .*; its entry 'epoch' is a int"):
+        init(tmp_path / "other.pt")
     torch.save({}, tmp_path / "nothing.pt")
     with pytest.raises(ConfigError, match=r"nothing.pt: holds an empty dict \(no weights\)"):
         init(tmp_path / "nothing.pt")

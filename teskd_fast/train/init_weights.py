@@ -68,9 +68,13 @@ def state_dict_of(obj, path: str | Path, flag: str = "--init") -> dict[str, torc
                 break
     if isinstance(obj, dict) and not obj:
         raise ConfigError(f"{flag} {path}: holds an empty dict (no weights); expected a state_dict of the model")
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    if not isinstance(obj, dict):
         raise ConfigError(f"{flag} {path}: expected a state_dict (a dict of tensors) or a checkpoint holding one "
-                          f"under 'state_dict' or 'model', got {type(obj).__name__}")
+                          f"under 'state_dict' or 'model', got a {type(obj).__name__}")
+    other = next((k for k, v in obj.items() if not isinstance(v, torch.Tensor)), None)
+    if other is not None:
+        raise ConfigError(f"{flag} {path}: expected a state_dict (a dict of tensors) or a checkpoint holding one "
+                          f"under 'state_dict' or 'model'; its entry {other!r} is a {type(obj[other]).__name__}")
     odd = next((k for k in obj if not isinstance(k, str)), None)
     if odd is not None:
         raise ConfigError(f"{flag} {path}: its keys are not parameter names (e.g. {odd!r}, a {type(odd).__name__}); "
