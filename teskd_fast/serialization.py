@@ -183,8 +183,11 @@ def load_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
     Raises:
         ValueError: not a readable safetensors file (the message says why).
     """
-    from safetensors import safe_open
-
+    try:
+        from safetensors import safe_open
+    except ImportError:
+        raise ValueError(f"{path}: reading a .safetensors file needs the safetensors package (pip install "
+                         "safetensors)") from None
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
