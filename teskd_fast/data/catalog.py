@@ -99,13 +99,13 @@ def _cifar(name: str) -> DatasetSpec:
     return DatasetSpec(check, loaders)
 
 
-def _check_imagenet(root: Path, download: bool) -> None:
-    from teskd_fast.data.imagenet import check_imagenet_root
+def _check_folder(root: Path, download: bool) -> None:
+    from teskd_fast.data.imagenet import check_folder_root
 
-    check_imagenet_root(root)
+    check_folder_root(root)
 
 
-def _imagenet(req: LoaderRequest) -> tuple[Loader, Loader]:
+def _folder(req: LoaderRequest) -> tuple[Loader, Loader]:
     from teskd_fast.data.imagenet import imagenet_loaders
 
     return imagenet_loaders(str(req.root), batch_size=req.batch_size, backend=req.backend,
@@ -121,9 +121,12 @@ DATASETS: dict[str, DatasetSpec] = {
     "digits": DatasetSpec(_nothing_to_check, _digits),
     "cifar10": _cifar("cifar10"),
     "cifar100": _cifar("cifar100"),
-    # Any ImageFolder tree ROOT/train/<class>/*.JPEG, ROOT/val/<class>/*.JPEG.
-    "imagenet": DatasetSpec(_check_imagenet, _imagenet, uses_backend=True),
+    # Any ImageFolder tree ROOT/train/<class>/<image>, ROOT/val/<class>/<image>.
+    "folder": DatasetSpec(_check_folder, _folder, uses_backend=True),
 }
+# Other names of a dataset: "imagenet", the folder dataset's former name (the ImageNet presets keep using it).
+DATASET_ALIASES: dict[str, str] = {"imagenet": "folder"}
+DATASETS.update({alias: DATASETS[name] for alias, name in DATASET_ALIASES.items()})
 
 
 def dataset_spec(dataset: str) -> DatasetSpec:
@@ -137,8 +140,8 @@ def check_dataset(dataset: str, root: str | Path, download: bool = False) -> Non
     """Fail early when ``dataset`` is not under ``root``, saying where it looked and how to get it.
 
     Args:
-        dataset: a name of :data:`DATASETS`: "digits" (built in: always there), "cifar10", "cifar100" or
-            "imagenet" (ImageFolder layout).
+        dataset: a name of :data:`DATASETS`: "digits" (built in: always there), "cifar10", "cifar100",
+            "folder" (any ImageFolder tree; "imagenet" is another name of it), "fashion-mnist" or "mnist".
         root: the dataset folder (CIFAR: holding the python-version archive or its extracted folder).
         download: CIFAR will be downloaded when missing, so its absence is no error.
 

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from teskd_fast.data.common import DALI_STREAM, SCAN_HINT, BadImageError, derive_seed, numpy_generator
+from teskd_fast.data.folder import open_regular
 from teskd_fast.data.image_base import ImageLoaderBase, train_crops
 from teskd_fast.data.jpeg import jpeg_frame
 
@@ -146,7 +147,7 @@ def _image_size(data, path):
 
 def _read_file(path, with_size):
     """The file's bytes (uint8 [N]) and, when ``with_size``, its image (height, width); OSError names the path."""
-    with open(path, "rb") as f:
+    with open_regular(path) as f:  # a FIFO, socket or device: an OSError naming it, never a blocked read
         data = f.read()
     return np.frombuffer(data, np.uint8), _image_size(data, path) if with_size else None
 

@@ -23,7 +23,8 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-from teskd_fast.data.common import BadImageError, numpy_generator
+from teskd_fast.data.common import SCAN_HINT, BadImageError, numpy_generator
+from teskd_fast.data.folder import open_regular
 from teskd_fast.data.image_base import (
     ImageLoaderBase,
     ListSampler,
@@ -67,8 +68,12 @@ class _FileBytes(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         path = self.index.path(i)
-        with open(path, "rb") as f:
-            raw = f.read()
+        try:
+            with open_regular(path) as f:
+                raw = f.read()
+        except OSError as e:  # raised in a worker: a BadImageError travels back with its message intact
+            raise BadImageError(f"cannot read {path}: {e.strerror or e}; "
+                                f"{SCAN_HINT.format(root=self.index.root.parent)}") from None
         if needs_cpu_decode(raw):
             from torchvision.transforms.functional import pil_to_tensor
 

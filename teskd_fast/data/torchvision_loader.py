@@ -7,6 +7,7 @@ import torch
 from torchvision import datasets
 
 from teskd_fast.data.common import SCAN_HINT, BadImageError
+from teskd_fast.data.folder import open_regular
 from teskd_fast.data.image_base import (
     TRAIN_RATIO,
     TRAIN_SCALE,
@@ -21,7 +22,7 @@ def _pil_loader(path, root):
     from PIL import Image
 
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:  # a FIFO named .JPEG: an OSError now, not a read that never returns
             img = Image.open(f)
             return img.convert("RGB")
     # Pillow reports a broken file as OSError (truncated, unknown format), SyntaxError or ValueError.
@@ -35,6 +36,10 @@ class _IndexedImageFolder(datasets.ImageFolder):
     def __init__(self, index, **kwargs):
         self._index = index
         super().__init__(str(index.root), **kwargs)
+
+    def find_classes(self, directory):
+        # The index's classes: ImageFolder's own walk would count a hidden folder (.ipynb_checkpoints) as a class.
+        return list(self._index.classes), self._index.class_to_idx
 
     def make_dataset(self, directory, class_to_idx, *args, **kwargs):
         return [(self._index.path(i), label) for i, (_, label) in enumerate(self._index.samples)]
