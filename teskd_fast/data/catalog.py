@@ -64,11 +64,14 @@ class DatasetSpec:
             looked and how to get the data) when the dataset is not under ``root``.
         loaders: ``loaders(request) -> (train, val)``, two :class:`~teskd_fast.data.protocol.Loader` objects.
         uses_backend: the dataset is read by an ImageFolder loader backend (``--loader``).
+        default_root: where the dataset is read when no folder is given (``teskd-train`` without ``--data-dir``),
+            or None (then ``./data``): a copy the system installed, when it is there.
     """
 
     check: Callable[[Path, bool], None]
     loaders: Callable[[LoaderRequest], tuple[Loader, Loader]]
     uses_backend: bool = False
+    default_root: Callable[[], Path | None] = lambda: None
 
 
 def _nothing_to_check(root: Path, download: bool) -> None:
@@ -99,10 +102,40 @@ def _cifar(name: str) -> DatasetSpec:
     return DatasetSpec(check, loaders)
 
 
+def _idx(name: str) -> DatasetSpec:
+    """An MNIST-format dataset (IDX files), held on the device like CIFAR (:mod:`teskd_fast.data.mnist`)."""
+    def check(root: Path, download: bool) -> None:
+        from teskd_fast.data.mnist import locate_idx
+
+        if not download:
+            locate_idx(root, name)
+
+    def loaders(req: LoaderRequest) -> tuple[Loader, Loader]:
+        from teskd_fast.data.mnist import mnist_loaders
+
+        return mnist_loaders(req.root, dataset=name, batch_size=req.batch_size, device=req.device, seed=req.seed,
+                             download=req.download, rank=req.rank, world_size=req.world_size,
+                             channels_last=req.channels_last)
+
+    def default_root() -> Path | None:
+        from teskd_fast.data.mnist import default_root
+
+        return default_root(name)
+
+    return DatasetSpec(check, loaders, default_root=default_root)
+
+
 def _check_folder(root: Path, download: bool) -> None:
     from teskd_fast.data.imagenet import check_folder_root
 
     check_folder_root(root)
+
+
+def _check_imagenet(root: Path, download: bool) -> None:
+    from teskd_fast.data.imagenet import check_folder_root
+
+    check_folder_root(root, source="for ImageNet itself: ILSVRC-2012 from https://image-net.org/download, its "
+                                   "validation images sorted into class folders")
 
 
 def _folder(req: LoaderRequest) -> tuple[Loader, Loader]:
@@ -121,12 +154,16 @@ DATASETS: dict[str, DatasetSpec] = {
     "digits": DatasetSpec(_nothing_to_check, _digits),
     "cifar10": _cifar("cifar10"),
     "cifar100": _cifar("cifar100"),
+    # The IDX files of torchvision's FashionMNIST / MNIST (root/FashionMNIST/raw/, or flat; .gz or not).
+    "fashion-mnist": _idx("fashion-mnist"),
+    "mnist": _idx("mnist"),
     # Any ImageFolder tree ROOT/train/<class>/<image>, ROOT/val/<class>/<image>.
     "folder": DatasetSpec(_check_folder, _folder, uses_backend=True),
 }
-# Other names of a dataset: "imagenet", the folder dataset's former name (the ImageNet presets keep using it).
+# Other names of a dataset: "imagenet", the folder dataset's former name (the ImageNet presets keep using it):
+# the same loaders, and a missing folder's message that also says where ImageNet comes from.
 DATASET_ALIASES: dict[str, str] = {"imagenet": "folder"}
-DATASETS.update({alias: DATASETS[name] for alias, name in DATASET_ALIASES.items()})
+DATASETS["imagenet"] = DatasetSpec(_check_imagenet, _folder, uses_backend=True)
 
 
 def dataset_spec(dataset: str) -> DatasetSpec:

@@ -112,11 +112,13 @@ def default_backend(device: torch.device) -> str:
     return "nvjpeg" if device.type == "cuda" else "torchvision"
 
 
-def check_folder_root(root: str | Path, train_dir: str = "train", val_dir: str = "val", splits: bool = True) -> Path:
+def check_folder_root(root: str | Path, train_dir: str = "train", val_dir: str = "val", splits: bool = True,
+                      source: str = "") -> Path:
     """``root`` as a Path, once it is a folder holding (with ``splits``) the two split folders, neither empty.
 
     Without ``splits`` only the root is checked; the folder index then names a missing split or class folder.
-    Hidden entries (``.ipynb_checkpoints``) do not make a split folder non-empty.
+    Hidden entries (``.ipynb_checkpoints``) do not make a split folder non-empty. ``source``: where the data
+    comes from, added to the message.
 
     Raises:
         DatasetNotFoundError: naming what is missing and the layout expected.
@@ -133,7 +135,8 @@ def check_folder_root(root: str | Path, train_dir: str = "train", val_dir: str =
     raise DatasetNotFoundError(
         f"{what}: --dataset folder reads the ImageFolder layout {folders[0]}/<class>/<image> and "
         f"{folders[1]}/<class>/<image> (one folder per class, the same class folders in both; images .jpg, .png, "
-        "...); give that folder as --data-dir, then run `teskd-scan ROOT` once to check every file"
+        f"...){'; ' + source if source else ''}; give that folder as --data-dir, then run `teskd-scan ROOT` once to "
+        "check every file"
     )
 
 

@@ -25,8 +25,10 @@ from teskd_fast.train.schedule import image_size_at
 
 
 def data_root(cfg: TrainConfig) -> Path:
-    """The ``--data-dir`` folder (default ``data``)."""
-    return Path(cfg.data_dir or "data").expanduser()
+    """The ``--data-dir`` folder (default: the dataset's installed copy where it has one, e.g. Fashion-MNIST's
+    /usr/share/datasets/fashion-mnist, else ``data``)."""
+    default = None if cfg.data_dir else dataset_spec(cfg.dataset).default_root()
+    return Path(cfg.data_dir or default or "data").expanduser()
 
 
 def check_dataset(cfg: TrainConfig) -> None:
