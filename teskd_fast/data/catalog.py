@@ -37,6 +37,10 @@ class LoaderRequest:
         backend: the ImageFolder loader backend (:data:`teskd_fast.data.imagenet.LOADER_BACKENDS`); None: the
             default of :func:`teskd_fast.data.imagenet.default_backend`.
         workers: data loading processes (ImageNet).
+        norm_mean, norm_std: the folder data's normalisation (3 values each; empty: ImageNet's);
+            norm_from_data: computed from the training images instead.
+        crop_scale: the folder data's random-resized crop area range (empty: :func:`folder_defaults`).
+        augment: "rrc", "pad-crop" or "auto" (:func:`folder_defaults`).
     """
 
     root: Path
@@ -53,6 +57,11 @@ class LoaderRequest:
     val_resize: int = 256
     backend: str | None = None
     workers: int | None = None
+    norm_mean: tuple[float, ...] = ()
+    norm_std: tuple[float, ...] = ()
+    norm_from_data: bool = False
+    crop_scale: tuple[float, ...] = ()
+    augment: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -138,14 +147,27 @@ def _check_imagenet(root: Path, download: bool) -> None:
                                    "validation images sorted into class folders")
 
 
+def folder_defaults(image_size: int) -> tuple[str, tuple[float, float]]:
+    """The folder data's training augmentation and crop area range that fit ``image_size``: the pad-crop (CIFAR's)
+    at 64 px and below, where a random-resized crop of 8 % of the area leaves a few pixels; above it the
+    random-resized crop, over 0.25-1 of the area below 128 px and torchvision's 0.08-1 from 128 px."""
+    augment = "pad-crop" if image_size <= 64 else "rrc"
+    return augment, (0.08, 1.0) if image_size >= 128 else (0.25, 1.0)
+
+
 def _folder(req: LoaderRequest) -> tuple[Loader, Loader]:
+    from teskd_fast.data.common import IMAGENET_MEAN, IMAGENET_STD
     from teskd_fast.data.imagenet import imagenet_loaders
 
+    augment, scale = folder_defaults(req.image_size)
+    mean = "data" if req.norm_from_data else req.norm_mean or IMAGENET_MEAN
     return imagenet_loaders(str(req.root), batch_size=req.batch_size, backend=req.backend,
                             image_size=req.first_image_size or req.image_size, val_resize=req.val_resize,
                             val_image_size=req.val_image_size, device=req.device, rank=req.rank,
                             world_size=req.world_size, workers=req.workers, seed=req.seed,
-                            channels_last=req.channels_last)
+                            channels_last=req.channels_last, mean=mean, std=req.norm_std or IMAGENET_STD,
+                            crop_scale=req.crop_scale or scale,
+                            augment=augment if req.augment == "auto" else req.augment)
 
 
 # name -> how to check and load it; the order is the one --dataset lists.

@@ -20,9 +20,9 @@ from typing import NamedTuple
 
 import torch
 
-from teskd_fast.data.common import CorruptDatasetError, DatasetNotFoundError
+from teskd_fast.data.common import IMAGENET_MEAN, IMAGENET_STD, CorruptDatasetError, DatasetNotFoundError
 from teskd_fast.data.folder import FolderIndex, index_image_folder, visible_entries
-from teskd_fast.data.image_base import ImageLoaderBase
+from teskd_fast.data.image_base import TRAIN_SCALE, ImageLoaderBase, check_folder_options, folder_statistics
 from teskd_fast.device import resolve_device
 
 
@@ -153,7 +153,8 @@ def make_image_loader(backend: str, index: FolderIndex, **kwargs) -> ImageLoader
 def imagenet_loaders(root, batch_size=256, backend=None, image_size=224, val_resize=256, device=None, rank=0,
                      world_size=1, workers=None, *, seed=0, drop_last=False, channels_last=False,
                      dtype=torch.float32, eval_batch_size=None, val_image_size=None, scan_cache=None,
-                     use_scan=True, train_dir="train", val_dir="val") -> tuple[ImageLoaderBase, ImageLoaderBase]:
+                     use_scan=True, train_dir="train", val_dir="val", mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                     crop_scale=TRAIN_SCALE, augment="rrc") -> tuple[ImageLoaderBase, ImageLoaderBase]:
     """Training and validation loaders over an ImageFolder tree (ImageNet layout).
 
     Args:
@@ -174,9 +175,14 @@ def imagenet_loaders(root, batch_size=256, backend=None, image_size=224, val_res
         channels_last, dtype: memory format and float32 / bfloat16 / float16 output.
         scan_cache: cache written by ``teskd-scan`` (default: ``teskd_scan.json`` in ROOT or the split folder,
             used when present); use_scan=False ignores it.
+        mean, std: the normalisation (3 values each, in [0, 1] units; default ImageNet's); ``mean="data"``:
+            both computed from up to 1000 training images (:func:`teskd_fast.data.image_base.folder_statistics`).
+        crop_scale: the random-resized crop's area fraction range (default 0.08-1, torchvision's).
+        augment: "rrc" (random-resized crop, flip) or "pad-crop" (resize to ``image_size`` square, zero-pad by an
+            eighth of it, random crop back, flip: CIFAR's augmentation, for small images).
 
     Shapes:
-        each loader yields images [B, 3, S, S] normalised with the ImageNet mean and std, and labels [B] int64.
+        each loader yields images [B, 3, S, S] normalised (``mean``, ``std``), and labels [B] int64.
 
     Returns:
         (train, val) loaders with len(), ``classes``, ``set_epoch``, ``set_image_size``, ``state_dict``.
@@ -193,8 +199,14 @@ def imagenet_loaders(root, batch_size=256, backend=None, image_size=224, val_res
     if train_index.classes != val_index.classes:
         only = sorted(set(train_index.classes) ^ set(val_index.classes))[:5]
         raise CorruptDatasetError(f"{root / train_dir} and {root / val_dir} hold different class folders (e.g. {only})")
+    if isinstance(mean, str):
+        if mean != "data":
+            raise ValueError(f"mean must be 3 numbers or 'data' (computed from the training images), got {mean!r}")
+        mean, std = folder_statistics(train_index, seed=seed)
+    check_folder_options(mean, std, crop_scale, augment)
     common = dict(image_size=image_size, val_resize=val_resize, device=device, rank=rank, world_size=world_size,
-                  workers=workers, seed=seed, channels_last=channels_last, dtype=dtype)
+                  workers=workers, seed=seed, channels_last=channels_last, dtype=dtype, mean=mean, std=std,
+                  crop_scale=crop_scale, augment=augment)
     train = make_image_loader(backend, train_index, train=True, batch_size=batch_size, drop_last=drop_last, **common)
     common["image_size"] = val_image_size or image_size
     val = make_image_loader(backend, val_index, train=False, batch_size=eval_batch_size or batch_size, **common)

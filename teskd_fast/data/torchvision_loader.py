@@ -10,9 +10,9 @@ from teskd_fast.data.common import SCAN_HINT, BadImageError
 from teskd_fast.data.folder import open_regular
 from teskd_fast.data.image_base import (
     TRAIN_RATIO,
-    TRAIN_SCALE,
     ImageLoaderBase,
     ListSampler,
+    pad_of,
     unwrap_worker_error,
     workers_iterator,
 )
@@ -48,7 +48,9 @@ class _IndexedImageFolder(datasets.ImageFolder):
 class TorchvisionImageLoader(ImageLoaderBase):
     """ImageFolder + DataLoader: Pillow decodes in ``workers`` processes, uint8 batches travel in pinned memory.
 
-    Training: RandomResizedCrop(image_size, scale 0.08-1, ratio 3/4-4/3) + RandomHorizontalFlip; evaluation:
+    Training: RandomResizedCrop(image_size, scale ``crop_scale``, ratio 3/4-4/3) + RandomHorizontalFlip, or with
+    ``augment="pad-crop"`` Resize((image_size, image_size)) + RandomCrop(image_size, padding=image_size // 8) +
+    RandomHorizontalFlip; evaluation:
     Resize(val_resize) + CenterCrop(image_size). Normalisation runs on the device after the copy.
     Resuming mid-epoch gives the same remaining images; their random crops are drawn afresh.
     """
@@ -64,8 +66,12 @@ class TorchvisionImageLoader(ImageLoaderBase):
     def _make_dataset(self):
         from torchvision import transforms
 
-        if self.train:
-            tf = [transforms.RandomResizedCrop(self.image_size, scale=TRAIN_SCALE, ratio=TRAIN_RATIO),
+        s = self.image_size
+        if self.train and self.augment == "pad-crop":
+            tf = [transforms.Resize((s, s)), transforms.RandomCrop(s, padding=pad_of(s)),
+                  transforms.RandomHorizontalFlip()]
+        elif self.train:
+            tf = [transforms.RandomResizedCrop(s, scale=self.crop_scale, ratio=TRAIN_RATIO),
                   transforms.RandomHorizontalFlip()]
         else:
             tf = [transforms.Resize(self.val_resize), transforms.CenterCrop(self.image_size)]

@@ -53,6 +53,7 @@ def choices() -> dict[str, tuple[str, ...]]:
         "compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
         "precision": ("auto", "bf16", "fp16", "fp32"),
         "loader": ("auto", *LOADER_BACKENDS),
+        "folder_augment": ("auto", "rrc", "pad-crop"),
         "arch": ArchChoices(ARCHS),
     }
 
@@ -114,6 +115,14 @@ class TrainConfig:
     progressive_end: float = _f(0.85, "progressive resizing reaches --image-size at this fraction of the epochs")
     val_image_size: int = _f(224, "ImageNet validation centre crop")
     val_resize: int = _f(256, "ImageNet validation: shorter side resized to this before the centre crop")
+    norm_mean: tuple[float, ...] = _f((), "folder data: normalisation mean R G B in [0, 1] units (default: ImageNet's)")
+    norm_std: tuple[float, ...] = _f((), "folder data: normalisation std R G B (default: ImageNet's)")
+    norm_from_data: bool = _f(False, "folder data: normalise with the mean and std of up to 1000 training images")
+    crop_scale: tuple[float, ...] = _f((), "folder data: random-resized crop area range MIN MAX (default: 0.08 1 "
+                                       "from 128 px, 0.25 1 below)")
+    folder_augment: str = _f("auto", "folder data training augmentation: rrc (random-resized crop, flip), pad-crop "
+                             "(resize, zero-pad by 1/8, random crop, flip: CIFAR's), auto (pad-crop at 64 px and "
+                             "below, else rrc)")
     device: str = _f("auto", "auto (cuda if available), cpu, cuda, cuda:1, ...")
     precision: str = _f("auto", "auto (bf16 on CUDA, fp32 on the CPU), bf16, fp16 (with a grad scaler), fp32")
     compile: bool | None = _f(None, "torch.compile the model (default: on with CUDA)")
@@ -394,6 +403,7 @@ def validate(cfg: TrainConfig) -> None:
     for name in ("image_size", "val_image_size", "val_resize"):
         if getattr(cfg, name) < 8:
             raise ConfigError(f"{_flag(name)}: must be >= 8 pixels, got {getattr(cfg, name)}")
+    _check_folder_options(cfg)
     from teskd_fast.train.archs import check_timm_arch
 
     check_timm_arch(cfg)
@@ -406,6 +416,23 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("--resume and --eval-only cannot be combined")
     if not 0 <= cfg.seed < 2**64:  # torch.manual_seed's range (and the data's SeedSequence keys)
         raise ConfigError(f"--seed: must be in [0, 2**64), got {cfg.seed}")
+
+
+def _check_folder_options(cfg: TrainConfig) -> None:
+    """The folder data's normalisation and crop options (:class:`ConfigError` naming the flag)."""
+    for name in ("norm_mean", "norm_std"):
+        value = getattr(cfg, name)
+        if value and len(value) != 3:
+            raise ConfigError(f"{_flag(name)}: 3 values (R G B), got {len(value)}: {list(value)}")
+    if bool(cfg.norm_mean) != bool(cfg.norm_std):
+        raise ConfigError("--norm-mean and --norm-std go together: give both (3 values each), or neither")
+    if any(s <= 0 for s in cfg.norm_std):
+        raise ConfigError(f"--norm-std: every value must be > 0, got {list(cfg.norm_std)}")
+    if cfg.norm_from_data and (cfg.norm_mean or cfg.norm_std):
+        raise ConfigError("--norm-from-data computes the mean and std: drop --norm-mean / --norm-std, or it")
+    scale = cfg.crop_scale
+    if scale and (len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1):
+        raise ConfigError(f"--crop-scale: two area fractions MIN MAX with 0 < MIN <= MAX <= 1, got {list(scale)}")
 
 
 def loss_fields() -> tuple[str, ...]:
