@@ -123,8 +123,8 @@ def test_folder_defaults_fit_the_image_size_and_the_flags_reach_the_loaders():
     assert cfg.norm_mean == (0.5, 0.4, 0.3) and cfg.crop_scale == (0.3, 1.0)
     assert {"norm_mean", "norm_std", "norm_from_data", "crop_scale", "augment"} <= set(
         LoaderRequest.__dataclass_fields__)
-    for bad, phrase in (({"norm_mean": [0.5]}, "--norm-mean: 3 values"),
-                        ({"norm_mean": [0.5] * 3}, "go together"),
+    for bad, phrase in (({"norm_mean": [0.5], "norm_std": [0.2]}, "--norm-mean and --norm-std: .*3 values"),
+                        ({"norm_mean": [0.5] * 3}, "both or neither"),
                         ({"norm_from_data": True, "norm_mean": [0.5] * 3, "norm_std": [0.2] * 3}, "computes"),
                         ({"crop_scale": [0.5, 0.2]}, "--crop-scale")):
         with pytest.raises(ConfigError, match=phrase):

@@ -13,7 +13,7 @@ import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from teskd_fast.data.common import SCAN_HINT, CorruptDatasetError, DatasetNotFoundError
 
@@ -35,7 +35,7 @@ def visible_entries(folder) -> list[os.DirEntry]:
         return [e for e in it if not is_hidden(e.name)]
 
 
-def open_regular(path):
+def open_regular(path) -> BinaryIO:
     """``open(path, "rb")`` for a regular file; any other kind (FIFO, socket, device) is an OSError naming it.
 
     The file is opened without blocking (a FIFO without a writer would block a plain open) and checked on the

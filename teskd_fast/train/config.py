@@ -183,9 +183,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         # Its operations are tiny: one thread beats two on 2 cores, by far when other work shares them.
         threads=1,
     ),
-    # Fashion-MNIST (real data, 60,000 training images of 28 x 28, read from /usr/share/datasets/fashion-mnist when
-    # installed) sized for 2 CPU cores: an eighth-width ResNet-18 with the CIFAR stem (stages at 28, 14, 7, 4
-    # pixels), 4 epochs of 100 batches of 64 (a fresh random 6,400 images each epoch), the whole test set each epoch.
+    # Fashion-MNIST (60,000 28 x 28 training images) on 2 CPU cores: an eighth-width ResNet-18, CIFAR stem (stages at
+    # 28, 14, 7, 4 px), 4 epochs of 100 batches of 64 (a fresh random 6,400 images each), the whole test set each.
     "fashion-mnist-demo": dict(
         dataset="fashion-mnist", arch="resnet18", stem="cifar", width=0.125, image_size=28, val_image_size=28,
         val_resize=28, epochs=4, steps_per_epoch=100, batch_size=64, lr=0.05, momentum=0.9, nesterov=True,
@@ -419,18 +418,13 @@ def validate(cfg: TrainConfig) -> None:
 
 
 def _check_folder_options(cfg: TrainConfig) -> None:
-    """The folder data's normalisation and crop options (:class:`ConfigError` naming the flag)."""
-    for name in ("norm_mean", "norm_std"):
-        value = getattr(cfg, name)
-        if value and len(value) != 3:
-            raise ConfigError(f"{_flag(name)}: 3 values (R G B), got {len(value)}: {list(value)}")
-    if bool(cfg.norm_mean) != bool(cfg.norm_std):
-        raise ConfigError("--norm-mean and --norm-std go together: give both (3 values each), or neither")
-    if any(s <= 0 for s in cfg.norm_std):
-        raise ConfigError(f"--norm-std: every value must be > 0, got {list(cfg.norm_std)}")
-    if cfg.norm_from_data and (cfg.norm_mean or cfg.norm_std):
-        raise ConfigError("--norm-from-data computes the mean and std: drop --norm-mean / --norm-std, or it")
-    scale = cfg.crop_scale
+    """The folder data's normalisation and crop options (:class:`ConfigError` naming the flags)."""
+    mean, std, scale = cfg.norm_mean, cfg.norm_std, cfg.crop_scale
+    if (mean or std) and (len(mean) != 3 or len(std) != 3 or min(std) <= 0):
+        raise ConfigError(f"--norm-mean and --norm-std: both or neither, 3 values (R G B) each, std > 0; got "
+                          f"{list(mean)} and {list(std)}")
+    if cfg.norm_from_data and mean:
+        raise ConfigError("--norm-from-data computes the mean and std: drop --norm-mean and --norm-std, or it")
     if scale and (len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1):
         raise ConfigError(f"--crop-scale: two area fractions MIN MAX with 0 < MIN <= MAX <= 1, got {list(scale)}")
 
