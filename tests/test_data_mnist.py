@@ -67,10 +67,13 @@ def test_idx_files_are_found_checked_and_served_from_the_device(tmp_path, layout
     assert torch.equal(got[:, 0], got[:, 2])
 
 
-def test_mnist_is_not_flipped(tmp_path):
+def test_mnist_is_not_flipped_and_channels_last_gives_the_same_batches(tmp_path):
     write_idx(tmp_path / "MNIST" / "raw")
     train, _ = mnist_loaders(tmp_path, dataset="mnist", batch_size=8, device="cpu")
     assert not train.epoch_plan(0)[2].any() and train.classes == [str(d) for d in range(10)]
+    nhwc, _ = mnist_loaders(tmp_path, dataset="mnist", batch_size=8, device="cpu", channels_last=True)
+    for (x, _), (xc, _) in zip(train, nhwc):
+        assert torch.equal(x, xc) and xc.is_contiguous(memory_format=torch.channels_last)
 
 
 def _break(folder, case):
@@ -134,3 +137,16 @@ def test_the_installed_fashion_mnist():
     # The statistics the loader normalises with are those of this training set.
     pixels = xtr.double() / 255
     assert abs(pixels.mean().item() - MEAN) < 1e-4 and abs(pixels.std().item() - STD) < 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: the split resident in GPU memory")
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cuda_matches_cpu(tmp_path, channels_last):
+    write_idx(tmp_path, n_train=40, gz=False)
+    cpu, _ = mnist_loaders(tmp_path, batch_size=16, device="cpu", seed=4, channels_last=channels_last)
+    gpu, _ = mnist_loaders(tmp_path, batch_size=16, device="cuda", seed=4, channels_last=channels_last)
+    for (x, y), (xg, yg) in zip(cpu, gpu):
+        assert xg.is_cuda and xg.shape == x.shape and torch.equal(y, yg.cpu())
+        assert xg.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        torch.testing.assert_close(xg.cpu(), x, rtol=0, atol=1e-6)
