@@ -129,3 +129,25 @@ def test_folder_defaults_fit_the_image_size_and_the_flags_reach_the_loaders():
                         ({"crop_scale": [0.5, 0.2]}, "--crop-scale")):
         with pytest.raises(ConfigError, match=phrase):
             resolve(bad)
+
+
+def test_teskd_train_flags_reach_the_folder_loaders(solid):
+    from teskd_fast.train.build import build_data
+    from teskd_fast.train.distributed import DistEnv
+
+    def built(image_size, **flags):
+        cfg = resolve({"dataset": "folder", "data_dir": str(solid), "loader": "torchvision", "workers": 0,
+                       "batch_size": 4, "image_size": image_size, "val_resize": image_size,
+                       "val_image_size": image_size, **flags})
+        train, val, classes = build_data(cfg, DistEnv(), channels_last=False)
+        assert classes == 2
+        return train
+
+    small = built(12)
+    assert (small.augment, small.crop_scale) == ("pad-crop", (0.25, 1.0)) and small.mean == (0.485, 0.456, 0.406)
+    given = built(96, norm_mean=[0.5, 0.4, 0.3], norm_std=[0.2, 0.2, 0.2], crop_scale=[0.3, 0.9],
+                  folder_augment="rrc")
+    assert (given.augment, given.crop_scale, given.mean, given.std) == ("rrc", (0.3, 0.9), (0.5, 0.4, 0.3),
+                                                                        (0.2, 0.2, 0.2))
+    colours = np.array(COLOURS, np.float64) / 255
+    assert built(12, norm_from_data=True).mean == pytest.approx(tuple(colours.mean(0)), abs=1e-9)
