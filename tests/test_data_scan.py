@@ -96,7 +96,12 @@ def test_loaders_use_the_scan(dirty, tmp_path, backend):
                                 workers=1)
     assert train.index.from_scan == report.cache_path
     labels = [y for _, y in train]
-    assert sum(len(y) for y in labels) == len(train.index.samples) == len(report.splits["train"]["files"])
+    # The good JPEGs, and the PNG named .JPEG: flagged "not JPEG" by the default scan (for nvjpeg), but decodable
+    # by these two loaders, which read it; the undecodable files are left out.
+    png = f"{CLASSES[2]}/{bad['png'].name}"
+    assert sum(len(y) for y in labels) == len(train.index.samples) == len(report.splits["train"]["files"]) + 1
+    assert sorted(rel for rel, _ in train.index.samples) == sorted([rel for rel, _ in report.splits["train"]["files"]]
+                                                                   + [png])
 
 
 @pytest.mark.parametrize("backend", [pytest.param("dali", marks=needs_dali), "torchvision"])

@@ -1,4 +1,5 @@
-"""Data loading for teskd_fast: device-resident CIFAR, ImageNet through DALI / nvjpeg / torchvision, file scans.
+"""Data loading for teskd_fast: device-resident CIFAR and Fashion-MNIST / MNIST, image folders (ImageNet or your own)
+through DALI / nvjpeg / torchvision, file scans.
 
 DALI is imported only when a DALI loader is built, so ``import teskd_fast.data`` works without it.
 """
@@ -16,12 +17,15 @@ from teskd_fast.data.common import (
     DatasetNotFoundError,
 )
 from teskd_fast.data.imagenet import imagenet_loaders
+from teskd_fast.data.mnist import load_idx, mnist_loaders
 from teskd_fast.data.protocol import Loader
 from teskd_fast.data.scan import scan_image_folder
 
 __all__ = [
     "cifar_loaders",
     "imagenet_loaders",
+    "mnist_loaders",
+    "load_idx",
     "scan_image_folder",
     "load_cifar",
     "CifarLoader",

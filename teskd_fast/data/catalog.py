@@ -37,6 +37,10 @@ class LoaderRequest:
         backend: the ImageFolder loader backend (:data:`teskd_fast.data.imagenet.LOADER_BACKENDS`); None: the
             default of :func:`teskd_fast.data.imagenet.default_backend`.
         workers: data loading processes (ImageNet).
+        norm_mean, norm_std: the folder data's normalisation (3 values each; empty: ImageNet's);
+            norm_from_data: computed from the training images instead.
+        crop_scale: the folder data's random-resized crop area range (empty: :func:`folder_defaults`).
+        augment: "rrc", "pad-crop" or "auto" (:func:`folder_defaults`).
     """
 
     root: Path
@@ -53,6 +57,11 @@ class LoaderRequest:
     val_resize: int = 256
     backend: str | None = None
     workers: int | None = None
+    norm_mean: tuple[float, ...] = ()
+    norm_std: tuple[float, ...] = ()
+    norm_from_data: bool = False
+    crop_scale: tuple[float, ...] = ()
+    augment: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -64,11 +73,14 @@ class DatasetSpec:
             looked and how to get the data) when the dataset is not under ``root``.
         loaders: ``loaders(request) -> (train, val)``, two :class:`~teskd_fast.data.protocol.Loader` objects.
         uses_backend: the dataset is read by an ImageFolder loader backend (``--loader``).
+        default_root: where the dataset is read when no folder is given (``teskd-train`` without ``--data-dir``),
+            or None (then ``./data``): a copy the system installed, when it is there.
     """
 
     check: Callable[[Path, bool], None]
     loaders: Callable[[LoaderRequest], tuple[Loader, Loader]]
     uses_backend: bool = False
+    default_root: Callable[[], Path | None] = lambda: None
 
 
 def _nothing_to_check(root: Path, download: bool) -> None:
@@ -99,20 +111,63 @@ def _cifar(name: str) -> DatasetSpec:
     return DatasetSpec(check, loaders)
 
 
+def _idx(name: str) -> DatasetSpec:
+    """An MNIST-format dataset (IDX files), held on the device like CIFAR (:mod:`teskd_fast.data.mnist`)."""
+    def check(root: Path, download: bool) -> None:
+        from teskd_fast.data.mnist import locate_idx
+
+        if not download:
+            locate_idx(root, name)
+
+    def loaders(req: LoaderRequest) -> tuple[Loader, Loader]:
+        from teskd_fast.data.mnist import mnist_loaders
+
+        return mnist_loaders(req.root, dataset=name, batch_size=req.batch_size, device=req.device, seed=req.seed,
+                             download=req.download, rank=req.rank, world_size=req.world_size,
+                             channels_last=req.channels_last)
+
+    def default_root() -> Path | None:
+        from teskd_fast.data.mnist import default_root
+
+        return default_root(name)
+
+    return DatasetSpec(check, loaders, default_root=default_root)
+
+
+def _check_folder(root: Path, download: bool) -> None:
+    from teskd_fast.data.imagenet import check_folder_root
+
+    check_folder_root(root)
+
+
 def _check_imagenet(root: Path, download: bool) -> None:
-    from teskd_fast.data.imagenet import check_imagenet_root
+    from teskd_fast.data.imagenet import check_folder_root
 
-    check_imagenet_root(root)
+    check_folder_root(root, source="for ImageNet itself: ILSVRC-2012 from https://image-net.org/download, its "
+                                   "validation images sorted into class folders")
 
 
-def _imagenet(req: LoaderRequest) -> tuple[Loader, Loader]:
+def folder_defaults(image_size: int) -> tuple[str, tuple[float, float]]:
+    """The folder data's training augmentation and crop area range that fit ``image_size``: the pad-crop (CIFAR's)
+    at 64 px and below, where a random-resized crop of 8 % of the area leaves a few pixels; above it the
+    random-resized crop, over 0.25-1 of the area below 128 px and torchvision's 0.08-1 from 128 px."""
+    augment = "pad-crop" if image_size <= 64 else "rrc"
+    return augment, (0.08, 1.0) if image_size >= 128 else (0.25, 1.0)
+
+
+def _folder(req: LoaderRequest) -> tuple[Loader, Loader]:
+    from teskd_fast.data.common import IMAGENET_MEAN, IMAGENET_STD
     from teskd_fast.data.imagenet import imagenet_loaders
 
+    augment, scale = folder_defaults(req.image_size)
+    mean = "data" if req.norm_from_data else req.norm_mean or IMAGENET_MEAN
     return imagenet_loaders(str(req.root), batch_size=req.batch_size, backend=req.backend,
                             image_size=req.first_image_size or req.image_size, val_resize=req.val_resize,
                             val_image_size=req.val_image_size, device=req.device, rank=req.rank,
                             world_size=req.world_size, workers=req.workers, seed=req.seed,
-                            channels_last=req.channels_last)
+                            channels_last=req.channels_last, mean=mean, std=req.norm_std or IMAGENET_STD,
+                            crop_scale=req.crop_scale or scale,
+                            augment=augment if req.augment == "auto" else req.augment)
 
 
 # name -> how to check and load it; the order is the one --dataset lists.
@@ -121,9 +176,16 @@ DATASETS: dict[str, DatasetSpec] = {
     "digits": DatasetSpec(_nothing_to_check, _digits),
     "cifar10": _cifar("cifar10"),
     "cifar100": _cifar("cifar100"),
-    # Any ImageFolder tree ROOT/train/<class>/*.JPEG, ROOT/val/<class>/*.JPEG.
-    "imagenet": DatasetSpec(_check_imagenet, _imagenet, uses_backend=True),
+    # The IDX files of torchvision's FashionMNIST / MNIST (root/FashionMNIST/raw/, or flat; .gz or not).
+    "fashion-mnist": _idx("fashion-mnist"),
+    "mnist": _idx("mnist"),
+    # Any ImageFolder tree ROOT/train/<class>/<image>, ROOT/val/<class>/<image>.
+    "folder": DatasetSpec(_check_folder, _folder, uses_backend=True),
 }
+# Other names of a dataset: "imagenet", the folder dataset's former name (the ImageNet presets keep using it):
+# the same loaders, and a missing folder's message that also says where ImageNet comes from.
+DATASET_ALIASES: dict[str, str] = {"imagenet": "folder"}
+DATASETS["imagenet"] = DatasetSpec(_check_imagenet, _folder, uses_backend=True)
 
 
 def dataset_spec(dataset: str) -> DatasetSpec:
@@ -137,8 +199,8 @@ def check_dataset(dataset: str, root: str | Path, download: bool = False) -> Non
     """Fail early when ``dataset`` is not under ``root``, saying where it looked and how to get it.
 
     Args:
-        dataset: a name of :data:`DATASETS`: "digits" (built in: always there), "cifar10", "cifar100" or
-            "imagenet" (ImageFolder layout).
+        dataset: a name of :data:`DATASETS`: "digits" (built in: always there), "cifar10", "cifar100",
+            "folder" (any ImageFolder tree; "imagenet" is another name of it), "fashion-mnist" or "mnist".
         root: the dataset folder (CIFAR: holding the python-version archive or its extracted folder).
         download: CIFAR will be downloaded when missing, so its absence is no error.
 

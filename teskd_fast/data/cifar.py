@@ -235,13 +235,15 @@ def _download(root, dataset):
 
 
 class CifarLoader(EpochState):
-    """Iterator over (images, labels) batches of a CIFAR split held on the device.
+    """Iterator over (images, labels) batches of a CIFAR split (or any small uint8 image set) held on the device.
 
     Args:
-        images: [N, 3, 32, 32] uint8 (any device; moved to ``device`` once).
+        images: [N, 3, 32, 32] uint8 (any device; moved to ``device`` once); any [N, C, H, W] uint8 with C 1 or 3
+            serves too (the MNIST-format datasets: [N, 1, 28, 28]).
         labels: [N] integer class indices.
         batch_size: images per batch (per rank).
-        train: shuffle every epoch and augment (random crop with 4-pixel zero padding, horizontal flip).
+        train: shuffle every epoch and augment (random crop with ``pad``-pixel zero padding, horizontal flip when
+            ``flip``).
         device: where the split lives and batches are made; None: CUDA when available.
         seed: the epoch's order and augmentation come from a CPU generator seeded by (seed, epoch).
         drop_last: drop the last incomplete batch.
@@ -252,9 +254,13 @@ class CifarLoader(EpochState):
         cpu_threads: accepted for compatibility and ignored (it used to set torch's intra-op thread count
             around every CPU batch). A CPU batch is now made in chunks of ``CPU_CHUNK`` images whose ops each run
             on the calling thread, whatever ``torch.get_num_threads()`` is, and the process's setting is untouched.
+        pad: the training crop's zero padding (CIFAR: 4). flip: horizontal flips with p = 0.5 in training.
+        out_channels: channels of the batches; a single-channel split is repeated to 3 (normalised first, with
+            one mean and std): every network of the package takes 3 channels. None: the split's own.
 
     Shapes:
-        yields images [B, 3, 32, 32] of ``dtype`` and labels [B] int64, both on ``device``.
+        yields images [B, out_channels, H, W] ([B, 3, 32, 32] for CIFAR) of ``dtype`` and labels [B] int64, both on
+        ``device``.
 
     State: ``epoch`` (advances after a complete pass) and ``position`` (batches handed out in this epoch).
     ``state_dict()`` / ``load_state_dict()`` resume mid-epoch exactly; ``set_epoch(e, start_batch=0)``
@@ -263,13 +269,19 @@ class CifarLoader(EpochState):
 
     def __init__(self, images, labels, *, batch_size=128, train=True, device=None, seed=27, drop_last=False,
                  rank=0, world_size=1, channels_last=False, dtype=torch.float32, mean=CIFAR_MEAN, std=CIFAR_STD,
-                 classes=None, cpu_threads=None):
+                 classes=None, cpu_threads=None, pad=PAD, flip=True, out_channels=None):
         check_sharding(batch_size, rank, world_size)
         if cpu_threads is not None:
             warnings.warn("CifarLoader(cpu_threads=...) has no effect any more: CPU batches are made on the calling "
                           "thread without changing torch's thread count", DeprecationWarning, stacklevel=2)
-        if images.dtype != torch.uint8 or images.dim() != 4 or tuple(images.shape[1:]) != (3, SIZE, SIZE):
-            raise ValueError(f"images must be uint8 [N, 3, 32, 32], got {images.dtype} {tuple(images.shape)}")
+        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] not in (1, 3):
+            raise ValueError(f"images must be uint8 [N, C, H, W] with C 1 or 3 (CIFAR: [N, 3, 32, 32]), got "
+                             f"{images.dtype} {tuple(images.shape)}")
+        channels, height, width = images.shape[1:]
+        out_channels = channels if out_channels is None else int(out_channels)
+        if out_channels != channels and channels != 1 or len(mean) != channels or len(std) != channels:
+            raise ValueError(f"{channels}-channel images: need out_channels {channels} (or any from 1 channel) and "
+                             f"{channels} mean and std values, got {out_channels}, {tuple(mean)}, {tuple(std)}")
         if labels.shape != images.shape[:1]:
             raise ValueError(f"labels must be [N={images.shape[0]}], got {tuple(labels.shape)}")
         self.device = resolve_device(device)
@@ -278,18 +290,22 @@ class CifarLoader(EpochState):
         self.rank, self.world_size, self.channels_last = rank, world_size, channels_last
         self.mean, self.std, self.classes = tuple(mean), tuple(std), classes
         self.num_images = images.shape[0]
+        self.pad, self.flip, self.size, self.out_channels = int(pad), bool(flip), (height, width), out_channels
+        # A CPU batch is made in chunks whose every op stays below the intra-op grain size (see CPU_CHUNK).
+        self._chunk = max(1, 32768 // (out_channels * height * width))
         # Training keeps the split zero-padded, so that one gather makes a padded crop; evaluation keeps it as is.
-        pad = PAD if train else 0
+        pad = self.pad if train else 0
         data = torch.nn.functional.pad(images, (pad, pad, pad, pad)) if pad else images
-        # [N, 3, 32 + 2 pad, 32 + 2 pad] uint8, stored in the output's memory format so that gathers read in order.
+        # [N, C, H + 2 pad, W + 2 pad] uint8, stored in the output's memory format so that gathers read in order.
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         self.data = data.to(self.device).contiguous(memory_format=fmt)
         self._flat = self.data.permute(0, 2, 3, 1).reshape(-1) if channels_last else self.data.view(-1)
         self.labels = labels.to(self.device, torch.int64)
         # Made once: the normalisation constants and the index offsets of a crop's rows, columns and channels.
         self._constants = normalize_constants(self.mean, self.std, self.device)
-        self._arange = torch.arange(SIZE, device=self.device)
-        self._chan = torch.arange(3, device=self.device) * self.data.stride(1)
+        self._rows = torch.arange(height, device=self.device)
+        self._cols = torch.arange(width, device=self.device)
+        self._chan = torch.arange(channels, device=self.device) * self.data.stride(1)
         # Gather straight into the channels_last order on a GPU (one kernel writes the output layout). On the CPU
         # chunks are built in NCHW order, where the normalisation vectorises, and the copy into the batch
         # buffer makes the layout.
@@ -298,15 +314,16 @@ class CifarLoader(EpochState):
 
     @property
     def images(self) -> torch.Tensor:
-        """The split as stored, without padding: [N, 3, 32, 32] uint8 on the device."""
-        p = PAD if self.train else 0
-        return self.data[:, :, p : p + SIZE, p : p + SIZE]
+        """The split as stored, without padding: [N, C, H, W] uint8 on the device."""
+        p, (h, w) = self.pad if self.train else 0, self.size
+        return self.data[:, :, p : p + h, p : p + w]
 
     def epoch_plan(self, epoch) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """The epoch's sample indices for this rank and their crop offsets and flips (CPU tensors).
 
         Returns:
-            indices [n] int64; offsets [n, 2] int64 (y, x) in 0..8, i.e. shifts -4..4; flips [n] bool.
+            indices [n] int64; offsets [n, 2] int64 (y, x) in 0..2 pad (CIFAR: 0..8, i.e. shifts -4..4); flips [n]
+            bool (all False without ``flip``).
         """
         order, positions = epoch_order(self.num_images, shuffle=self.train, seed=self.seed, epoch=epoch,
                                        rank=self.rank, world_size=self.world_size, equal_shards=self.train)
@@ -314,8 +331,10 @@ class CifarLoader(EpochState):
             return order[positions], None, None
         g = torch_generator(self.seed, epoch, AUGMENT_STREAM)
         # Drawn for the whole epoch order, so a sample's augmentation does not depend on the sharding.
-        offsets = torch.randint(0, 2 * PAD + 1, (len(order), 2), generator=g)
+        offsets = torch.randint(0, 2 * self.pad + 1, (len(order), 2), generator=g)
         flips = torch.rand(len(order), generator=g) < 0.5
+        if not self.flip:
+            flips.zero_()
         return order[positions], offsets[positions], flips[positions]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -342,15 +361,19 @@ class CifarLoader(EpochState):
             return make(idx, *plan)
         n = len(idx)
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        out = torch.empty((n, 3, SIZE, SIZE), dtype=self.dtype, device=self.device, memory_format=fmt)
-        for a in range(0, n, CPU_CHUNK):
-            b = min(a + CPU_CHUNK, n)
+        out = torch.empty((n, self.out_channels, *self.size), dtype=self.dtype, device=self.device,
+                          memory_format=fmt)
+        for a in range(0, n, self._chunk):
+            b = min(a + self._chunk, n)
             out[a:b] = make(idx[a:b], *(p[a:b] for p in plan))
         return out
 
     def _finish(self, x):
-        # x: [B, 3, 32, 32] uint8 in the output memory format.
+        # x: [B, C, H, W] uint8 in the output memory format.
         x = normalize_(x.float(), self.mean, self.std, self._constants)
+        if self.out_channels != x.shape[1]:  # one channel repeated
+            fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+            return x.to(self.dtype).expand(-1, self.out_channels, -1, -1).contiguous(memory_format=fmt)
         return x if self.dtype == torch.float32 else x.to(self.dtype)
 
     def _plain(self, idx):
@@ -360,17 +383,17 @@ class CifarLoader(EpochState):
         return self._finish(x)
 
     def _augment(self, idx, offsets, flips):
-        ar = self._arange
-        rows = offsets[:, :1] + ar  # [B, 32]
-        cols = torch.where(flips[:, None], offsets[:, 1:] + (SIZE - 1) - ar, offsets[:, 1:] + ar)  # [B, 32]
+        ar = self._cols
+        rows = offsets[:, :1] + self._rows  # [B, H]
+        cols = torch.where(flips[:, None], offsets[:, 1:] + (len(ar) - 1) - ar, offsets[:, 1:] + ar)  # [B, W]
         s_n, _, s_h, s_w = self.data.stride()
         chan = self._chan
         # Linear index of every output pixel in the padded split: crop and flip in one gather.
-        pix = (idx * s_n)[:, None, None] + (rows * s_h)[:, :, None] + (cols * s_w)[:, None, :]  # [B, 32, 32]
+        pix = (idx * s_n)[:, None, None] + (rows * s_h)[:, :, None] + (cols * s_w)[:, None, :]  # [B, H, W]
         pix = pix[..., None] + chan if self._nhwc else pix[:, None] + chan[:, None, None]
         # index_select, not take or x[pix]: on the CPU it runs on the calling thread below the grain size.
         x = self._flat.index_select(0, pix.view(-1)).view(pix.shape)
-        # Gathered as [B, 32, 32, 3] (channels_last on a GPU) or [B, 3, 32, 32].
+        # Gathered as [B, H, W, C] (channels_last on a GPU) or [B, C, H, W].
         return self._finish(x.permute(0, 3, 1, 2) if self._nhwc else x)
 
 

@@ -36,7 +36,8 @@ import numpy as np
 import torch
 
 from teskd_fast.data.common import DALI_STREAM, SCAN_HINT, BadImageError, derive_seed, numpy_generator
-from teskd_fast.data.image_base import ImageLoaderBase, train_crops
+from teskd_fast.data.folder import open_regular
+from teskd_fast.data.image_base import TRAIN_SCALE, ImageLoaderBase, pad_crops, pad_of, train_crops
 from teskd_fast.data.jpeg import jpeg_frame
 
 _DALI_HINT = ("install it with: pip install nvidia-dali-cuda130 (or the build matching your CUDA), "
@@ -90,7 +91,7 @@ def dali_threads(world_size) -> int:
 
 @pipeline_def
 def imagenet_pipeline(*, source, train, image_size, val_resize, mean, std, channels_last, half,
-                      mixed) -> tuple[Any, Any]:
+                      mixed, pad_crop=False) -> tuple[Any, Any]:
     """One pass over an ImageFolder split as DALI decodes it: crop and augment or centre-crop, normalise.
 
     Called as ``imagenet_pipeline(batch_size=, num_threads=, device_id=, seed=, prefetch_queue_depth=, ...)``
@@ -105,6 +106,8 @@ def imagenet_pipeline(*, source, train, image_size, val_resize, mean, std, chann
         mean, std: per channel, in 0-255 units.
         channels_last: HWC output (else CHW). half: float16 output (else float32).
         mixed: decode on the GPU (``device="mixed"``, nvJPEG) and deliver the labels there; else the CPU.
+        pad_crop: training decodes the whole image, resizes it to ``image_size`` square and takes the given window
+            (anchors from -pad, zero outside the image) before the flip: the pad-crop augmentation.
 
     Returns:
         (images, labels): images [B, 3, S, S] (or [B, S, S, 3]) normalised, labels [B, 1] int32.
@@ -112,7 +115,15 @@ def imagenet_pipeline(*, source, train, image_size, val_resize, mean, std, chann
     decoder = "mixed" if mixed else "cpu"
     layout = "HWC" if channels_last else "CHW"
     dtype = types.FLOAT16 if half else types.FLOAT
-    if train:
+    if train and pad_crop:
+        jpegs, labels, anchors, shapes, flips = fn.external_source(
+            source=source, num_outputs=5, batch=True, dtype=[types.UINT8] + [types.INT32] * 4, ndim=[1, 1, 1, 1, 0])
+        images = fn.decoders.image(jpegs, device=decoder, **decoder_arguments(mixed))
+        images = fn.resize(images, resize_x=image_size, resize_y=image_size, antialias=True)
+        images = fn.slice(images, anchors, shapes, axis_names="HW", normalized_anchor=False, normalized_shape=False,
+                          out_of_bounds_policy="pad", fill_values=0)
+        images = fn.crop_mirror_normalize(images, dtype=dtype, output_layout=layout, mean=mean, std=std, mirror=flips)
+    elif train:
         jpegs, labels, anchors, shapes, flips = fn.external_source(
             source=source, num_outputs=5, batch=True, dtype=[types.UINT8] + [types.INT32] * 4, ndim=[1, 1, 1, 1, 0])
         images = fn.decoders.image_slice(jpegs, anchors, shapes, device=decoder, axis_names="HW",
@@ -146,7 +157,7 @@ def _image_size(data, path):
 
 def _read_file(path, with_size):
     """The file's bytes (uint8 [N]) and, when ``with_size``, its image (height, width); OSError names the path."""
-    with open(path, "rb") as f:
+    with open_regular(path) as f:  # a FIFO, socket or device: an OSError naming it, never a blocked read
         data = f.read()
     return np.frombuffer(data, np.uint8), _image_size(data, path) if with_size else None
 
@@ -157,8 +168,12 @@ class _PassFeed:
     DALI calls it once per batch, ahead of use (its prefetch queue); StopIteration ends the pass.
     """
 
-    def __init__(self, index, train, threads):
+    def __init__(self, index, train, threads, loader=None):
+        # loader: the DaliImageLoader whose augmentation (crop_scale, or pad-crop at its image size) training draws.
         self.index, self.train = index, train
+        self.augment = getattr(loader, "augment", "rrc")
+        self.crop_scale = getattr(loader, "crop_scale", TRAIN_SCALE)
+        self.image_size = getattr(loader, "image_size", 0)
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="teskd-dali-read")
         self._batches = iter(())
         self._ahead = None
@@ -173,7 +188,8 @@ class _PassFeed:
 
     def _submit(self, batch):
         indices, keys = batch
-        return indices, keys, [self._pool.submit(_read_file, self.index.path(i), self.train) for i in indices]
+        with_size = self.train and self.augment != "pad-crop"
+        return indices, keys, [self._pool.submit(_read_file, self.index.path(i), with_size) for i in indices]
 
     def __call__(self):
         # next() raises StopIteration after the last batch: the end of the pass for DALI.
@@ -185,7 +201,13 @@ class _PassFeed:
         labels = np.array([[self.index.samples[i][1]] for i in indices], np.int32)
         if not self.train:
             return list(files), labels
-        crops = np.array(train_crops(sizes, numpy_generator(*keys)), np.int32)  # [B, (top, left, h, w, flip)]
+        rng = numpy_generator(*keys)
+        if self.augment == "pad-crop":
+            s, p = self.image_size, pad_of(self.image_size)
+            crops = np.array([(dy - p, dx - p, s, s, flip) for dy, dx, flip in pad_crops(len(indices), s, rng)],
+                             np.int32)
+        else:
+            crops = np.array(train_crops(sizes, rng, self.crop_scale), np.int32)  # [B, (top, left, h, w, flip)]
         anchors, shapes, flips = (np.ascontiguousarray(crops[:, cols]) for cols in (slice(0, 2), slice(2, 4), 4))
         return list(files), labels, anchors, shapes, flips
 
@@ -222,13 +244,14 @@ class DaliImageLoader(ImageLoaderBase):
 
     def _build(self):
         """:func:`imagenet_pipeline` at the current image size, with its feed and its iterator."""
-        feed = _PassFeed(self.index, self.train, self.threads)
+        feed = _PassFeed(self.index, self.train, self.threads, self)
         pipe = imagenet_pipeline(
             batch_size=self.batch_size, num_threads=self.threads, device_id=self.device.index if self.mixed else None,
             seed=derive_seed(self.seed, DALI_STREAM, self.rank) % 2**31, prefetch_queue_depth=self.prefetch,
             source=feed, train=self.train, image_size=self.image_size, val_resize=self.val_resize,
             mean=[255.0 * m for m in self.mean], std=[255.0 * s for s in self.std],
             channels_last=self.channels_last, half=self.dtype == torch.float16, mixed=self.mixed,
+            pad_crop=self.augment == "pad-crop",
         )
         iterator = DALIGenericIterator([pipe], ["images", "labels"], last_batch_policy=LastBatchPolicy.PARTIAL,
                                        auto_reset=False, prepare_first_batch=False)

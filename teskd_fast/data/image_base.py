@@ -35,6 +35,21 @@ from teskd_fast.device import resolve_device
 # torchvision's RandomResizedCrop defaults: the training crop's area fraction and aspect ratio.
 TRAIN_SCALE = (0.08, 1.0)
 TRAIN_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+# Training augmentations: "rrc" random-resized crop (ImageNet's), "pad-crop" the image resized to the training size,
+# zero-padded by an eighth of it and cropped back at a random place, then flipped (CIFAR's, for small images).
+AUGMENTS = ("rrc", "pad-crop")
+
+
+def pad_of(image_size) -> int:
+    """The zero padding of the pad-crop augmentation: an eighth of the side (CIFAR's 4 pixels at 32)."""
+    return max(1, int(image_size) // 8)
+
+
+def pad_crops(n, image_size, rng) -> list[tuple[int, int, bool]]:
+    """``n`` pad-crop draws from ``rng``: [(dy, dx, flip)] with offsets in 0..2 pad into the padded image."""
+    p = pad_of(image_size)
+    return [(int(rng.integers(0, 2 * p + 1)), int(rng.integers(0, 2 * p + 1)), bool(rng.random() < 0.5))
+            for _ in range(n)]
 
 
 def random_resized_crop_params(height, width, rng, scale=TRAIN_SCALE, ratio=TRAIN_RATIO) -> tuple[int, int, int, int]:
@@ -58,13 +73,14 @@ def random_resized_crop_params(height, width, rng, scale=TRAIN_SCALE, ratio=TRAI
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def train_crops(sizes, rng) -> list[tuple[int, int, int, int, bool]]:
+def train_crops(sizes, rng, scale=TRAIN_SCALE) -> list[tuple[int, int, int, int, bool]]:
     """Each image's training crop and flip, drawn in order from ``rng``: [(top, left, h, w, flip)].
 
-    ``sizes``: the images' (height, width). The nvjpeg and DALI backends draw a batch's crops with this from
-    the generator of (seed, epoch, rank, batch), so their augmentation is a function of those alone.
+    ``sizes``: the images' (height, width); ``scale``: the crop's area fraction range. The nvjpeg and DALI
+    backends draw a batch's crops with this from the generator of (seed, epoch, rank, batch), so their
+    augmentation is a function of those alone.
     """
-    return [(*random_resized_crop_params(h, w, rng), bool(rng.random() < 0.5)) for h, w in sizes]
+    return [(*random_resized_crop_params(h, w, rng, scale), bool(rng.random() < 0.5)) for h, w in sizes]
 
 
 def default_workers(world_size=1) -> int:
@@ -83,8 +99,10 @@ class ImageLoaderBase(EpochState):
     backend = None
 
     def __init__(self, index, *, train, batch_size, image_size=224, val_resize=256, device=None, rank=0,
-                 world_size=1, workers=None, seed=0, drop_last=False, channels_last=False, dtype=torch.float32):
+                 world_size=1, workers=None, seed=0, drop_last=False, channels_last=False, dtype=torch.float32,
+                 mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_scale=TRAIN_SCALE, augment="rrc"):
         check_sharding(batch_size, rank, world_size)
+        check_folder_options(mean, std, crop_scale, augment)
         if int(image_size) < 1 or int(val_resize) < int(image_size):
             raise ValueError(f"need 1 <= image_size <= val_resize, got image_size={image_size}, "
                              f"val_resize={val_resize}")
@@ -95,7 +113,8 @@ class ImageLoaderBase(EpochState):
         self.drop_last = drop_last and train
         self.workers = default_workers(world_size) if workers is None else int(workers)
         self.channels_last, self.dtype = channels_last, check_dtype(dtype)
-        self.mean, self.std = IMAGENET_MEAN, IMAGENET_STD
+        self.mean, self.std = tuple(map(float, mean)), tuple(map(float, std))
+        self.crop_scale, self.augment = tuple(map(float, crop_scale)), augment
         # Made once on the device: building them per batch would copy from the host every batch.
         self._constants = normalize_constants(self.mean, self.std, self.device)
         self._init_state()
@@ -136,6 +155,50 @@ class ImageLoaderBase(EpochState):
 
     def bad_file_error(self, path, reason) -> BadImageError:
         return BadImageError(f"cannot decode {path}: {reason}; {SCAN_HINT.format(root=self.index.root.parent)}")
+
+
+def check_folder_options(mean, std, crop_scale, augment) -> None:
+    """ValueError naming the option unless mean and std are 3 values (std > 0), crop_scale 0 < a <= b <= 1 and
+    augment one of :data:`AUGMENTS`."""
+    if len(mean) != 3 or len(std) != 3 or not all(s > 0 for s in std):
+        raise ValueError(f"mean and std: 3 values each (R, G, B, in [0, 1] units), std > 0; got {tuple(mean)}, "
+                         f"{tuple(std)}")
+    if len(crop_scale) != 2 or not 0 < crop_scale[0] <= crop_scale[1] <= 1:
+        raise ValueError(f"crop_scale: two area fractions 0 < min <= max <= 1, got {tuple(crop_scale)}")
+    if augment not in AUGMENTS:
+        raise ValueError(f"augment must be one of {AUGMENTS}, got {augment!r}")
+
+
+def folder_statistics(index, max_images=1000, seed=0, side=64) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std (in [0, 1] units) of the RGB pixels of up to ``max_images`` images of ``index``.
+
+    The images (a seeded sample when there are more) are read with Pillow, converted to RGB and resized to
+    ``side`` x ``side``, so that every image weighs the same; a file that cannot be read is a BadImageError
+    naming it.
+    """
+    import numpy as np
+    from PIL import Image
+
+    from teskd_fast.data.folder import open_regular
+
+    n = len(index.samples)
+    chosen = np.random.default_rng(seed).permutation(n)[:max_images] if n > max_images else range(n)
+    total = np.zeros(3)
+    squares = np.zeros(3)
+    for i in chosen:
+        path = index.path(int(i))
+        try:
+            with open_regular(path) as f, Image.open(f) as img:
+                pixels = np.asarray(img.convert("RGB").resize((side, side), Image.BILINEAR), np.float64) / 255.0
+        except (OSError, SyntaxError, ValueError) as e:
+            raise BadImageError(f"cannot decode {path}: {type(e).__name__}: {e}; "
+                                f"{SCAN_HINT.format(root=index.root.parent)}") from None
+        total += pixels.reshape(-1, 3).sum(0)
+        squares += (pixels.reshape(-1, 3) ** 2).sum(0)
+    count = len(chosen) * side * side
+    mean = total / count
+    std = np.sqrt(np.maximum(squares / count - mean**2, 1e-12))
+    return tuple(float(m) for m in mean), tuple(float(s) for s in std)
 
 
 class ListSampler(torch.utils.data.Sampler):

@@ -20,9 +20,9 @@ from typing import NamedTuple
 
 import torch
 
-from teskd_fast.data.common import CorruptDatasetError, DatasetNotFoundError
-from teskd_fast.data.folder import FolderIndex, index_image_folder
-from teskd_fast.data.image_base import ImageLoaderBase
+from teskd_fast.data.common import IMAGENET_MEAN, IMAGENET_STD, CorruptDatasetError, DatasetNotFoundError
+from teskd_fast.data.folder import FolderIndex, index_image_folder, visible_entries
+from teskd_fast.data.image_base import TRAIN_SCALE, ImageLoaderBase, check_folder_options, folder_statistics
 from teskd_fast.device import resolve_device
 
 
@@ -47,12 +47,15 @@ class LoaderBackend(NamedTuple):
         problem: ``problem(device, option)`` says why the backend cannot run on ``device`` here, or None;
             ``option(name)`` spells how the caller chooses a backend (``backend='dali'``, ``--loader dali``).
         error: the exception :func:`imagenet_loaders` raises with that message.
+        formats: the Pillow format names it decodes; None: every format Pillow reads (see
+            :func:`teskd_fast.data.folder.index_image_folder`, which reads a scan cache with it).
     """
 
     module: str
     class_name: str
     problem: Callable[[torch.device, Callable[[str], str]], str | None]
     error: type[Exception]
+    formats: tuple[str, ...] | None = None
 
 
 def _nvjpeg_problem(device: torch.device, option: Callable[[str], str]) -> str | None:
@@ -75,7 +78,8 @@ def _dali_problem(device: torch.device, option: Callable[[str], str]) -> str | N
 # name -> backend; the order is the one --loader lists (after "auto").
 LOADER_BACKENDS: dict[str, LoaderBackend] = {
     "dali": LoaderBackend("teskd_fast.data.dali", "DaliImageLoader", _dali_problem, ImportError),
-    "nvjpeg": LoaderBackend("teskd_fast.data.nvjpeg", "NvjpegImageLoader", _nvjpeg_problem, RuntimeError),
+    "nvjpeg": LoaderBackend("teskd_fast.data.nvjpeg", "NvjpegImageLoader", _nvjpeg_problem, RuntimeError,
+                            formats=("JPEG",)),
     "torchvision": LoaderBackend("teskd_fast.data.torchvision_loader", "TorchvisionImageLoader",
                                  lambda device, option: None, RuntimeError),
 }
@@ -108,29 +112,36 @@ def default_backend(device: torch.device) -> str:
     return "nvjpeg" if device.type == "cuda" else "torchvision"
 
 
-def check_imagenet_root(root: str | Path, train_dir: str = "train", val_dir: str = "val", splits: bool = True) -> Path:
+def check_folder_root(root: str | Path, train_dir: str = "train", val_dir: str = "val", splits: bool = True,
+                      source: str = "") -> Path:
     """``root`` as a Path, once it is a folder holding (with ``splits``) the two split folders, neither empty.
 
     Without ``splits`` only the root is checked; the folder index then names a missing split or class folder.
+    Hidden entries (``.ipynb_checkpoints``) do not make a split folder non-empty. ``source``: where the data
+    comes from, added to the message.
 
     Raises:
-        DatasetNotFoundError: naming what is missing, the layout expected and where ImageNet comes from.
+        DatasetNotFoundError: naming what is missing and the layout expected.
     """
     root = Path(root).expanduser()
     folders = [root / train_dir, root / val_dir]
-    missing = [p for p in folders if not p.is_dir() or not any(p.iterdir())] if splits else []
+    missing = [p for p in folders if not p.is_dir() or not visible_entries(p)] if splits else []
     if not root.is_dir():
-        what = f"ImageNet root {root} not found"
+        what = f"image folder {root} not found"
     elif missing:
         what = f"{', '.join(str(p) for p in missing)} missing or empty"
     else:
         return root
     raise DatasetNotFoundError(
-        f"{what}: expected the ImageFolder layout {folders[0]}/<class>/*.JPEG and {folders[1]}/<class>/*.JPEG "
-        "(ILSVRC-2012 train and val, the val images sorted into class folders). Get it from "
-        "https://image-net.org/download (registration needed), extract it, sort the validation images into "
-        "class folders, then run `teskd-scan ROOT` once to check every file."
+        f"{what}: --dataset folder reads the ImageFolder layout {folders[0]}/<class>/<image> and "
+        f"{folders[1]}/<class>/<image> (one folder per class, the same class folders in both; images .jpg, .png, "
+        f"...){'; ' + source if source else ''}; give that folder as --data-dir, then run `teskd-scan ROOT` once to "
+        "check every file"
     )
+
+
+# The former name (the folder dataset was called "imagenet").
+check_imagenet_root = check_folder_root
 
 
 def make_image_loader(backend: str, index: FolderIndex, **kwargs) -> ImageLoaderBase:
@@ -142,7 +153,8 @@ def make_image_loader(backend: str, index: FolderIndex, **kwargs) -> ImageLoader
 def imagenet_loaders(root, batch_size=256, backend=None, image_size=224, val_resize=256, device=None, rank=0,
                      world_size=1, workers=None, *, seed=0, drop_last=False, channels_last=False,
                      dtype=torch.float32, eval_batch_size=None, val_image_size=None, scan_cache=None,
-                     use_scan=True, train_dir="train", val_dir="val") -> tuple[ImageLoaderBase, ImageLoaderBase]:
+                     use_scan=True, train_dir="train", val_dir="val", mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                     crop_scale=TRAIN_SCALE, augment="rrc") -> tuple[ImageLoaderBase, ImageLoaderBase]:
     """Training and validation loaders over an ImageFolder tree (ImageNet layout).
 
     Args:
@@ -163,26 +175,38 @@ def imagenet_loaders(root, batch_size=256, backend=None, image_size=224, val_res
         channels_last, dtype: memory format and float32 / bfloat16 / float16 output.
         scan_cache: cache written by ``teskd-scan`` (default: ``teskd_scan.json`` in ROOT or the split folder,
             used when present); use_scan=False ignores it.
+        mean, std: the normalisation (3 values each, in [0, 1] units; default ImageNet's); ``mean="data"``:
+            both computed from up to 1000 training images (:func:`teskd_fast.data.image_base.folder_statistics`).
+        crop_scale: the random-resized crop's area fraction range (default 0.08-1, torchvision's).
+        augment: "rrc" (random-resized crop, flip) or "pad-crop" (resize to ``image_size`` square, zero-pad by an
+            eighth of it, random crop back, flip: CIFAR's augmentation, for small images).
 
     Shapes:
-        each loader yields images [B, 3, S, S] normalised with the ImageNet mean and std, and labels [B] int64.
+        each loader yields images [B, 3, S, S] normalised (``mean``, ``std``), and labels [B] int64.
 
     Returns:
         (train, val) loaders with len(), ``classes``, ``set_epoch``, ``set_image_size``, ``state_dict``.
     """
-    root = check_imagenet_root(root, train_dir, val_dir, splits=False)
+    root = check_folder_root(root, train_dir, val_dir, splits=False)
     device = resolve_device(device)
     backend = default_backend(device) if backend is None else backend
     problem = backend_problem(backend, device)
     if problem:
         raise LOADER_BACKENDS[backend].error(problem)
-    train_index = index_image_folder(root / train_dir, scan_cache=scan_cache, use_scan=use_scan)
-    val_index = index_image_folder(root / val_dir, scan_cache=scan_cache, use_scan=use_scan)
+    formats = LOADER_BACKENDS[backend].formats
+    train_index = index_image_folder(root / train_dir, scan_cache=scan_cache, use_scan=use_scan, formats=formats)
+    val_index = index_image_folder(root / val_dir, scan_cache=scan_cache, use_scan=use_scan, formats=formats)
     if train_index.classes != val_index.classes:
         only = sorted(set(train_index.classes) ^ set(val_index.classes))[:5]
         raise CorruptDatasetError(f"{root / train_dir} and {root / val_dir} hold different class folders (e.g. {only})")
+    if isinstance(mean, str):
+        if mean != "data":
+            raise ValueError(f"mean must be 3 numbers or 'data' (computed from the training images), got {mean!r}")
+        mean, std = folder_statistics(train_index, seed=seed)
+    check_folder_options(mean, std, crop_scale, augment)
     common = dict(image_size=image_size, val_resize=val_resize, device=device, rank=rank, world_size=world_size,
-                  workers=workers, seed=seed, channels_last=channels_last, dtype=dtype)
+                  workers=workers, seed=seed, channels_last=channels_last, dtype=dtype, mean=mean, std=std,
+                  crop_scale=crop_scale, augment=augment)
     train = make_image_loader(backend, train_index, train=True, batch_size=batch_size, drop_last=drop_last, **common)
     common["image_size"] = val_image_size or image_size
     val = make_image_loader(backend, val_index, train=False, batch_size=eval_batch_size or batch_size, **common)

@@ -23,10 +23,13 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-from teskd_fast.data.common import BadImageError, numpy_generator
+from teskd_fast.data.common import SCAN_HINT, BadImageError, numpy_generator
+from teskd_fast.data.folder import open_regular
 from teskd_fast.data.image_base import (
     ImageLoaderBase,
     ListSampler,
+    pad_crops,
+    pad_of,
     train_crops,
     unwrap_worker_error,
     workers_iterator,
@@ -67,8 +70,12 @@ class _FileBytes(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         path = self.index.path(i)
-        with open(path, "rb") as f:
-            raw = f.read()
+        try:
+            with open_regular(path) as f:
+                raw = f.read()
+        except OSError as e:  # raised in a worker: a BadImageError travels back with its message intact
+            raise BadImageError(f"cannot read {path}: {e.strerror or e}; "
+                                f"{SCAN_HINT.format(root=self.index.root.parent)}") from None
         if needs_cpu_decode(raw):
             from torchvision.transforms.functional import pil_to_tensor
 
@@ -177,7 +184,15 @@ class NvjpegImageLoader(ImageLoaderBase):
     def _augment(self, images, rng):
         s = self.image_size
         out = torch.empty(len(images), 3, s, s, device=self.decode_device)
-        crops = train_crops([img.shape[1:] for img in images], rng)
+        if self.augment == "pad-crop":
+            p = pad_of(s)
+            for n, (img, (dy, dx, flip)) in enumerate(zip(images, pad_crops(len(images), s, rng))):
+                img = F.interpolate(img[None].float(), size=(s, s), mode="bilinear", antialias=True,
+                                    align_corners=False)
+                crop = F.pad(img, (p, p, p, p))[0, :, dy : dy + s, dx : dx + s]
+                out[n] = crop.flip(-1) if flip else crop
+            return out
+        crops = train_crops([img.shape[1:] for img in images], rng, self.crop_scale)
         for n, (img, (top, left, h, w, flip)) in enumerate(zip(images, crops)):
             crop = img[None, :, top : top + h, left : left + w].float()
             crop = F.interpolate(crop, size=(s, s), mode="bilinear", antialias=True, align_corners=False)

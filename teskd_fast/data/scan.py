@@ -1,10 +1,14 @@
 """``teskd-scan ROOT``: decode-check every image of an ImageFolder tree and cache the list of good files.
 
-A file is bad when it cannot be decoded completely (truncated, not an image) or when its content is not
-JPEG (the GPU decoders read JPEG only), whatever its name says. Greyscale and CMYK JPEGs that decode are
-good: every backend converts them to RGB. A class folder without a good image is a problem too: the loaders
-refuse it. The cache (``ROOT/teskd_scan.json``, or ``--cache PATH``) holds the good files per split; the
-loaders read it when it is present and then never open a bad file. Where the cache cannot be written (a
+A file is bad when it cannot be decoded completely (truncated, not an image, not a regular file: a FIFO is never
+waited on) or when its content is not JPEG (the nvjpeg loader reads JPEG only; ``--allow-png`` accepts PNG),
+whatever its name says. Greyscale and CMYK JPEGs that decode are good: every backend converts them to RGB. A
+class folder without a good image is a problem too: the loaders refuse it. Hidden entries (a name starting with
+".") are skipped, as every loader skips them. The cache (``ROOT/teskd_scan.json``, or ``--cache PATH``) records
+every file with its format (None: undecodable), size and modification time; the loaders read it when it is present
+and then never open an undecodable file, read the decodable files of every format they decode (a PNG the scan
+flagged as "not JPEG" is read by the torchvision and DALI loaders, left out by nvjpeg), and refuse a cache that is
+out of date (files added, removed or changed since the scan). Where the cache cannot be written (a
 read-only dataset), the scan warns, names the path and carries on: its findings are printed all the same.
 
 Exit status of ``teskd-scan``: 0 every file and class folder is good; 1 bad files or class folders without a
@@ -26,7 +30,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from teskd_fast.data.common import CorruptDatasetError, DatasetNotFoundError
-from teskd_fast.data.folder import CACHE_FORMAT, CACHE_NAME, IMG_EXTENSIONS, list_classes, list_images, resolve_folder
+from teskd_fast.data.folder import (
+    CACHE_FORMAT,
+    CACHE_NAME,
+    IMG_EXTENSIONS,
+    list_classes,
+    list_images,
+    open_regular,
+    resolve_folder,
+    visible_entries,
+)
 
 SPLITS = ("train", "val")
 
@@ -56,37 +69,51 @@ class ScanReport:
         return not self.bad and not self.empty_classes
 
 
-def check_image(path, formats=("JPEG",)) -> str | None:
-    """Why the file at ``path`` is unusable, or None when it decodes completely in one of ``formats``."""
+def inspect_image(path) -> tuple[str | None, str | None]:
+    """``(format, None)`` when the file at ``path`` decodes completely (format: Pillow's name, "JPEG", "PNG", ...),
+    else ``(None, why)``. Only a regular file is opened (a FIFO, socket or device is unreadable, never waited on)."""
     from PIL import Image
 
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             data = f.read()
     except OSError as e:
-        return f"cannot read the file ({e.strerror or e})"
+        return None, f"cannot read the file ({e.strerror or e})"
     if not data:
-        return "empty file"
+        return None, "empty file"
     try:
         with Image.open(io.BytesIO(data)) as img:
             fmt = img.format
-            if fmt not in formats:
-                return f"{fmt} image, not {' or '.join(formats)} (the name says {Path(path).suffix})"
             img.load()
             mode = img.mode
     # Pillow signals a broken file with several exception types (OSError for truncation and unknown formats,
     # SyntaxError and ValueError from some parsers, DecompressionBombError); any of them makes the file bad.
     except Exception as e:  # noqa: BLE001
-        return f"cannot decode: {type(e).__name__}: {e}"
+        return None, f"cannot decode: {type(e).__name__}: {e}"
     if mode not in ("L", "RGB", "CMYK", "YCbCr", "P", "LA", "RGBA", "I;16"):
-        return f"unsupported pixel mode {mode}"
-    return None
+        return None, f"unsupported pixel mode {mode}"
+    return fmt, None
+
+
+def format_reason(fmt, path, formats) -> str | None:
+    """Why a file that decodes as ``fmt`` is flagged when only ``formats`` are accepted, or None."""
+    if fmt in formats:
+        return None
+    accept = " (accept PNG files with `teskd-scan --allow-png`)" if fmt == "PNG" else ""
+    return (f"{fmt} image, not {' or '.join(formats)} (the name says {Path(path).suffix}); the nvjpeg loader "
+            f"decodes JPEG only, the torchvision and DALI loaders read it{accept}")
+
+
+def check_image(path, formats=("JPEG",)) -> str | None:
+    """Why the file at ``path`` is unusable, or None when it decodes completely in one of ``formats``."""
+    fmt, reason = inspect_image(path)
+    return reason if fmt is None else format_reason(fmt, path, formats)
 
 
 def _split_dirs(root):
     """{"train": path, "val": path} when ``root`` holds split folders, else {"": root} (one ImageFolder)."""
     present = {s: root / s for s in SPLITS if (root / s).is_dir()}
-    if present and all(any(e.is_dir() for e in os.scandir(p)) for p in present.values()):
+    if present and all(any(e.is_dir() for e in visible_entries(p)) for p in present.values()):
         return present
     return {"": root}
 
@@ -123,22 +150,28 @@ def scan_image_folder(root, workers=None, cache=None, write_cache=True, formats=
         classes = list_classes(split_dir)
         listing[split] = classes
         for label, name in enumerate(classes):
-            jobs.extend((split, f"{name}/{f}", label) for f in list_images(split_dir / name))
-    paths = [str(split_dirs[s] / rel) for s, rel, _ in jobs]
+            # Each file's size and time before it is read: a file changed during the scan looks stale later.
+            jobs.extend((split, f"{name}/{f}", label, size, mtime)
+                        for f, size, mtime in list_images(split_dir / name, stats=True))
+    paths = [str(split_dirs[s] / rel) for s, rel, *_ in jobs]
     workers = workers or os.cpu_count() or 1
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = pool.map(lambda p: check_image(p, formats), paths, chunksize=64 if len(paths) > 4096 else 1)
+        results = pool.map(inspect_image, paths, chunksize=64 if len(paths) > 4096 else 1)
         if progress:
             from tqdm import tqdm
 
             results = tqdm(results, total=len(paths), desc=f"teskd-scan {root}", unit="file", file=sys.stderr)
         reasons = list(results)
     splits = {s: {"classes": c, "files": []} for s, c in listing.items()}
+    entries = {s: [] for s in listing}
     bad = []
     found = {s: [0] * len(c) for s, c in listing.items()}
     good = {s: [0] * len(c) for s, c in listing.items()}
-    for (split, rel, label), path, reason in zip(jobs, paths, reasons):
+    for (split, rel, label, size, mtime), path, (fmt, reason) in zip(jobs, paths, reasons):
         found[split][label] += 1
+        entries[split].append([rel, label, fmt, size, mtime])
+        if fmt is not None:
+            reason = format_reason(fmt, path, formats)
         if reason is None:
             splits[split]["files"].append([rel, label])
             good[split][label] += 1
@@ -157,7 +190,9 @@ def scan_image_folder(root, workers=None, cache=None, write_cache=True, formats=
     if write_cache:
         target = Path(cache) if cache is not None else root / CACHE_NAME
         payload = {"format": CACHE_FORMAT, "root": str(root), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                   "formats": list(formats), "splits": splits, "bad": [{"path": p, "reason": r} for p, r in bad],
+                   "formats": list(formats),
+                   "splits": {s: {"classes": listing[s], "entries": entries[s]} for s in listing},
+                   "bad": [{"path": p, "reason": r} for p, r in bad],
                    "empty_classes": [{"path": p, "reason": r} for p, r in empty]}
         cache_error = _write_cache(payload, target, root)
         cache_path = None if cache_error else target

@@ -7,11 +7,12 @@ import torch
 from torchvision import datasets
 
 from teskd_fast.data.common import SCAN_HINT, BadImageError
+from teskd_fast.data.folder import open_regular
 from teskd_fast.data.image_base import (
     TRAIN_RATIO,
-    TRAIN_SCALE,
     ImageLoaderBase,
     ListSampler,
+    pad_of,
     unwrap_worker_error,
     workers_iterator,
 )
@@ -21,7 +22,7 @@ def _pil_loader(path, root):
     from PIL import Image
 
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:  # a FIFO named .JPEG: an OSError now, not a read that never returns
             img = Image.open(f)
             return img.convert("RGB")
     # Pillow reports a broken file as OSError (truncated, unknown format), SyntaxError or ValueError.
@@ -36,6 +37,10 @@ class _IndexedImageFolder(datasets.ImageFolder):
         self._index = index
         super().__init__(str(index.root), **kwargs)
 
+    def find_classes(self, directory):
+        # The index's classes: ImageFolder's own walk would count a hidden folder (.ipynb_checkpoints) as a class.
+        return list(self._index.classes), self._index.class_to_idx
+
     def make_dataset(self, directory, class_to_idx, *args, **kwargs):
         return [(self._index.path(i), label) for i, (_, label) in enumerate(self._index.samples)]
 
@@ -43,7 +48,9 @@ class _IndexedImageFolder(datasets.ImageFolder):
 class TorchvisionImageLoader(ImageLoaderBase):
     """ImageFolder + DataLoader: Pillow decodes in ``workers`` processes, uint8 batches travel in pinned memory.
 
-    Training: RandomResizedCrop(image_size, scale 0.08-1, ratio 3/4-4/3) + RandomHorizontalFlip; evaluation:
+    Training: RandomResizedCrop(image_size, scale ``crop_scale``, ratio 3/4-4/3) + RandomHorizontalFlip, or with
+    ``augment="pad-crop"`` Resize((image_size, image_size)) + RandomCrop(image_size, padding=image_size // 8) +
+    RandomHorizontalFlip; evaluation:
     Resize(val_resize) + CenterCrop(image_size). Normalisation runs on the device after the copy.
     Resuming mid-epoch gives the same remaining images; their random crops are drawn afresh.
     """
@@ -59,8 +66,12 @@ class TorchvisionImageLoader(ImageLoaderBase):
     def _make_dataset(self):
         from torchvision import transforms
 
-        if self.train:
-            tf = [transforms.RandomResizedCrop(self.image_size, scale=TRAIN_SCALE, ratio=TRAIN_RATIO),
+        s = self.image_size
+        if self.train and self.augment == "pad-crop":
+            tf = [transforms.Resize((s, s)), transforms.RandomCrop(s, padding=pad_of(s)),
+                  transforms.RandomHorizontalFlip()]
+        elif self.train:
+            tf = [transforms.RandomResizedCrop(s, scale=self.crop_scale, ratio=TRAIN_RATIO),
                   transforms.RandomHorizontalFlip()]
         else:
             tf = [transforms.Resize(self.val_resize), transforms.CenterCrop(self.image_size)]

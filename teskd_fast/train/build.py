@@ -25,8 +25,10 @@ from teskd_fast.train.schedule import image_size_at
 
 
 def data_root(cfg: TrainConfig) -> Path:
-    """The ``--data-dir`` folder (default ``data``)."""
-    return Path(cfg.data_dir or "data").expanduser()
+    """The ``--data-dir`` folder (default: the dataset's installed copy where it has one, e.g. Fashion-MNIST's
+    /usr/share/datasets/fashion-mnist, else ``data``)."""
+    default = None if cfg.data_dir else dataset_spec(cfg.dataset).default_root()
+    return Path(cfg.data_dir or default or "data").expanduser()
 
 
 def check_dataset(cfg: TrainConfig) -> None:
@@ -88,6 +90,8 @@ def build_data(cfg: TrainConfig, env: D.DistEnv, channels_last: bool) -> tuple[L
         rank=env.rank, world_size=env.world_size, channels_last=channels_last, download=cfg.download,
         image_size=cfg.image_size, first_image_size=image_size_at(cfg, 0), val_image_size=cfg.val_image_size,
         val_resize=cfg.val_resize, backend=None if cfg.loader == "auto" else cfg.loader, workers=cfg.workers,
+        norm_mean=cfg.norm_mean, norm_std=cfg.norm_std, norm_from_data=cfg.norm_from_data, crop_scale=cfg.crop_scale,
+        augment=cfg.folder_augment,
     )
     train, val = dataset_spec(cfg.dataset).loaders(request)
     return train, val, len(train.classes)
