@@ -163,3 +163,30 @@ def test_step_benchmark_takes_teskd_trains_step():
     assert not any(group["fused"] for group in plain.optimizer.param_groups)
     # The GPU profile builds its step with the same builder.
     assert profile_gpu.make_step is bench_models.make_step
+
+
+MODULE_TIMEOUT = '''
+import time
+
+import pytest
+
+pytestmark = pytest.mark.timeout(300)
+
+@pytest.mark.gpu
+def test_hangs():
+    time.sleep(6)
+
+def test_quick():
+    pass
+'''
+
+
+def test_the_suites_timeout_wins_over_a_modules_timeout_marker(tmp_path):
+    # The module's 300 s marker would override --timeout; the suite's TESKD_GPU_TEST_TIMEOUT overrides it for
+    # gpu-marked tests, so a hung CUDA test fails with its stack after the suite's limit.
+    shutil.copy(REPO / "tests" / "conftest.py", tmp_path / "conftest.py")
+    (tmp_path / "test_hang.py").write_text(MODULE_TIMEOUT)
+    done = _pytest(["-q", "--timeout=1", "-W", "ignore::pytest.PytestUnknownMarkWarning", "test_hang.py"], tmp_path,
+                   TESKD_GPU_TEST_TIMEOUT="1")
+    assert done.returncode == 1 and "1 failed, 1 passed" in done.stdout, done.stdout[-2000:]
+    assert "Timeout (>1.0s)" in done.stdout and "test_hang.py::test_hangs" in done.stdout, done.stdout[-2000:]
