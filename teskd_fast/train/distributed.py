@@ -10,6 +10,7 @@ import contextlib
 import datetime
 import gc
 import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -114,6 +115,21 @@ def _timeout() -> datetime.timedelta | None:
     if not seconds > 0:
         raise DistributedSetupError(f"TESKD_FAST_DIST_TIMEOUT={value!r}: expected a positive number of seconds")
     return datetime.timedelta(seconds=seconds)
+
+
+def convert_sync_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
+    """``--sync-bn``: every BatchNorm of ``model`` synchronised over the process group, the network unchanged.
+
+    ``nn.SyncBatchNorm.convert_sync_batchnorm`` turns timm's ``BatchNormAct2d`` (BatchNorm, then its activation
+    and drop: EfficientNet, MobileNetV3, RegNet, ...) into a plain SyncBatchNorm whose activation is never called,
+    silently training another network with the same state_dict keys. A model holding timm's norm-and-activation
+    layers goes through timm's own conversion (its ``SyncBatchNormAct`` subclasses ``nn.SyncBatchNorm`` and keeps
+    them); plain BatchNorm layers become ``nn.SyncBatchNorm`` either way.
+    """
+    layers = sys.modules.get("timm.layers")  # a model with timm's layers in it has imported them
+    if layers is not None and any(isinstance(m, layers.BatchNormAct2d) for m in model.modules()):
+        return layers.convert_sync_batchnorm(model)
+    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
 
 # Inside keep_process_group(), cleanup() leaves the process group alone.
