@@ -213,7 +213,9 @@ def summary_markdown(results):
             result += ("; " if result else "") + f"{len(s['benchmarks'])} figures"
         if s.get("e2e"):
             e = s["e2e"]
-            result += f"{e.get('images_per_s_last_epoch', 0):.0f} img/s, teacher top-1 {e.get('teacher_top1')}"
+            figure = e.get("images_per_s_last_epoch")
+            result += (f"{figure:.0f} img/s" if figure is not None else "no epoch finished") + \
+                f", teacher top-1 {e.get('teacher_top1')}" + (f"; {e['stopped']}" if e.get("stopped") else "")
         if s["status"] in ("not run", "running or stopped in it"):
             result = s.get("why", "")
         lines.append(f"| {s['name']} | {s['status']} | {s.get('seconds', '')} | "
@@ -243,6 +245,9 @@ def summary_markdown(results):
                       f"exit status {e.get('exit_status')}",
                       f"- final accuracies {e.get('final')}, best teacher top-1 {e.get('teacher_top1')} "
                       f"(chance {e.get('chance')})"]
+            if e.get("stopped"):
+                lines.append(f"- {e['stopped']} (the unfinished epoch ran at {e.get('images_per_s_unfinished_epoch')} "
+                             "img/s by its progress bar)")
     not_run = [s for s in results["stages"] if s["status"] != "ok"]
     skipped = {s["name"]: s["tests"]["skip_reasons"] for s in results["stages"]
                if s.get("tests", {}).get("skip_reasons")}

@@ -190,3 +190,37 @@ def test_the_suites_timeout_wins_over_a_modules_timeout_marker(tmp_path):
                    TESKD_GPU_TEST_TIMEOUT="1")
     assert done.returncode == 1 and "1 failed, 1 passed" in done.stdout, done.stdout[-2000:]
     assert "Timeout (>1.0s)" in done.stdout and "test_hang.py::test_hangs" in done.stdout, done.stdout[-2000:]
+
+
+# A stand-in for teskd-train stuck in a compile: it ignores SIGINT, as does the compile worker it starts (inductor's
+# workers ignore it); it has printed the progress bar of step 20 of epoch 2 and finished epoch 1.
+STUCK = r'''
+import signal, subprocess, sys, time
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+print(f"worker {worker.pid}", flush=True)
+sys.stderr.write("\repoch 2/3:  20%|##        | 20/100 [00:03<00:12,  6.5it/s, img_s=1664, loss=1.2]")
+sys.stderr.flush()
+time.sleep(120)
+'''
+
+
+def test_e2e_stage_kills_a_stuck_run_and_reports_what_it_has(tmp_path, capfd):
+    import suite_e2e
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "images_per_s": 4321.5}) + "\n")
+    args = [sys.executable, "-c", STUCK]
+    rc, why, progress, killed = suite_e2e.supervise(args, budget_s=2.0, grace_s=1.0)
+    assert killed and rc == -9 and why == "its time budget (2 s)"
+    worker = int(capfd.readouterr().out.split("worker ")[1].split()[0])
+    with pytest.raises(ProcessLookupError):  # the compile worker went with the group
+        for _ in range(50):
+            os.kill(worker, 0)
+            __import__("time").sleep(0.1)
+    out = suite_e2e.result(run_dir, ["python", "-m", "teskd_fast.train", "--epochs", "3"], rc, 3.0, why, progress,
+                           killed, steps_per_epoch=100)
+    assert out["steps"] == 120 and out["images_per_s"] == [4322] and out["images_per_s_last_epoch"] == 4322
+    assert out["stopped"].startswith("stopped at step 120 by its time budget (2 s), in a compile")
+    assert out["images_per_s_unfinished_epoch"] == 1664 and out["command"] == "teskd-train --epochs 3"
