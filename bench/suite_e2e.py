@@ -1,6 +1,6 @@
 """The GPU suite's end-to-end stage: one short ``teskd-train`` on a CIFAR-format dataset this script writes.
 
-Usage: ``python bench/suite_e2e.py WORK [--dry-run] [--budget SECONDS]``
+Usage: ``python bench/suite_e2e.py WORK [--dry-run] [--deadline SECONDS_SINCE_EPOCH]``
 
 Writes a learnable CIFAR-10 python-version folder (``WORK/data/cifar-10-batches-py``: each class its own mean
 colour and stripe frequency under noise, so that a few hundred steps reach well above chance), trains with
@@ -10,7 +10,7 @@ teacher top-1. On CUDA: compiled, bf16, channels-last (teskd-train's defaults th
 memory, 3 epochs of 100 steps at batch 256. ``--dry-run`` (no CUDA): the same command on the CPU at tiny sizes
 (a 1/16-width network, fp32, not compiled, 2 epochs of 4 steps).
 
-Bounded: teskd-train runs in a process group of its own; at ``--budget`` seconds (or at this script's SIGINT) it
+Bounded: teskd-train runs in a process group of its own; at ``--deadline`` (or at this script's SIGINT) it
 gets SIGINT, and GRACE_S seconds later the whole group (inductor's compile workers included) SIGKILL. ``e2e.json``
 is written in every case, from what ``metrics.jsonl`` holds and the progress teskd-train printed: a stopped run
 says "stopped at step N by ..., in a compile" (or "after writing last.pt"), with the finished epochs' figures.
@@ -189,7 +189,8 @@ def main(argv=None):
     if not argv or argv[0].startswith("-"):
         sys.exit(__doc__)
     work, dry_run = Path(argv[0]), "--dry-run" in argv[1:]
-    budget = float(argv[argv.index("--budget") + 1]) if "--budget" in argv else None
+    # --deadline: the time (seconds since the epoch) by which teskd-train must have been stopped.
+    deadline = float(argv[argv.index("--deadline") + 1]) if "--deadline" in argv else None
     (work / "e2e").mkdir(parents=True, exist_ok=True)
     # Sizes that the batch divides: no partial batch, so no tail shape to compile for.
     n_train, n_test = (256, 64) if dry_run else (25_600, 5_120)
@@ -198,6 +199,7 @@ def main(argv=None):
     args = [sys.executable, "-m", "teskd_fast.train", *command(data_dir, run_dir, dry_run)]
     print("e2e:", " ".join(args), flush=True)
     start = time.perf_counter()
+    budget = None if deadline is None else max(deadline - time.time(), 1.0)
     rc, why, progress, killed = supervise(args, budget, GRACE_S, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     out = result(run_dir, args, rc, time.perf_counter() - start, why, progress, killed, 4 if dry_run else 100)
     tmp = work / ".e2e.json.tmp"
