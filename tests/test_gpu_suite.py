@@ -224,3 +224,31 @@ def test_e2e_stage_kills_a_stuck_run_and_reports_what_it_has(tmp_path, capfd):
     assert out["steps"] == 120 and out["images_per_s"] == [4322] and out["images_per_s_last_epoch"] == 4322
     assert out["stopped"].startswith("stopped at step 120 by its time budget (2 s), in a compile")
     assert out["images_per_s_unfinished_epoch"] == 1664 and out["command"] == "teskd-train --epochs 3"
+
+
+def test_report_of_a_stopped_e2e_run_and_the_background_warmup(tmp_path):
+    work, out = tmp_path / "work", tmp_path / "out"
+    (work / "logs").mkdir(parents=True)
+    json.dump({"mode": "gpu", "stages": ["install", "warmup", "step", "e2e"], "background": ["warmup"],
+               "caps": {"install": 45, "warmup": 240, "step": 55, "e2e": 200}}, open(work / "plan.json", "w"))
+    lines = [{"name": "install", "rc": 0, "seconds": 5.0, "cap_s": 45, "start": 100.0},
+             {"name": "step", "rc": 0, "seconds": 30.0, "cap_s": 55, "start": 200.0},
+             {"name": "e2e", "rc": 124, "seconds": 70.0, "cap_s": 200, "start": 230.0}]
+    (work / "stages.jsonl").write_text("".join(json.dumps(s) + "\n" for s in lines))
+    (work / "warmup.jsonl").write_text(json.dumps({"graph": "step", "ok": True, "seconds": 41.5, "end": 150}) + "\n")
+    (work / "e2e.json").write_text(json.dumps({"images_per_s_last_epoch": None, "teacher_top1": None,
+                                               "stopped": "stopped at step 0 by its time budget (60 s), in a compile"}))
+    results = suite_report.report(work, out)
+    summary = (out / "summary.md").read_text()
+    # Still running: reported as such, and its graphs so far; the step stage began before it ended.
+    assert "| warmup | running in the background |" in summary, summary
+    assert results["stages"][1]["graphs"][0]["graph"] == "step"
+    assert "no epoch finished, teacher top-1 None; stopped at step 0 by its time budget (60 s), in a compile" in summary
+    assert "ran while the warm-up compiled" in summary.split("| step |")[1].splitlines()[0]
+    # The background cap does not count in the suite's total.
+    assert not [p for p in suite_report.check(out, dry_run=True) if "6 minutes" in p]
+    (work / "stages.jsonl").write_text((work / "stages.jsonl").read_text() + json.dumps(
+        {"name": "warmup", "rc": 0, "seconds": 120.0, "cap_s": 240, "start": 105.0}) + "\n")
+    summary = suite_report.summary_markdown(suite_report.collect(work))
+    assert "| warmup | ok | 120.0 | 240 | step compiled in 41.5 s |" in summary, summary
+    assert "ran while the warm-up compiled" not in summary.split("| e2e |")[1].splitlines()[0]
