@@ -145,11 +145,12 @@ done
 run_stage e2e "$py" bench/suite_warmup.py wait "$work" e2e 25 -- "$py" bench/suite_e2e.py "$work" \
   --deadline $(($(date +%s) + cap[e2e] - 20)) ${dry_run:+--dry-run}
 
-# A warm-up still running (it failed to finish in time) is stopped; its log and line are in the report.
+# A warm-up still running (it failed to finish in time) is stopped: SIGINT, then SIGKILL, to the process group of
+# its `timeout` (timeout leads a group of its own: the warm-up, its teskd-train and their compile workers).
 if kill -0 "$warmup_pid" 2>/dev/null; then
-  pkill -INT -P "$warmup_pid" 2>/dev/null
-  sleep 2
-  pkill -KILL -P "$warmup_pid" 2>/dev/null
+  for pid in $(pgrep -P "$warmup_pid"); do kill -INT -- "-$pid" 2>/dev/null; done
+  sleep 3
+  for pid in $(pgrep -P "$warmup_pid"); do kill -KILL -- "-$pid" 2>/dev/null; done
 fi
 wait "$warmup_pid" 2>/dev/null
 report
