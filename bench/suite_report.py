@@ -130,7 +130,8 @@ def bench_rows(path):
             "baseline": bool(info.get("baseline")), "median_s": b["stats"]["median"],
             "speedup_vs_baseline": info.get("speedup_vs_baseline"),
             "extra": {k: info[k] for k in ("images_per_s", "peak_step_mib", "loss_backend", "optimizer",
-                                           "decode_fallbacks", "cpu_decoded_images", "dtype", "device") if k in info},
+                                           "decode_fallbacks", "cpu_decoded_images", "fxgraph_cache", "dtype",
+                                           "device") if k in info},
         })
     baselines = {r["group"]: r["median_s"] for r in rows if r["baseline"]}
     for r in rows:
