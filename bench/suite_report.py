@@ -237,7 +237,7 @@ def summary_markdown(results):
             result += (f"{figure:.0f} img/s" if figure is not None else "no epoch finished") + \
                 f", teacher top-1 {e.get('teacher_top1')}" + (f"; {e['stopped']}" if e.get("stopped") else "")
         if "graphs" in s:
-            result = ", ".join(f"{g['graph']} {'compiled' if g['ok'] else 'FAILED'} in {g['seconds']} s"
+            result = ", ".join(f"{g['graph']} {'done' if g['ok'] else 'FAILED'} in {g['seconds']} s"
                                for g in s["graphs"]) or "no graph finished"
         if s.get("beside_warmup") and s["name"] in ("loss", "data", "step", "e2e"):
             result += "; ran while the warm-up compiled"

@@ -250,5 +250,5 @@ def test_report_of_a_stopped_e2e_run_and_the_background_warmup(tmp_path):
     (work / "stages.jsonl").write_text((work / "stages.jsonl").read_text() + json.dumps(
         {"name": "warmup", "rc": 0, "seconds": 120.0, "cap_s": 240, "start": 105.0}) + "\n")
     summary = suite_report.summary_markdown(suite_report.collect(work))
-    assert "| warmup | ok | 120.0 | 240 | step compiled in 41.5 s |" in summary, summary
+    assert "| warmup | ok | 120.0 | 240 | step done in 41.5 s |" in summary, summary
     assert "ran while the warm-up compiled" not in summary.split("| e2e |")[1].splitlines()[0]
