@@ -136,7 +136,7 @@ for stage in loss:bench_loss data:bench_data step:bench_models; do
   [ -n "$dry_run" ] && selection+=(-k "${dry_select[$name]}")
   waiting=()
   [ -n "${wait_for[$name]:-}" ] && waiting=("$py" bench/suite_warmup.py wait "$work" "$name" "${wait_for[$name]}" --)
-  run_stage "$name" "${waiting[@]}" "$py" -m pytest "bench/${stage#*:}.py" "${pytest_args[@]}" "${selection[@]}" \
+  run_stage "$name" ${waiting[@]+"${waiting[@]}"} "$py" -m pytest "bench/${stage#*:}.py" "${pytest_args[@]}" "${selection[@]}" \
     "${bench_args[@]}" --benchmark-json="$work/$name.bench.json" --junitxml="$work/$name.xml"
 done
 
