@@ -145,6 +145,13 @@ def run_step(benchmark, group, provider, step, device, batch, baseline=False, wa
             cpu_median / CPU_MEDIANS[group, "torchvision-resnet18"], 2
         )
     benchmark.extra_info["process_peak_rss_mib"] = round(cpu_peak_rss_mib(), 1)
+    if torch.device(device).type == "cuda":
+        # Whether the compiles found the GPU suite's warm-up in Inductor's FX graph cache (this process so far).
+        from torch._dynamo.utils import counters
+
+        inductor = counters["inductor"]
+        benchmark.extra_info["fxgraph_cache"] = (f"{inductor['fxgraph_cache_hit']} hit, "
+                                                 f"{inductor['fxgraph_cache_miss']} miss")
 
 
 @pytest.mark.smoke

@@ -53,7 +53,7 @@ def _read_json(path, default=None):
 # ---------------------------------------------------------------------------------------------------------- env
 def _run(cmd):
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError) as e:
         return f"unavailable ({type(e).__name__})"
     return done.stdout.strip() or done.stderr.strip() or f"exit {done.returncode}"
@@ -130,7 +130,8 @@ def bench_rows(path):
             "baseline": bool(info.get("baseline")), "median_s": b["stats"]["median"],
             "speedup_vs_baseline": info.get("speedup_vs_baseline"),
             "extra": {k: info[k] for k in ("images_per_s", "peak_step_mib", "loss_backend", "optimizer",
-                                           "decode_fallbacks", "cpu_decoded_images", "dtype", "device") if k in info},
+                                           "decode_fallbacks", "cpu_decoded_images", "fxgraph_cache", "dtype",
+                                           "device") if k in info},
         })
     baselines = {r["group"]: r["median_s"] for r in rows if r["baseline"]}
     for r in rows:
@@ -147,6 +148,13 @@ def _tail(path, lines=12):
     return [line[:300] for line in text if not line.startswith("WARNING: Location")][-lines:]
 
 
+def _lines(path):
+    try:
+        return [line for line in Path(path).read_text().splitlines() if line.strip()]
+    except OSError:
+        return []
+
+
 def collect(work):
     work = Path(work)
     planned = _read_json(work / "plan.json", {})
@@ -161,9 +169,20 @@ def collect(work):
     except OSError:
         running = None
     stages = []
+    background = set(planned.get("background", []))
+    warm = done.get("warmup")
+    warm_end = warm["start"] + warm["seconds"] if warm and "start" in warm else None
     for name in planned.get("stages", list(done)):
         stage = dict(done.get(name, {"name": name, "status": "not run"}))
-        if name in done:
+        if name == "warmup":
+            stage["graphs"] = [json.loads(line) for line in _lines(work / "warmup.jsonl")]
+        if name in done and name not in background and "start" in stage and stage["start"] is not None:
+            # A stage that started before the background warm-up ended shared the machine with its compiles.
+            stage["beside_warmup"] = warm_end is None or stage["start"] < warm_end
+        if name in background and name not in done:
+            stage["status"] = "running in the background"
+            stage["why"] = "still running when this report was written (or stopped with the suite)"
+        elif name in done:
             rc = stage["rc"]
             stage["status"] = "cut off at its cap" if rc in (124, 137) else ("ok" if rc == 0 else f"failed (exit {rc})")
             if rc != 0:
@@ -183,8 +202,9 @@ def collect(work):
                 stage["why"] = "the suite was stopped from outside while this stage ran (or it is running now)"
                 stage["log_tail"] = _tail(work / "logs" / f"{name}.log")
         stages.append(stage)
-    return {"mode": planned.get("mode", "gpu"), "caps_s": planned.get("caps", {}), "env": _read_json(work / "env.json"),
-            "stages": stages, "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    return {"mode": planned.get("mode", "gpu"), "caps_s": planned.get("caps", {}), "background": sorted(background),
+            "cache_dir": planned.get("cache_dir"), "env": _read_json(work / "env.json"), "stages": stages,
+            "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
 def _us(seconds):
@@ -213,12 +233,25 @@ def summary_markdown(results):
             result += ("; " if result else "") + f"{len(s['benchmarks'])} figures"
         if s.get("e2e"):
             e = s["e2e"]
-            result += f"{e.get('images_per_s_last_epoch', 0):.0f} img/s, teacher top-1 {e.get('teacher_top1')}"
-        if s["status"] in ("not run", "running or stopped in it"):
+            figure = e.get("images_per_s_last_epoch")
+            result += (f"{figure:.0f} img/s" if figure is not None else "no epoch finished") + \
+                f", teacher top-1 {e.get('teacher_top1')}" + (f"; {e['stopped']}" if e.get("stopped") else "")
+        if "graphs" in s:
+            result = ", ".join(f"{g['graph']} {'done' if g['ok'] else 'FAILED'} in {g['seconds']} s"
+                               for g in s["graphs"]) or "no graph finished"
+        if s.get("beside_warmup") and s["name"] in ("loss", "data", "step", "e2e"):
+            result += "; ran while the warm-up compiled"
+        if s["status"] in ("not run", "running or stopped in it", "running in the background"):
             result = s.get("why", "")
         lines.append(f"| {s['name']} | {s['status']} | {s.get('seconds', '')} | "
                      f"{s.get('cap_s', results['caps_s'].get(s['name'], ''))} | {result} |")
+    if results.get("cache_dir"):
+        lines += ["", f"Compile cache (TORCHINDUCTOR_CACHE_DIR, FX graph and AOTAutograd caches): "
+                      f"`{results['cache_dir']}`; the warm-up runs in the background from the end of install."]
     for s in results["stages"]:
+        for g in s.get("graphs", []):
+            if not g["ok"]:
+                lines += ["", f"- warm-up {g['graph']} failed: {g.get('error')}"]
         if s.get("log_tail") and not s.get("tests", {}).get("failures"):
             lines += ["", f"## {s['name']}: {s['status']}, the end of its log", "", "```", *s["log_tail"], "```"]
         if "tests" in s and s["tests"]["failures"]:
@@ -243,6 +276,9 @@ def summary_markdown(results):
                       f"exit status {e.get('exit_status')}",
                       f"- final accuracies {e.get('final')}, best teacher top-1 {e.get('teacher_top1')} "
                       f"(chance {e.get('chance')})"]
+            if e.get("stopped"):
+                lines.append(f"- {e['stopped']} (the unfinished epoch ran at {e.get('images_per_s_unfinished_epoch')} "
+                             "img/s by its progress bar)")
     not_run = [s for s in results["stages"] if s["status"] != "ok"]
     skipped = {s["name"]: s["tests"]["skip_reasons"] for s in results["stages"]
                if s.get("tests", {}).get("skip_reasons")}
@@ -319,7 +355,8 @@ def check(out, dry_run=False):
             problems.append(f"stage {s['name']}: no benchmark figures")
         if dry_run and s["name"] == "e2e" and not (s.get("e2e") or {}).get("images_per_s_last_epoch"):
             problems.append("stage e2e: no images/s figure")
-    if dry_run and sum(s.get("cap_s", 0) for s in results["stages"]) > 360:
+    background = set(results.get("background", []))
+    if dry_run and sum(s.get("cap_s", 0) for s in results["stages"] if s["name"] not in background) > 360:
         problems.append("the stage caps sum to more than 6 minutes")
     summary = (out / "summary.md").read_text() if (out / "summary.md").exists() else ""
     if "What did not run" not in summary:

@@ -3,7 +3,9 @@
 The rule (docs/gpu-suite.md): a test that exercises CUDA carries ``@pytest.mark.gpu``, so that
 ``bench/gpu_suite.sh`` (``pytest tests/ -m gpu``) runs it. Without CUDA, a test that skips naming CUDA or a GPU
 in its reason but has no gpu marker fails instead (:func:`pytest_runtest_makereport`); with
-``TESKD_GPU_SUITE_DRY_RUN=1`` (the suite's dry run) every collected test is skipped.
+``TESKD_GPU_SUITE_DRY_RUN=1`` (the suite's dry run) every collected test is skipped. With
+``TESKD_GPU_TEST_TIMEOUT=N`` (the suite sets it), every gpu-marked test gets pytest-timeout's limit of N seconds,
+over any module's or test's own ``timeout`` marker.
 """
 
 import os
@@ -51,6 +53,13 @@ def pytest_collection_modifyitems(config, items):
                if item.get_closest_marker("gpu") is None and (reasons := static_cuda_skips(item))]
         pytest.exit("gpu marker rule: these skip without CUDA but have no @pytest.mark.gpu:\n" + "\n".join(bad)
                     if bad else f"gpu marker rule: {len(items)} tests checked", returncode=1 if bad else 0)
+    gpu_timeout = os.environ.get("TESKD_GPU_TEST_TIMEOUT")
+    if gpu_timeout:
+        # Put first among the item's own markers, the closest one, which pytest-timeout reads: it wins over a
+        # module's ``pytestmark = pytest.mark.timeout(300)``, which would otherwise override --timeout.
+        for item in items:
+            if item.get_closest_marker("gpu") is not None:
+                item.add_marker(pytest.mark.timeout(float(gpu_timeout)), append=False)
     if os.environ.get("TESKD_GPU_SUITE_DRY_RUN") == "1":
         for item in items:
             item.add_marker(pytest.mark.skip(reason=DRY_RUN_SKIP))

@@ -163,3 +163,92 @@ def test_step_benchmark_takes_teskd_trains_step():
     assert not any(group["fused"] for group in plain.optimizer.param_groups)
     # The GPU profile builds its step with the same builder.
     assert profile_gpu.make_step is bench_models.make_step
+
+
+MODULE_TIMEOUT = '''
+import time
+
+import pytest
+
+pytestmark = pytest.mark.timeout(300)
+
+@pytest.mark.gpu
+def test_hangs():
+    time.sleep(6)
+
+def test_quick():
+    pass
+'''
+
+
+def test_the_suites_timeout_wins_over_a_modules_timeout_marker(tmp_path):
+    # The module's 300 s marker would override --timeout; the suite's TESKD_GPU_TEST_TIMEOUT overrides it for
+    # gpu-marked tests, so a hung CUDA test fails with its stack after the suite's limit.
+    shutil.copy(REPO / "tests" / "conftest.py", tmp_path / "conftest.py")
+    (tmp_path / "test_hang.py").write_text(MODULE_TIMEOUT)
+    done = _pytest(["-q", "--timeout=1", "-W", "ignore::pytest.PytestUnknownMarkWarning", "test_hang.py"], tmp_path,
+                   TESKD_GPU_TEST_TIMEOUT="1")
+    assert done.returncode == 1 and "1 failed, 1 passed" in done.stdout, done.stdout[-2000:]
+    assert "Timeout (>1.0s)" in done.stdout and "test_hang.py::test_hangs" in done.stdout, done.stdout[-2000:]
+
+
+# A stand-in for teskd-train stuck in a compile: it ignores SIGINT, as does the compile worker it starts (inductor's
+# workers ignore it); it has printed the progress bar of step 20 of epoch 2 and finished epoch 1.
+STUCK = r'''
+import signal, subprocess, sys, time
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+print(f"worker {worker.pid}", flush=True)
+sys.stderr.write("\repoch 2/3:  20%|##        | 20/100 [00:03<00:12,  6.5it/s, img_s=1664, loss=1.2]")
+sys.stderr.flush()
+time.sleep(120)
+'''
+
+
+def test_e2e_stage_kills_a_stuck_run_and_reports_what_it_has(tmp_path, capfd):
+    import suite_e2e
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "images_per_s": 4321.5}) + "\n")
+    args = [sys.executable, "-c", STUCK]
+    rc, why, progress, killed = suite_e2e.supervise(args, budget_s=2.0, grace_s=1.0)
+    assert killed and rc == -9 and why == "its time budget (2 s)"
+    worker = int(capfd.readouterr().out.split("worker ")[1].split()[0])
+    with pytest.raises(ProcessLookupError):  # the compile worker went with the group
+        for _ in range(50):
+            os.kill(worker, 0)
+            __import__("time").sleep(0.1)
+    out = suite_e2e.result(run_dir, ["python", "-m", "teskd_fast.train", "--epochs", "3"], rc, 3.0, why, progress,
+                           killed, steps_per_epoch=100)
+    assert out["steps"] == 120 and out["images_per_s"] == [4322] and out["images_per_s_last_epoch"] == 4322
+    assert out["stopped"].startswith("stopped at step 120 by its time budget (2 s), in a compile")
+    assert out["images_per_s_unfinished_epoch"] == 1664 and out["command"] == "teskd-train --epochs 3"
+
+
+def test_report_of_a_stopped_e2e_run_and_the_background_warmup(tmp_path):
+    work, out = tmp_path / "work", tmp_path / "out"
+    (work / "logs").mkdir(parents=True)
+    json.dump({"mode": "gpu", "stages": ["install", "warmup", "step", "e2e"], "background": ["warmup"],
+               "caps": {"install": 45, "warmup": 240, "step": 55, "e2e": 200}}, open(work / "plan.json", "w"))
+    lines = [{"name": "install", "rc": 0, "seconds": 5.0, "cap_s": 45, "start": 100.0},
+             {"name": "step", "rc": 0, "seconds": 30.0, "cap_s": 55, "start": 200.0},
+             {"name": "e2e", "rc": 124, "seconds": 70.0, "cap_s": 200, "start": 230.0}]
+    (work / "stages.jsonl").write_text("".join(json.dumps(s) + "\n" for s in lines))
+    (work / "warmup.jsonl").write_text(json.dumps({"graph": "step", "ok": True, "seconds": 41.5, "end": 150}) + "\n")
+    (work / "e2e.json").write_text(json.dumps({"images_per_s_last_epoch": None, "teacher_top1": None,
+                                               "stopped": "stopped at step 0 by its time budget (60 s), in a compile"}))
+    results = suite_report.report(work, out)
+    summary = (out / "summary.md").read_text()
+    # Still running: reported as such, and its graphs so far; the step stage began before it ended.
+    assert "| warmup | running in the background |" in summary, summary
+    assert results["stages"][1]["graphs"][0]["graph"] == "step"
+    assert "no epoch finished, teacher top-1 None; stopped at step 0 by its time budget (60 s), in a compile" in summary
+    assert "ran while the warm-up compiled" in summary.split("| step |")[1].splitlines()[0]
+    # The background cap does not count in the suite's total.
+    assert not [p for p in suite_report.check(out, dry_run=True) if "6 minutes" in p]
+    (work / "stages.jsonl").write_text((work / "stages.jsonl").read_text() + json.dumps(
+        {"name": "warmup", "rc": 0, "seconds": 120.0, "cap_s": 240, "start": 105.0}) + "\n")
+    summary = suite_report.summary_markdown(suite_report.collect(work))
+    assert "| warmup | ok | 120.0 | 240 | step done in 41.5 s |" in summary, summary
+    assert "ran while the warm-up compiled" not in summary.split("| e2e |")[1].splitlines()[0]

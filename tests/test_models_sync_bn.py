@@ -161,3 +161,34 @@ def test_fast_network_under_sync_batchnorm_equals_the_faithful_one_on_cuda(tmp_p
                 assert_close(fast["state"][key], value, torch.float64, name=f"rank {rank} {key}", scale=100.0)
         for key, value in faithful["grads"].items():
             assert_close(fast["grads"][key], value, torch.float64, name=f"rank {rank} grad {key}", scale=100.0)
+
+
+def test_sync_bn_conversion_keeps_timms_norm_and_activation_layers():
+    """``--arch timm/NAME --sync-bn``: the converted network computes what the original does (timm's BatchNormAct2d
+    keeps its activation; nn.SyncBatchNorm's own conversion drops it). Float64; train mode without a process group
+    (SyncBatchNorm's train-mode sync needs CUDA tensors), eval mode in a 1-process gloo group, as in a run."""
+    import copy
+
+    import timm
+
+    import teskd_fast
+    from teskd_fast.train.distributed import convert_sync_batchnorm
+
+    model = teskd_fast.wrap(timm.create_model("test_efficientnet", num_classes=5), 5).double()
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    converted = convert_sync_batchnorm(copy.deepcopy(model))
+    plain = torch.nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(model))
+    assert not [m for m in converted.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                and not isinstance(m, torch.nn.SyncBatchNorm)]
+    assert converted.state_dict().keys() == model.state_dict().keys()
+    for mode in ("train", "eval"):
+        if mode == "eval":
+            dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+        try:
+            outputs = [getattr(m, mode)()(x.clone())[0] for m in (model, converted, plain)]
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        assert_close(outputs[1], outputs[0], dtype=torch.float64, name=mode)
+        # The activation-dropping conversion computes another network (the test can fail).
+        assert (outputs[2] - outputs[0]).abs().max() > 1e-3

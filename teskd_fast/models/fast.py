@@ -148,8 +148,14 @@ def _global_statistics(mean, var, n, group):
     return global_mean, spread / total, total.detach()
 
 
-def _upsampled_statistics(y, size):
-    """Per-channel mean and (biased) variance of ``interpolate(y, size)`` (bilinear, align_corners) from ``y``."""
+def _upsampled_statistics(y, size, stencil=None):
+    """Per-channel mean and (biased) variance of ``interpolate(y, size)`` (bilinear, align_corners) from ``y``.
+
+    ``stencil`` (default: on CUDA) applies the Gram matrices as the tridiagonal matrices they are (three products
+    per element, :func:`_tridiagonal_apply`) instead of as matmuls: on CUDA a float32 matmul runs in TF32 under
+    ``torch.set_float32_matmul_precision("high")`` (teskd-train's setting), which rounds its inputs to 10 mantissa
+    bits; the stencil is plain float32 arithmetic, which Inductor fuses into the reduction. On the CPU, where
+    float32 matmuls are exact, the matmuls are the faster eager path."""
     batch, _, h, w = y.shape
     col_h, gram_h = resize_statistics(h, size[0], y.dtype, y.device)
     col_w, gram_w = resize_statistics(w, size[1], y.dtype, y.device)
@@ -159,9 +165,31 @@ def _upsampled_statistics(y, size):
     # sum over the upsampled map of (A_h Y A_w^T)^2 = sum(Y * (A_h^T A_h) Y (A_w^T A_w)).
     # Contracted in [B, h, w, C] order: a plain view of channels-last memory, so each product is one GEMM.
     c_nhwc = centred.permute(0, 2, 3, 1)
-    mixed = torch.matmul(gram_w, torch.matmul(gram_h, c_nhwc.flatten(2)).unflatten(2, (w, -1)))
+    if y.is_cuda if stencil is None else stencil:
+        mixed = _tridiagonal_apply(_tridiagonal_apply(c_nhwc, gram_h, 1), gram_w, 2)
+    else:
+        mixed = torch.matmul(gram_w, torch.matmul(gram_h, c_nhwc.flatten(2)).unflatten(2, (w, -1)))
     var = (c_nhwc * mixed).sum((0, 1, 2)) / n  # [C]
     return mean, var, n
+
+
+def _tridiagonal_apply(x, gram, dim):
+    """``gram @ x`` along ``dim`` for a symmetric tridiagonal ``gram`` ([n, n]): elementwise, no matmul.
+
+    The Gram matrix ``A^T A`` of linear interpolation is tridiagonal: each row of ``A`` weighs two neighbouring
+    inputs, so ``(A^T A)[i, j]`` is zero unless ``|i - j| <= 1``."""
+    n = x.shape[dim]
+    shape = [1] * x.dim()
+    shape[dim] = n
+    out = x * gram.diagonal().view(shape)
+    if n == 1:
+        return out
+    shape[dim] = n - 1
+    off = gram.diagonal(1).view(shape)  # gram[i, i + 1] == gram[i + 1, i]
+    zero = torch.zeros_like(x.narrow(dim, 0, 1))
+    above = torch.cat([x.narrow(dim, 1, n - 1) * off, zero], dim)  # gram[i, i + 1] x[i + 1]
+    below = torch.cat([zero, x.narrow(dim, 0, n - 1) * off], dim)  # gram[i, i - 1] x[i - 1]
+    return out + above + below
 
 
 def patch_conv(x, weight, bias) -> torch.Tensor:

@@ -10,6 +10,9 @@ import contextlib
 import datetime
 import gc
 import os
+import sys
+import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -88,19 +91,64 @@ def setup(device_name: str) -> DistEnv:
 
 
 def _restart_store(rank: int, world_size: int, timeout: datetime.timedelta | None) -> dict[str, Any]:
-    """For a worker group that torchrun restarted: its rendezvous store under a prefix of this attempt's own.
+    """Under torchrun: the worker group's rendezvous store under a prefix of this attempt's own, which every rank
+    of the group, on every node, agrees on.
 
     torchrun keeps its store across restarts, and the addresses the failed attempt's ranks published there are
     still in it: a restarted rank that reads one before its new peer overwrites it connects to a dead process
     (gloo: "connectFullMesh failed ... Connection refused", or a hang). Seen here in about half the restarts of
     a two-rank gloo job with torch 2.14; with a prefix per attempt, in none.
+
+    The prefix cannot come from ``TORCHELASTIC_RESTART_COUNT``: each node's agent keeps its own count, and a
+    restart caused by another node (re)joining does not increment it, so the nodes of one group can hold
+    different counts (and would form their group under different prefixes: a hang). Nor does torchrun tell its
+    workers the rendezvous round. So the group agrees on one itself, in the shared store (:func:`_agree_attempt`).
     """
-    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    if not restart.isdigit() or int(restart) == 0:
+    if "TORCHELASTIC_RUN_ID" not in os.environ and "TORCHELASTIC_RESTART_COUNT" not in os.environ:
         return {}
     store, _, _ = next(dist.rendezvous("env://", rank, world_size,
                                        **({} if timeout is None else {"timeout": timeout})))
-    return {"store": dist.PrefixStore(f"teskd_fast/restart{restart}", store)}
+    attempt = _agree_attempt(store, rank, world_size, timeout or datetime.timedelta(minutes=30))
+    return {"store": dist.PrefixStore(f"teskd_fast/attempt/{attempt}", store)}
+
+
+def _agree_attempt(store: dist.Store, rank: int, world_size: int, timeout: datetime.timedelta,
+                   poll_s: float = 0.02) -> str:
+    """A name for this worker group's attempt that every rank agrees on, in a store earlier attempts wrote to.
+
+    Rank 0 (a new process in every attempt) names the attempt with a fresh random token and publishes it as the
+    leader; each other rank answers the leader it reads with its own fresh token; once every rank has answered,
+    rank 0 publishes the tokens it collected under its name. A rank that read a stale leader (an earlier
+    attempt's, whose list holds no token of this process) reads the leader again until it finds the list with
+    its own token. Bounded by ``timeout``: :class:`DistributedSetupError` names the ranks that did not answer.
+    """
+    token = uuid.uuid4().hex
+    deadline = time.monotonic() + timeout.total_seconds()
+    if rank == 0:
+        store.set("teskd_fast/leader", token)
+        answers = [f"teskd_fast/answer/{token}/{r}" for r in range(1, world_size)]
+        while not store.check(answers):
+            if time.monotonic() > deadline:
+                missing = [r for r, key in enumerate(answers, 1) if not store.check([key])]
+                raise DistributedSetupError(f"ranks {missing} did not answer rank 0 within {timeout} "
+                                            "(the elastic restart's handshake)")
+            time.sleep(poll_s)
+        store.set(f"teskd_fast/members/{token}", ",".join(store.get(key).decode() for key in answers))
+        return token
+    answered = None
+    while True:
+        if store.check(["teskd_fast/leader"]):
+            leader = store.get("teskd_fast/leader").decode()
+            if leader != answered:
+                store.set(f"teskd_fast/answer/{leader}/{rank}", token)
+                answered = leader
+            members = f"teskd_fast/members/{leader}"
+            if store.check([members]) and token in store.get(members).decode().split(","):
+                return leader
+        if time.monotonic() > deadline:
+            raise DistributedSetupError(f"rank {rank} found no answer from rank 0 within {timeout} "
+                                        "(the elastic restart's handshake)")
+        time.sleep(poll_s)
 
 
 def _timeout() -> datetime.timedelta | None:
@@ -114,6 +162,21 @@ def _timeout() -> datetime.timedelta | None:
     if not seconds > 0:
         raise DistributedSetupError(f"TESKD_FAST_DIST_TIMEOUT={value!r}: expected a positive number of seconds")
     return datetime.timedelta(seconds=seconds)
+
+
+def convert_sync_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
+    """``--sync-bn``: every BatchNorm of ``model`` synchronised over the process group, the network unchanged.
+
+    ``nn.SyncBatchNorm.convert_sync_batchnorm`` turns timm's ``BatchNormAct2d`` (BatchNorm, then its activation
+    and drop: EfficientNet, MobileNetV3, RegNet, ...) into a plain SyncBatchNorm whose activation is never called,
+    silently training another network with the same state_dict keys. A model holding timm's norm-and-activation
+    layers goes through timm's own conversion (its ``SyncBatchNormAct`` subclasses ``nn.SyncBatchNorm`` and keeps
+    them); plain BatchNorm layers become ``nn.SyncBatchNorm`` either way.
+    """
+    layers = sys.modules.get("timm.layers")  # a model with timm's layers in it has imported them
+    if layers is not None and any(isinstance(m, layers.BatchNormAct2d) for m in model.modules()):
+        return layers.convert_sync_batchnorm(model)
+    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
 
 # Inside keep_process_group(), cleanup() leaves the process group alone.

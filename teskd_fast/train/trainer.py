@@ -117,7 +117,7 @@ class Trainer:
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         if cfg.sync_bn and env.distributed:
-            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+            self.model = D.convert_sync_batchnorm(self.model)
         self.raw_model = self.model
         self.criterion, self.mix = build_criterion(cfg, env.world_size), build_mix(cfg, env.rank)
         self.optimizer = build_optimizer(self.raw_model, cfg)
