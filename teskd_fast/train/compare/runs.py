@@ -16,25 +16,16 @@ from teskd_fast.train.compare.options import (
     arm_label,
     config_record,
 )
-from teskd_fast.train.config import TrainConfig, config_differences
+from teskd_fast.train.config import config_differences
 from teskd_fast.train.report import finished
+from teskd_fast.train.runfolder import complete_config, read_config_yaml
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    import yaml
-
     try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise CompareError(f"cannot read {path}: {e}", 1) from None
-    if not isinstance(data, dict):
-        raise CompareError(f"{path} is not a mapping of field: value", 1)
-    return data
-
-
-def _complete(config: dict[str, Any]) -> dict[str, Any]:
-    # A configuration written by an earlier version lacks the fields added since: they had their default value.
-    return {**TrainConfig().to_dict(), **config}
+        return read_config_yaml(path)
+    except RuntimeError as e:
+        raise CompareError(str(e), 1) from None
 
 
 def check_configuration(cmp: Comparison) -> None:
@@ -44,7 +35,7 @@ def check_configuration(cmp: Comparison) -> None:
     refusals, record_diffs, same = [], [], []
     if record.is_file():
         data = _read_yaml(record)
-        record_diffs = config_differences(_complete(data.get("train", {})), config_record(cmp)["train"],
+        record_diffs = config_differences(complete_config(data.get("train", {})), config_record(cmp)["train"],
                                           NOT_COMPARED)
         if record_diffs:
             refusals.append(f"{record}: {'; '.join(record_diffs)}")
@@ -54,7 +45,7 @@ def check_configuration(cmp: Comparison) -> None:
     for run in cmp.runs:
         run_config = run.folder / "config.yaml"
         if run_config.is_file():
-            diffs = config_differences(_complete(_read_yaml(run_config)), run.cfg.to_dict(), NOT_COMPARED)
+            diffs = config_differences(complete_config(_read_yaml(run_config)), run.cfg.to_dict(), NOT_COMPARED)
             if diffs and diffs == record_diffs:
                 same.append(run.name)
             elif diffs:
