@@ -58,13 +58,14 @@ import time
 
 from teskd_fast.train.compare.options import CompareError, Comparison, Run, build_compare_parser, parse
 from teskd_fast.train.compare.report import read_run, render_markdown, summarise, write_report
-from teskd_fast.train.compare.runs import check_configuration, execute, write_record
+from teskd_fast.train.compare.runs import check_command_lines, check_configuration, execute, write_record
 
 __all__ = [
     "CompareError",
     "Comparison",
     "Run",
     "build_compare_parser",
+    "check_command_lines",
     "check_configuration",
     "execute",
     "main",
@@ -88,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
                 write_report(cmp)
             return 0
         check_configuration(cmp)
+        check_command_lines(cmp)
         if is_main:
             write_record(cmp)
         status = execute(cmp, is_main)
