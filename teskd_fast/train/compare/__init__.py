@@ -42,8 +42,10 @@ may change. A different ``--seeds`` adds seeds (or reports over the first N); th
 Under ``torchrun`` every process runs this command: each run uses all ranks, one run after another, and only
 rank 0 writes files. OUT must be on a filesystem every rank sees (as ``teskd-train --resume`` needs).
 
-Exit status: 0 done; 1 a missing dataset or a run folder that cannot be read; 2 a bad flag or a changed
-configuration; 3 a non-finite loss; 128 + signal number when a run was stopped (rerun the command to continue).
+Exit status: 0 done; 1 a missing dataset, a run folder that cannot be read, or a report that leaves a run out
+(unfinished, or metrics cut short, unreadable or not finite: the report is written over the other runs and names
+it); 2 a bad flag, an arm whose runs' command line teskd-train would refuse, or a changed configuration; 3 a
+non-finite loss; 128 + signal number when a run was stopped (rerun the command to continue).
 
 The package, by job: :mod:`.options` parses the command line into a :class:`Comparison`; :mod:`.runs` refuses a
 changed configuration and trains the runs in turn; :mod:`.report` reads the runs and writes the statistics
@@ -78,6 +80,15 @@ __all__ = [
 ]
 
 
+def _left_out_status(report: dict) -> int:
+    """1 when the report left a run out (unfinished, or metrics that cannot be used), else 0."""
+    if report["left_out"]:
+        print(f"teskd-compare: the report leaves out {len(report['left_out'])} run(s) (see above and the end of "
+              "compare.md); exit status 1", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``teskd-compare`` and ``python -m teskd_fast.train.compare``; returns the exit status."""
     cmp = parse(argv)
@@ -85,9 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         if cmp.report_only:
-            if is_main:
-                write_report(cmp)
-            return 0
+            return _left_out_status(write_report(cmp)) if is_main else 0
         check_configuration(cmp)
         check_command_lines(cmp)
         if is_main:
@@ -95,7 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         status = execute(cmp, is_main)
         if status or not is_main:
             return status
-        write_report(cmp)
+        status = _left_out_status(write_report(cmp))
+        if status:
+            return status
     except CompareError as e:
         if is_main:
             print(f"teskd-compare: {e}", file=sys.stderr)
