@@ -72,7 +72,7 @@ def read_run(run: Run, after: int | None = None) -> dict[str, Any]:
     try:
         rows = read_metrics(run.folder)
     except (OSError, ValueError) as e:
-        raise CompareError(f"cannot read the metrics of {run.folder}: {e}", 1) from None
+        raise CompareError(str(e), 1) from None  # it names the file
     if not all(isinstance(r, dict) for r in rows):
         line = next(i for i, r in enumerate(rows, 1) if not isinstance(r, dict))
         raise CompareError(f"{path}: row {line} is not a JSON object of field: value", 1)
