@@ -22,13 +22,16 @@ run folder. ``OUT`` (default ``runs/compare-<preset>``) holds:
 - ``config.yaml``: the seeds, the shared training configuration and the arms, checked when the command is run
   again (and read by ``--report-only``);
 - ``<arm>-seed<S>/`` (``teskd-seed<S>/``, ``baseline-seed<S>/``, ...): the run folders;
-- ``compare.md``, ``compare.json``: what each arm shares with the reference; per seed and arm the teacher's
-  top-1 at the last epoch and by the reference's rule (the best after epoch ``round(report_after * epochs)`` of
-  the reference arm), the students' and the ensemble's top-1 at the last epoch, the run's time, images/s and
-  device hours; per arm the mean and sample standard deviation over seeds; per other arm the paired difference
-  reference minus it with its Student's t 95% interval, its p-value and the Holm-adjusted verdict across the
-  comparisons; the cost (points per extra device hour against the cheapest arm); the paper's figures in rows
-  of their own for the presets that reproduce a published table;
+- ``compare.md``, ``compare.json``: the shared recipe; what each arm shares with the reference; per seed and arm
+  the teacher's top-1 at the last epoch (the primary figure) and by the published code's rule (the best after
+  epoch ``round(report_after * epochs)`` of the reference arm: chosen on the test set, shown but not tested),
+  the students' and the ensemble's top-1 at the last epoch, the run's time, images/s and device hours; per arm
+  the mean and sample standard deviation over seeds; per other arm the paired difference reference minus it
+  with its Student's t 95% interval, its p-value and the Holm-adjusted verdict across the comparisons (none from
+  fewer than 3 paired seeds or from differences without spread, saying why); the cost (points per extra device
+  hour against the cheapest arm, where the extra time is above its noise); the paper's figures in rows of their
+  own for the presets that reproduce a published table; the runs left out (unfinished, or metrics that cannot be
+  used), each with its reason;
 - ``compare.png``: per arm the teacher's test top-1 per epoch (the mean with a +-1 std band), and each seed's
   top-1 with the arm's interval against its run time.
 
