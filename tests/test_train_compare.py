@@ -241,6 +241,11 @@ def test_report_only_names_and_leaves_out_unfinished_and_unreadable_runs(tmp_pat
     assert report["methods"]["teskd"]["teacher_top1_last"]["n"] == 3
     assert report["difference"]["teacher_top1_last"]["seeds"] == [30, 31]
     assert "## Runs left out" in (out / "compare.md").read_text()
+    # A line of JSON that is not a row (a number, a list) is named as such, not taken for one.
+    other = folder["baseline-seed31"] / "metrics.jsonl"
+    other.write_text("\n".join(["[1, 2]", *other.read_text().splitlines()[1:]]) + "\n")
+    with pytest.raises(CompareError, match=f"{other}: line 1 is not a JSON row \\(a JSON list, not an object"):
+        read_run(cmp.runs[-1])
 
 
 def test_a_rerun_reusing_a_finished_run_with_a_garbage_metrics_line_says_so(finished, tmp_path, capsys):

@@ -73,9 +73,6 @@ def read_run(run: Run, after: int | None = None) -> dict[str, Any]:
         rows = read_metrics(run.folder)
     except (OSError, ValueError) as e:
         raise CompareError(str(e), 1) from None  # it names the file
-    if not all(isinstance(r, dict) for r in rows):
-        line = next(i for i, r in enumerate(rows, 1) if not isinstance(r, dict))
-        raise CompareError(f"{path}: row {line} is not a JSON object of field: value", 1)
     epochs = [r.get("epoch") for r in rows]
     if epochs != list(range(1, run.cfg.epochs + 1)):
         raise CompareError(f"{path} holds epochs {epochs}, not 1..{run.cfg.epochs}; the run folder is incomplete", 1)
