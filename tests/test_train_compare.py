@@ -102,11 +102,11 @@ def test_paired_difference_by_hand():
 # The report, from run folders written by hand.
 
 
-def _fake_run(folder: Path, teacher: list[float], students: bool) -> None:
+def _fake_run(folder: Path, teacher: list[float], students: bool, epoch_time: float = 1.5) -> None:
     folder.mkdir(parents=True)
     with open(folder / "metrics.jsonl", "w") as f:
         for epoch, acc in enumerate(teacher, 1):
-            row = {"epoch": epoch, "val_top1_teacher": acc, "epoch_time": 1.5}
+            row = {"epoch": epoch, "val_top1_teacher": acc, "epoch_time": epoch_time}
             if students:
                 row.update(val_top1_student3=acc - 1, val_top1_student2=acc - 2, val_top1_student1=acc - 3,
                            val_top1_ensemble=acc + 0.5)
@@ -144,7 +144,8 @@ def test_report_from_hand_written_run_folders(tmp_path):
     assert "| TESKD (paper's figure) | 1 | – | 79.15 |" in md and "| baseline (paper's figure) | 1 | – | 74.41 |" in md
     assert "| 27 | TESKD | 74.00 | 74.00 | 73.00 | 72.00 | 71.00 | 74.50 | 6.0 |" in md
     assert "| TESKD (ours) | 2 | 75.50 ± 2.12 |" in md
-    assert "[-2.85, +9.85]" in md and "the interval contains 0" in md
+    # Two seeds: the interval, and no verdict.
+    assert "[-2.85, +9.85]" in md and "no verdict: 2 paired seeds (a verdict needs at least 3)" in md
     assert "| teacher (best after epoch 150 of 200) (paper's figure) | +4.74 |" in md
     assert report["paper"]["recipe_changes"] == ["epochs"] and "changes the published recipe (epochs)" in md
     assert summarise(parse(["--preset", "cifar100-resnet18", "--seed", "3"]), results)["paper"]["recipe_changes"] == []
@@ -157,6 +158,105 @@ def test_report_from_hand_written_run_folders(tmp_path):
     with pytest.raises(CompareError, match="baseline-seed27/metrics.jsonl holds epochs \\[1\\]") as e:
         read_run(cmp.runs[1])
     assert e.value.status == 1
+
+
+def test_verdicts_need_three_seeds_and_a_spread_and_intervals_stay_in_range(tmp_path):
+    out = tmp_path / "cmp"
+    cmp = parse(["--preset", "cifar100-resnet18", "--epochs", "4", "--seeds", "3", "--out", str(out),
+                 "--arms", "teskd,baseline,label-smoothing,cutmix"])
+    ref = [74.0, 77.0, 78.0]
+    last = {"teskd": ref, "baseline": [64.0, 66.0, 66.0],  # 10, 11, 12 points below: a clear difference
+            "label-smoothing": [r - 0.28 for r in ref],  # 0.28 below on every seed: no spread
+            "cutmix": [100.0, 100.0, 99.0]}  # near 100: its mean's interval reaches past it
+    # The baseline 1e-7 s per epoch slower than the cutmix arm: an extra time within the noise; TESKD twice as long.
+    times = {"teskd": 3.0, "baseline": 1.5000001, "label-smoothing": 1.6, "cutmix": 1.5}
+    for run in cmp.runs:
+        _fake_run(run.folder, [10.0, 50.0, 60.0, last[run.arm][run.seed - 27]], run.arm == "teskd", times[run.arm])
+    report = summarise(cmp, [read_run(run) for run in cmp.runs])
+    verdicts = {a: c["teacher_top1_last"]["verdict"] for a, c in report["comparisons"].items()}
+    assert verdicts["baseline"] == "TESKD better than baseline at 95% with 3 seeds"
+    assert verdicts["label-smoothing"].startswith("no verdict: the difference is +0.28 on every one of the 3 seeds")
+    assert report["comparisons"]["label-smoothing"]["teacher_top1_last"]["p"] is None
+    assert verdicts["cutmix"] == "TESKD worse than cutmix at 95% with 3 seeds"
+    # The best epoch after 3 is chosen on the test set: shown, not tested.
+    best = report["comparisons"]["baseline"]["teacher_top1_best_after"]
+    assert best["mean"] == 11.0 and best["p"] is None and "the published code's measure" in best["verdict"]
+    # The cutmix arm's mean 99.67 +- 4.303 * 0.577 / sqrt(3) = [98.23, 101.10]: inside [0, 100].
+    cut = report["methods"]["cutmix"]["teacher_top1_last"]
+    assert cut["high"] == 100.0 and cut["low"] == pytest.approx(99.6667 - 4.302653 * math.sqrt(1 / 3) / math.sqrt(3),
+                                                                 abs=1e-3)
+    # The cost: no points per hour beside an extra time within its noise; TESKD's rate over its 4 x 1.5 s.
+    cost = report["cost"]
+    assert report["cheapest"] == "cutmix" and cost["baseline"]["gain_per_hour"] is None
+    ref_mean, cut_mean = 229 / 3, 299 / 3
+    assert cost["teskd"]["gain_per_hour"] == pytest.approx((ref_mean - cut_mean) / (6 / 3600))
+    # 0.4 s more than the cheapest's 6 s is above 5% of it.
+    assert cost["label-smoothing"]["gain_per_hour"] == pytest.approx((ref_mean - 0.28 - cut_mean) / (0.4 / 3600))
+    md = render_markdown(report)
+    assert "| baseline | 0.0017 | 65.33 ± 1.15 | +0.0000 | -34.33 | – (the extra time is within its noise) |" in md
+    # The recipe every arm shares, printed.
+    assert ("lr 0.1 (global batch 128), schedule multistep (x0.1 at 0.5, 0.75 of the epochs), SGD momentum 0.9 "
+            "Nesterov, weight decay 0.0005, label smoothing 0, 4 epochs, image size 224, test 224 (resized to 256)"
+            in md)
+    assert "teacher (best after epoch 3, chosen on the test set) (ours; the published code's measure)" in md
+
+
+def _finish(run) -> None:
+    """A summary.json as teskd-train writes it last (listing no file), for a hand-written run."""
+    (run.folder / "summary.json").write_text(json.dumps({"epochs": run.cfg.epochs, "outputs": []}))
+
+
+def test_report_only_names_and_leaves_out_unfinished_and_unreadable_runs(tmp_path, capsys):
+    from teskd_fast.train.compare import write_record
+
+    out = tmp_path / "cmp"
+    cmp = parse(["--preset", "cifar100-resnet18", "--epochs", "4", "--seeds", "5", "--out", str(out), "--no-plot"])
+    for run in cmp.runs:
+        _fake_run(run.folder, [10.0, 50.0, 60.0, 70.0 + (run.method == "teskd") + run.seed % 3], False)
+        _finish(run)
+    write_record(cmp)
+    assert main(["--report-only", str(out)]) == 0
+    capsys.readouterr()
+    folder = {r.name: r.folder for r in cmp.runs}
+    cut = folder["baseline-seed27"] / "metrics.jsonl"
+    cut.write_text(cut.read_text()[:-20])  # the last row cut short by a killed write
+    garbage = folder["teskd-seed28"] / "metrics.jsonl"
+    lines = garbage.read_text().splitlines()
+    garbage.write_text("\n".join([lines[0], "garbage", *lines[1:]]) + "\n")
+    nan = folder["baseline-seed29"] / "metrics.jsonl"
+    nan.write_text(nan.read_text().replace('"val_top1_teacher": 60.0', '"val_top1_teacher": NaN'))
+    (folder["teskd-seed29"] / "summary.json").unlink()
+    assert main(["--report-only", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    for name, words in (("baseline-seed27", f"{cut}: line 4 is not a JSON row"),
+                        ("teskd-seed28", f"{garbage}: line 2 is not a JSON row"),
+                        ("baseline-seed29", f"{nan}: epoch 3: val_top1_teacher is nan, not a finite number"),
+                        ("teskd-seed29", f"{folder['teskd-seed29'] / 'summary.json'}: missing: the run is unfinished")):
+        assert f"teskd-compare: {name} left out of the report: {words}" in err
+    report = json.loads((out / "compare.json").read_text())
+    assert [r["run"] for r in report["left_out"]] == ["baseline-seed27", "teskd-seed28", "teskd-seed29",
+                                                     "baseline-seed29"]
+    # Averaged over the usable runs; paired over the seeds where both are usable (30 and 31).
+    assert report["methods"]["teskd"]["teacher_top1_last"]["n"] == 3
+    assert report["difference"]["teacher_top1_last"]["seeds"] == [30, 31]
+    assert "## Runs left out" in (out / "compare.md").read_text()
+    # A line of JSON that is not a row (a number, a list) is named as such, not taken for one.
+    other = folder["baseline-seed31"] / "metrics.jsonl"
+    other.write_text("\n".join(["[1, 2]", *other.read_text().splitlines()[1:]]) + "\n")
+    with pytest.raises(CompareError, match=f"{other}: line 1 is not a JSON row \\(a JSON list, not an object"):
+        read_run(cmp.runs[-1])
+
+
+def test_a_rerun_reusing_a_finished_run_with_a_garbage_metrics_line_says_so(finished, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    shutil.copytree(finished, out)
+    metrics = out / "baseline-seed28" / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + "{not json\n")
+    assert main(TINY + ["--seeds", "2", "--out", str(out), "--no-plot"]) == 1
+    captured = capsys.readouterr()
+    assert "[4/4] baseline seed 28: finished, reused" in captured.out and "Traceback" not in captured.err
+    assert f"baseline-seed28 left out of the report: {metrics}: line 4 is not a JSON row" in captured.err
 
 
 def test_a_missing_dataset_exits_1_before_any_training(tmp_path, capsys):
@@ -236,7 +336,7 @@ def test_a_changed_flag_is_refused_and_more_seeds_reuse_the_finished_runs(finish
     assert main(TINY + ["--seeds", "1", "--out", str(out), "--no-plot"]) == 0
     report = json.loads((out / "compare.json").read_text())
     assert report["seeds"] == [27] and report["difference"]["teacher_top1_last"]["low"] is None
-    assert "one seed: no interval" in (out / "compare.md").read_text()
+    assert "no verdict: 1 paired seed" in (out / "compare.md").read_text()
     assert {p.name: _mtimes(p) for p in out.iterdir() if p.is_dir()} == runs
     # Three seeds: only seed 29 is trained.
     assert main(TINY + ["--seeds", "3", "--out", str(out), "--no-plot"]) == 0

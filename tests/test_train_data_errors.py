@@ -254,3 +254,16 @@ def test_eval_only_of_a_state_dict_of_another_network_names_the_mismatch_briefly
         torch.save(_teacher_state_dict("resnet18", 0.25), path)
         done = _command(["--eval-only", str(path)], tmp_path, EVAL_FLAGS)
         assert done.returncode == 0 and "Evaluation of" in done.stdout, done.stderr
+
+
+def test_eval_only_mismatch_for_a_timm_arch_names_no_resnet_flags(tmp_path, capsys):
+    # --stem and --width do not shape a timm model: the message names the network by --arch alone.
+    pytest.importorskip("timm", reason="timm is optional: pip install timm")
+    from teskd_fast.train.cli import main
+
+    path = tmp_path / "teacher.pt"
+    torch.save(_teacher_state_dict("resnet18", 0.25), path)
+    assert main(["--eval-only", str(path), "--arch", "timm/test_convnext", *EVAL_FLAGS]) == 1
+    err = capsys.readouterr().err
+    assert "the timm/test_convnext teacher (10 classes)" in err and "or --arch, say which network" in err
+    assert "--stem" not in err and "--width" not in err and "Traceback" not in err

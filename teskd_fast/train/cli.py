@@ -369,11 +369,15 @@ def _evaluate_only(cfg: TrainConfig, ckpt: dict[str, Any], run_dir: Path, env) -
     state = ckpt["teacher_state_dict"] if teacher_sd else ckpt.get("model")
     trainer = Trainer(cfg, run_dir, env)
     what = "teacher" if cfg.method == "baseline" else "TESKD network"
-    target = f"the {cfg.arch} {what} (--stem {cfg.stem}, --width {cfg.width:g}, {trainer.num_classes} classes)"
+    # --stem and --width shape the ResNets only: a timm model is named by --arch alone.
+    timm = cfg.arch.startswith("timm/")
+    shape = "" if timm else f"--stem {cfg.stem}, --width {cfg.width:g}, "
+    target = f"the {cfg.arch} {what} ({shape}{trainer.num_classes} classes)"
     try:
         check_state_dict(state, trainer.raw_model.state_dict(), target)
     except (TypeError, ValueError) as e:
-        hint = ("the teacher.json written beside a teacher.pt, or --arch / --stem / --width, say which network it is"
+        flags = "--arch" if timm else "--arch / --stem / --width"
+        hint = (f"the teacher.json written beside a teacher.pt, or {flags}, say which network it is"
                 if teacher_sd else "a training checkpoint fits the flags it was trained with")
         print(f"teskd-train: --eval-only {cfg.eval_only}: {e} ({hint})", file=sys.stderr)
         return 1

@@ -256,11 +256,14 @@ def read_metrics(run_dir: str | Path, strict: bool = True) -> list[dict[str, Any
             if not line:
                 continue
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
+                if strict and not isinstance(row, dict):
+                    raise ValueError(f"a JSON {type(row).__name__}, not an object of field: value")
             except ValueError as e:
                 if strict:
                     raise ValueError(f"{path}: line {number} is not a JSON row ({e}); a run killed while writing "
                                      "it leaves its last line cut short: `teskd-train --resume` rewrites the file "
                                      "from last.pt") from None
                 break
+            rows.append(row)
     return rows if strict else [r for r in rows if isinstance(r, dict)]

@@ -139,12 +139,14 @@ class RunLock:
         self.release()
 
 
-def _complete(config: dict[str, Any]) -> dict[str, Any]:
-    # A config written by an earlier version lacks the fields added since: they had their default value.
+def complete_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A stored configuration (a run's config.yaml, a checkpoint's, a comparison's record) with every field: one
+    written before a field existed lacks it, and ran with its default value."""
     return {**TrainConfig().to_dict(), **config}
 
 
-def _read_config_yaml(path: Path) -> dict[str, Any]:
+def read_config_yaml(path: Path) -> dict[str, Any]:
+    """A stored config.yaml as a mapping; RuntimeError naming the file when it cannot be read or is not one."""
     import yaml
 
     try:
@@ -165,10 +167,10 @@ def check_resume(run_dir: Path, ckpt: dict[str, Any], cfg: TrainConfig) -> None:
         cfg: the configuration the resumed run would have: the checkpoint's, with the flags and YAML given.
     """
     fixed = _WHERE | CHANGEABLE_AT_RESUME
-    stored = _complete(ckpt["config"])
+    stored = complete_config(ckpt["config"])
     config_yaml = run_dir / "config.yaml"
     if config_yaml.is_file():
-        diffs = config_differences(_complete(_read_config_yaml(config_yaml)), stored, fixed)
+        diffs = config_differences(complete_config(read_config_yaml(config_yaml)), stored, fixed)
         if diffs:
             raise RunFolderRefused(
                 f"--resume {run_dir}: {run_dir / 'last.pt'} is not the checkpoint of the run in {config_yaml} (a "

@@ -163,14 +163,42 @@ def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float 
     return PairedDifference(n, m, s, sem, t, confidence, m - t * sem, m + t * sem)
 
 
+# Differences whose standard deviation is below this fraction of their size (at least 1) have no spread: the same
+# difference on every seed, up to the rounding of the subtraction (99.17 - 98.89 is not exactly 0.28).
+NO_SPREAD = 1e-9
+
+
+def has_spread(d: PairedDifference) -> bool:
+    """Whether the differences vary (at least two finite ones whose std is not zero up to rounding): the t-test
+    needs their spread, and differences that do not vary give no estimate of it."""
+    return d.defined and math.isfinite(d.std) and d.std > NO_SPREAD * max(1.0, abs(d.mean))
+
+
 def paired_p_value(d: PairedDifference) -> float:
-    """The two-sided p-value of Student's paired t-test of ``d.mean == 0`` (NaN for fewer than two pairs; with
-    no spread, 0 for a nonzero mean and 1 for a zero one)."""
-    if not d.defined:
+    """The two-sided p-value of Student's paired t-test of ``d.mean == 0``; NaN where the test is undefined: fewer
+    than two pairs, or no spread (:func:`has_spread`: t would be 0/0 or infinite)."""
+    if not has_spread(d):
         return math.nan
-    if d.sem == 0.0:
-        return 1.0 if d.mean == 0.0 else 0.0
     return min(1.0, 2.0 * (1.0 - t_cdf(abs(d.mean) / d.sem, d.n - 1)))
+
+
+def mean_interval(values: Sequence[float], confidence: float = 0.95, bounds: tuple[float, float] | None = None) \
+        -> tuple[float, float] | None:
+    """The Student's t ``confidence`` interval of the mean of ``values`` (None for fewer than two), clipped to
+    ``bounds`` (e.g. ``(0, 100)`` for an accuracy in %, whose mean cannot lie outside)."""
+    n = len(values)
+    if n < 2:
+        return None
+    m, half = mean(values), t_ppf(0.5 * (1.0 + confidence), n - 1) * std(values) / math.sqrt(n)
+    return clip((m - half, m + half), bounds)
+
+
+def clip(interval: tuple[float, float], bounds: tuple[float, float] | None) -> tuple[float, float]:
+    """``interval`` inside ``bounds`` (None: unchanged)."""
+    if bounds is None:
+        return interval
+    lo, hi = bounds
+    return min(max(interval[0], lo), hi), max(min(interval[1], hi), lo)
 
 
 def holm(p_values: Sequence[float]) -> list[float]:

@@ -22,13 +22,16 @@ run folder. ``OUT`` (default ``runs/compare-<preset>``) holds:
 - ``config.yaml``: the seeds, the shared training configuration and the arms, checked when the command is run
   again (and read by ``--report-only``);
 - ``<arm>-seed<S>/`` (``teskd-seed<S>/``, ``baseline-seed<S>/``, ...): the run folders;
-- ``compare.md``, ``compare.json``: what each arm shares with the reference; per seed and arm the teacher's
-  top-1 at the last epoch and by the reference's rule (the best after epoch ``round(report_after * epochs)`` of
-  the reference arm), the students' and the ensemble's top-1 at the last epoch, the run's time, images/s and
-  device hours; per arm the mean and sample standard deviation over seeds; per other arm the paired difference
-  reference minus it with its Student's t 95% interval, its p-value and the Holm-adjusted verdict across the
-  comparisons; the cost (points per extra device hour against the cheapest arm); the paper's figures in rows
-  of their own for the presets that reproduce a published table;
+- ``compare.md``, ``compare.json``: the shared recipe; what each arm shares with the reference; per seed and arm
+  the teacher's top-1 at the last epoch (the primary figure) and by the published code's rule (the best after
+  epoch ``round(report_after * epochs)`` of the reference arm: chosen on the test set, shown but not tested),
+  the students' and the ensemble's top-1 at the last epoch, the run's time, images/s and device hours; per arm
+  the mean and sample standard deviation over seeds; per other arm the paired difference reference minus it
+  with its Student's t 95% interval, its p-value and the Holm-adjusted verdict across the comparisons (none from
+  fewer than 3 paired seeds or from differences without spread, saying why); the cost (points per extra device
+  hour against the cheapest arm, where the extra time is above its noise); the paper's figures in rows of their
+  own for the presets that reproduce a published table; the runs left out (unfinished, or metrics that cannot be
+  used), each with its reason;
 - ``compare.png``: per arm the teacher's test top-1 per epoch (the mean with a +-1 std band), and each seed's
   top-1 with the arm's interval against its run time.
 
@@ -42,8 +45,10 @@ may change. A different ``--seeds`` adds seeds (or reports over the first N); th
 Under ``torchrun`` every process runs this command: each run uses all ranks, one run after another, and only
 rank 0 writes files. OUT must be on a filesystem every rank sees (as ``teskd-train --resume`` needs).
 
-Exit status: 0 done; 1 a missing dataset or a run folder that cannot be read; 2 a bad flag or a changed
-configuration; 3 a non-finite loss; 128 + signal number when a run was stopped (rerun the command to continue).
+Exit status: 0 done; 1 a missing dataset, a run folder that cannot be read, or a report that leaves a run out
+(unfinished, or metrics cut short, unreadable or not finite: the report is written over the other runs and names
+it); 2 a bad flag, an arm whose runs' command line teskd-train would refuse, or a changed configuration; 3 a
+non-finite loss; 128 + signal number when a run was stopped (rerun the command to continue).
 
 The package, by job: :mod:`.options` parses the command line into a :class:`Comparison`; :mod:`.runs` refuses a
 changed configuration and trains the runs in turn; :mod:`.report` reads the runs and writes the statistics
@@ -58,13 +63,14 @@ import time
 
 from teskd_fast.train.compare.options import CompareError, Comparison, Run, build_compare_parser, parse
 from teskd_fast.train.compare.report import read_run, render_markdown, summarise, write_report
-from teskd_fast.train.compare.runs import check_configuration, execute, write_record
+from teskd_fast.train.compare.runs import check_command_lines, check_configuration, execute, write_record
 
 __all__ = [
     "CompareError",
     "Comparison",
     "Run",
     "build_compare_parser",
+    "check_command_lines",
     "check_configuration",
     "execute",
     "main",
@@ -77,6 +83,15 @@ __all__ = [
 ]
 
 
+def _left_out_status(report: dict) -> int:
+    """1 when the report left a run out (unfinished, or metrics that cannot be used), else 0."""
+    if report["left_out"]:
+        print(f"teskd-compare: the report leaves out {len(report['left_out'])} run(s) (see above and the end of "
+              "compare.md); exit status 1", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``teskd-compare`` and ``python -m teskd_fast.train.compare``; returns the exit status."""
     cmp = parse(argv)
@@ -84,16 +99,17 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         if cmp.report_only:
-            if is_main:
-                write_report(cmp)
-            return 0
+            return _left_out_status(write_report(cmp)) if is_main else 0
         check_configuration(cmp)
+        check_command_lines(cmp)
         if is_main:
             write_record(cmp)
         status = execute(cmp, is_main)
         if status or not is_main:
             return status
-        write_report(cmp)
+        status = _left_out_status(write_report(cmp))
+        if status:
+            return status
     except CompareError as e:
         if is_main:
             print(f"teskd-compare: {e}", file=sys.stderr)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -142,21 +143,66 @@ def _strip_compare_flags(argv: list[str]) -> list[str]:
     return out
 
 
+def _load_arms_yaml(path: str) -> Any:
+    """``--arms-file``'s YAML, every mapping key kept as the text it is: a key YAML would read as another value
+    (``off`` as False, ``1_000`` as 1000, ``null``) and a key given twice are refused by name and line."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    def mapping(loader: Loader, node: yaml.MappingNode) -> dict[Any, Any]:
+        seen: dict[str, int] = {}
+        for key, _ in node.value:
+            line = key.start_mark.line + 1
+            if key.tag == "tag:yaml.org,2002:merge":
+                continue
+            if not (isinstance(key, yaml.ScalarNode) and key.tag == "tag:yaml.org,2002:str"):
+                read = loader.construct_object(key, deep=True)
+                raise ConfigError(f"--arms-file {path}: line {line}: the name {key.value!r} is read by YAML as "
+                                  f"{read!r} ({type(read).__name__}), not as the text {key.value!r}; quote it: "
+                                  f"'{key.value}':")
+            if key.value in seen:
+                raise ConfigError(f"--arms-file {path}: line {line}: {key.value!r} is given twice (first on line "
+                                  f"{seen[key.value]}); each name once")
+            seen[key.value] = line
+        return loader.construct_mapping(node, deep=True)
+
+    Loader.add_constructor("tag:yaml.org,2002:map", mapping)
+    try:
+        return yaml.load(Path(path).read_text(encoding="utf-8"), Loader=Loader)  # a SafeLoader: plain data only
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(f"--arms-file {path}: cannot be read as YAML ({e})") from None
+
+
+def _check_value_types(where: str, change: dict[str, Any]) -> None:
+    """A value of a type its field cannot take as a ``teskd-train`` flag: a YAML boolean for a number or a text
+    (``lr: true`` would become the flag ``--lr`` with no value), an empty list (``--lr-milestones`` with none)."""
+    hints = typing.get_type_hints(TrainConfig)
+    for name, value in change.items():
+        if name not in hints:
+            continue  # an unknown field: resolve() names it
+        hint = hints[name]
+        is_tuple = typing.get_origin(hint) is tuple
+        kinds = typing.get_args(hint)[:1] if is_tuple else (typing.get_args(hint) or (hint,))
+        values = value if is_tuple and isinstance(value, (list, tuple)) else [value]
+        if bool not in kinds and any(isinstance(v, bool) for v in values):
+            wanted = " or ".join(k.__name__ for k in kinds if k is not type(None))
+            raise ConfigError(f"{where}: {name}: {value!r} holds a YAML boolean, not a {wanted}")
+        if isinstance(value, (list, tuple)) and not value:
+            raise ConfigError(f"{where}: {name}: an empty list cannot be given as {'--' + name.replace('_', '-')} "
+                              "(it takes one value or more)")
+
+
 def read_arms(path: str | None) -> dict[str, dict[str, Any]]:
     """The built-in arms and those of ``--arms-file`` (name: {field: value}), each change checked."""
     arms = dict(BUILTIN_ARMS)
     if path is None:
         return arms
-    import yaml
-
-    try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise ConfigError(f"--arms-file {path}: cannot be read as YAML ({e})") from None
+    data = _load_arms_yaml(path) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"--arms-file {path}: expected a mapping of name: {{field: value}}")
     for name, change in data.items():
-        name = str(name)
         where = f"--arms-file {path}: arm {name!r}"
         if name in BUILTIN_ARMS:
             raise ConfigError(f"{where} is a built-in arm; give yours another name")
@@ -164,9 +210,12 @@ def read_arms(path: str | None) -> dict[str, dict[str, Any]]:
             raise ConfigError(f"{where}: a name is letters, digits and _ . + - (it names the run folders)")
         if not isinstance(change, dict) or not change:
             raise ConfigError(f"{where}: expected a mapping of field: value, got {change!r}")
-        arms[name] = {str(k).replace("-", "_"): v for k, v in change.items()}
+        arms[name] = {k.replace("-", "_"): v for k, v in change.items()}
+        if len(arms[name]) != len(change):
+            raise ConfigError(f"{where}: a field is given twice (as snake_case and kebab-case)")
         if None in arms[name].values():
             raise ConfigError(f"{where}: a value is missing (null); an arm gives each field it changes a value")
+        _check_value_types(where, arms[name])
     for name, change in arms.items():
         refused = sorted(set(change) & NOT_ARM_FIELDS)
         if refused:

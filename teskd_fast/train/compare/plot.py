@@ -3,12 +3,11 @@ seed's final top-1 with the arm's mean and 95% t-interval against its training t
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
 from teskd_fast.train.compare.options import arm_label
-from teskd_fast.train.stats import mean, std, t_ppf
+from teskd_fast.train.stats import mean, mean_interval, std
 
 
 def plot_report(report: dict[str, Any], results: list[dict[str, Any]], path: Path) -> Path:
@@ -24,6 +23,8 @@ def plot_report(report: dict[str, Any], results: list[dict[str, Any]], path: Pat
     arms = [a["arm"] for a in report["arms"]]
     for arm, color in zip(arms, colors):
         rows = [r for r in results if r["arm"] == arm]
+        if not rows:
+            continue  # every run of the arm left out of the report
         curves = [r["curve"] for r in rows]
         epochs = min(len(c) for c in curves)
         x = list(range(1, epochs + 1))
@@ -39,9 +40,11 @@ def plot_report(report: dict[str, Any], results: list[dict[str, Any]], path: Pat
         times = [r["time_s"] for r in rows]
         tops = [r["teacher_top1_last"] for r in rows]
         axes[2].scatter(times, tops, color=color, alpha=0.6, s=25)
-        half = t_ppf(0.975, len(tops) - 1) * std(tops) / math.sqrt(len(tops)) if len(tops) > 1 else 0.0
-        axes[2].errorbar([mean(times)], [mean(tops)], yerr=[half], color=color, marker="D", capsize=5, lw=2,
-                         label=f"{name}: mean, 95% interval" if len(tops) > 1 else f"{name}: one seed")
+        # The 95% interval of the mean, inside [0, 100] (an accuracy's mean cannot lie outside).
+        low, high = mean_interval(tops, 0.95, (0.0, 100.0)) or (mean(tops),) * 2
+        mid = mean(tops)
+        axes[2].errorbar([mean(times)], [mid], yerr=[[mid - low], [high - mid]], color=color, marker="D", capsize=5,
+                         lw=2, label=f"{name}: mean, 95% interval" if len(tops) > 1 else f"{name}: one seed")
     paper = report["paper"]
     if paper:
         for m, color in (("teskd", colors[arms.index("teskd")]), ("baseline", colors[arms.index("baseline")])):

@@ -16,25 +16,16 @@ from teskd_fast.train.compare.options import (
     arm_label,
     config_record,
 )
-from teskd_fast.train.config import TrainConfig, config_differences
+from teskd_fast.train.config import ConfigError, TrainConfig, build_parser, config_differences, load_yaml, resolve
 from teskd_fast.train.report import finished
+from teskd_fast.train.runfolder import complete_config, read_config_yaml
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    import yaml
-
     try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise CompareError(f"cannot read {path}: {e}", 1) from None
-    if not isinstance(data, dict):
-        raise CompareError(f"{path} is not a mapping of field: value", 1)
-    return data
-
-
-def _complete(config: dict[str, Any]) -> dict[str, Any]:
-    # A configuration written by an earlier version lacks the fields added since: they had their default value.
-    return {**TrainConfig().to_dict(), **config}
+        return read_config_yaml(path)
+    except RuntimeError as e:
+        raise CompareError(str(e), 1) from None
 
 
 def check_configuration(cmp: Comparison) -> None:
@@ -44,7 +35,7 @@ def check_configuration(cmp: Comparison) -> None:
     refusals, record_diffs, same = [], [], []
     if record.is_file():
         data = _read_yaml(record)
-        record_diffs = config_differences(_complete(data.get("train", {})), config_record(cmp)["train"],
+        record_diffs = config_differences(complete_config(data.get("train", {})), config_record(cmp)["train"],
                                           NOT_COMPARED)
         if record_diffs:
             refusals.append(f"{record}: {'; '.join(record_diffs)}")
@@ -54,7 +45,7 @@ def check_configuration(cmp: Comparison) -> None:
     for run in cmp.runs:
         run_config = run.folder / "config.yaml"
         if run_config.is_file():
-            diffs = config_differences(_complete(_read_yaml(run_config)), run.cfg.to_dict(), NOT_COMPARED)
+            diffs = config_differences(complete_config(_read_yaml(run_config)), run.cfg.to_dict(), NOT_COMPARED)
             if diffs and diffs == record_diffs:
                 same.append(run.name)
             elif diffs:
@@ -89,6 +80,46 @@ def train_argv(cmp: Comparison, run: Run, state: str) -> list[str]:
     # --out last: it overrides the comparison's own --out among the shared flags (a resume accepts its own folder).
     where = (["--resume", str(run.folder)] if state == "resume" else []) + ["--out", str(run.folder)]
     return [*cmp.train_argv, *arm_flags(cmp.arms[run.arm]), "--seed", str(run.seed), *where]
+
+
+def _parse_train_argv(argv: list[str]) -> TrainConfig:
+    """``teskd-train``'s parsing of a new run's command line (its flags, its --config file, :func:`resolve`'s
+    checks), a refusal raised as :class:`ConfigError` instead of exiting."""
+    parser = build_parser()
+
+    def refuse(message: str):
+        raise ConfigError(message)
+
+    parser.error = refuse
+    given = vars(parser.parse_args(argv))
+    overrides = load_yaml(given.pop("config")) if "config" in given else {}
+    overrides.update(given)
+    return resolve(overrides)
+
+
+def check_command_lines(cmp: Comparison) -> None:
+    """Refuse (:class:`CompareError`, status 2) before anything trains a run whose ``teskd-train`` command line
+    would be refused, or would compute another configuration than the one the comparison built for it (a value
+    that does not survive being written as a flag), and a new run whose ``--init`` file is not a file."""
+    for run in cmp.runs:
+        where = f"arm {run.arm!r} ({_change(cmp.arms[run.arm])}), run {run.folder}"
+        argv = train_argv(cmp, run, "new")
+        try:
+            cfg = _parse_train_argv(argv)
+        except ConfigError as e:
+            raise CompareError(f"{where}: its teskd-train command line is refused: {e}\n  the command line: "
+                               f"{' '.join(argv)}", 2) from None
+        diffs = config_differences(run.cfg.to_dict(), cfg.to_dict())
+        if diffs:
+            raise CompareError(f"{where}: its teskd-train command line gives another configuration than the "
+                               f"comparison's (comparison -> command line): {'; '.join(diffs)}", 2)
+        if cfg.init and run_state(run) == "new" and not Path(cfg.init).is_file():
+            what = "a folder" if Path(cfg.init).is_dir() else "no such file"
+            raise CompareError(f"{where}: --init {cfg.init}: {what} (a state_dict or checkpoint file)", 2)
+
+
+def _change(change: dict[str, Any]) -> str:
+    return ", ".join(f"{k}: {v!r}" for k, v in change.items())
 
 
 def execute(cmp: Comparison, is_main: bool) -> int:
