@@ -121,7 +121,8 @@ DATASETS: dict[str, DatasetSpec] = {
     "digits": DatasetSpec(_nothing_to_check, _digits),
     "cifar10": _cifar("cifar10"),
     "cifar100": _cifar("cifar100"),
-    # Any ImageFolder tree ROOT/train/<class>/*.JPEG, ROOT/val/<class>/*.JPEG.
+    # Any ImageFolder tree ROOT/train/<class>/*.JPEG, ROOT/val/<class>/*.JPEG; "imagenet" is its older name.
+    "folder": DatasetSpec(_check_imagenet, _imagenet, uses_backend=True),
     "imagenet": DatasetSpec(_check_imagenet, _imagenet, uses_backend=True),
 }
 

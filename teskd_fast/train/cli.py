@@ -50,7 +50,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from teskd_fast.train.config import ConfigError, TrainConfig, build_parser, load_yaml, resolve
+from teskd_fast.train.config import ConfigError, TrainConfig, build_parser, check_files, load_yaml, resolve
 from teskd_fast.train.runfolder import RunFolderRefused
 
 
@@ -63,7 +63,8 @@ def _write_config(cfg: TrainConfig, run_dir: Path) -> None:
 
 
 def _default_out(cfg: TrainConfig) -> Path:
-    return Path("runs") / f"{cfg.preset}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name = cfg.preset if cfg.preset != "none" else cfg.dataset
+    return Path("runs") / f"{name}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 # (config, checkpoint to resume from or evaluate, run folder)
@@ -75,11 +76,16 @@ def _resolve_args(argv: list[str] | None, held: contextlib.ExitStack) -> _Resolv
 
     A resume locks its run folder first (rank 0); ``held`` releases the lock when the command ends.
     """
+    from teskd_fast.data import DatasetError
+
     parser = build_parser()
     given = vars(parser.parse_args(argv))
+    # field -> how a message names it: a YAML file's key (a flag given too overrides it, and is named as a flag).
+    origin: dict[str, str] = {}
     try:
-        overrides = load_yaml(given.pop("config")) if "config" in given else {}
+        overrides = load_yaml(given.pop("config"), origin) if "config" in given else {}
         overrides.update(given)
+        origin = {k: v for k, v in origin.items() if k not in given}
         if overrides.get("resume") and overrides.get("eval_only"):
             raise ConfigError("--resume and --eval-only cannot be combined")
         if overrides.get("resume"):
@@ -88,7 +94,8 @@ def _resolve_args(argv: list[str] | None, held: contextlib.ExitStack) -> _Resolv
             return _eval_config(overrides)
         if _restarted_run(overrides):
             return _resume_config({**overrides, "resume": overrides["out"]}, held)
-        cfg = resolve(overrides)
+        cfg = resolve(overrides, origin=origin)
+        check_files(cfg, origin)
         return cfg, None, Path(cfg.out) if cfg.out else _default_out(cfg)
     except RunFolderRefused as e:
         # Not a misspelt flag: the message alone, without the usage text.
@@ -97,6 +104,10 @@ def _resolve_args(argv: list[str] | None, held: contextlib.ExitStack) -> _Resolv
     except ConfigError as e:
         parser.error(str(e))
         raise  # parser.error exits; this line is never reached
+    except DatasetError as e:
+        # An image folder whose sizes are taken from its images, not there (or unreadable): as a run would say.
+        print(f"teskd-train: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         # A missing or foreign checkpoint for --resume / --eval-only.
         print(f"teskd-train: {e}", file=sys.stderr)
@@ -295,12 +306,7 @@ def _run(cfg: TrainConfig, ckpt: dict[str, Any] | None, run_dir: Path, held: con
                 raise _folder_error(run_dir, e) from None
         D.barrier(env)
         if env.is_main:
-            what = "resuming" if ckpt else "training"
-            at = f" from epoch {trainer.epoch + 1}, batch {trainer.position}" if ckpt else ""
-            print(f"teskd-train: {what} {cfg.method} {cfg.arch} on {cfg.dataset}{at} | {cfg.epochs} epochs, global "
-                  f"batch {cfg.batch_size} over {env.world_size} process(es), device {env.device}, precision "
-                  f"{trainer.precision}, compile {'on' if trainer.compiled else 'off'} | run folder {run_dir}",
-                  flush=True)
+            print(_start_line(cfg, trainer, env, run_dir, ckpt), flush=True)
         trainer.fit()
         return 0
     except DatasetError as e:
@@ -340,6 +346,30 @@ def _run(cfg: TrainConfig, ckpt: dict[str, Any] | None, run_dir: Path, held: con
         D.cleanup()
 
 
+def _start_line(cfg: TrainConfig, trainer, env, run_dir: Path, ckpt: dict[str, Any] | None) -> str:
+    """What a user checks at a glance before a run goes on: the data, the network, the recipe, where it runs. The
+    values a folder's images gave (:func:`teskd_fast.train.config.folder_defaults`) come first, one line each."""
+    from teskd_fast.train.archs import timm_name
+
+    notes = "".join(f"teskd-train: from the data: {note}\n" for note in getattr(cfg, "notes", ()))
+    what = "resuming" if ckpt else "training"
+    at = f" from epoch {trainer.epoch + 1}, batch {trainer.position}" if ckpt else ""
+    loader = trainer.train_loader
+    images = getattr(loader, "num_images", None)
+    if images is None and hasattr(loader, "index"):
+        images = len(loader.index.samples)
+    images = f"{images} training images" if images is not None else "training images"
+    # CIFAR's loader keeps its 32 px images; progressive resizing ramps from image_size_start.
+    size = 32 if cfg.dataset.startswith("cifar") else cfg.image_size
+    size = f"{cfg.image_size_start}->{size}" if cfg.image_size_start else size
+    net = cfg.arch if timm_name(cfg.arch) else f"{cfg.arch} (stem {cfg.stem}, width {cfg.width:g})"
+    preset = f", preset {cfg.preset}" if cfg.preset != "none" else ""
+    return (f"{notes}teskd-train: {what} {cfg.method} {net} on {cfg.dataset}: {images}, {trainer.num_classes} "
+            f"classes, image size {size}{at} | {cfg.epochs} epochs, global batch {cfg.batch_size} over "
+            f"{env.world_size} process(es), lr {cfg.lr:g} ({cfg.schedule}){preset} | device {env.device}, precision "
+            f"{trainer.precision}, compile {'on' if trainer.compiled else 'off'} | run folder {run_dir}")
+
+
 def _os_error_message(e: OSError, run_dir: Path) -> str:
     """One line for a failed write: the file (or the run folder), the reason, and a full disk said so."""
     what = e.strerror or str(e)
@@ -371,7 +401,7 @@ def _evaluate_only(cfg: TrainConfig, ckpt: dict[str, Any], run_dir: Path, env) -
     trainer.raw_model.load_state_dict(state)
     metrics = trainer.evaluate()
     if env.is_main:
-        print_evaluation(metrics, cfg.eval_only, cfg.dataset)
+        print_evaluation(metrics, cfg.eval_only, cfg.dataset, trainer.num_classes)
     return 0
 
 

@@ -436,7 +436,7 @@ class Trainer:
         (a kill before it leaves a run that ``--resume`` finishes without training)."""
         if not self.env.is_main:
             return {}
-        summary = report.summarize(read_metrics(self.run_dir), self.cfg, self.epoch, self.best)
+        summary = report.summarize(read_metrics(self.run_dir), self.cfg, self.epoch, self.best, self.num_classes)
         self.export_teacher()
         if self.cfg.plot:
             report.plot_curves(self.run_dir)
