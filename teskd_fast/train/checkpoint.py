@@ -33,8 +33,23 @@ class CheckpointError(RuntimeError):
 
 
 def _temporary(path: Path) -> tuple[int, str]:
-    # The one naming of temporary files, which remove_stale_temporaries matches.
-    return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # The one naming of temporary files, which remove_stale_temporaries matches. mkstemp makes them 0600: they get
+    # the mode open() would give (0666 less the umask), as metrics.csv has.
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+    except BaseException:
+        os.close(fd)
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return fd, tmp
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it, then restoring it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _atomic_write(path: str | os.PathLike, write: Callable[[Any], None]) -> None:

@@ -137,8 +137,10 @@ class TrainConfig:
     steps_per_epoch: int = _f(0, "cap the batches per epoch (0: the whole training set); for smoke runs")
     log_every: int = _f(50, "steps between progress bar updates (read without a device synchronisation)")
     report_after: float = _f(0.75, "also report the best teacher accuracy after this fraction of the epochs")
-    progress: bool = _f(True, "show a tqdm progress bar")
-    tensorboard: bool = _f(True, "write TensorBoard events when tensorboard is installed")
+    progress: bool = _f(True, "show a tqdm progress bar on a terminal (none when stderr is a file or a pipe: the "
+                        "line per epoch is the log)")
+    tensorboard: bool | None = _f(None, "write TensorBoard events under RUN_DIR/tb (default: when tensorboard is "
+                                  "installed; --tensorboard says once when it is not)")
     plot: bool = _f(True, "draw RUN_DIR/curves.png at the end")
 
     def to_dict(self) -> dict[str, Any]:

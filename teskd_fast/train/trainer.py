@@ -307,8 +307,9 @@ class Trainer:
         if cfg.progress and self.env.is_main:
             from tqdm import tqdm
 
+            # disable=None: no bar when stderr is not a terminal (a log file gets the line per epoch alone).
             bar = tqdm(total=steps, initial=start, desc=f"epoch {self.epoch + 1}/{cfg.epochs}", leave=False,
-                       dynamic_ncols=True)
+                       dynamic_ncols=True, disable=None)
         t0 = time.perf_counter()
         images_done = 0
         i = start
