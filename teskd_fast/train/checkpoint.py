@@ -246,6 +246,11 @@ def load_resume(run_dir: str | Path) -> dict[str, Any]:
     """The last.pt of a run folder, checked to be one of ours."""
     path = Path(run_dir) / "last.pt"
     if not path.is_file():
+        if (Path(run_dir) / "config.yaml").is_file():
+            # A run that failed before its first checkpoint: its folder does not block the same command.
+            raise FileNotFoundError(f"--resume {run_dir}: the run there stopped before its first checkpoint "
+                                    "(config.yaml, no last.pt), so there is nothing to resume; start it again with "
+                                    f"its command (teskd-train ... --out {run_dir}), which reuses the folder")
         raise FileNotFoundError(f"--resume {run_dir}: no last.pt there (nothing to resume)")
     ckpt = load_checkpoint(path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
