@@ -233,7 +233,9 @@ def test_a_folder_of_small_images_gets_its_size_from_the_images(tmp_path):
     # Given sizes and stem are kept.
     cfg = resolve({"dataset": "folder", "data_dir": str(root), "image_size": 32, "stem": "imagenet"})
     assert (cfg.image_size, cfg.val_image_size, cfg.stem) == (32, 32, "imagenet")
-    # A missing folder: the data package's error, exit status 1, no traceback.
-    with pytest.raises(SystemExit) as e:
-        main(["--dataset", "folder", "--data-dir", str(tmp_path / "nowhere")])
-    assert e.value.code == 1
+    # A missing folder: its sizes stay 0 in the configuration, and the run says so (exit status 1, no run folder).
+    nowhere = resolve({"dataset": "folder", "data_dir": str(tmp_path / "nowhere")})
+    assert (nowhere.image_size, nowhere.notes) == (0, [])
+    out = tmp_path / "run"
+    assert main(["--dataset", "folder", "--data-dir", str(tmp_path / "nowhere"), "--out", str(out)]) == 1
+    assert not out.exists()

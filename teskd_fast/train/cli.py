@@ -76,8 +76,6 @@ def _resolve_args(argv: list[str] | None, held: contextlib.ExitStack) -> _Resolv
 
     A resume locks its run folder first (rank 0); ``held`` releases the lock when the command ends.
     """
-    from teskd_fast.data import DatasetError
-
     parser = build_parser()
     given = vars(parser.parse_args(argv))
     # field -> how a message names it: a YAML file's key (a flag given too overrides it, and is named as a flag).
@@ -104,10 +102,6 @@ def _resolve_args(argv: list[str] | None, held: contextlib.ExitStack) -> _Resolv
     except ConfigError as e:
         parser.error(str(e))
         raise  # parser.error exits; this line is never reached
-    except DatasetError as e:
-        # An image folder whose sizes are taken from its images, not there (or unreadable): as a run would say.
-        print(f"teskd-train: {e}", file=sys.stderr)
-        raise SystemExit(1) from None
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         # A missing or foreign checkpoint for --resume / --eval-only.
         print(f"teskd-train: {e}", file=sys.stderr)

@@ -513,15 +513,23 @@ def folder_defaults(values: dict[str, Any], given: set[str]) -> list[str]:
     validation crop is the training size and the validation resize keeps ImageNet's 256/224 ratio; the stem is
     torchvision's (``imagenet``) from 128 px and CIFAR's below (a stride-1 stem keeps small images' detail).
 
+    A folder that is not there (or that its index refuses) is left alone: its sizes stay 0, and the run's check
+    of the dataset, before any work, says what is wrong.
+
     Returns:
         one line per value taken from the data (empty for any other dataset).
     """
+    from teskd_fast.data import DatasetError
+
     if dataset_kind(values.get("dataset", "")) != "folder":
         return []
     notes = []
     if not values.get("image_size"):
         root = Path(values.get("data_dir") or "data").expanduser()
-        side, measured = _median_side(root / "train")
+        try:
+            side, measured = _median_side(root / "train")
+        except DatasetError:
+            return []
         values["image_size"] = min(FOLDER_MAX_SIZE, max(8, 8 * round(side / 8)))
         notes.append(f"image size {values['image_size']} (the median shorter side of {measured} training images "
                      f"is {side} px; at most {FOLDER_MAX_SIZE}; set --image-size to choose)" if measured else
@@ -539,7 +547,8 @@ def folder_defaults(values: dict[str, Any], given: set[str]) -> list[str]:
 def _median_side(split: Path, limit: int = 256) -> tuple[int, int]:
     """(median shorter side in pixels, images measured) of up to ``limit`` images of an ImageFolder split.
 
-    Raises the data package's :class:`~teskd_fast.data.DatasetError` when the folder is not there."""
+    Raises the data package's :class:`~teskd_fast.data.DatasetError` when the folder is not there (or its index
+    refuses it)."""
     import statistics
 
     from PIL import Image
@@ -566,7 +575,8 @@ def check_config(mapping: dict[Any, Any], source: str | None = None) -> TrainCon
 
     Field names, types (a YAML boolean is not a number, an empty list is not a list of numbers), ranges and
     choices, and the files that must exist (``init``, ``resume``, ``eval_only``). An image folder's sizes left
-    at 0 are measured from its images (the folder must then be there).
+    at 0 are measured from its images when the folder is there (else they stay 0: the dataset is checked when a
+    run starts).
 
     Args:
         mapping: field -> value (``snake_case`` or ``kebab-case`` keys), over the preset it names (or the
