@@ -20,10 +20,12 @@ Exit status (every failure prints one ``teskd-train: ...`` line naming the file,
   or a loader during it found it, e.g. an image that cannot be decoded: last.pt then holds the last finished
   epoch), or a checkpoint that is missing, corrupt, of another kind (``--eval-only`` takes a teskd-train
   checkpoint or a teacher.pt state_dict) or that does not fit the network.
-- 2: a bad flag value or configuration, found before any work: an unknown or invalid value, ``--loader nvjpeg``
-  without CUDA or ``--loader dali`` without DALI, an ``--out`` folder that cannot be created or written, a
-  resume that would change the run, a run folder in use by another run or already holding one (without
-  ``--resume``).
+- 2: a bad flag value or configuration, found before any work: an unknown or invalid value (of a flag, or of a
+  ``--config`` file's key, named as that key), a file named by ``--init`` that is not there, an ``--arch`` that
+  ``wrap()`` refuses or that cannot run at the run's image size, ``--loader nvjpeg`` without CUDA or ``--loader
+  dali`` without DALI, an ``--out`` folder that cannot be created or written, a resume that would change the run,
+  a run folder in use by another run or already holding one (a last.pt; a folder a run left before its first
+  checkpoint is reused by the same command).
 - 3: a non-finite loss.
 - 4: the run could not go on for a reason outside it: a write to the run folder failed (the disk is full, a
   quota, an I/O error; last.pt then holds the last saved state), or this process could not join its torchrun
