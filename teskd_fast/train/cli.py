@@ -89,7 +89,7 @@ def _resolve_args(argv: list[str] | None, held: contextlib.ExitStack) -> _Resolv
         if overrides.get("resume") and overrides.get("eval_only"):
             raise ConfigError("--resume and --eval-only cannot be combined")
         if overrides.get("resume"):
-            return _resume_config(overrides, held)
+            return _resume_config(overrides, held, origin)
         if overrides.get("eval_only"):
             return _eval_config(overrides)
         if _restarted_run(overrides):
@@ -133,7 +133,8 @@ def _restarted_run(overrides: dict[str, Any]) -> bool:
     return True
 
 
-def _resume_config(overrides: dict[str, Any], held: contextlib.ExitStack) -> _Resolved:
+def _resume_config(overrides: dict[str, Any], held: contextlib.ExitStack, origin: dict[str, str] | None = None) \
+        -> _Resolved:
     """Config for --resume: the checkpoint's, with the flags a resume may change; the folder locked first."""
     from teskd_fast.train.checkpoint import load_resume
     from teskd_fast.train.distributed import launch_rank
@@ -148,7 +149,7 @@ def _resume_config(overrides: dict[str, Any], held: contextlib.ExitStack) -> _Re
         # Before reading anything: a run that is writing there is refused by name, not by what it has written.
         lock = held.enter_context(RunLock(run_dir))
     ckpt = load_resume(run_dir)
-    cfg = resolve({**overrides, "out": str(run_dir), "resume": str(run_dir)}, base=ckpt["config"])
+    cfg = resolve({**overrides, "out": str(run_dir), "resume": str(run_dir)}, base=ckpt["config"], origin=origin)
     check_resume(run_dir, ckpt, cfg)
     if lock is not None:
         lock.remove_stale_temporaries()
