@@ -132,3 +132,17 @@ def test_a_run_that_failed_before_its_first_checkpoint_does_not_block_its_rerun(
     # The same command runs again in the folder.
     assert main(["--out", str(out), "--no-progress", "--no-tensorboard", *TINY]) == 0
     assert (out / "last.pt").is_file() and (out / "summary.json").is_file()
+
+
+def test_eval_only_of_a_run_folder_evaluates_its_best_pt(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["--out", str(out), "--no-progress", "--no-tensorboard", *TINY]) == 0
+    capsys.readouterr()
+    assert main(["--eval-only", str(out), "--device", "cpu", "--threads", "1"]) == 0
+    captured = capsys.readouterr()
+    assert f"evaluating {out / 'best.pt'}" in captured.err and "Evaluation of" in captured.out
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SystemExit) as e:
+        main(["--eval-only", str(empty)])
+    assert e.value.code == 1 and "holds none of best.pt, last.pt, teacher.pt" in capsys.readouterr().err

@@ -69,6 +69,9 @@ def _default_out(cfg: TrainConfig) -> Path:
     return Path("runs") / f"{name}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+# What --eval-only RUN_DIR evaluates: the first of these the folder holds.
+EVAL_FILES = ("best.pt", "last.pt", "teacher.pt")
+
 # (config, checkpoint to resume from or evaluate, run folder)
 _Resolved = tuple[TrainConfig, dict[str, Any] | None, Path]
 
@@ -157,10 +160,19 @@ def _resume_config(overrides: dict[str, Any], held: contextlib.ExitStack, origin
 
 
 def _eval_config(overrides: dict[str, Any]) -> tuple[TrainConfig, dict[str, Any], Path]:
-    """Config for --eval-only: from a training checkpoint's config, or from teacher.json beside a teacher.pt."""
+    """Config for --eval-only: from a training checkpoint's config, or from teacher.json beside a teacher.pt. A run
+    folder stands for its best.pt (else its last.pt, else its teacher.pt), and the command says which."""
     from teskd_fast.train.checkpoint import CHECKPOINT_FORMAT, load_checkpoint
 
     path = Path(overrides["eval_only"])
+    if path.is_dir():
+        found = [path / name for name in EVAL_FILES if (path / name).is_file()]
+        if not found:
+            raise FileNotFoundError(f"--eval-only {path}: the folder holds none of {', '.join(EVAL_FILES)}; give "
+                                    "a checkpoint file")
+        path = found[0]
+        print(f"teskd-train: --eval-only {overrides['eval_only']}: evaluating {path}", file=sys.stderr)
+        overrides = {**overrides, "eval_only": str(path)}
     ckpt = load_checkpoint(path)
     if isinstance(ckpt, dict) and ckpt.get("format") == CHECKPOINT_FORMAT:
         cfg = resolve(overrides, base=ckpt["config"])

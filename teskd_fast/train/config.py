@@ -133,7 +133,8 @@ class TrainConfig:
     resume: str = _f("", "continue the run in this folder from its last.pt. Only these flags may change: "
                      + ", ".join("--" + n.replace("_", "-") for n in sorted(CHANGEABLE_AT_RESUME))
                      + "; any other that differs from the run's is refused (exit status 2)")
-    eval_only: str = _f("", "evaluate this checkpoint (last.pt, best.pt or teacher.pt) and exit")
+    eval_only: str = _f("", "evaluate this checkpoint (last.pt, best.pt or teacher.pt; a run folder: its best.pt, "
+                        "else last.pt, else teacher.pt) and exit")
     steps_per_epoch: int = _f(0, "cap the batches per epoch (0: the whole training set); for smoke runs")
     log_every: int = _f(50, "steps between progress bar updates (read without a device synchronisation)")
     report_after: float = _f(0.75, "also report the best teacher accuracy after this fraction of the epochs")
@@ -603,7 +604,7 @@ def check_files(cfg: TrainConfig, origin: dict[str, str] | None = None) -> None:
     (a ConfigError naming the flag or ``origin``'s key)."""
     origin = origin or {}
     wanted = {"init": ("a file", Path.is_file), "resume": ("a folder", Path.is_dir),
-              "eval_only": ("a file", Path.is_file)}
+              "eval_only": ("a file or folder", Path.exists)}
     for name, (kind, ok) in wanted.items():
         value = getattr(cfg, name)
         if value and not ok(Path(value).expanduser()):
