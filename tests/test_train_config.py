@@ -152,6 +152,8 @@ def _small_jpeg_folder(root, classes=("a", "b", "c", "d"), per_class=3, sides=(4
     ("weight_decy: 0.1\n", ["unknown field 'weight_decy'", "did you mean weight_decay?"]),
     ("learning-rate: 0.1\n", ["unknown field 'learning-rate'", "did you mean lr?"]),
     ("off: 1\n", ["key False (a boolean) is not a field name"]),
+    # PyYAML would take the last of two values silently.
+    ("lr: 0.1\nepochs: 3\nlr: 0.2\n", ["not valid YAML", "key 'lr' is given twice", "line 3"]),
 ])
 def test_yaml_values_are_type_checked_and_named_by_the_files_key(tmp_path, capsys, yaml_text, phrases):
     yml = tmp_path / "c.yaml"

@@ -418,6 +418,25 @@ def named_fields(mapping: dict[Any, Any], where: str) -> tuple[dict[str, Any], d
     return values, labels
 
 
+def safe_load_unique(text: str) -> Any:
+    """``yaml.safe_load`` that refuses a mapping with a key twice (``yaml.YAMLError`` naming the key and its line),
+    which PyYAML otherwise takes silently, the last value winning."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} is given twice", key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return yaml.load(text, Loader=UniqueKeyLoader)
+
+
 def load_yaml(path: str, labels: dict[str, str] | None = None) -> dict[str, Any]:
     """Read a YAML config: a mapping of field names (``snake_case`` or ``kebab-case``) to values.
 
@@ -431,14 +450,15 @@ def load_yaml(path: str, labels: dict[str, str] | None = None) -> dict[str, Any]
     if not p.is_file():
         raise ConfigError(f"--config: no such file: {p}")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        data = safe_load_unique(p.read_text(encoding="utf-8")) or {}
     except OSError as e:
         raise ConfigError(f"--config {p}: cannot be read ({e.strerror or e})") from None
     except UnicodeDecodeError:
         raise ConfigError(f"--config {p}: not a text file (not UTF-8): expected a YAML mapping of field: value") \
             from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"--config {p}: not valid YAML: {e}") from None
+        # PyYAML's message spans lines (the problem, then where): one line.
+        raise ConfigError(f"--config {p}: not valid YAML: {' '.join(str(e).split())}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"--config {p}: expected a mapping of field: value, got {type(data).__name__}")
     values, found = named_fields(data, str(p))
