@@ -381,14 +381,19 @@ _SYNONYMS = {"learning_rate": "lr", "batch": "batch_size", "wd": "weight_decay",
              "num_epochs": "epochs", "data": "data_dir", "output_dir": "out"}
 
 
-def _unknown(key: str, where: str) -> ConfigError:
-    """The error for a key that names no field, with the closest field names as a suggestion."""
+def _suggestion(key: str) -> str | None:
+    """The field an unknown key probably means (spelt as the key is: kebab-case or snake_case), or None."""
     import difflib
 
     name = key.replace("-", "_")
     close = [_SYNONYMS[name]] if name in _SYNONYMS else difflib.get_close_matches(name, _field_names(), n=1, cutoff=0.6)
-    close = [_flag(c)[2:] if "-" in key else c for c in close]
-    hint = f"; did you mean {close[0]}?" if close else " (teskd-train --help lists the fields)"
+    return (_flag(close[0])[2:] if "-" in key else close[0]) if close else None
+
+
+def _unknown(key: str, where: str) -> ConfigError:
+    """The error for a key that names no field, with the closest field name as a suggestion."""
+    close = _suggestion(key)
+    hint = f"; did you mean {close}?" if close else " (teskd-train --help lists the fields)"
     return ConfigError(f"{where}: unknown field {key!r}{hint}")
 
 
@@ -502,7 +507,8 @@ def resolve(overrides: dict[str, Any], base: dict[str, Any] | None = None,
     names = set(_field_names())
     unknown = sorted(set(overrides) - names)
     if unknown:
-        raise _unknown(unknown[0], "configuration")
+        hints = [f"did you mean {_suggestion(k)} for {k}?" for k in unknown if _suggestion(k)]
+        raise ConfigError(f"unknown config field(s): {', '.join(unknown)}" + (f" ({' '.join(hints)})" if hints else ""))
     origin = origin or {}
     if base is None:
         preset_name, preset = _preset_values(overrides)
