@@ -119,3 +119,125 @@ def test_yaml_syntax_error_is_a_configuration_error(tmp_path, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "not valid YAML" in err and str(yml) in err and "Traceback" not in err
+
+
+def _small_jpeg_folder(root, classes=("a", "b", "c", "d"), per_class=3, sides=(40, 64), seed=0):
+    """An ImageFolder tree of small JPEGs (each side drawn in ``sides``), written with Pillow."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split in ("train", "val"):
+        for c in classes:
+            folder = root / split / c
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                w, h = rng.integers(sides[0], sides[1] + 1, 2)
+                Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"{i}.jpg")
+    return root
+
+
+@pytest.mark.parametrize("yaml_text, phrases", [
+    # A YAML boolean is not a number (it trained at lr 1.0).
+    ("lr: true\n", ["key 'lr'", "expected a number", "True (a boolean)"]),
+    ("lr_milestones: []\n", ["key 'lr_milestones'", "one or more numbers", "empty list"]),
+    ("lr-milestones: [0.5, yes]\n", ["key 'lr-milestones'", "expected a list of numbers"]),
+    ("epochs: 2.5\n", ["key 'epochs'", "expected an integer"]),
+    ("nesterov: 1\n", ["key 'nesterov'", "expected true or false"]),
+    ("arch: 18\n", ["key 'arch'", "expected a string"]),
+    # A bad value is named as the file's key, not as a flag.
+    ("momentum: 2\n", ["key 'momentum'", "must be in [0, 1)"]),
+    ("batch-size: 0\n", ["key 'batch-size'", "must be > 0"]),
+    # A typo gets a suggestion.
+    ("weight_decy: 0.1\n", ["unknown field 'weight_decy'", "did you mean weight_decay?"]),
+    ("learning-rate: 0.1\n", ["unknown field 'learning-rate'", "did you mean lr?"]),
+    ("off: 1\n", ["key False (a boolean) is not a field name"]),
+    # PyYAML would take the last of two values silently.
+    ("lr: 0.1\nepochs: 3\nlr: 0.2\n", ["not valid YAML", "key 'lr' is given twice", "line 3"]),
+])
+def test_yaml_values_are_type_checked_and_named_by_the_files_key(tmp_path, capsys, yaml_text, phrases):
+    yml = tmp_path / "c.yaml"
+    yml.write_text(yaml_text)
+    with pytest.raises(SystemExit) as e:
+        main(["--config", str(yml)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    line = err.strip().splitlines()[-1]
+    assert f"{yml}: " in line and "Traceback" not in err, err
+    for phrase in phrases:
+        assert phrase in line, (phrase, line)
+    # Not named as a flag.
+    assert "argument --" not in line and " --" + yaml_text.split(":")[0] + ":" not in line
+
+
+def test_a_flag_given_beside_the_yaml_is_named_as_the_flag(tmp_path, capsys):
+    yml = tmp_path / "c.yaml"
+    yml.write_text("momentum: 0.5\nlr: 0.2\n")
+    with pytest.raises(SystemExit):
+        main(["--config", str(yml), "--momentum", "2"])
+    assert "--momentum: must be in [0, 1)" in capsys.readouterr().err
+    # Numbers YAML reads as text (1e-4, without a dot) are numbers.
+    yml.write_text("weight_decay: 1e-4\nepochs: 3\n")
+    from teskd_fast.train.config import load_yaml
+
+    cfg = resolve(load_yaml(str(yml)))
+    assert (cfg.weight_decay, cfg.epochs) == (1e-4, 3)
+
+
+def test_check_config_validates_a_whole_configuration_without_training(tmp_path):
+    from teskd_fast.train.config import check_config
+
+    cfg = check_config({"lr": 0.2, "epochs": 3, "lr-milestones": [0.5]})
+    assert isinstance(cfg, TrainConfig) and (cfg.lr, cfg.epochs, cfg.lr_milestones) == (0.2, 3, (0.5,))
+    where = "arms.yaml: arm 'x'"
+    for mapping, phrase in [({"lr": True}, f"{where}: key 'lr': expected a number"),
+                            ({"lr_milestones": []}, f"{where}: key 'lr_milestones': expected a list of one or more"),
+                            ({"init": str(tmp_path / "nonexistent.pt")}, f"{where}: key 'init': no such file"),
+                            ({"init": str(tmp_path)}, f"{where}: key 'init': {tmp_path} is not a file"),
+                            ({"temperature": 0}, f"{where}: key 'temperature'"),
+                            ({"sched": "cosine"}, "did you mean schedule?")]:
+        with pytest.raises(ConfigError) as e:
+            check_config(mapping, source=where)
+        assert phrase in str(e.value), (mapping, str(e.value))
+    with pytest.raises(ConfigError, match="--init: no such file"):
+        check_config({"init": str(tmp_path / "nonexistent.pt")})
+
+
+def test_a_datasets_defaults_apply_to_that_dataset_only(tmp_path):
+    from teskd_fast.train.config import DATASET_DEFAULTS, DATASET_FIELDS
+
+    demo = resolve({})
+    assert (demo.preset, demo.dataset, demo.image_size, demo.threads, demo.width, demo.lr) == (
+        "digits-demo", "digits", 8, 1, 0.25, 0.05)
+    # The default preset is the digits demo's recipe: another dataset gets none of it.
+    cifar = resolve({"dataset": "cifar100"})
+    default = TrainConfig()
+    assert cifar.preset == "none"
+    assert (cifar.image_size, cifar.threads, cifar.width, cifar.lr, cifar.epochs) == (
+        default.image_size, 0, 1.0, default.lr, default.epochs)
+    # A preset asked for by name keeps its recipe on another dataset, not its dataset's values.
+    asked = resolve({"preset": "digits-demo", "dataset": "cifar100"})
+    assert (asked.width, asked.lr, asked.epochs) == (0.25, 0.05, 20)
+    assert (asked.image_size, asked.threads) == (default.image_size, 0)
+    assert set(DATASET_DEFAULTS["digits"]) <= DATASET_FIELDS
+    # On its own dataset a preset applies whole; imagenet is the folder dataset's other name.
+    assert resolve({"preset": "imagenet-resnet18", "dataset": "folder"}).image_size == 224
+
+
+def test_a_folder_of_small_images_gets_its_size_from_the_images(tmp_path):
+    root = _small_jpeg_folder(tmp_path / "f")
+    for name in ("folder", "imagenet"):
+        cfg = resolve({"dataset": name, "data_dir": str(root)})
+        assert 40 <= cfg.image_size <= 64 and cfg.image_size % 8 == 0, cfg.image_size
+        assert cfg.val_image_size == cfg.image_size and cfg.val_resize >= cfg.val_image_size
+        assert (cfg.stem, cfg.width, cfg.threads, cfg.preset) == ("cifar", 1.0, 0, "none")
+        assert any("image size" in note and "median" in note for note in cfg.notes)
+    # Given sizes and stem are kept.
+    cfg = resolve({"dataset": "folder", "data_dir": str(root), "image_size": 32, "stem": "imagenet"})
+    assert (cfg.image_size, cfg.val_image_size, cfg.stem) == (32, 32, "imagenet")
+    # A missing folder: its sizes stay 0 in the configuration, and the run says so (exit status 1, no run folder).
+    nowhere = resolve({"dataset": "folder", "data_dir": str(tmp_path / "nowhere")})
+    assert (nowhere.image_size, nowhere.notes) == (0, [])
+    out = tmp_path / "run"
+    assert main(["--dataset", "folder", "--data-dir", str(tmp_path / "nowhere"), "--out", str(out)]) == 1
+    assert not out.exists()

@@ -113,8 +113,14 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
         import timm
 
         model = timm.create_model(name, num_classes=num_classes, pretrained=False)
+        info = dict(getattr(model, "pretrained_cfg", None) or {})
         if cfg.method != "baseline":
-            model = teskd_fast.wrap(model, num_classes, formulation=cfg.formulation)
+            try:
+                model = teskd_fast.wrap(model, num_classes, formulation=cfg.formulation)
+            except (TypeError, ValueError) as e:
+                # wrap()'s refusal of a model TESKD cannot take (a plain ViT, a head it cannot split): a bad --arch.
+                raise ConfigError(f"--arch {cfg.arch}: {e}") from None
+        check_runs_at_size(model, cfg, info)
     else:
         model = teskd_fast.create_model(cfg.arch, num_classes, stem=cfg.stem, formulation=cfg.formulation,
                                         width=cfg.width)
@@ -130,6 +136,60 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
         # The teacher alone checks its input as the TESKD network does (a clear error, not one from inside conv2d).
         model.register_forward_pre_hook(check_plain_input)
     return model.train()
+
+
+def smallest_image_size(cfg: TrainConfig) -> int:
+    """The smallest side the network sees in this run: CIFAR's 32 px, else the least of the training size (its
+    first one when progressive) and the validation crop."""
+    if cfg.dataset.startswith("cifar"):
+        return 32
+    sizes = [cfg.image_size, cfg.val_image_size] + ([cfg.image_size_start] if cfg.image_size_start else [])
+    return min(sizes)
+
+
+def check_runs_at_size(model: nn.Module, cfg: TrainConfig, info: dict[str, Any]) -> None:
+    """Refuse, before any work, a timm model that cannot run on this run's images (:class:`ConfigError` naming the
+    size it needs), from one forward of a zero batch in eval mode (no random number drawn; the mode restored).
+
+    A model made for a fixed size (timm's ``pretrained_cfg["fixed_input_size"]``: CoaT, LeViT) needs exactly its
+    ``input_size``; another one (Inception v3 at 32 px) may fail below some size: the message gives its
+    ``input_size`` as the size it is made for.
+
+    Args:
+        model: the network (the TESKD network or the plain timm model).
+        cfg: the run's configuration.
+        info: the timm model's ``pretrained_cfg``.
+    """
+    size = smallest_image_size(cfg)
+    made_for = info.get("input_size", (3, 0, 0))[-1]
+    fixed = bool(info.get("fixed_input_size"))
+    problem = None
+    if fixed and made_for and cfg.image_size_start and cfg.image_size_start != made_for:
+        problem = "progressive resizing changes the size"
+    else:
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                model(torch.zeros(1, 3, size, size))
+        except (RuntimeError, ValueError, AssertionError, IndexError) as e:
+            problem = str(e).strip().splitlines()[0].rstrip(".") if str(e).strip() else type(e).__name__
+        finally:
+            model.train(was_training)
+    if problem is None:
+        return
+    where = "CIFAR's images are 32 px" if cfg.dataset.startswith("cifar") else f"--image-size {cfg.image_size}, " \
+        f"--val-image-size {cfg.val_image_size}" + (f", --image-size-start {cfg.image_size_start}"
+                                                      if cfg.image_size_start else "")
+    resize = f" --val-resize {round(made_for * 256 / 224)}" if cfg.val_resize < made_for else ""
+    if fixed and made_for:
+        need = f"it takes {made_for} px images only (give --image-size {made_for} --val-image-size {made_for}{resize})"
+    elif made_for:
+        need = (f"it is made for {made_for} px images (give --image-size {made_for} --val-image-size {made_for}"
+                f"{resize}, or smaller sizes it runs at)")
+    else:
+        need = "give a larger --image-size"
+    raise ConfigError(f"--arch {cfg.arch} does not run on {size} px images ({where}): {problem}; {need}")
 
 
 def build_criterion(cfg: TrainConfig, world_size: int) -> Callable:

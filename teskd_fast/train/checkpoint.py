@@ -40,8 +40,23 @@ class CheckpointError(RuntimeError):
 
 
 def _temporary(path: Path) -> tuple[int, str]:
-    # The one naming of temporary files, which remove_stale_temporaries matches.
-    return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # The one naming of temporary files, which remove_stale_temporaries matches. mkstemp makes them 0600: they get
+    # the mode open() would give (0666 less the umask), as metrics.csv has.
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+    except BaseException:
+        os.close(fd)
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return fd, tmp
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it, then restoring it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _atomic_write(path: str | os.PathLike, write: Callable[[Any], None]) -> None:
@@ -308,6 +323,11 @@ def load_resume(run_dir: str | Path) -> dict[str, Any]:
     """The last.pt of a run folder, checked to be one of ours."""
     path = Path(run_dir) / "last.pt"
     if not path.is_file():
+        if (Path(run_dir) / "config.yaml").is_file():
+            # A run that failed before its first checkpoint: its folder does not block the same command.
+            raise FileNotFoundError(f"--resume {run_dir}: the run there stopped before its first checkpoint "
+                                    "(config.yaml, no last.pt), so there is nothing to resume; start it again with "
+                                    f"its command (teskd-train ... --out {run_dir}), which reuses the folder")
         raise FileNotFoundError(f"--resume {run_dir}: no last.pt there (nothing to resume)")
     ckpt = load_checkpoint(path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:

@@ -22,11 +22,12 @@ Exit status (every failure prints one ``teskd-train: ...`` line naming the file,
   checkpoint or a teacher.pt / teacher.safetensors state_dict, or a run folder for its best.pt), refused because
   loading it would run code (:mod:`teskd_fast.serialization`: last.pt, best.pt, the --eval-only file) or that does
   not fit the network.
-- 2: a bad flag value or configuration, found before any work: an unknown or invalid value (an ``--init`` file
-  missing, empty, refused as above, or not the teacher's weights included), ``--loader nvjpeg``
-  without CUDA or ``--loader dali`` without DALI, an ``--out`` folder that cannot be created or written, a
-  resume that would change the run, a run folder in use by another run or already holding one (without
-  ``--resume``).
+- 2: a bad flag value or configuration, found before any work: an unknown or invalid value (of a flag, or of a
+  ``--config`` file's key, named as that key; an ``--init`` file missing, empty, refused as above, or not the
+  teacher's weights included), an ``--arch`` that ``wrap()`` refuses or that cannot run at the run's image size,
+  ``--loader nvjpeg`` without CUDA or ``--loader dali`` without DALI, an ``--out`` folder that cannot be created or
+  written, a resume that would change the run, a run folder in use by another run or already holding one (a
+  last.pt; a folder a run left before its first checkpoint is reused by the same command).
 - 3: a non-finite loss.
 - 4: the run could not go on for a reason outside it: a write to the run folder failed (the disk is full, a
   quota, an I/O error; last.pt then holds the last saved state), or this process could not join its torchrun
@@ -53,7 +54,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from teskd_fast.train.config import ConfigError, TrainConfig, build_parser, load_yaml, resolve
+from teskd_fast.train.config import ConfigError, TrainConfig, build_parser, check_files, load_yaml, resolve
 from teskd_fast.train.runfolder import RunFolderRefused
 
 
@@ -66,8 +67,12 @@ def _write_config(cfg: TrainConfig, run_dir: Path) -> None:
 
 
 def _default_out(cfg: TrainConfig) -> Path:
-    return Path("runs") / f"{cfg.preset}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name = cfg.preset if cfg.preset != "none" else cfg.dataset
+    return Path("runs") / f"{name}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
 
+
+# What --eval-only RUN_DIR evaluates: the first of these the folder holds.
+EVAL_FILES = ("best.pt", "last.pt", "teacher.pt")
 
 # (config, checkpoint to resume from or evaluate, run folder)
 _Resolved = tuple[TrainConfig, dict[str, Any] | None, Path]
@@ -80,18 +85,22 @@ def _resolve_args(argv: list[str] | None, held: contextlib.ExitStack) -> _Resolv
     """
     parser = build_parser()
     given = vars(parser.parse_args(argv))
+    # field -> how a message names it: a YAML file's key (a flag given too overrides it, and is named as a flag).
+    origin: dict[str, str] = {}
     try:
-        overrides = load_yaml(given.pop("config")) if "config" in given else {}
+        overrides = load_yaml(given.pop("config"), origin) if "config" in given else {}
         overrides.update(given)
+        origin = {k: v for k, v in origin.items() if k not in given}
         if overrides.get("resume") and overrides.get("eval_only"):
             raise ConfigError("--resume and --eval-only cannot be combined")
         if overrides.get("resume"):
-            return _resume_config(overrides, held)
+            return _resume_config(overrides, held, origin)
         if overrides.get("eval_only"):
             return _eval_config(overrides)
         if _restarted_run(overrides):
             return _resume_config({**overrides, "resume": overrides["out"]}, held)
-        cfg = resolve(overrides)
+        cfg = resolve(overrides, origin=origin)
+        check_files(cfg, origin)
         return cfg, None, Path(cfg.out) if cfg.out else _default_out(cfg)
     except RunFolderRefused as e:
         # Not a misspelt flag: the message alone, without the usage text.
@@ -129,7 +138,8 @@ def _restarted_run(overrides: dict[str, Any]) -> bool:
     return True
 
 
-def _resume_config(overrides: dict[str, Any], held: contextlib.ExitStack) -> _Resolved:
+def _resume_config(overrides: dict[str, Any], held: contextlib.ExitStack, origin: dict[str, str] | None = None) \
+        -> _Resolved:
     """Config for --resume: the checkpoint's, with the flags a resume may change; the folder locked first."""
     from teskd_fast.train.checkpoint import load_resume
     from teskd_fast.train.distributed import launch_rank
@@ -144,7 +154,7 @@ def _resume_config(overrides: dict[str, Any], held: contextlib.ExitStack) -> _Re
         # Before reading anything: a run that is writing there is refused by name, not by what it has written.
         lock = held.enter_context(RunLock(run_dir))
     ckpt = load_resume(run_dir)
-    cfg = resolve({**overrides, "out": str(run_dir), "resume": str(run_dir)}, base=ckpt["config"])
+    cfg = resolve({**overrides, "out": str(run_dir), "resume": str(run_dir)}, base=ckpt["config"], origin=origin)
     check_resume(run_dir, ckpt, cfg)
     if lock is not None:
         lock.remove_stale_temporaries()
@@ -304,12 +314,7 @@ def _run(cfg: TrainConfig, ckpt: dict[str, Any] | None, run_dir: Path, held: con
                 raise _folder_error(run_dir, e) from None
         D.barrier(env)
         if env.is_main:
-            what = "resuming" if ckpt else "training"
-            at = f" from epoch {trainer.epoch + 1}, batch {trainer.position}" if ckpt else ""
-            print(f"teskd-train: {what} {cfg.method} {cfg.arch} on {cfg.dataset}{at} | {cfg.epochs} epochs, global "
-                  f"batch {cfg.batch_size} over {env.world_size} process(es), device {env.device}, precision "
-                  f"{trainer.precision}, compile {'on' if trainer.compiled else 'off'} | run folder {run_dir}",
-                  flush=True)
+            print(_start_line(cfg, trainer, env, run_dir, ckpt), flush=True)
         trainer.fit()
         return 0
     except DatasetError as e:
@@ -349,6 +354,30 @@ def _run(cfg: TrainConfig, ckpt: dict[str, Any] | None, run_dir: Path, held: con
         D.cleanup()
 
 
+def _start_line(cfg: TrainConfig, trainer, env, run_dir: Path, ckpt: dict[str, Any] | None) -> str:
+    """What a user checks at a glance before a run goes on: the data, the network, the recipe, where it runs. The
+    values a folder's images gave (:func:`teskd_fast.train.config.folder_defaults`) come first, one line each."""
+    from teskd_fast.train.archs import timm_name
+
+    notes = "".join(f"teskd-train: from the data: {note}\n" for note in getattr(cfg, "notes", ()))
+    what = "resuming" if ckpt else "training"
+    at = f" from epoch {trainer.epoch + 1}, batch {trainer.position}" if ckpt else ""
+    loader = trainer.train_loader
+    images = getattr(loader, "num_images", None)
+    if images is None and hasattr(loader, "index"):
+        images = len(loader.index.samples)
+    images = f"{images} training images" if images is not None else "training images"
+    # CIFAR's loader keeps its 32 px images; progressive resizing ramps from image_size_start.
+    size = 32 if cfg.dataset.startswith("cifar") else cfg.image_size
+    size = f"{cfg.image_size_start}->{size}" if cfg.image_size_start else size
+    net = cfg.arch if timm_name(cfg.arch) else f"{cfg.arch} (stem {cfg.stem}, width {cfg.width:g})"
+    preset = f", preset {cfg.preset}" if cfg.preset != "none" else ""
+    return (f"{notes}teskd-train: {what} {cfg.method} {net} on {cfg.dataset}: {images}, {trainer.num_classes} "
+            f"classes, image size {size}{at} | {cfg.epochs} epochs, global batch {cfg.batch_size} over "
+            f"{env.world_size} process(es), lr {cfg.lr:g} ({cfg.schedule}){preset} | device {env.device}, precision "
+            f"{trainer.precision}, compile {'on' if trainer.compiled else 'off'} | run folder {run_dir}")
+
+
 def _os_error_message(e: OSError, run_dir: Path) -> str:
     """One line for a failed write: the file (or the run folder), the reason, and a full disk said so."""
     what = e.strerror or str(e)
@@ -384,7 +413,7 @@ def _evaluate_only(cfg: TrainConfig, ckpt: dict[str, Any], run_dir: Path, env) -
     trainer.raw_model.load_state_dict(state)
     metrics = trainer.evaluate()
     if env.is_main:
-        print_evaluation(metrics, cfg.eval_only, cfg.dataset)
+        print_evaluation(metrics, cfg.eval_only, cfg.dataset, trainer.num_classes)
     return 0
 
 

@@ -169,7 +169,8 @@ class MetricsLog:
 
     Args:
         run_dir: the run folder.
-        tensorboard: write TensorBoard events if the ``tensorboard`` package is importable.
+        tensorboard: write TensorBoard events if the ``tensorboard`` package is importable; True (asked for)
+            says so when it is not, None (the default) stays silent, False writes none.
         rows: the rows of the epochs already finished (a resumed checkpoint's): the files are rewritten to hold
             exactly these, whatever they held (rows logged after that checkpoint are dropped, rows missing from
             the files, because the process was killed between writing the checkpoint and logging, come back;
@@ -178,7 +179,7 @@ class MetricsLog:
             this are kept and the others dropped.
     """
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True, rows: list[dict[str, Any]] | None = None,
+    def __init__(self, run_dir: Path, tensorboard: bool | None = None, rows: list[dict[str, Any]] | None = None,
                  keep_epochs: int | None = None):
         self.run_dir = Path(run_dir)
         self.jsonl = self.run_dir / "metrics.jsonl"
@@ -190,12 +191,13 @@ class MetricsLog:
             self.rows = [r for r in logged if keep_epochs is None or r.get("epoch", 0) <= keep_epochs]
         self._rewrite()
         self.tb = None
-        if tensorboard:
+        if tensorboard is not False:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                print("teskd-train: tensorboard is not installed (pip install tensorboard); "
-                      "writing metrics.jsonl and metrics.csv only")
+                if tensorboard:
+                        print("teskd-train: tensorboard is not installed (pip install tensorboard); "
+                          "writing metrics.jsonl and metrics.csv only")
             else:
                 self.tb = SummaryWriter(str(self.run_dir / "tb"))
                 logged_epochs = {r.get("epoch") for r in logged}

@@ -26,14 +26,27 @@ def format_epoch(row: dict[str, Any], parts: list[str], epochs: int) -> str:
             f"lr {row['lr']:.4g}  {row['images_per_s']:.0f} img/s  {row['epoch_time']:.1f}s")
 
 
-def summarize(rows: list[dict[str, Any]], cfg: TrainConfig, epochs: int, best: dict[str, Any]) -> dict[str, Any]:
-    """The content of summary.json: final accuracies, the best teacher top-1, and the best after ``report_after``."""
+# Top-5 is printed only with more classes than this: with 5 or fewer, every image is in its top 5 (100%).
+TOP5_MIN_CLASSES = 6
+
+
+def _top5(final: dict[str, Any], key: str, num_classes: int | None) -> str:
+    if num_classes is not None and num_classes < TOP5_MIN_CLASSES:
+        return ""
+    return f"   top-5 {final[key]:6.2f}%"
+
+
+def summarize(rows: list[dict[str, Any]], cfg: TrainConfig, epochs: int, best: dict[str, Any],
+              num_classes: int | None = None) -> dict[str, Any]:
+    """The content of summary.json: final accuracies, the best teacher top-1, and the best after ``report_after``
+    (with the dataset and, when given, its class count)."""
     last = rows[-1] if rows else {}
     after = round(cfg.report_after * cfg.epochs)
     late = [r for r in rows if r["epoch"] > after] or rows
     best_late = max(late, key=lambda r: r["val_top1_teacher"]) if late else {}
     return {
-        "method": cfg.method, "preset": cfg.preset, "epochs": epochs,
+        "method": cfg.method, "preset": cfg.preset, "dataset": cfg.dataset, "num_classes": num_classes,
+        "epochs": epochs,
         "final": {k[len("val_"):]: v for k, v in last.items() if k.startswith("val_top")},
         "best_teacher_top1": best["top1"], "best_epoch": best["epoch"],
         f"best_teacher_top1_after_epoch_{after}": best_late.get("val_top1_teacher"),
@@ -107,12 +120,17 @@ def plot_curves(run_dir: Path) -> None:
 
 
 def print_summary(summary: dict[str, Any], run_dir: Path) -> None:
-    """The final table: every head's top-1 and top-5, the best teacher top-1, the run folder."""
+    """The final table: every head's top-1 and top-5 (with 6 classes or more), the best teacher top-1, the run
+    folder."""
     final = summary["final"]
     heads = [k[len("top1_"):] for k in final if k.startswith("top1_")]
-    print(f"\nTest accuracy after {summary['epochs']} epochs ({summary['method']}, {summary['preset']}):")
+    # The dataset (a summary of an earlier version has only the preset).
+    what = summary.get("dataset", summary["preset"])
+    if summary.get("dataset") and summary["preset"] not in ("none", summary["dataset"]):
+        what += f", preset {summary['preset']}"
+    print(f"\nTest accuracy after {summary['epochs']} epochs ({summary['method']}, {what}):")
     for h in heads:
-        print(f"  {h:<10} top-1 {final['top1_' + h]:6.2f}%   top-5 {final['top5_' + h]:6.2f}%")
+        print(f"  {h:<10} top-1 {final['top1_' + h]:6.2f}%{_top5(final, 'top5_' + h, summary.get('num_classes'))}")
     # The best after epoch N, where the run has epochs after N (otherwise it is the best over all, just above).
     late = [k for k in summary if k.startswith("best_teacher_top1_after_epoch_")
             and int(k.rsplit("_", 1)[1]) < summary["epochs"] and summary[k] is not None]
@@ -121,9 +139,10 @@ def print_summary(summary: dict[str, Any], run_dir: Path) -> None:
     print(f"Run folder: {run_dir}")
 
 
-def print_evaluation(metrics: dict[str, float], what: str, dataset: str) -> None:
-    """``teskd-train --eval-only``'s table: every head's top-1 and top-5 on the validation set."""
+def print_evaluation(metrics: dict[str, float], what: str, dataset: str, num_classes: int | None = None) -> None:
+    """``teskd-train --eval-only``'s table: every head's top-1 and top-5 (with 6 classes or more) on the
+    validation set."""
     heads = [k[len("val_top1_"):] for k in metrics if k.startswith("val_top1_")]
     print(f"Evaluation of {what} on {dataset} ({int(metrics['_val_images'])} images):")
     for h in heads:
-        print(f"  {h:<10} top-1 {metrics['val_top1_' + h]:6.2f}%   top-5 {metrics['val_top5_' + h]:6.2f}%")
+        print(f"  {h:<10} top-1 {metrics['val_top1_' + h]:6.2f}%{_top5(metrics, 'val_top5_' + h, num_classes)}")

@@ -307,8 +307,9 @@ class Trainer:
         if cfg.progress and self.env.is_main:
             from tqdm import tqdm
 
+            # disable=None: no bar when stderr is not a terminal (a log file gets the line per epoch alone).
             bar = tqdm(total=steps, initial=start, desc=f"epoch {self.epoch + 1}/{cfg.epochs}", leave=False,
-                       dynamic_ncols=True)
+                       dynamic_ncols=True, disable=None)
         t0 = time.perf_counter()
         images_done = 0
         i = start
@@ -436,7 +437,7 @@ class Trainer:
         (a kill before it leaves a run that ``--resume`` finishes without training)."""
         if not self.env.is_main:
             return {}
-        summary = report.summarize(read_metrics(self.run_dir), self.cfg, self.epoch, self.best)
+        summary = report.summarize(read_metrics(self.run_dir), self.cfg, self.epoch, self.best, self.num_classes)
         self.export_teacher()
         if self.cfg.plot:
             report.plot_curves(self.run_dir)

@@ -1,0 +1,148 @@
+"""teskd-train as a user meets it: a folder of their own images, a timm model it cannot run, a run that failed
+before its first checkpoint, and what a run's files and log look like (modes, progress bar, messages)."""
+
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from teskd_fast.train.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--device", "cpu", "--epochs", "1", "--steps-per-epoch", "1", "--width", "0.0625", "--threads", "1",
+        "--no-plot"]
+
+
+def _small_jpeg_folder(root, classes=("a", "b", "c", "d"), per_class=3, sides=(40, 64), seed=0):
+    """An ImageFolder tree of small JPEGs (each side drawn in ``sides``), written with Pillow."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split in ("train", "val"):
+        for c in classes:
+            folder = root / split / c
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                w, h = rng.integers(sides[0], sides[1] + 1, 2)
+                Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"{i}.jpg")
+    return root
+
+
+def _umask_027():
+    os.umask(0o027)
+
+
+@pytest.fixture(scope="module")
+def folder_run(tmp_path_factory):
+    """A run on a folder of 40-64 px JPEGs with nothing but the dataset given (and the tiny sizes), its output
+    a file (not a terminal), under umask 027."""
+    tmp = tmp_path_factory.mktemp("folder-run")
+    root = _small_jpeg_folder(tmp / "f")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "teskd_fast.train", "--dataset", "folder", "--data-dir", str(root), "--batch-size",
+           "4", "--loader", "torchvision", "--workers", "0", "--out", str(tmp / "run"), *TINY]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp, preexec_fn=_umask_027)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done, tmp / "run"
+
+
+def test_a_folder_of_small_images_trains_at_their_size_and_says_so(folder_run):
+    done, run = folder_run
+    start = next(line for line in done.stdout.splitlines() if line.startswith("teskd-train: training"))
+    # The start-up line: dataset, image and class counts, image size, arch and width, epochs, batch, lr, precision.
+    for phrase in ("on folder", "12 training images", "4 classes", "resnet18 (stem cifar, width 0.0625)",
+                   "1 epochs", "global batch 4", "lr 0.1", "precision fp32"):
+        assert phrase in start, (phrase, start)
+    size = int(start.split("image size ")[1].split()[0].rstrip("|"))
+    assert 40 <= size <= 64, start
+    # The values taken from the data are said, before the start-up line.
+    assert f"teskd-train: from the data: image size {size} (the median shorter side of 12 training images" \
+        in done.stdout
+    import yaml
+
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert (config["image_size"], config["val_image_size"], config["threads"]) == (size, size, 1)
+    # The results header names the dataset; with 4 classes top-5 (always 100%) is not printed.
+    assert "(teskd, folder)" in done.stdout and "top-5" not in done.stdout
+
+
+def test_run_files_follow_the_umask_and_a_log_gets_no_progress_bar(folder_run):
+    done, run = folder_run
+    for name in ("config.yaml", "last.pt", "best.pt", "summary.json", "teacher.json", "teacher.pt", "metrics.csv",
+                 "metrics.jsonl"):
+        assert stat.S_IMODE((run / name).stat().st_mode) == 0o640, name
+    # stdout and stderr are pipes: no tqdm bar (carriage returns), and no word about TensorBoard not asked for.
+    assert "\r" not in done.stdout + done.stderr
+    assert "tensorboard" not in (done.stdout + done.stderr).lower()
+
+
+def test_top5_is_printed_from_6_classes(capsys):
+    from teskd_fast.train.report import print_evaluation, print_summary
+
+    final = {"top1_teacher": 50.0, "top5_teacher": 90.0}
+    summary = {"method": "teskd", "preset": "none", "dataset": "cifar10", "final": final, "best_teacher_top1": 50.0,
+               "best_epoch": 1, "epochs": 1}
+    print_summary({**summary, "num_classes": 10}, "run")
+    out = capsys.readouterr().out
+    assert "top-5  90.00%" in out and "(teskd, cifar10)" in out
+    print_summary({**summary, "num_classes": 5}, "run")
+    assert "top-5" not in capsys.readouterr().out
+    metrics = {"val_top1_teacher": 50.0, "val_top5_teacher": 100.0, "_val_images": 8}
+    print_evaluation(metrics, "x.pt", "folder", 4)
+    assert "top-5" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("arch, phrases", [
+    # wrap()'s refusals: one line, exit 2, like any bad flag.
+    ("timm/vit_tiny_patch16_224", ["--arch timm/vit_tiny_patch16_224:", "Plain ViTs"]),
+    ("timm/levit_128s", ["--arch timm/levit_128s:", "TESKD needs 4"]),
+    # Models that cannot run on the digits' 32 px: the size they need.
+    pytest.param("timm/inception_v3", ["does not run on 32 px images", "made for 299 px", "--image-size 299"],
+                 marks=pytest.mark.slow),
+    ("timm/coat_lite_tiny", ["does not run on 32 px images", "takes 224 px images only", "--image-size 224"]),
+])
+def test_timm_models_that_cannot_run_are_refused_in_one_line_with_exit_2(arch, phrases, tmp_path, capsys):
+    pytest.importorskip("timm")
+    out = tmp_path / "run"
+    assert main(["--arch", arch, "--out", str(out), "--device", "cpu", "--epochs", "1", "--threads", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    for phrase in phrases:
+        assert phrase in err, (phrase, err)
+    # Refused before the run folder is made.
+    assert not out.exists()
+
+
+def test_a_run_that_failed_before_its_first_checkpoint_does_not_block_its_rerun(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    # What a run that failed in its first step leaves: config.yaml and the metrics files, no last.pt.
+    (out / "config.yaml").write_text("preset: digits-demo\n")
+    (out / "metrics.jsonl").write_text("")
+    (out / "metrics.csv").write_text("")
+    with pytest.raises(SystemExit) as e:
+        main(["--resume", str(out)])
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert "stopped before its first checkpoint" in err and f"--out {out}" in err
+    # The same command runs again in the folder.
+    assert main(["--out", str(out), "--no-progress", "--no-tensorboard", *TINY]) == 0
+    assert (out / "last.pt").is_file() and (out / "summary.json").is_file()
+
+
+def test_eval_only_of_a_run_folder_evaluates_its_best_pt(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["--out", str(out), "--no-progress", "--no-tensorboard", *TINY]) == 0
+    capsys.readouterr()
+    assert main(["--eval-only", str(out), "--device", "cpu", "--threads", "1"]) == 0
+    captured = capsys.readouterr()
+    assert f"evaluating {out / 'best.pt'}" in captured.err and "Evaluation of" in captured.out
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SystemExit) as e:
+        main(["--eval-only", str(empty)])
+    assert e.value.code == 1 and "holds none of best.pt, last.pt, teacher.pt" in capsys.readouterr().err
