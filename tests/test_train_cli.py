@@ -140,9 +140,9 @@ def test_eval_only_of_a_run_folder_evaluates_its_best_pt(tmp_path, capsys):
     capsys.readouterr()
     assert main(["--eval-only", str(out), "--device", "cpu", "--threads", "1"]) == 0
     captured = capsys.readouterr()
-    assert f"evaluating {out / 'best.pt'}" in captured.err and "Evaluation of" in captured.out
+    assert f"--eval-only {out}: a run folder: its best.pt" in captured.err and "Evaluation of" in captured.out
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(SystemExit) as e:
         main(["--eval-only", str(empty)])
-    assert e.value.code == 1 and "holds none of best.pt, last.pt, teacher.pt" in capsys.readouterr().err
+    assert e.value.code == 1 and "holds none of best.pt, last.pt, teacher.safetensors, teacher.pt" in capsys.readouterr().err

@@ -71,9 +71,6 @@ def _default_out(cfg: TrainConfig) -> Path:
     return Path("runs") / f"{name}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-# What --eval-only RUN_DIR evaluates: the first of these the folder holds.
-EVAL_FILES = ("best.pt", "last.pt", "teacher.pt")
-
 # (config, checkpoint to resume from or evaluate, run folder)
 _Resolved = tuple[TrainConfig, dict[str, Any] | None, Path]
 

@@ -275,6 +275,7 @@ def _base_type(tp):
 
 
 _HINTS = typing.get_type_hints(TrainConfig)
+_DEFAULTS = dataclasses.asdict(TrainConfig())
 
 
 class _ListPresets(argparse.Action):
@@ -366,12 +367,12 @@ def _coerce(name: str, value: Any, label: str | None = None) -> Any:
     """``value`` as field ``name``'s type, or a :class:`ConfigError` naming ``label`` (default: the flag).
 
     Types are checked, not converted from anything: a boolean is not a number, a list of numbers needs at least
-    one (a YAML ``lr: true`` would otherwise train at lr 1.0)."""
+    one unless the field's default is the empty list (a YAML ``lr: true`` would otherwise train at lr 1.0)."""
     tp, optional, is_tuple = _base_type(_HINTS[name])
     label = label or _flag(name)
     if value is None and optional:
         return None
-    if is_tuple and isinstance(value, (list, tuple)) and not value:
+    if is_tuple and isinstance(value, (list, tuple)) and not value and _DEFAULTS[name] != ():
         raise ConfigError(f"{label}: expected a list of one or more numbers, got an empty list")
     try:
         if is_tuple:
