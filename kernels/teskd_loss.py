@@ -230,7 +230,7 @@ def _(grad_output, grad, grad_feat, logit_dtype, feat_dtype):
 
 
 def _setup_context(ctx, inputs, output):
-    named = dict(zip(_OP_INPUTS, inputs))
+    named = dict(zip(_OP_INPUTS, inputs, strict=True))
     _, _, grad, grad_feat = output
     ctx.save_for_backward(grad, grad_feat)
     ctx.has_feat = named["student_features"] is not None
@@ -266,17 +266,31 @@ class TESKDLossTritonFunction(torch.autograd.Function):
         return total, parts
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_total, grad_parts) -> tuple[torch.Tensor | None, ...]:
         grad, grad_feat = ctx.saved_tensors
-        scaled, scaled_feat = teskd_bwd(grad_total, grad, grad_feat, *ctx.dtypes)
-        needs = dict(zip(_FUNCTION_INPUTS, ctx.needs_input_grad))
-        return _gradients(
+        with torch.no_grad():
+            scaled, scaled_feat = teskd_bwd(grad_total, grad, grad_feat, *ctx.dtypes)
+        needs = dict(zip(_FUNCTION_INPUTS, ctx.needs_input_grad, strict=True))
+        return _refuse_second_order(_gradients(
             _FUNCTION_INPUTS,
             teacher=scaled[0],
             students=scaled[1:],
             student_features=scaled_feat if needs["student_features"] else None,
-        )
+        ))  # fmt: skip
+
+
+def _refuse_second_order(grads):
+    """``grads`` as they are, or (in a backward with ``create_graph=True``) through a node that raises a clear error
+    when they are differentiated in turn: the kernels' gradients are not differentiable (as ``once_differentiable``
+    does, which says nothing where only the inputs of the loss, not grad_output, need a gradient)."""
+    if not torch.is_grad_enabled():
+        return grads
+    error = torch._C._functions.DelayedError(
+        b"teskd_loss(backend='triton') has no second-order gradients (its kernels' gradients are not differentiable); "
+        b"use backend='torch' or 'reference' for double backward (create_graph=True)",
+        1,
+    )
+    return tuple(None if g is None else error(g.detach().requires_grad_()) for g in grads)
 
 
 # The Function's inputs, by name, in the order of its forward.

@@ -4,8 +4,8 @@ first use and called through ctypes.
 One pass per batch row computes every head's cross-entropy, every student's KL divergence, the feature term
 and the gradients of all logits and, on request, of the student features, as the Triton kernel does on the GPU
 (:func:`feature_grad` recomputes the feature gradient for a second backward);
-``teskd_fast.loss.closed_form.TESKDLossFunction`` calls it for CPU tensors, and falls back to its batched
-PyTorch ops where no C compiler is found.
+``teskd_fast.loss.closed_form.FusedLossFunction`` calls it for CPU tensors (``BatchedLossFunction``, its batched
+PyTorch ops, runs where no C compiler is found).
 
 The source is plain C (no Python or torch headers: it compiles in about a second) and is built with the
 system's C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``) into a per-user cache,
