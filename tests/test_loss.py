@@ -220,6 +220,112 @@ def test_gradcheck_torch_backend(cpu_path):
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7)
 
 
+def _double_backward_inputs():
+    teacher, students, target, feats = make_inputs(3, 5, 2, 4, dtype=torch.float64, scale=1.0)
+    f_t, f_s = feats
+    f_s = torch.where(f_s.abs() < 1e-3, torch.full_like(f_s, 0.1), f_s)  # away from the mask's kink at 0
+    target[1] = -100
+    return teacher, students, target, f_t, f_s
+
+
+@pytest.mark.parametrize("stacked", [True, False])
+def test_gradgradcheck_torch_backend(stacked, cpu_path):
+    # Second-order gradients of the torch backend were silently wrong (0 where the reference has 0.09, issue 34).
+    teacher, students, target, f_t, f_s = _double_backward_inputs()
+    inputs = [t.clone().requires_grad_() for t in (teacher, students, f_s)]
+
+    def fn(t, s, fs):
+        s, fs = (s, fs) if stacked else (list(s.unbind(0)), list(fs.unbind(0)))
+        return teskd_loss(t, s, target, f_t, fs, backend="torch", feat_weight=0.1, label_smoothing=0.1,
+                          temperature=3.0, head_weights=[1.0, 0.5, 2.0])  # fmt: skip
+
+    assert torch.autograd.gradgradcheck(fn, inputs, eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_second_order_gradients_match_the_reference(backend, cpu_path):
+    """The issue's case: g = d loss(t * w) / dt with create_graph, then backward of (g ** 2).sum()."""
+    teacher, students, target, f_t, f_s = _double_backward_inputs()
+    got = {}
+    for name in ("reference", backend):
+        t = teacher.clone().requires_grad_()
+        w = torch.linspace(0.5, 1.5, t.numel(), dtype=torch.float64).view_as(t).requires_grad_()
+        s = students.clone().requires_grad_()
+        fs = f_s.clone().requires_grad_()
+        loss = teskd_loss(t * w, s, target, f_t, fs, backend=name, feat_weight=0.1)
+        g_t, g_s, g_f = torch.autograd.grad(loss, (t, s, fs), create_graph=True)
+        ((g_t**2).sum() + (g_s**3).sum() + (g_f * fs).sum()).backward()
+        got[name] = (t.grad, w.grad, s.grad, fs.grad)
+    for label, a, b in zip(("d/dt", "d/dw", "d/ds", "d/dfs"), got[backend], got["reference"], strict=True):
+        assert b.norm() > 1e-3, label  # a second derivative that is really there
+        assert_close(a, b, torch.float64, f"{backend} {label}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not TRITON_OK, reason="Triton needs CUDA or TRITON_INTERPRET=1")
+def test_triton_backend_refuses_second_order_gradients():
+    teacher, students, target, _ = make_inputs(3, 5, 2, device=TRITON_DEVICE)
+    t = teacher.clone().requires_grad_()
+    w = torch.full_like(t, 1.3, requires_grad=True)
+    g, = torch.autograd.grad(teskd_loss(t * w, students, target, backend="triton"), t, create_graph=True)
+    with pytest.raises(RuntimeError, match=r"backend='triton'\) has no second-order gradients.*use backend='torch'"):
+        (g**2).sum().backward()
+    # A first-order backward with create_graph=True (for another term's sake) still works.
+    g, = torch.autograd.grad(teskd_loss(t, students, target, backend="triton"), t, create_graph=True)
+    assert torch.isfinite(g).all()
+
+
+MIXED = [
+    # (teacher logits, students, teacher feature, student features): as autocast leaves them, and float64 mixes
+    (torch.bfloat16, torch.bfloat16, torch.float32, torch.bfloat16),  # timm ConvNeXt's head under bf16 autocast
+    (torch.float16, torch.float16, torch.float32, torch.float16),
+    (torch.float32, torch.bfloat16, torch.bfloat16, torch.float32),
+    (torch.float64, torch.float32, torch.float32, torch.float64),
+    (torch.float32, torch.float64, torch.float64, torch.float32),
+]
+
+
+def _mixed_inputs(dtypes, device="cpu"):
+    teacher, students, target, (f_t, f_s) = make_inputs(6, 11, 3, 8, dtype=torch.float64, device=device)
+    return [x.to(d) for x, d in zip((teacher, students, f_t, f_s), dtypes, strict=True)], target
+
+
+_TRITON_MARKS = [pytest.mark.gpu, pytest.mark.skipif(not TRITON_OK, reason="Triton needs CUDA or TRITON_INTERPRET=1")]
+MIXED_CASES = [
+    pytest.param(backend, dtypes, marks=_TRITON_MARKS if backend == "triton" else (),
+                 id=f"{backend}-" + "-".join(str(x).removeprefix("torch.") for x in dtypes))
+    for backend in ("reference", "torch", "triton")
+    for dtypes in MIXED
+    if not (backend == "triton" and torch.float64 in dtypes)  # Triton takes no float64
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("backend, dtypes", MIXED_CASES)
+@pytest.mark.parametrize("stacked", [True, False])
+def test_mixed_input_dtypes(backend, dtypes, stacked, cpu_path):
+    """Inputs of mixed floating dtypes: computed in float32 (float64 where one is), each gradient in its input's
+    dtype, against the float64 reference of the same (rounded) values."""
+    if backend != "torch" and cpu_path == "batched":
+        pytest.skip("one CPU path is enough for the other backends")
+    (teacher, students, f_t, f_s), target = _mixed_inputs(dtypes, TRITON_DEVICE if backend == "triton" else "cpu")
+    leaves = [x.clone().requires_grad_() for x in (teacher, students, f_s)]
+    t, s, fs = leaves
+    s_arg, fs_arg = (s, fs) if stacked else (list(s.unbind(0)), list(fs.unbind(0)))
+    total, parts = teskd_loss(t, s_arg, target, f_t, fs_arg, backend=backend, return_parts=True, feat_weight=0.05)
+    grad_out = torch.tensor(1.7)
+    total.backward(grad_out.to(total))
+    want = reference64(teacher, students, target, (f_t, f_s), grad_out, feat_weight=0.05)
+    acc = torch.float64 if torch.float64 in dtypes else torch.float32
+    assert total.dtype == acc
+    assert_close(total, want[0], acc, f"{backend} total", scale=10)
+    for part in parts:
+        assert_close(parts[part], want[1][part], acc, f"{backend} {part}", scale=10)
+    for name, leaf, w in zip(("teacher", "students", "student features"), leaves, want[2:], strict=True):
+        assert leaf.grad.dtype == leaf.dtype, f"{name}: gradient in {leaf.grad.dtype}, not its input's {leaf.dtype}"
+        # Rounded once, to the input's dtype.
+        assert_rms_close(leaf.grad, w, leaf.dtype, f"{backend} grad {name}", scale=2)
+
+
 def _graph_nodes(root):
     """The names of the autograd nodes reachable from ``root``."""
     names, todo = set(), [root]
@@ -491,7 +597,12 @@ def _good():
             TypeError,
             r"teacher_logits: dtype torch.int64",
         ),
-        (lambda a: a.update(student_logits=a["student_logits"].double()), TypeError, r"student_logits: dtype.*float64"),
+        (lambda a: a.update(student_logits=a["student_logits"].int()), TypeError, r"student_logits: dtype.*int32"),
+        (
+            lambda a: a.update(student_features=list(a["student_features"].to(torch.uint8))),
+            TypeError,
+            r"student_features: dtype torch.uint8",
+        ),
         (
             lambda a: a.update(teacher_logits=a["teacher_logits"][:, :1], student_logits=a["student_logits"][..., :1]),
             ValueError,
@@ -532,6 +643,64 @@ def test_bad_input_errors(change, error, match):
 def test_bad_option_errors(options, match):
     with pytest.raises((ValueError, TypeError), match=match):
         teskd_loss(**_good(), **options)
+
+
+def test_every_option_takes_numbers_of_any_numeric_type_and_0d_tensors():
+    """One rule for every option, temperature included (issue 34): Python numbers, numpy scalars, 0-d tensors."""
+    import numpy as np
+
+    from teskd_fast.loss.options import SPEC
+
+    given = {"temperature": 2.5, "ce_weight": 0.5, "kd_weight": 1.5, "feat_weight": 0.25, "kd_eps": 2**-10,
+             "detach_teacher": True, "label_smoothing": 0.125, "ignore_index": 3}  # fmt: skip
+    assert set(given) == {option.name for option in SPEC}
+    forms = {
+        "python": lambda v: v,
+        "numpy": lambda v: np.array(v)[()],
+        "numpy 0-d array": np.array,
+        "0-d tensor": torch.tensor,
+        "int for an integral value": lambda v: int(v) if float(v).is_integer() and not isinstance(v, bool) else v,
+    }
+    want = teskd_loss(**_good(), **given)
+    for form, make in forms.items():
+        options = {name: make(value) for name, value in given.items()}
+        assert LossOptions.checked(**options) == LossOptions(**given), form
+        assert torch.equal(teskd_loss(**_good(), **options), want), form
+    for head_weights in (np.array([1.0, 0.5, 2.0, 1.0]), torch.tensor([1.0, 0.5, 2.0, 1.0]), [1, np.float32(0.5), 2, 1]):
+        got = teskd_loss(**_good(), head_weights=head_weights)
+        assert torch.equal(got, teskd_loss(**_good(), head_weights=[1.0, 0.5, 2.0, 1.0]))
+
+
+@pytest.mark.parametrize(
+    "options, error, match",
+    [
+        ({"temperature": "2"}, TypeError, r"^temperature: expected a number, got '2'$"),
+        ({"temperature": torch.ones(2)}, TypeError, r"^temperature: expected a number or a 0-d tensor.*\(2,\)"),
+        ({"ce_weight": True}, TypeError, r"^ce_weight: expected a number, got True$"),
+        ({"kd_weight": -1.0}, ValueError, r"^kd_weight: must be >= 0"),  # the library's range is the command's
+        ({"feat_weight": float("inf")}, ValueError, r"^feat_weight: must be >= 0 \(and finite\)"),
+        ({"ignore_index": 2.5}, TypeError, r"^ignore_index: expected an integer, got 2.5$"),
+        ({"detach_teacher": "no"}, TypeError, r"^detach_teacher: expected a boolean, got 'no'$"),
+        ({"head_weights": __import__("numpy").ones((2, 2))}, ValueError, r"^head_weights: .*ndarray of shape \(2, 2\)"),
+        ({"head_weights": ["1", "1", "1", "1"]}, TypeError, r"^head_weights: expected K \+ 1 = 4 numbers"),
+    ],
+)
+def test_options_of_the_wrong_type_are_refused_by_name(options, error, match):
+    with pytest.raises(error, match=match):
+        teskd_loss(**_good(), **options)
+
+
+def test_unknown_options_are_refused_by_name():
+    with pytest.raises(TypeError, match=r"unknown loss option\(s\) \['new_weight'\]"):
+        LossOptions.checked(new_weight=0.5)
+    with pytest.raises(TypeError, match=r"TESKDLoss: unknown options \['new_weight'\]"):
+        TESKDLoss(new_weight=0.5)
+
+
+def test_module_called_with_a_tensor_says_it_expected_a_teskd_output():
+    args = _good()
+    with pytest.raises(TypeError, match=r"^TESKDLoss: expected criterion\(output, target\) with output a TESKDOutput"):
+        TESKDLoss()(args["teacher_logits"], args["target"])
 
 
 @pytest.mark.parametrize("ignore_index", [2**64, 2**63, -(2**63) - 1])
