@@ -842,3 +842,45 @@ def test_triton_loss_launches_on_the_tensors_device():
                torch.tensor(1.0, dtype=torch.float64, device="cuda:1"))  # fmt: skip
     assert_close(loss, want[0], torch.float32, "total on cuda:1", scale=10)
     assert_close(t.grad, want[2], torch.float32, "teacher grad on cuda:1", scale=10)
+
+
+# timm backbones under autocast (issue 27): ConvNeXt's (and EdgeNeXt's) head keeps its feature in float32 while the
+# students' are bfloat16 / float16. One small model per family that docs/backbones.md names (the slow tier), and
+# timm's tiny test ConvNeXt (the fast one).
+_SWIN = dict(img_size=64, window_size=2, drop_path_rate=0.0, embed_dim=16, depths=(1,) * 4, num_heads=(1,) * 4)
+AUTOCAST_FAMILIES = {
+    "convnext-test": ("test_convnext", {}, 32),
+    "convnext": ("convnext_atto", {}, 32),
+    "efficientnet": ("test_efficientnet", {}, 32),
+    "mobilenetv3": ("mobilenetv3_small_050", {}, 32),
+    "regnet": ("regnetx_002", {}, 32),
+    "resnet-d": ("resnet10t", {}, 32),
+    "swin": ("swin_tiny_patch4_window7_224", _SWIN, 64),
+    "edgenext": ("edgenext_xx_small", {}, 32),
+}
+AUTOCAST_CASES = [
+    pytest.param(family, dtype, marks=() if family == "convnext-test" else pytest.mark.slow,
+                 id=f"{family}-{str(dtype).removeprefix('torch.')}")
+    for family in AUTOCAST_FAMILIES
+    for dtype in (torch.bfloat16, torch.float16)
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("family, dtype", AUTOCAST_CASES)
+def test_timm_backbones_train_under_cpu_autocast(family, dtype):
+    timm = pytest.importorskip("timm", reason="timm is optional: pip install timm")
+    name, kwargs, size = AUTOCAST_FAMILIES[family]
+    torch.manual_seed(0)
+    model = teskd_fast.wrap(timm.create_model(name, num_classes=10, pretrained=False, **kwargs), num_classes=10)
+    images, target = torch.randn(2, 3, size, size), torch.tensor([1, 7])
+    with torch.autocast("cpu", dtype=dtype):
+        out = model(images)
+        loss = teskd_loss(out.logits, out.student_logits, target, out.feature, out.student_features)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    # The same (rounded) outputs through the reference: the torch backend computed them in float32 too.
+    detached = [x.detach() if isinstance(x, torch.Tensor) else [t.detach() for t in x] for x in out]
+    want = teskd_loss(detached[0], detached[1], target, detached[2], detached[3], backend="reference")
+    assert_close(loss, want, torch.float32, f"{name} loss under {dtype} autocast", scale=10)
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads), name
