@@ -28,6 +28,7 @@ and the per-row partial sums are then reduced in row order: the result does not 
 
 import ctypes
 import hashlib
+import itertools
 import os
 import platform
 import re
@@ -279,7 +280,7 @@ def _thread_pool():
 def _chunks(B, work):
     threads = min(torch.get_num_threads(), B, max(1, work // _MIN_PARALLEL_WORK))
     bounds = [B * i // threads for i in range(threads + 1)]
-    return list(zip(bounds[:-1], bounds[1:]))
+    return list(itertools.pairwise(bounds))
 
 
 _HEAD_WEIGHTS = {}

@@ -71,7 +71,7 @@ def check_against_reference(backend, dtype, B, C, K, D, options, grad_out, stack
     assert_close(got[0], want[0], acc, f"{backend} total", scale=10)
     for part in ("ce", "kd", "feat"):
         assert_close(got[1][part], want[1][part], acc, f"{backend} {part}", scale=10)
-    for name, g, w in zip(names[2:], got[2:], want[2:]):
+    for name, g, w in zip(names[2:], got[2:], want[2:], strict=True):
         if w is None:
             assert g is None, name
             continue
@@ -195,7 +195,7 @@ def test_triton_backend_gpu_sizes(B, C, poisoned):
         got = run("triton", teacher, students, target, feats, torch.tensor(1.0, device="cuda"))
         want = reference64(teacher, students, target, feats, torch.tensor(1.0, device="cuda"))
         assert_close(got[0], want[0], torch.float32, "total", scale=10)
-        for g, w in zip(got[2:], want[2:]):
+        for g, w in zip(got[2:], want[2:], strict=True):
             assert_rms_close(g, w, dtype if dtype in LOW else torch.float32, "grad", scale=2)
 
 
@@ -503,7 +503,7 @@ def test_compiles_without_graph_break(backend):
     ref = step(*ref_inputs)
     ref.backward()
     assert_close(out, ref, torch.float32, "compiled total")
-    for a, b in zip(inputs, ref_inputs):
+    for a, b in zip(inputs, ref_inputs, strict=True):
         assert_close(a.grad, b.grad, torch.float32, "compiled grad")
 
 
@@ -666,9 +666,10 @@ def test_every_option_takes_numbers_of_any_numeric_type_and_0d_tensors():
         options = {name: make(value) for name, value in given.items()}
         assert LossOptions.checked(**options) == LossOptions(**given), form
         assert torch.equal(teskd_loss(**_good(), **options), want), form
-    for head_weights in (np.array([1.0, 0.5, 2.0, 1.0]), torch.tensor([1.0, 0.5, 2.0, 1.0]), [1, np.float32(0.5), 2, 1]):
+    weights = [1.0, 0.5, 2.0, 1.0]
+    for head_weights in (np.array(weights), torch.tensor(weights), [1, np.float32(0.5), 2, 1]):
         got = teskd_loss(**_good(), head_weights=head_weights)
-        assert torch.equal(got, teskd_loss(**_good(), head_weights=[1.0, 0.5, 2.0, 1.0]))
+        assert torch.equal(got, teskd_loss(**_good(), head_weights=weights))
 
 
 @pytest.mark.parametrize(
@@ -810,7 +811,7 @@ def test_triton_loss_graphs_replayed_concurrently_each_reduce_their_own_rows():
     wants = [run("reference", t.double(), s.double(), y, tuple(f.double() for f in fs),
                  torch.tensor(1.0, dtype=torch.float64, device="cuda"))[0] for t, s, y, fs in inputs]  # fmt: skip
     graphs, losses, streams = [], [], [torch.cuda.Stream(), torch.cuda.Stream()]
-    for (t, s, y, fs), stream in zip(inputs, streams):
+    for (t, s, y, fs), stream in zip(inputs, streams, strict=True):
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             teskd_loss(t, s, y, *fs, backend="triton")  # warm-up (compiles the kernels) outside the capture
@@ -820,13 +821,13 @@ def test_triton_loss_graphs_replayed_concurrently_each_reduce_their_own_rows():
             losses.append(teskd_loss(t, s, y, *fs, backend="triton"))
         graphs.append(graph)
     for _ in range(50):
-        for graph, stream in zip(graphs, streams):
+        for graph, stream in zip(graphs, streams, strict=True):
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 graph.replay()
         for stream in streams:
             torch.cuda.current_stream().wait_stream(stream)
-        for loss, want in zip(losses, wants):
+        for loss, want in zip(losses, wants, strict=True):
             assert_close(loss, want, torch.float32, "concurrently replayed total", scale=10)
 
 

@@ -255,7 +255,8 @@ def _validate(teacher_logits, student_logits, target, teacher_feature, student_f
     if feats is not None:
         named += [("teacher_feature", feats[0]), *(("student_features", t) for t in feats[1].inputs)]
     _check_devices(teacher_logits.device, named)
-    return students, feats, _head_weights(head_weights, len(students)), _backend(backend, teacher_logits, students, feats)
+    backend = _backend(backend, teacher_logits, students, feats)
+    return students, feats, _head_weights(head_weights, len(students)), backend
 
 
 def teskd_loss(
