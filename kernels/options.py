@@ -75,8 +75,6 @@ PARTS: tuple[str, ...] = ("ce", "kd", "feat")
 PART_WEIGHTS: dict[str, str] = {"ce": "ce_weight", "kd": "kd_weight", "feat": "feat_weight"}
 """The option that weighs each part: ``total = sum(options[PART_WEIGHTS[p]] * parts[p] for p in PARTS)``."""
 
-_BY_NAME = {option.name: option for option in SPEC}
-
 
 def _plain(name, value):
     """A 0-d tensor or numpy scalar as the Python number it holds; anything else as it is."""
@@ -108,34 +106,42 @@ def convert(option: Option, value):
     return float(plain)
 
 
-def _checked(cls, **options) -> "LossOptions":
-    """The record of ``options`` (names as the fields, any subset; the rest default), converted and checked.
+def options_record(spec: tuple[Option, ...]) -> type:
+    """The record type of ``spec``'s options, with its ``checked`` constructor (``LossOptions`` is that of
+    :data:`SPEC`; the tests build one with a throwaway option)."""
+    by_name = {option.name: option for option in spec}
 
-    Values: numbers of any numeric type (numpy scalars included) or 0-d tensors. A TypeError names an unknown
-    option or a value of the wrong type, a ValueError a value out of its range."""
-    unknown = sorted(set(options) - set(_BY_NAME))
-    if unknown:
-        raise TypeError(f"unknown loss option(s) {unknown}; valid: {sorted(_BY_NAME)}")
-    values = {}
-    for option in SPEC:
-        if option.name not in options:
-            values[option.name] = option.default
-            continue
-        given = options[option.name]
-        value = convert(option, given)
-        if option.range is not None and value not in option.range:
-            raise ValueError(f"{option.name}: {option.range}, got {given!r}")
-        values[option.name] = value
-    return cls(**values)
+    def checked(cls, **options):
+        """The record of ``options`` (names as the fields, any subset; the rest default), converted and checked.
+
+        Values: numbers of any numeric type (numpy scalars included) or 0-d tensors. A TypeError names an unknown
+        option or a value of the wrong type, a ValueError a value out of its range."""
+        unknown = sorted(set(options) - set(by_name))
+        if unknown:
+            raise TypeError(f"unknown loss option(s) {unknown}; valid: {sorted(by_name)}")
+        values = {}
+        for option in spec:
+            if option.name not in options:
+                values[option.name] = option.default
+                continue
+            given = options[option.name]
+            value = convert(option, given)
+            if option.range is not None and value not in option.range:
+                raise ValueError(f"{option.name}: {option.range}, got {given!r}")
+            values[option.name] = value
+        return cls(**values)
+
+    record = NamedTuple("LossOptions", [(option.name, option.type) for option in spec])
+    record.__new__.__defaults__ = tuple(option.default for option in spec)
+    record._field_defaults = {option.name: option.default for option in spec}
+    record.checked = classmethod(checked)
+    record.__module__ = __name__
+    return record
 
 
-LossOptions = NamedTuple("LossOptions", [(option.name, option.type) for option in SPEC])
-LossOptions.__new__.__defaults__ = tuple(option.default for option in SPEC)
-LossOptions._field_defaults = {option.name: option.default for option in SPEC}
-LossOptions.checked = classmethod(_checked)
+LossOptions = options_record(SPEC)
 LossOptions.__doc__ = """The TESKD loss's options (see :data:`SPEC`, and :func:`teskd_fast.teskd_loss` for their
 meaning), generated from :data:`SPEC`.
 
 A tuple: hashable (kernels cache per options), immutable, and a constant to ``torch.compile``. Build it with
 :meth:`checked` (converted and checked); the plain constructor checks nothing."""
-LossOptions.__module__ = __name__

@@ -14,7 +14,7 @@ import inspect
 import torch
 import triton
 
-from .options import LossOptions
+from .options import SPEC, LossOptions
 from .teskd_loss_jit import MAX_DIM, _teskd_bwd_kernel, _teskd_fwd_kernel, launch_config
 
 __all__ = ["TESKDLossTritonFunction", "launch_config", "teskd_bwd", "teskd_fwd", "teskd_loss_triton"]
@@ -201,6 +201,27 @@ def _teskd_loss_fwd(
 
 # The op's inputs, by name, in its schema's order (the options' fields last).
 _OP_INPUTS = _input_names(_teskd_loss_fwd)
+_OP_TENSORS = ("teacher", "students", "target", "teacher_feature", "student_features", "head_weights")
+
+
+def check_op_options(spec=SPEC) -> None:
+    """The custom op's inputs after its tensors are ``spec``'s options, by name, order and type: a RuntimeError
+    names an option its schema lacks or misdeclares (called at import)."""
+    parameters = inspect.signature(_teskd_loss_fwd).parameters
+    names = tuple(option.name for option in spec)
+    if _OP_INPUTS != (*_OP_TENSORS, *names):
+        missing = [name for name in names if name not in _OP_INPUTS]
+        extra = [name for name in _OP_INPUTS if name not in names and name not in _OP_TENSORS]
+        raise RuntimeError(
+            f"teskd_fast::teskd_loss_fwd's schema does not match the loss's options (kernels/options.py): "
+            f"missing {missing}, not options {extra} (they follow the tensors, in the specification's order)"
+        )
+    for option in spec:
+        if parameters[option.name].annotation is not option.type:
+            raise RuntimeError(f"teskd_fast::teskd_loss_fwd: {option.name} is not declared {option.type.__name__}")
+
+
+check_op_options()
 _teskd_loss_fwd_op = torch.library.custom_op("teskd_fast::teskd_loss_fwd", mutates_args=())(_teskd_loss_fwd)
 
 

@@ -1,7 +1,9 @@
 """The TESKD loss: every backend against the float64 reference, values and every gradient."""
 
+import importlib.util
 import os
 
+import numpy as np
 import pytest
 import torch
 from tolerances import assert_close, assert_rms_close
@@ -647,8 +649,6 @@ def test_bad_option_errors(options, match):
 
 def test_every_option_takes_numbers_of_any_numeric_type_and_0d_tensors():
     """One rule for every option, temperature included (issue 34): Python numbers, numpy scalars, 0-d tensors."""
-    import numpy as np
-
     from teskd_fast.loss.options import SPEC
 
     given = {"temperature": 2.5, "ce_weight": 0.5, "kd_weight": 1.5, "feat_weight": 0.25, "kd_eps": 2**-10,
@@ -682,7 +682,7 @@ def test_every_option_takes_numbers_of_any_numeric_type_and_0d_tensors():
         ({"feat_weight": float("inf")}, ValueError, r"^feat_weight: must be >= 0 \(and finite\)"),
         ({"ignore_index": 2.5}, TypeError, r"^ignore_index: expected an integer, got 2.5$"),
         ({"detach_teacher": "no"}, TypeError, r"^detach_teacher: expected a boolean, got 'no'$"),
-        ({"head_weights": __import__("numpy").ones((2, 2))}, ValueError, r"^head_weights: .*ndarray of shape \(2, 2\)"),
+        ({"head_weights": np.ones((2, 2))}, ValueError, r"^head_weights: .*ndarray of shape \(2, 2\)"),
         ({"head_weights": ["1", "1", "1", "1"]}, TypeError, r"^head_weights: expected K \+ 1 = 4 numbers"),
     ],
 )
@@ -885,3 +885,93 @@ def test_timm_backbones_train_under_cpu_autocast(family, dtype):
     loss.backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads), name
+
+
+# One specification of the options (kernels/options.py): every boundary declares what it says, and a new option is
+# carried or refused by name at each.
+def _docs_option_mismatches(spec):
+    """The options whose row in docs/loss.md's table differs from ``spec`` (type, default, meaning), or is missing,
+    and the rows no option of ``spec`` declares."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "loss.md").read_text()
+    rows = {name: (kind, default.strip(), meaning.strip())
+            for name, kind, default, meaning in re.findall(r"^\| `(\w+)` \| (\w+) \| ([^|]+) \| [^|]* \| ([^|]+) \|$",
+                                                           text, re.M)}  # fmt: skip
+    names = [option.name for option in spec]
+    return [o.name for o in spec if rows.get(o.name) != (o.type.__name__, str(o.default), o.help)] + [
+        name for name in rows if name not in names
+    ]
+
+
+def _flag_mismatches(spec):
+    """The options that are teskd-train flags (a TrainConfig field of their name) with another default or help."""
+    import dataclasses
+
+    from teskd_fast.train.config import TrainConfig
+
+    flags = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    return [o.name for o in spec if o.name in flags
+            and (flags[o.name].default != o.default or flags[o.name].metadata["help"] != o.help)]  # fmt: skip
+
+
+def test_every_boundary_declares_the_specifications_options():
+    from teskd_fast.kernels import teskd_loss_cpu as cpu_kernel
+    from teskd_fast.loss import api
+    from teskd_fast.loss.options import SPEC
+    from teskd_fast.train.config import loss_fields
+
+    assert LossOptions._fields == tuple(o.name for o in SPEC)
+    assert LossOptions() == LossOptions(**{o.name: o.default for o in SPEC})
+    assert _docs_option_mismatches(SPEC) == []
+    assert _flag_mismatches(SPEC) == [] and set(loss_fields()) >= {"temperature", "ce_weight", "kd_weight"}
+    # The ctypes struct is the C declaration's, field by field; the options among its fields are SPEC's.
+    assert cpu_kernel._Options._fields_ == cpu_kernel.struct_fields(SPEC)
+    assert {name for name, _ in cpu_kernel._Options._fields_[6:]} == set(LossOptions._fields)
+    api.check_signature(SPEC)
+    if TRITON_OK or importlib.util.find_spec("triton") is not None:
+        from teskd_fast.kernels import teskd_loss as triton_host
+
+        triton_host.check_op_options(SPEC)
+
+
+def test_a_new_option_is_carried_or_refused_by_name_at_every_boundary():
+    """A throwaway option added to the specification: the record and its check carry it; every boundary that has
+    not been taught it (the C struct, the custom op's schema, teskd_loss's keywords, the docs' table) refuses it
+    by name, at import or here, never silently."""
+    import ctypes
+
+    from teskd_fast.kernels import teskd_loss_cpu as cpu_kernel
+    from teskd_fast.kernels.options import options_record
+    from teskd_fast.loss import api
+    from teskd_fast.loss.options import SPEC, Option, Range
+
+    spec = (*SPEC, Option("new_weight", float, 0.0, Range(0.0, text="must be >= 0 (and finite)"), "a new term"))
+    record = options_record(spec)
+    assert record.checked(new_weight=np.float32(0.5)).new_weight == 0.5
+    assert record.checked().new_weight == 0.0 and record.checked(kd_weight=0.5).kd_weight == 0.5
+    with pytest.raises(ValueError, match=r"^new_weight: must be >= 0"):
+        record.checked(new_weight=-1.0)
+    with pytest.raises(TypeError, match=r"^new_weight: expected a number"):
+        record.checked(new_weight="0.5")
+
+    with pytest.raises(RuntimeError, match=r"options missing from the struct \['new_weight'\]"):
+        cpu_kernel.struct_fields(spec)
+    source = (cpu_kernel._CSRC / "teskd_loss_cpu.c").read_text()
+    taught = source.replace("} teskd_options;", "    double new_weight;\n} teskd_options;")
+    assert cpu_kernel.struct_fields(spec, taught)[-1] == ("new_weight", ctypes.c_double)
+    wrong_type = source.replace("} teskd_options;", "    int64_t new_weight;\n} teskd_options;")
+    with pytest.raises(RuntimeError, match=r"teskd_options.new_weight is int64_t .* expected double"):
+        cpu_kernel.struct_fields(spec, wrong_type)
+    with pytest.raises(TypeError, match=r"teskd_options has no field\(s\) \['new_weight'\]"):
+        cpu_kernel._Options(K=1, new_weight=3.0)
+
+    with pytest.raises(RuntimeError, match=r"the option new_weight .* is not a keyword"):
+        api.check_signature(spec)
+    assert _docs_option_mismatches(spec) == ["new_weight"]
+    if TRITON_OK or importlib.util.find_spec("triton") is not None:
+        from teskd_fast.kernels import teskd_loss as triton_host
+
+        with pytest.raises(RuntimeError, match=r"teskd_loss_fwd's schema .* missing \['new_weight'\]"):
+            triton_host.check_op_options(spec)

@@ -11,6 +11,7 @@ one :class:`~teskd_fast.loss.options.LossOptions` and dispatches to
 - ``"auto"``: triton for CUDA tensors, torch elsewhere.
 """
 
+import inspect
 import math
 import os
 from collections.abc import Sequence
@@ -22,7 +23,7 @@ from teskd_fast.kernels.teskd_loss_cpu import target_error
 from teskd_fast.outputs import TESKDOutput
 
 from .closed_form import closed_form_loss, use_fused
-from .options import PARTS, LossOptions, Option, convert
+from .options import PARTS, SPEC, LossOptions, Option, convert
 from .reference import teskd_loss_reference
 
 BACKENDS = ("auto", "reference", "torch", "triton")
@@ -412,3 +413,20 @@ class TESKDLoss(nn.Module):
 
 # The keyword options of teskd_loss, the ones TESKDLoss accepts.
 _OPTION_NAMES = (*LossOptions._fields, "head_weights", "backend", "return_parts", "check_target")
+
+
+def check_signature(spec=SPEC) -> None:
+    """``teskd_loss`` takes every option of ``spec`` as a keyword, with its default: a RuntimeError names one it
+    lacks or whose default differs (called at import)."""
+    parameters = inspect.signature(teskd_loss).parameters
+    for option in spec:
+        parameter = parameters.get(option.name)
+        if parameter is None or parameter.kind is not inspect.Parameter.KEYWORD_ONLY:
+            raise RuntimeError(f"teskd_loss: the option {option.name} (kernels/options.py) is not a keyword of it")
+        if parameter.default != option.default or type(parameter.default) is not type(option.default):
+            raise RuntimeError(
+                f"teskd_loss: {option.name}'s default is {parameter.default!r}, the specification's {option.default!r}"
+            )
+
+
+check_signature()
