@@ -14,7 +14,7 @@ import inspect
 import torch
 import triton
 
-from .options import SPEC, LossOptions
+from .options import PARTS, SPEC, LossOptions
 from .teskd_loss_jit import MAX_DIM, _teskd_bwd_kernel, _teskd_fwd_kernel, launch_config
 
 __all__ = ["TESKDLossTritonFunction", "launch_config", "teskd_bwd", "teskd_fwd", "teskd_loss_triton"]
@@ -106,7 +106,7 @@ def teskd_fwd(
         teacher_feature = student_features = grad_feat = grad.new_empty((0,))
     partials = _empty((B, 4), dtype=torch.float32, device=teacher.device)
     total = _empty((), dtype=torch.float32, device=teacher.device)
-    parts = _empty((3,), dtype=torch.float32, device=teacher.device)
+    parts = _empty((len(PARTS),), dtype=torch.float32, device=teacher.device)
 
     BLOCK_K, BLOCK_C, BLOCK_D, BLOCK_B, num_warps = launch_config(K, B, C, D)
     # BLOCK_K + 1 scalars (the padded students' weights are 0): one compiled kernel per BLOCK_K, as in the tests.
@@ -192,10 +192,9 @@ def _teskd_loss_fwd(
     ignore_index: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     # A custom op's schema takes plain scalars: the options' fields are named arguments of the op.
-    options = LossOptions(
-        temperature=temperature, ce_weight=ce_weight, kd_weight=kd_weight, feat_weight=feat_weight, kd_eps=kd_eps,
-        detach_teacher=detach_teacher, label_smoothing=label_smoothing, ignore_index=ignore_index,
-    )  # fmt: skip
+    # (The op runs eagerly, never traced: its arguments by name, every option of the specification.)
+    given = locals()
+    options = LossOptions(**{name: given[name] for name in LossOptions._fields})
     return teskd_fwd(teacher, students, target, teacher_feature, student_features, head_weights, options)
 
 
@@ -233,7 +232,8 @@ def _(teacher, students, target, teacher_feature, student_features, *args):
     else:
         grad_feat = torch.empty_like(student_features, dtype=_grad_dtype(student_features.dtype))
     grad = teacher.new_empty((K + 1, B, C), dtype=_grad_dtype(teacher.dtype))
-    return teacher.new_empty((), dtype=torch.float32), teacher.new_empty((3,), dtype=torch.float32), grad, grad_feat
+    total, parts = teacher.new_empty((), dtype=torch.float32), teacher.new_empty((len(PARTS),), dtype=torch.float32)
+    return total, parts, grad, grad_feat
 
 
 @torch.library.custom_op("teskd_fast::teskd_loss_bwd", mutates_args=())

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from .options import SPEC
+from .options import PARTS, SPEC
 
 ENV_SWITCH = "TESKD_FAST_CPU_KERNEL"
 ENV_CACHE = "TESKD_FAST_CACHE_DIR"
@@ -353,8 +353,8 @@ def fused_loss(
         hw = _HEAD_WEIGHTS.setdefault(head_weights, (ctypes.c_double * len(head_weights))(*head_weights))
     grad = torch.empty((K + 1, B, C), dtype=dtype)
     grad_f = torch.empty((K, B, D), dtype=dtype) if with_feature_grad and D else None
-    rows = torch.empty((B, 3), dtype=torch.float64)
-    parts = torch.empty(3, dtype=dtype)  # ce, kd, feat
+    rows = torch.empty((B, len(PARTS)), dtype=torch.float64)
+    parts = torch.empty(len(PARTS), dtype=dtype)
     total = torch.empty((), dtype=dtype)
     opts = _options(K, B, C, D, (K + 1) * B * C + K * B * D, options)
     single = len(opts) == 1
