@@ -14,7 +14,7 @@ import inspect
 import torch
 import triton
 
-from .options import LossOptions
+from .options import PARTS, SPEC, LossOptions
 from .teskd_loss_jit import MAX_DIM, _teskd_bwd_kernel, _teskd_fwd_kernel, launch_config
 
 __all__ = ["TESKDLossTritonFunction", "launch_config", "teskd_bwd", "teskd_fwd", "teskd_loss_triton"]
@@ -106,7 +106,7 @@ def teskd_fwd(
         teacher_feature = student_features = grad_feat = grad.new_empty((0,))
     partials = _empty((B, 4), dtype=torch.float32, device=teacher.device)
     total = _empty((), dtype=torch.float32, device=teacher.device)
-    parts = _empty((3,), dtype=torch.float32, device=teacher.device)
+    parts = _empty((len(PARTS),), dtype=torch.float32, device=teacher.device)
 
     BLOCK_K, BLOCK_C, BLOCK_D, BLOCK_B, num_warps = launch_config(K, B, C, D)
     # BLOCK_K + 1 scalars (the padded students' weights are 0): one compiled kernel per BLOCK_K, as in the tests.
@@ -114,38 +114,39 @@ def teskd_fwd(
     T = options.temperature
     with _on_device(teacher.device):
         _teskd_fwd_kernel[(B,)](
-            teacher,
-            students,
-            target,
-            weights,
-            teacher_feature,
-            student_features,
-            grad[0],
-            grad[1:],
-            grad_feat,
-            partials,
-            total,
-            parts,
-            _ticket(teacher.device),
-            B,
-            C,
-            D,
-            K,
-            teacher.stride(0),
-            students.stride(0),
-            students.stride(1),
-            teacher_feature.stride(0) if has_feat else 0,
-            student_features.stride(0) if has_feat else 0,
-            student_features.stride(1) if has_feat else 0,
-            1.0 / T,
-            T / B,
-            T * T / B,
-            options.kd_eps,
-            options.label_smoothing,
-            options.ce_weight,
-            options.kd_weight,
-            options.feat_weight,
-            options.ignore_index,
+            t_ptr=teacher,
+            s_ptr=students,
+            y_ptr=target,
+            w=weights,
+            ft_ptr=teacher_feature,
+            fs_ptr=student_features,
+            gt_ptr=grad[0],
+            gs_ptr=grad[1:],
+            gf_ptr=grad_feat,
+            part_ptr=partials,
+            total_ptr=total,
+            parts_ptr=parts,
+            ticket_ptr=_ticket(teacher.device),
+            B=B,
+            C=C,
+            D=D,
+            K=K,
+            s_t=teacher.stride(0),
+            s_sk=students.stride(0),
+            s_sb=students.stride(1),
+            s_f=teacher_feature.stride(0) if has_feat else 0,
+            s_fk=student_features.stride(0) if has_feat else 0,
+            s_fb=student_features.stride(1) if has_feat else 0,
+            # The options, each by its name in the specification (kernels/options.py).
+            inv_T=1.0 / T,
+            kd_scale=T / B,
+            kd_loss_scale=T * T / B,
+            eps=options.kd_eps,
+            ls=options.label_smoothing,
+            alpha=options.ce_weight,
+            beta=options.kd_weight,
+            gamma=options.feat_weight,
+            ignore_index=options.ignore_index,
             HAS_FEAT=has_feat,
             DETACH=options.detach_teacher,
             NEED_GRAD=need_grad,
@@ -168,8 +169,9 @@ def teskd_bwd(grad_output, grad, grad_feat, logit_dtype, feat_dtype) -> tuple[to
     grid = (p1 + triton.cdiv(n2, BWD_BLOCK),)
     with _on_device(grad.device):
         _teskd_bwd_kernel[grid](
-            grad_output.contiguous(), grad, scaled, n1, grad_feat, scaled_feat, n2, p1, BLOCK=BWD_BLOCK
-        )
+            g_ptr=grad_output.contiguous(), x_ptr=grad, y_ptr=scaled, N1=n1,
+            x2_ptr=grad_feat, y2_ptr=scaled_feat, N2=n2, P1=p1, BLOCK=BWD_BLOCK,
+        )  # fmt: skip
     return scaled, scaled_feat
 
 
@@ -190,15 +192,35 @@ def _teskd_loss_fwd(
     ignore_index: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     # A custom op's schema takes plain scalars: the options' fields are named arguments of the op.
-    options = LossOptions(
-        temperature=temperature, ce_weight=ce_weight, kd_weight=kd_weight, feat_weight=feat_weight, kd_eps=kd_eps,
-        detach_teacher=detach_teacher, label_smoothing=label_smoothing, ignore_index=ignore_index,
-    )  # fmt: skip
+    # (The op runs eagerly, never traced: its arguments by name, every option of the specification.)
+    given = locals()
+    options = LossOptions(**{name: given[name] for name in LossOptions._fields})
     return teskd_fwd(teacher, students, target, teacher_feature, student_features, head_weights, options)
 
 
 # The op's inputs, by name, in its schema's order (the options' fields last).
 _OP_INPUTS = _input_names(_teskd_loss_fwd)
+_OP_TENSORS = ("teacher", "students", "target", "teacher_feature", "student_features", "head_weights")
+
+
+def check_op_options(spec=SPEC) -> None:
+    """The custom op's inputs after its tensors are ``spec``'s options, by name, order and type: a RuntimeError
+    names an option its schema lacks or misdeclares (called at import)."""
+    parameters = inspect.signature(_teskd_loss_fwd).parameters
+    names = tuple(option.name for option in spec)
+    if _OP_INPUTS != (*_OP_TENSORS, *names):
+        missing = [name for name in names if name not in _OP_INPUTS]
+        extra = [name for name in _OP_INPUTS if name not in names and name not in _OP_TENSORS]
+        raise RuntimeError(
+            f"teskd_fast::teskd_loss_fwd's schema does not match the loss's options (kernels/options.py): "
+            f"missing {missing}, not options {extra} (they follow the tensors, in the specification's order)"
+        )
+    for option in spec:
+        if parameters[option.name].annotation is not option.type:
+            raise RuntimeError(f"teskd_fast::teskd_loss_fwd: {option.name} is not declared {option.type.__name__}")
+
+
+check_op_options()
 _teskd_loss_fwd_op = torch.library.custom_op("teskd_fast::teskd_loss_fwd", mutates_args=())(_teskd_loss_fwd)
 
 
@@ -210,7 +232,8 @@ def _(teacher, students, target, teacher_feature, student_features, *args):
     else:
         grad_feat = torch.empty_like(student_features, dtype=_grad_dtype(student_features.dtype))
     grad = teacher.new_empty((K + 1, B, C), dtype=_grad_dtype(teacher.dtype))
-    return teacher.new_empty((), dtype=torch.float32), teacher.new_empty((3,), dtype=torch.float32), grad, grad_feat
+    total, parts = teacher.new_empty((), dtype=torch.float32), teacher.new_empty((len(PARTS),), dtype=torch.float32)
+    return total, parts, grad, grad_feat
 
 
 @torch.library.custom_op("teskd_fast::teskd_loss_bwd", mutates_args=())
@@ -230,7 +253,7 @@ def _(grad_output, grad, grad_feat, logit_dtype, feat_dtype):
 
 
 def _setup_context(ctx, inputs, output):
-    named = dict(zip(_OP_INPUTS, inputs))
+    named = dict(zip(_OP_INPUTS, inputs, strict=True))
     _, _, grad, grad_feat = output
     ctx.save_for_backward(grad, grad_feat)
     ctx.has_feat = named["student_features"] is not None
@@ -266,17 +289,31 @@ class TESKDLossTritonFunction(torch.autograd.Function):
         return total, parts
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_total, grad_parts) -> tuple[torch.Tensor | None, ...]:
         grad, grad_feat = ctx.saved_tensors
-        scaled, scaled_feat = teskd_bwd(grad_total, grad, grad_feat, *ctx.dtypes)
-        needs = dict(zip(_FUNCTION_INPUTS, ctx.needs_input_grad))
-        return _gradients(
+        with torch.no_grad():
+            scaled, scaled_feat = teskd_bwd(grad_total, grad, grad_feat, *ctx.dtypes)
+        needs = dict(zip(_FUNCTION_INPUTS, ctx.needs_input_grad, strict=True))
+        return _refuse_second_order(_gradients(
             _FUNCTION_INPUTS,
             teacher=scaled[0],
             students=scaled[1:],
             student_features=scaled_feat if needs["student_features"] else None,
-        )
+        ))  # fmt: skip
+
+
+def _refuse_second_order(grads):
+    """``grads`` as they are, or (in a backward with ``create_graph=True``) through a node that raises a clear error
+    when they are differentiated in turn: the kernels' gradients are not differentiable (as ``once_differentiable``
+    does, which says nothing where only the inputs of the loss, not grad_output, need a gradient)."""
+    if not torch.is_grad_enabled():
+        return grads
+    error = torch._C._functions.DelayedError(
+        b"teskd_loss(backend='triton') has no second-order gradients (its kernels' gradients are not differentiable); "
+        b"use backend='torch' or 'reference' for double backward (create_graph=True)",
+        1,
+    )
+    return tuple(None if g is None else error(g.detach().requires_grad_()) for g in grads)
 
 
 # The Function's inputs, by name, in the order of its forward.

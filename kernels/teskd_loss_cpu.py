@@ -4,8 +4,8 @@ first use and called through ctypes.
 One pass per batch row computes every head's cross-entropy, every student's KL divergence, the feature term
 and the gradients of all logits and, on request, of the student features, as the Triton kernel does on the GPU
 (:func:`feature_grad` recomputes the feature gradient for a second backward);
-``teskd_fast.loss.closed_form.TESKDLossFunction`` calls it for CPU tensors, and falls back to its batched
-PyTorch ops where no C compiler is found.
+``teskd_fast.loss.closed_form.FusedLossFunction`` calls it for CPU tensors (``BatchedLossFunction``, its batched
+PyTorch ops, runs where no C compiler is found).
 
 The source is plain C (no Python or torch headers: it compiles in about a second) and is built with the
 system's C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``) into a per-user cache,
@@ -28,8 +28,10 @@ and the per-row partial sums are then reduced in row order: the result does not 
 
 import ctypes
 import hashlib
+import itertools
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -39,6 +41,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+
+from .options import PARTS, SPEC
 
 ENV_SWITCH = "TESKD_FAST_CPU_KERNEL"
 ENV_CACHE = "TESKD_FAST_CACHE_DIR"
@@ -59,18 +63,53 @@ _ISA_FLAGS = {
 _MIN_PARALLEL_WORK = 1 << 18
 
 
-class _Options(ctypes.Structure):
-    """Mirror of ``teskd_options`` in teskd_loss_cpu.c: the shape, a row range and the loss's options."""
+_SHAPE_FIELDS = ("K", "B", "C", "D", "row_begin", "row_end")
+_C_TYPES = {"int64_t": ctypes.c_int64, "double": ctypes.c_double}
+_SPEC_C_TYPES = {float: "double", int: "int64_t", bool: "int64_t"}
 
-    _fields_ = [
-        *((name, ctypes.c_int64) for name in ("K", "B", "C", "D", "row_begin", "row_end")),
-        ("ignore_index", ctypes.c_int64),
-        ("detach_teacher", ctypes.c_int64),
-        *(
-            (name, ctypes.c_double)
-            for name in ("temperature", "ce_weight", "kd_weight", "feat_weight", "kd_eps", "label_smoothing")
-        ),
-    ]
+
+def struct_fields(spec=SPEC, source=None) -> list[tuple[str, type]]:
+    """The ctypes fields of ``teskd_options``, read from its declaration in csrc/teskd_loss_cpu.c (``source``: that
+    file's text), checked against the loss's specification: the shape and row range, then every option of
+    ``spec`` with its C type. A RuntimeError names an option the struct lacks, a field no option declares, or a
+    type that differs: a C kernel that would drop (or misread) an option fails at import, never silently."""
+    source = (_CSRC / "teskd_loss_cpu.c").read_text() if source is None else source
+    body = re.search(r"typedef struct \{(.*?)\} teskd_options;", source, re.S)
+    if body is None:
+        raise RuntimeError("csrc/teskd_loss_cpu.c: no `typedef struct {...} teskd_options;` found")
+    fields = []
+    for declaration in re.sub(r"/\*.*?\*/", "", body.group(1), flags=re.S).split(";"):
+        words = declaration.replace(",", " ").split()
+        if words:
+            fields += [(name, words[0]) for name in words[1:]]
+    names = [name for name, _ in fields]
+    options = {option.name: _SPEC_C_TYPES[option.type] for option in spec}
+    missing = [name for name in options if name not in names]
+    extra = [name for name in names if name not in options and name not in _SHAPE_FIELDS]
+    if missing or extra or tuple(names[: len(_SHAPE_FIELDS)]) != _SHAPE_FIELDS:
+        raise RuntimeError(
+            f"teskd_options in csrc/teskd_loss_cpu.c does not match the loss's options (kernels/options.py): "
+            f"options missing from the struct {missing}, struct fields no option declares {extra}; the struct "
+            f"starts with {list(_SHAPE_FIELDS)}"
+        )
+    for name, c_type in fields[len(_SHAPE_FIELDS) :]:
+        if c_type != options[name]:
+            raise RuntimeError(f"teskd_options.{name} is {c_type} in csrc/teskd_loss_cpu.c, expected {options[name]}")
+    return [(name, _C_TYPES[c_type]) for name, c_type in fields]
+
+
+class _Options(ctypes.Structure):
+    """Mirror of ``teskd_options`` in teskd_loss_cpu.c: the shape, a row range and the loss's options, read from
+    the C declaration and checked against the specification (:func:`struct_fields`). Unknown keywords are refused
+    (ctypes itself would set them as plain attributes, which the kernel never sees)."""
+
+    _fields_ = struct_fields()
+
+    def __init__(self, **fields):
+        unknown = sorted(set(fields) - {name for name, _ in self._fields_})
+        if unknown:
+            raise TypeError(f"teskd_options has no field(s) {unknown}: the C kernel would ignore them")
+        super().__init__(**fields)
 
 
 _lock = threading.Lock()
@@ -241,7 +280,7 @@ def _thread_pool():
 def _chunks(B, work):
     threads = min(torch.get_num_threads(), B, max(1, work // _MIN_PARALLEL_WORK))
     bounds = [B * i // threads for i in range(threads + 1)]
-    return list(zip(bounds[:-1], bounds[1:]))
+    return list(itertools.pairwise(bounds))
 
 
 _HEAD_WEIGHTS = {}
@@ -314,8 +353,8 @@ def fused_loss(
         hw = _HEAD_WEIGHTS.setdefault(head_weights, (ctypes.c_double * len(head_weights))(*head_weights))
     grad = torch.empty((K + 1, B, C), dtype=dtype)
     grad_f = torch.empty((K, B, D), dtype=dtype) if with_feature_grad and D else None
-    rows = torch.empty((B, 3), dtype=torch.float64)
-    parts = torch.empty(3, dtype=dtype)  # ce, kd, feat
+    rows = torch.empty((B, len(PARTS)), dtype=torch.float64)
+    parts = torch.empty(len(PARTS), dtype=dtype)
     total = torch.empty((), dtype=dtype)
     opts = _options(K, B, C, D, (K + 1) * B * C + K * B * D, options)
     single = len(opts) == 1

@@ -5,8 +5,8 @@
  * Run:   ./driver CASES_FILE [REPEAT]
  *
  * CASES_FILE (written by the Python test, little-endian) holds cases one after the other, each:
- *   int64   K, B, C, D, ignore_index, detach_teacher
- *   float64 temperature, ce_weight, kd_weight, feat_weight, kd_eps, label_smoothing, feature_scale, atol, rtol
+ *   int64   sizeof(teskd_options), then the struct itself (the bytes of the ctypes mirror, teskd_loss_cpu._Options)
+ *   float64 feature_scale, atol, rtol
  *   float64 head_weights[K + 1]
  *   float32 teacher[B C], students[K B C], f_t[B D], f_s[K B D];  int64 target[B]
  *   float64 expected total, parts[3], grad[(K + 1) B C], feature_grad[K B D]   (from the float64 reference)
@@ -114,13 +114,18 @@ int main(int argc, char** argv) {
     int64_t ncases, failures = 0;
     read_exact(&ncases, sizeof ncases, 1);
     for (int i = 0; i < ncases; ++i) {
-        int64_t hdr[6];
-        double opt[9];
-        read_exact(hdr, sizeof hdr[0], 6);
-        read_exact(opt, sizeof opt[0], 9);
-        const int64_t K = hdr[0], B = hdr[1], C = hdr[2], D = hdr[3], H = K + 1;
-        teskd_options o = {K, B, C, D, 0, B, hdr[4], hdr[5], opt[0], opt[1], opt[2], opt[3], opt[4], opt[5]};
-        const double feature_scale = opt[6], atol = opt[7], rtol = opt[8];
+        int64_t size;
+        teskd_options o;
+        double opt[3];
+        read_exact(&size, sizeof size, 1);
+        if (size != (int64_t)sizeof o) {
+            fprintf(stderr, "case %d: a teskd_options of %lld bytes, this build's is %zu\n", i, (long long)size, sizeof o);
+            return 2;
+        }
+        read_exact(&o, sizeof o, 1); /* packed by the tests as the ctypes mirror of the struct */
+        read_exact(opt, sizeof opt[0], 3);
+        const int64_t K = o.K, B = o.B, C = o.C, D = o.D, H = K + 1;
+        const double feature_scale = opt[0], atol = opt[1], rtol = opt[2];
         double* head_weights = read_array(sizeof(double), (size_t)H);
         float* teacher = read_array(sizeof(float), (size_t)(B * C));
         float* students = read_array(sizeof(float), (size_t)(K * B * C));

@@ -133,7 +133,7 @@ def compare(dtype, B, C, K, D, options, grad_out=1.7, scale=3.0, seed=0):
     assert_close(got[0], want[0], acc, "total", scale=10)
     for part in ("ce", "kd", "feat"):
         assert_close(got[1][part], want[1][part], acc, part, scale=10)
-    for name, g, w in zip(["grad teacher", "grad students", "grad student features"], got[2:], want[2:]):
+    for name, g, w in zip(["grad teacher", "grad students", "grad student features"], got[2:], want[2:], strict=True):
         if w is None:
             assert g is None, name
         elif g.numel() > 4096:
@@ -368,7 +368,7 @@ def test_nan_and_inf_like_the_reference(path, case, ignored, monkeypatch, reques
     names = ["total", "ce", "kd", "feat", "grad teacher", "grad students", "grad student features"]
     got = [got[0], *got[1].values(), *got[2:]]
     want = [want[0], *want[1].values(), *want[2:]]
-    for name, g, w in zip(names, got, want):
+    for name, g, w in zip(names, got, want, strict=True):
         kinds = classify(g)
         same = torch.equal(kinds, classify(w))
         assert same, (
@@ -417,7 +417,7 @@ def test_backward_twice_accumulates_exactly_twice(path, monkeypatch):
     assert_close(torch.stack(once[1:4]), want[3], torch.float32, "student grads")
     assert_close(torch.stack(once[4:]), want[4], torch.float32, "student feature grads")
     total.backward(grad_out)
-    for i, (leaf, g) in enumerate(zip(leaves, once)):
+    for i, (leaf, g) in enumerate(zip(leaves, once, strict=True)):
         same = torch.equal(leaf.grad, 2 * g)
         assert same, f"input {i}: the second backward did not add the same gradient"
 
@@ -444,7 +444,7 @@ def test_second_backward_after_in_place_change_of_an_input(path, modified, monke
     except RuntimeError as exc:
         assert "in place" in str(exc) or "inplace" in str(exc), exc
         return
-    for i, (leaf, g) in enumerate(zip(leaves, once)):
+    for i, (leaf, g) in enumerate(zip(leaves, once, strict=True)):
         same = torch.equal(leaf.grad, 2 * g)
         assert same, f"input {i}: the second backward used the modified {modified}, not the forward's inputs"
 
@@ -504,7 +504,7 @@ def test_non_contiguous_inputs(dtype, build):
     }
     flat = [views["teacher"], views["students"], views["target"], views["teacher_feature"], *views["student_features"]]
     assert not any(t.is_contiguous() for t in flat)
-    assert all(torch.equal(a, b) for a, b in zip(flat, [teacher, students, target, f_t, *f_s]))
+    assert all(torch.equal(a, b) for a, b in zip(flat, [teacher, students, target, f_t, *f_s], strict=True))
 
     def loss(teacher, students, target, f_t, f_s):
         leaves = [teacher.detach().requires_grad_(), students.detach().requires_grad_()]
@@ -516,7 +516,7 @@ def test_non_contiguous_inputs(dtype, build):
 
     got = loss(*views.values())
     want = loss(teacher, students, target, f_t, list(f_s))
-    for i, (g, w) in enumerate(zip(got, want)):
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
         same = torch.equal(g, w)
         assert same, f"output {i} differs for non-contiguous inputs"
 
@@ -614,7 +614,8 @@ def check_results(res):
     """Both torch-backend calls agree with the reference backend (same process, same inputs)."""
     (ref,) = res["reference"]
     for i, call in enumerate(res["torch"]):
-        for name, g, w in zip(["total", "grad teacher", "grad students", "grad student features"], call, ref):
+        names = ["total", "grad teacher", "grad students", "grad student features"]
+        for name, g, w in zip(names, call, ref, strict=True):
             assert_close(g, w, torch.float32, f"call {i}: {name}", scale=10)
 
 

@@ -64,9 +64,9 @@ def _case(B, C, K, D, options, seed):
     o = LossOptions(**{name: value for name, value in options.items() if name != "head_weights"})
     head_weights = torch.tensor(options.get("head_weights", [1.0] * (K + 1)), dtype=torch.float64)
     f_t, f_s = feats if D else (torch.zeros(0), torch.zeros(0))
-    out = struct.pack("<6q", K, B, C, D, o.ignore_index, int(o.detach_teacher))
-    out += struct.pack("<9d", o.temperature, o.ce_weight, o.kd_weight, o.feat_weight, o.kd_eps, o.label_smoothing,
-                       2.0 * o.feat_weight, 1e-5, 1e-4)  # fmt: skip
+    # The struct as the library packs it (every option of the specification, by name), then the driver's own.
+    packed = bytes(cpu_kernel._Options(K=K, B=B, C=C, D=D, row_begin=0, row_end=B, **o._asdict()))
+    out = struct.pack("<q", len(packed)) + packed + struct.pack("<3d", 2.0 * o.feat_weight, 1e-5, 1e-4)
     out += _f64(head_weights) + _f32(teacher) + _f32(students) + _f32(f_t) + _f32(f_s)
     out += target.to(torch.int64).numpy().tobytes()
     want = [total.reshape(1), torch.stack([parts["ce"], parts["kd"], parts["feat"]]), g_teacher, g_students]

@@ -109,7 +109,7 @@ def test_pad_crop_pads_with_zeros_and_crops_back(solid_jpeg, backend):
         # nvjpeg and DALI draw the same offsets from (seed, epoch, rank, batch).
         epoch_order = loader.epoch_indices(0)
         draws = pad_crops(len(epoch_order), 16, numpy_generator(5, 0, 0, 0))
-        for mask, (dy, dx, _) in zip(masks, draws):
+        for mask, (dy, dx, _) in zip(masks, draws, strict=False):
             assert int(mask.all(1)[:2].sum() + mask.all(1)[-2:].sum()) == abs(dy - 2)
             assert int(mask.all(0)[:2].sum() + mask.all(0)[-2:].sum()) == abs(dx - 2)
 

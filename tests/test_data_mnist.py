@@ -45,7 +45,7 @@ def test_idx_files_are_found_checked_and_served_from_the_device(tmp_path, layout
     train, test = mnist_loaders(tmp_path, batch_size=8, device="cpu", seed=3)
     assert train.classes[0] == "T-shirt/top" and len(train.classes) == 10
     # Evaluation: the stored images, normalised with the training set's mean and std, the channel repeated.
-    x, y = zip(*test)
+    x, y = zip(*test, strict=True)
     x, y = torch.cat(x), torch.cat(y)
     expected = (torch.from_numpy(arrays[FILES["test"][0]]).double() / 255 - MEAN) / STD
     assert x.shape == (10, 3, 28, 28) and x.dtype == torch.float32 and x.is_contiguous()
@@ -72,7 +72,7 @@ def test_mnist_is_not_flipped_and_channels_last_gives_the_same_batches(tmp_path)
     train, _ = mnist_loaders(tmp_path, dataset="mnist", batch_size=8, device="cpu")
     assert not train.epoch_plan(0)[2].any() and train.classes == [str(d) for d in range(10)]
     nhwc, _ = mnist_loaders(tmp_path, dataset="mnist", batch_size=8, device="cpu", channels_last=True)
-    for (x, _), (xc, _) in zip(train, nhwc):
+    for (x, _), (xc, _) in zip(train, nhwc, strict=True):
         assert torch.equal(x, xc) and xc.is_contiguous(memory_format=torch.channels_last)
 
 
@@ -146,7 +146,7 @@ def test_cuda_matches_cpu(tmp_path, channels_last):
     write_idx(tmp_path, n_train=40, gz=False)
     cpu, _ = mnist_loaders(tmp_path, batch_size=16, device="cpu", seed=4, channels_last=channels_last)
     gpu, _ = mnist_loaders(tmp_path, batch_size=16, device="cuda", seed=4, channels_last=channels_last)
-    for (x, y), (xg, yg) in zip(cpu, gpu):
+    for (x, y), (xg, yg) in zip(cpu, gpu, strict=True):
         assert xg.is_cuda and xg.shape == x.shape and torch.equal(y, yg.cpu())
         assert xg.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         torch.testing.assert_close(xg.cpu(), x, rtol=0, atol=1e-6)

@@ -1,7 +1,9 @@
 """The TESKD loss: every backend against the float64 reference, values and every gradient."""
 
+import importlib.util
 import os
 
+import numpy as np
 import pytest
 import torch
 from tolerances import assert_close, assert_rms_close
@@ -71,7 +73,7 @@ def check_against_reference(backend, dtype, B, C, K, D, options, grad_out, stack
     assert_close(got[0], want[0], acc, f"{backend} total", scale=10)
     for part in ("ce", "kd", "feat"):
         assert_close(got[1][part], want[1][part], acc, f"{backend} {part}", scale=10)
-    for name, g, w in zip(names[2:], got[2:], want[2:]):
+    for name, g, w in zip(names[2:], got[2:], want[2:], strict=True):
         if w is None:
             assert g is None, name
             continue
@@ -195,7 +197,7 @@ def test_triton_backend_gpu_sizes(B, C, poisoned):
         got = run("triton", teacher, students, target, feats, torch.tensor(1.0, device="cuda"))
         want = reference64(teacher, students, target, feats, torch.tensor(1.0, device="cuda"))
         assert_close(got[0], want[0], torch.float32, "total", scale=10)
-        for g, w in zip(got[2:], want[2:]):
+        for g, w in zip(got[2:], want[2:], strict=True):
             assert_rms_close(g, w, dtype if dtype in LOW else torch.float32, "grad", scale=2)
 
 
@@ -218,6 +220,112 @@ def test_gradcheck_torch_backend(cpu_path):
         return teskd_loss(t, s, target, f_t, fs, backend="torch", feat_weight=0.1, label_smoothing=0.1, temperature=3.0)
 
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7)
+
+
+def _double_backward_inputs():
+    teacher, students, target, feats = make_inputs(3, 5, 2, 4, dtype=torch.float64, scale=1.0)
+    f_t, f_s = feats
+    f_s = torch.where(f_s.abs() < 1e-3, torch.full_like(f_s, 0.1), f_s)  # away from the mask's kink at 0
+    target[1] = -100
+    return teacher, students, target, f_t, f_s
+
+
+@pytest.mark.parametrize("stacked", [True, False])
+def test_gradgradcheck_torch_backend(stacked, cpu_path):
+    # Second-order gradients of the torch backend were silently wrong (0 where the reference has 0.09, issue 34).
+    teacher, students, target, f_t, f_s = _double_backward_inputs()
+    inputs = [t.clone().requires_grad_() for t in (teacher, students, f_s)]
+
+    def fn(t, s, fs):
+        s, fs = (s, fs) if stacked else (list(s.unbind(0)), list(fs.unbind(0)))
+        return teskd_loss(t, s, target, f_t, fs, backend="torch", feat_weight=0.1, label_smoothing=0.1,
+                          temperature=3.0, head_weights=[1.0, 0.5, 2.0])  # fmt: skip
+
+    assert torch.autograd.gradgradcheck(fn, inputs, eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_second_order_gradients_match_the_reference(backend, cpu_path):
+    """The issue's case: g = d loss(t * w) / dt with create_graph, then backward of (g ** 2).sum()."""
+    teacher, students, target, f_t, f_s = _double_backward_inputs()
+    got = {}
+    for name in ("reference", backend):
+        t = teacher.clone().requires_grad_()
+        w = torch.linspace(0.5, 1.5, t.numel(), dtype=torch.float64).view_as(t).requires_grad_()
+        s = students.clone().requires_grad_()
+        fs = f_s.clone().requires_grad_()
+        loss = teskd_loss(t * w, s, target, f_t, fs, backend=name, feat_weight=0.1)
+        g_t, g_s, g_f = torch.autograd.grad(loss, (t, s, fs), create_graph=True)
+        ((g_t**2).sum() + (g_s**3).sum() + (g_f * fs).sum()).backward()
+        got[name] = (t.grad, w.grad, s.grad, fs.grad)
+    for label, a, b in zip(("d/dt", "d/dw", "d/ds", "d/dfs"), got[backend], got["reference"], strict=True):
+        assert b.norm() > 1e-3, label  # a second derivative that is really there
+        assert_close(a, b, torch.float64, f"{backend} {label}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not TRITON_OK, reason="Triton needs CUDA or TRITON_INTERPRET=1")
+def test_triton_backend_refuses_second_order_gradients():
+    teacher, students, target, _ = make_inputs(3, 5, 2, device=TRITON_DEVICE)
+    t = teacher.clone().requires_grad_()
+    w = torch.full_like(t, 1.3, requires_grad=True)
+    g, = torch.autograd.grad(teskd_loss(t * w, students, target, backend="triton"), t, create_graph=True)
+    with pytest.raises(RuntimeError, match=r"backend='triton'\) has no second-order gradients.*use backend='torch'"):
+        (g**2).sum().backward()
+    # A first-order backward with create_graph=True (for another term's sake) still works.
+    g, = torch.autograd.grad(teskd_loss(t, students, target, backend="triton"), t, create_graph=True)
+    assert torch.isfinite(g).all()
+
+
+MIXED = [
+    # (teacher logits, students, teacher feature, student features): as autocast leaves them, and float64 mixes
+    (torch.bfloat16, torch.bfloat16, torch.float32, torch.bfloat16),  # timm ConvNeXt's head under bf16 autocast
+    (torch.float16, torch.float16, torch.float32, torch.float16),
+    (torch.float32, torch.bfloat16, torch.bfloat16, torch.float32),
+    (torch.float64, torch.float32, torch.float32, torch.float64),
+    (torch.float32, torch.float64, torch.float64, torch.float32),
+]
+
+
+def _mixed_inputs(dtypes, device="cpu"):
+    teacher, students, target, (f_t, f_s) = make_inputs(6, 11, 3, 8, dtype=torch.float64, device=device)
+    return [x.to(d) for x, d in zip((teacher, students, f_t, f_s), dtypes, strict=True)], target
+
+
+_TRITON_MARKS = [pytest.mark.gpu, pytest.mark.skipif(not TRITON_OK, reason="Triton needs CUDA or TRITON_INTERPRET=1")]
+MIXED_CASES = [
+    pytest.param(backend, dtypes, marks=_TRITON_MARKS if backend == "triton" else (),
+                 id=f"{backend}-" + "-".join(str(x).removeprefix("torch.") for x in dtypes))
+    for backend in ("reference", "torch", "triton")
+    for dtypes in MIXED
+    if not (backend == "triton" and torch.float64 in dtypes)  # Triton takes no float64
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("backend, dtypes", MIXED_CASES)
+@pytest.mark.parametrize("stacked", [True, False])
+def test_mixed_input_dtypes(backend, dtypes, stacked, cpu_path):
+    """Inputs of mixed floating dtypes: computed in float32 (float64 where one is), each gradient in its input's
+    dtype, against the float64 reference of the same (rounded) values."""
+    if backend != "torch" and cpu_path == "batched":
+        pytest.skip("one CPU path is enough for the other backends")
+    (teacher, students, f_t, f_s), target = _mixed_inputs(dtypes, TRITON_DEVICE if backend == "triton" else "cpu")
+    leaves = [x.clone().requires_grad_() for x in (teacher, students, f_s)]
+    t, s, fs = leaves
+    s_arg, fs_arg = (s, fs) if stacked else (list(s.unbind(0)), list(fs.unbind(0)))
+    total, parts = teskd_loss(t, s_arg, target, f_t, fs_arg, backend=backend, return_parts=True, feat_weight=0.05)
+    grad_out = torch.tensor(1.7)
+    total.backward(grad_out.to(total))
+    want = reference64(teacher, students, target, (f_t, f_s), grad_out, feat_weight=0.05)
+    acc = torch.float64 if torch.float64 in dtypes else torch.float32
+    assert total.dtype == acc
+    assert_close(total, want[0], acc, f"{backend} total", scale=10)
+    for part in parts:
+        assert_close(parts[part], want[1][part], acc, f"{backend} {part}", scale=10)
+    for name, leaf, w in zip(("teacher", "students", "student features"), leaves, want[2:], strict=True):
+        assert leaf.grad.dtype == leaf.dtype, f"{name}: gradient in {leaf.grad.dtype}, not its input's {leaf.dtype}"
+        # Rounded once, to the input's dtype.
+        assert_rms_close(leaf.grad, w, leaf.dtype, f"{backend} grad {name}", scale=2)
 
 
 def _graph_nodes(root):
@@ -255,7 +363,8 @@ def test_torch_backend_mixed_student_forms(form, cpu_path):
     # Both stacked: the loss's node takes the two stacked leaves directly, with nothing in between.
     s2, fs2 = students.clone().requires_grad_(), f_s.clone().requires_grad_()
     total = teskd_loss(teacher, s2, target, f_t, fs2, backend="torch", feat_weight=0.05)
-    assert _graph_nodes(total.grad_fn) == {"TESKDLossFunctionBackward", "AccumulateGrad"}
+    function = "FusedLossFunctionBackward" if cpu_path == "fused" else "BatchedLossFunctionBackward"
+    assert _graph_nodes(total.grad_fn) == {function, "AccumulateGrad"}
     total.backward(grad_out)
     assert_close(s2.grad, want[3], torch.float64, "grad stacked students")
     assert_close(fs2.grad, want[4], torch.float64, "grad stacked student features")
@@ -396,7 +505,7 @@ def test_compiles_without_graph_break(backend):
     ref = step(*ref_inputs)
     ref.backward()
     assert_close(out, ref, torch.float32, "compiled total")
-    for a, b in zip(inputs, ref_inputs):
+    for a, b in zip(inputs, ref_inputs, strict=True):
         assert_close(a.grad, b.grad, torch.float32, "compiled grad")
 
 
@@ -490,7 +599,12 @@ def _good():
             TypeError,
             r"teacher_logits: dtype torch.int64",
         ),
-        (lambda a: a.update(student_logits=a["student_logits"].double()), TypeError, r"student_logits: dtype.*float64"),
+        (lambda a: a.update(student_logits=a["student_logits"].int()), TypeError, r"student_logits: dtype.*int32"),
+        (
+            lambda a: a.update(student_features=list(a["student_features"].to(torch.uint8))),
+            TypeError,
+            r"student_features: dtype torch.uint8",
+        ),
         (
             lambda a: a.update(teacher_logits=a["teacher_logits"][:, :1], student_logits=a["student_logits"][..., :1]),
             ValueError,
@@ -531,6 +645,63 @@ def test_bad_input_errors(change, error, match):
 def test_bad_option_errors(options, match):
     with pytest.raises((ValueError, TypeError), match=match):
         teskd_loss(**_good(), **options)
+
+
+def test_every_option_takes_numbers_of_any_numeric_type_and_0d_tensors():
+    """One rule for every option, temperature included (issue 34): Python numbers, numpy scalars, 0-d tensors."""
+    from teskd_fast.loss.options import SPEC
+
+    given = {"temperature": 2.5, "ce_weight": 0.5, "kd_weight": 1.5, "feat_weight": 0.25, "kd_eps": 2**-10,
+             "detach_teacher": True, "label_smoothing": 0.125, "ignore_index": 3}  # fmt: skip
+    assert set(given) == {option.name for option in SPEC}
+    forms = {
+        "python": lambda v: v,
+        "numpy": lambda v: np.array(v)[()],
+        "numpy 0-d array": np.array,
+        "0-d tensor": torch.tensor,
+        "int for an integral value": lambda v: int(v) if float(v).is_integer() and not isinstance(v, bool) else v,
+    }
+    want = teskd_loss(**_good(), **given)
+    for form, make in forms.items():
+        options = {name: make(value) for name, value in given.items()}
+        assert LossOptions.checked(**options) == LossOptions(**given), form
+        assert torch.equal(teskd_loss(**_good(), **options), want), form
+    weights = [1.0, 0.5, 2.0, 1.0]
+    for head_weights in (np.array(weights), torch.tensor(weights), [1, np.float32(0.5), 2, 1]):
+        got = teskd_loss(**_good(), head_weights=head_weights)
+        assert torch.equal(got, teskd_loss(**_good(), head_weights=weights))
+
+
+@pytest.mark.parametrize(
+    "options, error, match",
+    [
+        ({"temperature": "2"}, TypeError, r"^temperature: expected a number, got '2'$"),
+        ({"temperature": torch.ones(2)}, TypeError, r"^temperature: expected a number or a 0-d tensor.*\(2,\)"),
+        ({"ce_weight": True}, TypeError, r"^ce_weight: expected a number, got True$"),
+        ({"kd_weight": -1.0}, ValueError, r"^kd_weight: must be >= 0"),  # the library's range is the command's
+        ({"feat_weight": float("inf")}, ValueError, r"^feat_weight: must be >= 0 \(and finite\)"),
+        ({"ignore_index": 2.5}, TypeError, r"^ignore_index: expected an integer, got 2.5$"),
+        ({"detach_teacher": "no"}, TypeError, r"^detach_teacher: expected a boolean, got 'no'$"),
+        ({"head_weights": np.ones((2, 2))}, ValueError, r"^head_weights: .*ndarray of shape \(2, 2\)"),
+        ({"head_weights": ["1", "1", "1", "1"]}, TypeError, r"^head_weights: expected K \+ 1 = 4 numbers"),
+    ],
+)
+def test_options_of_the_wrong_type_are_refused_by_name(options, error, match):
+    with pytest.raises(error, match=match):
+        teskd_loss(**_good(), **options)
+
+
+def test_unknown_options_are_refused_by_name():
+    with pytest.raises(TypeError, match=r"unknown loss option\(s\) \['new_weight'\]"):
+        LossOptions.checked(new_weight=0.5)
+    with pytest.raises(TypeError, match=r"TESKDLoss: unknown options \['new_weight'\]"):
+        TESKDLoss(new_weight=0.5)
+
+
+def test_module_called_with_a_tensor_says_it_expected_a_teskd_output():
+    args = _good()
+    with pytest.raises(TypeError, match=r"^TESKDLoss: expected criterion\(output, target\) with output a TESKDOutput"):
+        TESKDLoss()(args["teacher_logits"], args["target"])
 
 
 @pytest.mark.parametrize("ignore_index", [2**64, 2**63, -(2**63) - 1])
@@ -640,7 +811,7 @@ def test_triton_loss_graphs_replayed_concurrently_each_reduce_their_own_rows():
     wants = [run("reference", t.double(), s.double(), y, tuple(f.double() for f in fs),
                  torch.tensor(1.0, dtype=torch.float64, device="cuda"))[0] for t, s, y, fs in inputs]  # fmt: skip
     graphs, losses, streams = [], [], [torch.cuda.Stream(), torch.cuda.Stream()]
-    for (t, s, y, fs), stream in zip(inputs, streams):
+    for (t, s, y, fs), stream in zip(inputs, streams, strict=True):
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             teskd_loss(t, s, y, *fs, backend="triton")  # warm-up (compiles the kernels) outside the capture
@@ -650,13 +821,13 @@ def test_triton_loss_graphs_replayed_concurrently_each_reduce_their_own_rows():
             losses.append(teskd_loss(t, s, y, *fs, backend="triton"))
         graphs.append(graph)
     for _ in range(50):
-        for graph, stream in zip(graphs, streams):
+        for graph, stream in zip(graphs, streams, strict=True):
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 graph.replay()
         for stream in streams:
             torch.cuda.current_stream().wait_stream(stream)
-        for loss, want in zip(losses, wants):
+        for loss, want in zip(losses, wants, strict=True):
             assert_close(loss, want, torch.float32, "concurrently replayed total", scale=10)
 
 
@@ -672,3 +843,135 @@ def test_triton_loss_launches_on_the_tensors_device():
                torch.tensor(1.0, dtype=torch.float64, device="cuda:1"))  # fmt: skip
     assert_close(loss, want[0], torch.float32, "total on cuda:1", scale=10)
     assert_close(t.grad, want[2], torch.float32, "teacher grad on cuda:1", scale=10)
+
+
+# timm backbones under autocast (issue 27): ConvNeXt's (and EdgeNeXt's) head keeps its feature in float32 while the
+# students' are bfloat16 / float16. One small model per family that docs/backbones.md names (the slow tier), and
+# timm's tiny test ConvNeXt (the fast one).
+_SWIN = dict(img_size=64, window_size=2, drop_path_rate=0.0, embed_dim=16, depths=(1,) * 4, num_heads=(1,) * 4)
+AUTOCAST_FAMILIES = {
+    "convnext-test": ("test_convnext", {}, 32),
+    "convnext": ("convnext_atto", {}, 32),
+    "efficientnet": ("test_efficientnet", {}, 32),
+    "mobilenetv3": ("mobilenetv3_small_050", {}, 32),
+    "regnet": ("regnetx_002", {}, 32),
+    "resnet-d": ("resnet10t", {}, 32),
+    "swin": ("swin_tiny_patch4_window7_224", _SWIN, 64),
+    "edgenext": ("edgenext_xx_small", {}, 32),
+}
+AUTOCAST_CASES = [
+    pytest.param(family, dtype, marks=() if family == "convnext-test" else pytest.mark.slow,
+                 id=f"{family}-{str(dtype).removeprefix('torch.')}")
+    for family in AUTOCAST_FAMILIES
+    for dtype in (torch.bfloat16, torch.float16)
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("family, dtype", AUTOCAST_CASES)
+def test_timm_backbones_train_under_cpu_autocast(family, dtype):
+    timm = pytest.importorskip("timm", reason="timm is optional: pip install timm")
+    name, kwargs, size = AUTOCAST_FAMILIES[family]
+    torch.manual_seed(0)
+    model = teskd_fast.wrap(timm.create_model(name, num_classes=10, pretrained=False, **kwargs), num_classes=10)
+    images, target = torch.randn(2, 3, size, size), torch.tensor([1, 7])
+    with torch.autocast("cpu", dtype=dtype):
+        out = model(images)
+        loss = teskd_loss(out.logits, out.student_logits, target, out.feature, out.student_features)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    # The same (rounded) outputs through the reference: the torch backend computed them in float32 too.
+    detached = [x.detach() if isinstance(x, torch.Tensor) else [t.detach() for t in x] for x in out]
+    want = teskd_loss(detached[0], detached[1], target, detached[2], detached[3], backend="reference")
+    assert_close(loss, want, torch.float32, f"{name} loss under {dtype} autocast", scale=10)
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads), name
+
+
+# One specification of the options (kernels/options.py): every boundary declares what it says, and a new option is
+# carried or refused by name at each.
+def _docs_option_mismatches(spec):
+    """The options whose row in docs/loss.md's table differs from ``spec`` (type, default, meaning), or is missing,
+    and the rows no option of ``spec`` declares."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "loss.md").read_text()
+    rows = {name: (kind, default.strip(), meaning.strip())
+            for name, kind, default, meaning in re.findall(r"^\| `(\w+)` \| (\w+) \| ([^|]+) \| [^|]* \| ([^|]+) \|$",
+                                                           text, re.M)}  # fmt: skip
+    names = [option.name for option in spec]
+    return [o.name for o in spec if rows.get(o.name) != (o.type.__name__, str(o.default), o.help)] + [
+        name for name in rows if name not in names
+    ]
+
+
+def _flag_mismatches(spec):
+    """The options that are teskd-train flags (a TrainConfig field of their name) with another default or help."""
+    import dataclasses
+
+    from teskd_fast.train.config import TrainConfig
+
+    flags = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    return [o.name for o in spec if o.name in flags
+            and (flags[o.name].default != o.default or flags[o.name].metadata["help"] != o.help)]  # fmt: skip
+
+
+def test_every_boundary_declares_the_specifications_options():
+    from teskd_fast.kernels import teskd_loss_cpu as cpu_kernel
+    from teskd_fast.loss import api
+    from teskd_fast.loss.options import SPEC
+    from teskd_fast.train.config import loss_fields
+
+    assert LossOptions._fields == tuple(o.name for o in SPEC)
+    assert LossOptions() == LossOptions(**{o.name: o.default for o in SPEC})
+    assert _docs_option_mismatches(SPEC) == []
+    assert _flag_mismatches(SPEC) == [] and set(loss_fields()) >= {"temperature", "ce_weight", "kd_weight"}
+    # The ctypes struct is the C declaration's, field by field; the options among its fields are SPEC's.
+    assert cpu_kernel._Options._fields_ == cpu_kernel.struct_fields(SPEC)
+    assert {name for name, _ in cpu_kernel._Options._fields_[6:]} == set(LossOptions._fields)
+    api.check_signature(SPEC)
+    if TRITON_OK or importlib.util.find_spec("triton") is not None:
+        from teskd_fast.kernels import teskd_loss as triton_host
+
+        triton_host.check_op_options(SPEC)
+
+
+def test_a_new_option_is_carried_or_refused_by_name_at_every_boundary():
+    """A throwaway option added to the specification: the record and its check carry it; every boundary that has
+    not been taught it (the C struct, the custom op's schema, teskd_loss's keywords, the docs' table) refuses it
+    by name, at import or here, never silently."""
+    import ctypes
+
+    from teskd_fast.kernels import teskd_loss_cpu as cpu_kernel
+    from teskd_fast.kernels.options import options_record
+    from teskd_fast.loss import api
+    from teskd_fast.loss.options import SPEC, Option, Range
+
+    spec = (*SPEC, Option("new_weight", float, 0.0, Range(0.0, text="must be >= 0 (and finite)"), "a new term"))
+    record = options_record(spec)
+    assert record.checked(new_weight=np.float32(0.5)).new_weight == 0.5
+    assert record.checked().new_weight == 0.0 and record.checked(kd_weight=0.5).kd_weight == 0.5
+    with pytest.raises(ValueError, match=r"^new_weight: must be >= 0"):
+        record.checked(new_weight=-1.0)
+    with pytest.raises(TypeError, match=r"^new_weight: expected a number"):
+        record.checked(new_weight="0.5")
+
+    with pytest.raises(RuntimeError, match=r"options missing from the struct \['new_weight'\]"):
+        cpu_kernel.struct_fields(spec)
+    source = (cpu_kernel._CSRC / "teskd_loss_cpu.c").read_text()
+    taught = source.replace("} teskd_options;", "    double new_weight;\n} teskd_options;")
+    assert cpu_kernel.struct_fields(spec, taught)[-1] == ("new_weight", ctypes.c_double)
+    wrong_type = source.replace("} teskd_options;", "    int64_t new_weight;\n} teskd_options;")
+    with pytest.raises(RuntimeError, match=r"teskd_options.new_weight is int64_t .* expected double"):
+        cpu_kernel.struct_fields(spec, wrong_type)
+    with pytest.raises(TypeError, match=r"teskd_options has no field\(s\) \['new_weight'\]"):
+        cpu_kernel._Options(K=1, new_weight=3.0)
+
+    with pytest.raises(RuntimeError, match=r"the option new_weight .* is not a keyword"):
+        api.check_signature(spec)
+    assert _docs_option_mismatches(spec) == ["new_weight"]
+    if TRITON_OK or importlib.util.find_spec("triton") is not None:
+        from teskd_fast.kernels import teskd_loss as triton_host
+
+        with pytest.raises(RuntimeError, match=r"teskd_loss_fwd's schema .* missing \['new_weight'\]"):
+            triton_host.check_op_options(spec)

@@ -145,4 +145,5 @@ def test_eval_only_of_a_run_folder_evaluates_its_best_pt(tmp_path, capsys):
     empty.mkdir()
     with pytest.raises(SystemExit) as e:
         main(["--eval-only", str(empty)])
-    assert e.value.code == 1 and "holds none of best.pt, last.pt, teacher.safetensors, teacher.pt" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "holds none of best.pt, last.pt, teacher.safetensors, teacher.pt" in err

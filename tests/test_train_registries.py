@@ -88,7 +88,7 @@ def test_the_loss_options_are_checked_by_the_loss():
         resolve({"label_smoothing": 1.5})
     with pytest.raises(ConfigError, match=r"^--temperature: must be a finite number > 0, got 0.0$"):
         resolve({"temperature": 0.0})
-    # Weights the config keeps non-negative: its own rule, beside the loss's.
+    # The weights' range (>= 0) is the loss's own (kernels/options.py): one check for the library and the command.
     with pytest.raises(ConfigError, match=r"^--kd-weight: must be >= 0"):
         resolve({"kd_weight": -1.0})
 

@@ -28,7 +28,7 @@ class _Launches:
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            self.calls.append({**dict(zip(self.kernel.arg_names, args)), **kwargs})
+            self.calls.append({**dict(zip(self.kernel.arg_names, args, strict=False)), **kwargs})
             return self.kernel[grid if self.programs is None else (self.programs,)](*args, **kwargs)
 
         return launch
@@ -97,7 +97,7 @@ def test_gradients_are_placed_by_input_name():
     assert tuple(a.name for a in schema.arguments) == mod._OP_INPUTS
     grads = mod._gradients(mod._OP_INPUTS, teacher="t", student_features="f")
     assert len(grads) == len(mod._OP_INPUTS)
-    placed = {name: g for name, g in zip(mod._OP_INPUTS, grads) if g is not None}
+    placed = {name: g for name, g in zip(mod._OP_INPUTS, grads, strict=True) if g is not None}
     assert placed == {"teacher": "t", "student_features": "f"}
     with pytest.raises(KeyError, match="target"):
         mod._gradients(mod._OP_INPUTS, target="y")

@@ -15,7 +15,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* Options shared by both instantiations; mirrored by a ctypes.Structure in teskd_loss_cpu.py (keep in step). */
+/* Options shared by both instantiations. teskd_loss_cpu.py reads this declaration for its ctypes.Structure and
+ * checks it against the loss's specification (kernels/options.py): one field per option, int64_t or double. */
 typedef struct {
     int64_t K, B, C, D;          /* students, batch, classes, feature width (0: no feature term) */
     int64_t row_begin, row_end;  /* the rows this call computes */

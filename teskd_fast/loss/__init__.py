@@ -3,7 +3,8 @@
 - :mod:`.api`: ``teskd_loss`` and ``TESKDLoss`` (validation, dispatch to a backend);
 - :mod:`.options`: ``LossOptions``, the one record of the loss's scalar options;
 - :mod:`.reference`: the plain PyTorch composition (autograd; the oracle and the baseline);
-- :mod:`.closed_form`: the closed-form gradients in one autograd Function (the torch backend);
+- :mod:`.closed_form`: the closed-form gradients in two autograd Functions, the fused C kernel's and the batched
+  ops' (the torch backend);
 - :mod:`.mixed`: ``teskd_loss_mixed``, the loss on mixed targets (CutMix): one backend call and an exact CE
   correction.
 

@@ -4,13 +4,14 @@
 one :class:`~teskd_fast.loss.options.LossOptions` and dispatches to
 
 - ``"reference"``: :mod:`teskd_fast.loss.reference`, the plain PyTorch composition (the oracle);
-- ``"torch"``: :mod:`teskd_fast.loss.closed_form`, closed-form gradients in one autograd Function (the fused C
+- ``"torch"``: :mod:`teskd_fast.loss.closed_form`, closed-form gradients in autograd Functions (the fused C
   kernel ``teskd_fast.kernels.teskd_loss_cpu`` on the CPU, else batched ops);
 - ``"triton"``: ``teskd_fast.kernels.teskd_loss``, fused Triton kernels (CUDA; or the CPU under
   ``TRITON_INTERPRET=1``);
 - ``"auto"``: triton for CUDA tensors, torch elsewhere.
 """
 
+import inspect
 import math
 import os
 from collections.abc import Sequence
@@ -22,7 +23,7 @@ from teskd_fast.kernels.teskd_loss_cpu import target_error
 from teskd_fast.outputs import TESKDOutput
 
 from .closed_form import closed_form_loss, use_fused
-from .options import LossOptions
+from .options import PARTS, SPEC, LossOptions, Option, convert
 from .reference import teskd_loss_reference
 
 BACKENDS = ("auto", "reference", "torch", "triton")
@@ -60,12 +61,10 @@ def _heads(name, value, expect_rank, flatten=None):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}[{i}]: expected a tensor, got {type(t).__name__}")
         tensors.append(t if flatten is None else flatten(t))
-    shape, dtype = tensors[0].shape, tensors[0].dtype
+    shape = tensors[0].shape
     for t in tensors:
         if t.shape != shape:
             raise ValueError(f"{name}: the K tensors differ in shape: {[_shape(t) for t in tensors]}")
-        if t.dtype != dtype:
-            raise TypeError(f"{name}: the K tensors differ in dtype: {[t.dtype for t in tensors]}")
     return _Heads(None, tuple(tensors))
 
 
@@ -78,7 +77,8 @@ class _Heads:
         self.is_stacked = stacked is not None
         given = stacked if stacked is not None else tensors[0]
         self.shape = tuple(stacked.shape) if stacked is not None else (len(tensors), *given.shape)
-        self.dtype = given.dtype
+        # Each tensor's own dtype (a sequence may mix them, as autocast makes them).
+        self.dtypes = tuple(dict.fromkeys(t.dtype for t in self.inputs))
 
     def __len__(self):
         return self.shape[0]
@@ -122,9 +122,10 @@ def _check_target_range(target, num_classes, ignore_index):
         raise target_error(target, int(bad.nonzero()[0, 0]), num_classes, ignore_index)
 
 
-def _check_float(name, t):
-    if t.dtype not in _LOGIT_DTYPES:
-        raise TypeError(f"{name}: dtype {t.dtype} is not one of float32, bfloat16, float16, float64")
+def _check_float(name, dtypes):
+    for dtype in dtypes:
+        if dtype not in _LOGIT_DTYPES:
+            raise TypeError(f"{name}: dtype {dtype} is not one of float32, bfloat16, float16, float64")
 
 
 def _check_teacher(teacher_logits):
@@ -137,7 +138,7 @@ def _check_teacher(teacher_logits):
         raise ValueError(f"teacher_logits: empty batch, shape {_shape(teacher_logits)}")
     if C < 2:
         raise ValueError(f"teacher_logits: need at least 2 classes, got C = {C} (shape {_shape(teacher_logits)})")
-    _check_float("teacher_logits", teacher_logits)
+    _check_float("teacher_logits", [teacher_logits.dtype])
 
 
 def _check_students(students, teacher_logits):
@@ -147,10 +148,9 @@ def _check_students(students, teacher_logits):
             f"student_logits: each student must match teacher_logits [B, C] = {[B, C]}, "
             f"got student shape {list(students.shape[1:])} (K = {K})"
         )
-    if students.dtype != teacher_logits.dtype:
-        raise TypeError(
-            f"student_logits: dtype {students.dtype} differs from teacher_logits dtype {teacher_logits.dtype}"
-        )
+    # Any floating dtype, each its own (autocast may leave a head in float32): the loss computes in float32, or
+    # float64 where an input is float64.
+    _check_float("student_logits", students.dtypes)
 
 
 def _check_target(target, batch):
@@ -183,10 +183,8 @@ def _features(teacher_feature, student_features, K, B):
             f"student_features: each student feature must match teacher_feature [B, D] = {list(f_t.shape)}, "
             f"got {list(f_s.shape[1:])}"
         )
-    _check_float("teacher_feature", f_t)
-    _check_float("student_features", f_s)
-    if f_s.dtype != f_t.dtype:
-        raise TypeError(f"student_features: dtype {f_s.dtype} differs from teacher_feature dtype {f_t.dtype}")
+    _check_float("teacher_feature", [f_t.dtype])
+    _check_float("student_features", f_s.dtypes)
     return f_t, f_s
 
 
@@ -201,14 +199,16 @@ def _check_devices(device, named):
 def _head_weights(head_weights, K):
     if head_weights is None:
         return (1.0,) * (K + 1)
-    if isinstance(head_weights, torch.Tensor) and head_weights.dim() != 1:
+    if getattr(head_weights, "ndim", 1) != 1:  # a tensor or a numpy array
         raise ValueError(
-            f"head_weights: expected K + 1 = {K + 1} numbers (teacher first), got a tensor of shape "
-            f"{_shape(head_weights)}"
+            f"head_weights: expected K + 1 = {K + 1} numbers (teacher first), got a {type(head_weights).__name__} "
+            f"of shape {tuple(head_weights.shape)}"
         )
+    # Each weight by the options' one rule (a number of any numeric type, or a 0-d tensor).
+    weight = Option("head_weights", float, 1.0, None, "")
     try:
-        weights = tuple(float(w) for w in head_weights)
-    except (TypeError, ValueError) as exc:
+        weights = tuple(convert(weight, w) for w in head_weights)
+    except TypeError as exc:
         raise TypeError(
             f"head_weights: expected K + 1 = {K + 1} numbers (teacher first), got {head_weights!r}"
         ) from exc
@@ -221,21 +221,26 @@ def _head_weights(head_weights, K):
     return weights
 
 
-def _backend(backend, teacher_logits, feats):
+def _backend(backend, teacher_logits, students, feats):
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     device = teacher_logits.device
+    named = [("teacher_logits", teacher_logits.dtype), *(("student_logits", d) for d in students.dtypes)]
+    if feats is not None:
+        named += [("teacher_feature", feats[0].dtype), *(("student_features", d) for d in feats[1].dtypes)]
+    float64 = [name for name, dtype in named if dtype == torch.float64]
     if backend == "auto":
-        return "triton" if device.type == "cuda" and teacher_logits.dtype != torch.float64 else "torch"
+        return "triton" if device.type == "cuda" and not float64 else "torch"
     if backend == "triton":
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError(
                 f"backend='triton' needs CUDA tensors (got {device}); set TRITON_INTERPRET=1 to run "
                 f"the kernels on the CPU under Triton's interpreter"
             )
-        for name, t in [("teacher_logits", teacher_logits)] + ([("teacher_feature", feats[0])] if feats else []):
-            if t.dtype == torch.float64:
-                raise TypeError(f"{name}: float64 is not supported by backend='triton'; use 'torch' or 'reference'")
+        if float64:
+            raise TypeError(
+                f"{float64[0]}: float64 is not supported by backend='triton'; use 'torch' or 'reference'"
+            )
     return backend
 
 
@@ -251,7 +256,8 @@ def _validate(teacher_logits, student_logits, target, teacher_feature, student_f
     if feats is not None:
         named += [("teacher_feature", feats[0]), *(("student_features", t) for t in feats[1].inputs)]
     _check_devices(teacher_logits.device, named)
-    return students, feats, _head_weights(head_weights, len(students)), _backend(backend, teacher_logits, feats)
+    backend = _backend(backend, teacher_logits, students, feats)
+    return students, feats, _head_weights(head_weights, len(students)), backend
 
 
 def teskd_loss(
@@ -344,11 +350,30 @@ def teskd_loss(
     else:
         from teskd_fast.kernels.teskd_loss import teskd_loss_triton
 
-        f_s = None if f_s is None else f_s.stacked
-        total, parts = teskd_loss_triton(teacher_logits, students.stacked, target, f_t, f_s, head_weights, options)
+        # The kernels take one dtype for the logits and one for the features: mixed inputs meet in the widest
+        # (a cast autograd takes back to each input's dtype).
+        logits, features = _promoted([teacher_logits, students]), _promoted(feats or [])
+        teacher_logits, s_stacked = logits or (teacher_logits, students.stacked)
+        f_t, f_s = features or (f_t, None if f_s is None else f_s.stacked)
+        total, parts = teskd_loss_triton(teacher_logits, s_stacked, target, f_t, f_s, head_weights, options)
     if return_parts:
-        return total, {"ce": parts[0], "kd": parts[1], "feat": parts[2]}
+        return total, dict(zip(PARTS, parts, strict=True))
     return total
+
+
+def _promoted(pair):
+    """``[teacher, students]`` (a tensor and :class:`_Heads`) as two tensors of one dtype, the widest of theirs
+    (the students stacked); None where they already share one."""
+    if not pair:
+        return None
+    teacher, students = pair
+    dtypes = {teacher.dtype, *students.dtypes}
+    if len(dtypes) == 1:
+        return None
+    dtype = teacher.dtype
+    for d in dtypes:
+        dtype = torch.promote_types(dtype, d)
+    return teacher.to(dtype), torch.stack([t.to(dtype) for t in students.tensors])
 
 
 class TESKDLoss(nn.Module):
@@ -374,6 +399,12 @@ class TESKDLoss(nn.Module):
             return teskd_loss(
                 out.logits, out.student_logits, target, out.feature, out.student_features, **self.options, **kwargs
             )
+        if len(args) + len(kwargs.keys() & {"student_logits", "target"}) < 3:
+            raise TypeError(
+                f"TESKDLoss: expected criterion(output, target) with output a TESKDOutput (the network's output in "
+                f"training mode), or criterion(teacher_logits, student_logits, target, ...); got "
+                f"({', '.join(type(a).__name__ for a in args)})"
+            )
         return teskd_loss(*args, **self.options, **kwargs)
 
     def extra_repr(self) -> str:
@@ -382,3 +413,20 @@ class TESKDLoss(nn.Module):
 
 # The keyword options of teskd_loss, the ones TESKDLoss accepts.
 _OPTION_NAMES = (*LossOptions._fields, "head_weights", "backend", "return_parts", "check_target")
+
+
+def check_signature(spec=SPEC) -> None:
+    """``teskd_loss`` takes every option of ``spec`` as a keyword, with its default: a RuntimeError names one it
+    lacks or whose default differs (called at import)."""
+    parameters = inspect.signature(teskd_loss).parameters
+    for option in spec:
+        parameter = parameters.get(option.name)
+        if parameter is None or parameter.kind is not inspect.Parameter.KEYWORD_ONLY:
+            raise RuntimeError(f"teskd_loss: the option {option.name} (kernels/options.py) is not a keyword of it")
+        if parameter.default != option.default or type(parameter.default) is not type(option.default):
+            raise RuntimeError(
+                f"teskd_loss: {option.name}'s default is {parameter.default!r}, the specification's {option.default!r}"
+            )
+
+
+check_signature()

@@ -17,6 +17,7 @@ import torch
 
 from .api import TESKDLoss, _heads, teskd_loss
 from .options import LossOptions
+from .reference import accumulation_dtype
 
 
 def mixed_ce_correction(heads, target_a, target_b, lam, *, head_weights=None, label_smoothing=0.0) -> torch.Tensor:
@@ -46,10 +47,10 @@ def mixed_ce_correction(heads, target_a, target_b, lam, *, head_weights=None, la
         if t.device.type == "cpu" and t.numel() and not (0 <= int(t.min()) and int(t.max()) < C):
             raise ValueError(f"{name}: class indices must lie in [0, {C}) (ignore_index is not a mixed target), "
                              f"got values in [{int(t.min())}, {int(t.max())}]")
-    acc = torch.float64 if heads[0].dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(*heads)
     index = torch.stack([target_a.long(), target_b.long()], 1)
     diff = 0.0
-    for w, z in zip(weights, heads):
+    for w, z in zip(weights, heads, strict=True):
         picked = z.to(acc).gather(1, index)
         diff = diff + w * (picked[:, 0] - picked[:, 1]).mean()
     return (1.0 - float(label_smoothing)) * (1.0 - lam) * diff

@@ -1,6 +1,7 @@
-"""``LossOptions``, the loss's scalar options: defined (and checked) beside the kernels, in
-``teskd_fast.kernels.options``, the lowest layer; re-exported here for the loss API and its users."""
+"""The loss's specification, defined (and checked) beside the kernels in ``teskd_fast.kernels.options``, the
+lowest layer; re-exported here for the loss API and its users: ``LossOptions`` (the record of the loss's scalar
+options), ``SPEC`` (each option's name, type, default, range and meaning) and ``PARTS`` (the loss's parts)."""
 
-from teskd_fast.kernels.options import LossOptions
+from teskd_fast.kernels.options import PART_WEIGHTS, PARTS, SPEC, LossOptions, Option, Range, convert
 
-__all__ = ["LossOptions"]
+__all__ = ["PARTS", "PART_WEIGHTS", "SPEC", "LossOptions", "Option", "Range", "convert"]

@@ -2,13 +2,19 @@
 
 A direct composition of PyTorch functions, gradients by autograd, written to read like the method's definition
 (docs/method.md, "Loss"). Half-precision logits are upcast to float32 first, as the reference implementation's
-softmaxes ran in float32 under fp16 autocast.
+softmaxes ran in float32 under fp16 autocast; inputs of mixed floating dtypes (as autocast makes them) are all
+computed in :func:`accumulation_dtype`.
 """
 
 import torch
 import torch.nn.functional as F
 
 from .options import LossOptions
+
+
+def accumulation_dtype(*tensors) -> torch.dtype:
+    """The dtype the loss computes in, whatever the inputs' mix: float64 where any input is float64, else float32."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def teskd_loss_reference(
@@ -28,13 +34,14 @@ def teskd_loss_reference(
     Returns:
         (total, ce, kd, feat) as scalar tensors; ce, kd, feat unweighted by alpha, beta, gamma.
     """
-    acc = torch.float64 if teacher_logits.dtype == torch.float64 else torch.float32
+    features = () if teacher_feature is None else (teacher_feature, *student_features)
+    acc = accumulation_dtype(teacher_logits, *student_logits, *features)
     T = options.temperature
     heads = [teacher_logits, *student_logits]
     ce = sum(
         w * F.cross_entropy(z.to(acc), target, ignore_index=options.ignore_index,
                             label_smoothing=options.label_smoothing)
-        for w, z in zip(head_weights, heads)
+        for w, z in zip(head_weights, heads, strict=True)
     )  # fmt: skip
 
     teacher = teacher_logits.detach() if options.detach_teacher else teacher_logits

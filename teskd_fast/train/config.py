@@ -681,7 +681,7 @@ def validate(cfg: TrainConfig, origin: dict[str, str] | None = None) -> None:
     for name in positive:
         if not getattr(cfg, name) > 0:
             raise ConfigError(f"{flag(name)}: must be > 0, got {getattr(cfg, name)}")
-    non_negative = ("momentum", "weight_decay", "warmup_epochs", "ce_weight", "kd_weight", "feat_weight",
+    non_negative = ("momentum", "weight_decay", "warmup_epochs",
                     "workers", "steps_per_epoch", "image_size_start", "threads", "cutmix_alpha")
     for name in non_negative:
         if getattr(cfg, name) < 0:
@@ -744,11 +744,12 @@ def loss_fields() -> tuple[str, ...]:
 
 
 def _check_loss_options(cfg: TrainConfig, flag: Callable[[str], str] = _flag) -> None:
-    """The loss's own check of its options (LossOptions.checked), its ValueError as a ConfigError naming the flag."""
+    """The loss's own check of its options (LossOptions.checked, the only one of their types and ranges), its error
+    as a ConfigError naming the flag."""
     from teskd_fast.loss.options import LossOptions
 
     for name in loss_fields():
         try:
             LossOptions.checked(**{name: getattr(cfg, name)})
-        except ValueError as e:
+        except (TypeError, ValueError) as e:
             raise ConfigError(f"{flag(name)}: {str(e).removeprefix(name + ': ')}") from None
