@@ -222,6 +222,24 @@ def test_teacher_ema_matches_timm_on_the_teacher_and_leaves_the_students():
     assert set(teacher_keys(model)) == set(ours.keys)
 
 
+@pytest.mark.parametrize("flags, phrase", [
+    (["--export", "ema"], "--export ema needs an EMA"),
+    (["--accum-steps", "0"], "--accum-steps: must be >= 1"),
+    (["--clip-grad", "-1"], "--clip-grad: must be >= 0"),
+    (["--betas", "0.9"], "--betas: two numbers in [0, 1)"),
+    (["--opt", "lamb"], "--opt"),
+])
+def test_bad_optimizer_flags_are_one_line_exit_2(flags, phrase, tmp_path, capsys):
+    from teskd_fast.train.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main([*flags, "--out", str(tmp_path / "run")])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert phrase in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_export_ema_needs_an_ema():
     with pytest.raises(ConfigError, match="--export ema"):
         resolve({"export": "ema"})
@@ -294,3 +312,6 @@ def test_exact_resume_inside_an_accumulation_with_adamw_and_ema(tmp_path, monkey
     summary = __import__("json").loads((run / "summary.json").read_text())
     assert "top1_teacher_ema" in summary["final"]
     assert "teacher_ema" in capsys.readouterr().out
+    # --eval-only of the checkpoint evaluates its EMA teacher too: the run's last row.
+    assert main(["--eval-only", str(run / "last.pt"), "--device", "cpu", "--no-progress"]) == 0
+    assert f"teacher_ema top-1 {rows[-1]['val_top1_teacher_ema']:6.2f}%" in capsys.readouterr().out
