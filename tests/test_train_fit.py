@@ -125,3 +125,21 @@ def test_a_plain_list_of_batches_trains_and_warns_at_a_resume_inside_an_epoch(tm
     with pytest.warns(UserWarning, match="cannot say where they were"):
         teskd_fast.train.fit(_model(), batches, batches[:1], config, out=run, num_classes=3, resume=True)
     assert [r["epoch"] for r in read_metrics(run)] == [1, 2]
+
+
+def test_a_features_only_backbone_exports_the_teachers_entries(tmp_path):
+    timm = pytest.importorskip("timm")
+    import teskd_fast
+
+    torch.manual_seed(0)
+    backbone = timm.create_model("test_convnext", features_only=True)
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(2)]
+    config = {**CONFIG, "epochs": 1, "accum_steps": 1, "ema_decay": 0.0}
+    teskd_fast.train.fit(backbone, batches, batches[:1], config, out=tmp_path / "run", num_classes=3)
+    state = torch.load(tmp_path / "run" / "teacher.pt", weights_only=True)
+    rebuilt = teskd_fast.wrap(timm.create_model("test_convnext", features_only=True), 3)
+    missing, unexpected = rebuilt.load_state_dict(state, strict=False)
+    assert not unexpected and "fc.weight" in state
+    assert all(k.split(".")[0] in {"laterals", "upsample", "fuse_1", "fuse_2", "fuse_3", "downsample1",
+                                   "downsample2", "downsample3", "fc_b1", "fc_b2", "fc_b3"} for k in missing)

@@ -263,12 +263,21 @@ class FitTrainer(Trainer):
     def export_teacher(self) -> Path:
         import teskd_fast
         from teskd_fast.train.checkpoint import atomic_save, atomic_write_text
+        from teskd_fast.train.ema import teacher_keys
 
         model = self.ema.module if self.cfg.export == "ema" and self.ema is not None else self.raw_model
-        teacher = model if self.cfg.method == "baseline" else teskd_fast.export_teacher(model)
-        state = {k: v.detach().cpu().contiguous() for k, v in teacher.state_dict().items()}
+        build = "the model given to teskd_fast.train.fit (before wrap); load_state_dict(teacher.pt)"
+        try:
+            teacher = model if self.cfg.method == "baseline" else teskd_fast.export_teacher(model)
+            state, name = teacher.state_dict(), f"{type(teacher).__module__}.{type(teacher).__name__}"
+        except TypeError:
+            # A features_only backbone: its teacher is the TESKD network's backbone and head, not a model of its own.
+            full = model.state_dict()
+            state, name = {k: full[k] for k in teacher_keys(model)}, f"teskd_fast.wrap({type(model.backbone).__name__})"
+            build = ("teskd_fast.wrap(the model given to fit, num_classes); load_state_dict(teacher.pt, strict=False) "
+                     "(the teacher's entries; the students' are not kept)")
+        state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
         atomic_save(state, self.run_dir / "teacher.pt")
-        info = {"model": f"{type(teacher).__module__}.{type(teacher).__name__}", "num_classes": self.num_classes,
-                "build": "the model given to teskd_fast.train.fit (before wrap); load_state_dict(teacher.pt)"}
+        info = {"model": name, "num_classes": self.num_classes, "build": build}
         atomic_write_text(self.run_dir / "teacher.json", json.dumps(info, indent=2) + "\n")
         return self.run_dir / "teacher.pt"

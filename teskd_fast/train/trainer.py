@@ -3,7 +3,8 @@
 What it trains is built by :mod:`.build`, its learning rate comes from :mod:`.schedule`, what it reports is
 written by :mod:`.report`.
 
-Exact resume. A checkpoint holds the model, optimiser, grad-scaler and every RNG state, the number of
+Exact resume. A checkpoint holds the model, optimiser, grad-scaler, the teacher's EMA (``--ema-decay``), the
+gradients of an unfinished accumulation (``--accum-steps``) and every RNG state, the number of
 finished epochs, the global step, the position inside the current epoch together with the epoch's running
 sums, and the metrics row of every finished epoch. The rows make the checkpoint the one record of the run: a
 resume rewrites metrics.jsonl / metrics.csv to exactly its rows, so a process killed after writing last.pt
