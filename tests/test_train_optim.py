@@ -313,5 +313,5 @@ def test_exact_resume_inside_an_accumulation_with_adamw_and_ema(tmp_path, monkey
     assert "top1_teacher_ema" in summary["final"]
     assert "teacher_ema" in capsys.readouterr().out
     # --eval-only of the checkpoint evaluates its EMA teacher too: the run's last row.
-    assert main(["--eval-only", str(run / "last.pt"), "--device", "cpu", "--no-progress"]) == 0
+    assert main(["--eval-only", str(ref / "last.pt"), "--device", "cpu", "--no-progress"]) == 0
     assert f"teacher_ema top-1 {rows[-1]['val_top1_teacher_ema']:6.2f}%" in capsys.readouterr().out
