@@ -219,7 +219,9 @@ def build_criterion(cfg: TrainConfig, world_size: int) -> Callable:
 
 
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
-    """One group with weight decay; with ``bn_weight_decay=False`` BatchNorm weights and biases go without."""
+    """One group with weight decay; with ``bn_weight_decay=False`` norm weights, biases and every other 1-D
+    parameter go without (timm's rule: ``param_groups_weight_decay``, which also excludes every ``ndim <= 1``
+    tensor, LayerNorm's and layer scales included)."""
     if cfg.bn_weight_decay:
         return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": cfg.weight_decay}]
     decay, no_decay = [], []
@@ -228,7 +230,7 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
             if not p.requires_grad:
                 continue
             is_norm = isinstance(module, nn.modules.batchnorm._NormBase)
-            (no_decay if is_norm or name == "bias" else decay).append(p)
+            (no_decay if is_norm or name == "bias" or p.ndim <= 1 else decay).append(p)
     return [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -276,5 +278,12 @@ def _stay_fused(optimizer: torch.optim.SGD) -> None:
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """SGD with (Nesterov) momentum over :func:`param_groups` (fused, see :func:`sgd`)."""
+    """``--opt``'s optimiser over :func:`param_groups`: SGD with (Nesterov) momentum (fused, see :func:`sgd`), or
+    AdamW (:func:`teskd_fast.train.optim.adamw`)."""
+    if cfg.opt == "adamw":
+        from teskd_fast.train.optim import adamw
+
+        device = next(model.parameters()).device
+        return adamw(param_groups(model, cfg), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                     weight_decay=cfg.weight_decay, device=device)
     return sgd(param_groups(model, cfg), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)

@@ -408,6 +408,11 @@ def _evaluate_only(cfg: TrainConfig, ckpt: dict[str, Any], run_dir: Path, env) -
         print(f"teskd-train: --eval-only {cfg.eval_only}: {e} ({hint})", file=sys.stderr)
         return 1
     trainer.raw_model.load_state_dict(state)
+    # The EMA teacher is evaluated too when the checkpoint holds one (a training checkpoint of an --ema-decay run).
+    if trainer.ema is not None and not teacher_sd and ckpt.get("ema") is not None:
+        trainer.ema.load_state_dict(ckpt["ema"])
+    else:
+        trainer.ema = None
     metrics = trainer.evaluate()
     if env.is_main:
         print_evaluation(metrics, cfg.eval_only, cfg.dataset, trainer.num_classes)
