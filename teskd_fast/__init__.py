@@ -17,6 +17,7 @@ __all__ = [
     "wrap",
     "export_teacher",
     "compile_model",
+    "cost",
     "data",
     "__version__",
 ]
@@ -30,6 +31,7 @@ _LAZY = {
     "wrap": "teskd_fast.models",
     "export_teacher": "teskd_fast.models",
     "compile_model": "teskd_fast.models",
+    "cost": "teskd_fast.models",
 }
 
 
