@@ -94,8 +94,8 @@ class ModelCost:
 
 
 def format_ratio(ratio: float) -> str:
-    """``2.2x``, ``58x``."""
-    return f"{ratio:.1f}x" if ratio < 10 else f"{ratio:.0f}x"
+    """``0.048x``, ``2.2x``, ``58x``."""
+    return f"{ratio:.2g}x" if ratio < 1 else f"{ratio:.1f}x" if ratio < 10 else f"{ratio:.0f}x"
 
 
 def _unit(macs: float) -> tuple[str, float]:
@@ -297,3 +297,28 @@ def cost_warning(model, image_size, limit=COST_LIMIT, measured: ModelCost | None
                     + f" ({flags}) brings them to {format_ratio(within)}")
         levels = levels[:-1]
     return f"{said}: no student width brings them under {limit:g}x"
+
+
+def cost_report(model, image_size, limit=COST_LIMIT) -> dict:
+    """What ``teskd-train`` prints before training and writes to ``RUN_DIR/cost.json``.
+
+    Args:
+        model: a TESKD network, or a plain network (a baseline's teacher: no students).
+        image_size: the input side or ``(H, W)``.
+        limit: the multiple of the backbone above which ``warning`` is set (:func:`cost_warning`).
+
+    Returns:
+        ``{"line": str, "warning": str | None, ...}``: for a TESKD network, :meth:`ModelCost.to_dict` too; for a
+        plain network ``backbone_macs`` and ``backbone_params``.
+    """
+    try:
+        net = teskd_network(model)
+    except TypeError:
+        size = image_size_pair(image_size)
+        macs = teacher_macs(model, size)
+        unit, scale = _unit(macs)
+        line = f"teacher: {macs / scale:.3g} {unit}MAC per image at {size[0]}x{size[1]} px; no students"
+        return {"line": line, "warning": None, "image_size": size, "backbone_macs": macs,
+                "backbone_params": sum(p.numel() for p in model.parameters())}
+    measured = cost(net, image_size)
+    return {**measured.to_dict(), "warning": cost_warning(net, image_size, limit, measured)}

@@ -65,7 +65,7 @@ def choices() -> dict[str, tuple[str, ...]]:
 # the random crops of the torchvision ImageNet loader, which a resume does not reproduce anyway.
 CHANGEABLE_AT_RESUME = frozenset({
     "epochs", "data_dir", "download", "device", "compile", "compile_mode", "channels_last", "workers", "threads",
-    "log_every", "report_after", "progress", "tensorboard", "plot",
+    "log_every", "report_after", "progress", "tensorboard", "plot", "dry_run",
 })
 
 
@@ -91,6 +91,10 @@ class TrainConfig:
     stem: str = _f("cifar", "cifar: 3x3 stride-1 conv, no max-pool; imagenet: torchvision's stem")
     formulation: str = _f("fast", "fast (same function, cheaper) or faithful (module for module as published)")
     width: float = _f(1.0, "channel multiplier of the network (for small demos)")
+    student_width: int = _f(0, "channels of the students' path and heads (0: W, the published network; smaller "
+                            "is cheaper, see the cost line)")
+    student_levels: str = _f("3,2,1", "which students exist: a non-empty subset of 3,2,1 (3: the deepest; 1: the "
+                             "finest and costliest), e.g. 3,2")
     epochs: int = _f(200, "number of epochs (a larger value at --resume extends a run)")
     batch_size: int = _f(128, "GLOBAL batch size, summed over all processes")
     lr: float = _f(0.1, "peak learning rate for the global batch")
@@ -136,6 +140,8 @@ class TrainConfig:
     progress: bool = _f(True, "show a tqdm progress bar")
     tensorboard: bool = _f(True, "write TensorBoard events when tensorboard is installed")
     plot: bool = _f(True, "draw RUN_DIR/curves.png at the end")
+    dry_run: bool = _f(False, "build the data and the network, print the cost line (the students' "
+                       "multiply-accumulates against the backbone's) and exit without training")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -383,6 +389,9 @@ def validate(cfg: TrainConfig) -> None:
     for name in ("image_size", "val_image_size", "val_resize"):
         if getattr(cfg, name) < 8:
             raise ConfigError(f"{_flag(name)}: must be >= 8 pixels, got {getattr(cfg, name)}")
+    if cfg.student_width < 0:
+        raise ConfigError(f"--student-width: must be >= 0 (0: W, the published network), got {cfg.student_width}")
+    student_levels(cfg)
     from teskd_fast.train.archs import check_timm_arch
 
     check_timm_arch(cfg)
@@ -395,6 +404,18 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("--resume and --eval-only cannot be combined")
     if not 0 <= cfg.seed < 2**64:  # torch.manual_seed's range (and the data's SeedSequence keys)
         raise ConfigError(f"--seed: must be in [0, 2**64), got {cfg.seed}")
+
+
+def student_levels(cfg: TrainConfig) -> tuple[int, ...]:
+    """``--student-levels`` as a tuple of levels, deepest first (:class:`ConfigError` unless a subset of 3,2,1)."""
+    from teskd_fast.models.teskd import check_student_levels
+
+    text = str(cfg.student_levels).replace(" ", "")
+    try:
+        return check_student_levels([int(v) for v in text.split(",")])
+    except ValueError:
+        raise ConfigError(f"--student-levels: expected a non-empty subset of 3,2,1 separated by commas (e.g. 3,2), "
+                          f"got {cfg.student_levels!r}") from None
 
 
 def loss_fields() -> tuple[str, ...]:
