@@ -84,7 +84,8 @@ def wrap(backbone, num_classes, formulation="fast", student_width=None, student_
             (timm's: its ``patch_embed`` size or ``pretrained_cfg``; else 224 px) and warn
             (:class:`~teskd_fast.models.cost.StudentCostWarning`, once per model and size) when they exceed
             :data:`~teskd_fast.models.cost.COST_LIMIT` times the backbone, naming the width that would bring them
-            under. One forward of one image; skipped where the model cannot run at that size.
+            under. One forward of one image; skipped where the model cannot run at that size, or where the
+            backbone's device or dtype is not the new students' (the default's: move the whole afterwards).
 
     Returns:
         A TESKD network as :func:`create_model` gives; W is the last stage's channels, or a timm classifier's
@@ -141,6 +142,9 @@ def default_image_size(backbone) -> tuple[int, int]:
 
 
 def _warn_cost(model, backbone) -> None:
+    if len({(p.device, p.dtype) for p in model.parameters()}) != 1:
+        # The backbone is on another device or dtype than the new students (the caller moves the whole later).
+        return
     size = default_image_size(backbone)
     try:
         message = cost_warning(model, size)

@@ -98,7 +98,9 @@ def check_image_batch(x, channels, dtype) -> None:
         raise TypeError(f"expected {want}, got {_dtype_name(x.dtype)} of shape {list(x.shape)}: convert the images "
                         f"to {_dtype_name(dtype)} (and normalise them) first")
     # Autocast casts float32 / bfloat16 / float16 operands to its dtype, never float64 ones.
-    cast = torch.is_autocast_enabled(x.device.type) and torch.float64 not in (x.dtype, dtype)
+    # (A meta tensor, shapes only, as teskd_fast.cost may count with, has no autocast.)
+    cast = (x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)
+            and torch.float64 not in (x.dtype, dtype))
     if x.dtype != dtype and not cast:
         raise TypeError(f"expected {want}, got {_dtype_name(x.dtype)} of shape {list(x.shape)}: the input's dtype "
                         "must be the network's (or, for float32 / bfloat16 / float16, run under torch.autocast)")
