@@ -14,6 +14,10 @@ Groups:
   <= 3.3x of it). All three under teskd-train's backend settings (``teskd_fast.device.configure_backends``).
   Skipped without CUDA.
 
+- ``models-student-cost-r18-<32|224>-<cpu|cuda>``: ResNet-18's TESKD step over the plain step at student widths
+  512, 256, 128 and levels 3,2,1 and 3,2, beside the students' MACs over the backbone's (:func:`student_cost_table`,
+  interleaved rounds; ``python bench/bench_models.py 32 224`` prints the CPU tables as JSON). CUDA: marked gpu.
+
 Set ``TESKD_BENCH_ROUNDS`` to change the number of timed steps (default 5).
 """
 
