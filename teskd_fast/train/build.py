@@ -20,7 +20,7 @@ from teskd_fast.data.imagenet import backend_problem
 from teskd_fast.data.protocol import Loader
 from teskd_fast.train import distributed as D
 from teskd_fast.train.archs import timm_name
-from teskd_fast.train.config import ConfigError, TrainConfig, loss_fields
+from teskd_fast.train.config import ConfigError, TrainConfig, loss_fields, student_levels
 from teskd_fast.train.schedule import image_size_at
 
 
@@ -108,6 +108,7 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
     import teskd_fast
 
     torch.manual_seed(cfg.seed)
+    students = dict(student_width=cfg.student_width or None, student_levels=student_levels(cfg))
     name = timm_name(cfg.arch)
     if name is not None:
         import timm
@@ -115,15 +116,17 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
         model = timm.create_model(name, num_classes=num_classes, pretrained=False)
         info = dict(getattr(model, "pretrained_cfg", None) or {})
         if cfg.method != "baseline":
+            # The students' cost is reported (and warned about) at the run's image size, by the command.
             try:
-                model = teskd_fast.wrap(model, num_classes, formulation=cfg.formulation)
+                model = teskd_fast.wrap(model, num_classes, formulation=cfg.formulation, check_cost=False,
+                                          **students)
             except (TypeError, ValueError) as e:
                 # wrap()'s refusal of a model TESKD cannot take (a plain ViT, a head it cannot split): a bad --arch.
                 raise ConfigError(f"--arch {cfg.arch}: {e}") from None
         check_runs_at_size(model, cfg, info)
     else:
         model = teskd_fast.create_model(cfg.arch, num_classes, stem=cfg.stem, formulation=cfg.formulation,
-                                        width=cfg.width)
+                                        width=cfg.width, **students)
         if cfg.method == "baseline":
             model = teskd_fast.export_teacher(model)
     if cfg.init and not cfg.resume:

@@ -297,6 +297,9 @@ def _run(cfg: TrainConfig, ckpt: dict[str, Any] | None, run_dir: Path, held: con
                 return 2
         # A new run folder is made once the data and the network are built: a run that cannot start leaves none.
         trainer = Trainer(cfg, run_dir, env, resume=ckpt)
+        cost = _print_cost(trainer.raw_model, cfg) if env.is_main else None
+        if cfg.dry_run:
+            return 0
         if new_run:
             if lock is None:
                 _make_run_folder(run_dir)
@@ -307,6 +310,10 @@ def _run(cfg: TrainConfig, ckpt: dict[str, Any] | None, run_dir: Path, held: con
         if env.is_main:
             try:
                 _write_config(cfg, run_dir)
+                if cost is not None:
+                    from teskd_fast.train.checkpoint import atomic_write_text
+
+                    atomic_write_text(run_dir / "cost.json", json.dumps(cost, indent=2) + "\n")
             except OSError as e:
                 raise _folder_error(run_dir, e) from None
         D.barrier(env)
@@ -373,6 +380,17 @@ def _start_line(cfg: TrainConfig, trainer, env, run_dir: Path, ckpt: dict[str, A
             f"classes, image size {size}{at} | {cfg.epochs} epochs, global batch {cfg.batch_size} over "
             f"{env.world_size} process(es), lr {cfg.lr:g} ({cfg.schedule}){preset} | device {env.device}, precision "
             f"{trainer.precision}, compile {'on' if trainer.compiled else 'off'} | run folder {run_dir}")
+
+
+def _print_cost(model: Any, cfg: TrainConfig) -> dict[str, Any]:
+    """Print the cost line (and the warning, when the students cost more than the limit); return the report."""
+    from teskd_fast.models.cost import cost_report
+
+    report = cost_report(model, cfg.image_size)
+    print(f"teskd-train: {report['line']}", flush=True)
+    if report["warning"]:
+        print(f"teskd-train: warning: {cfg.arch}: {report['warning']}", file=sys.stderr, flush=True)
+    return report
 
 
 def _os_error_message(e: OSError, run_dir: Path) -> str:

@@ -69,7 +69,7 @@ def choices() -> dict[str, tuple[str, ...]]:
 # the random crops of the torchvision ImageNet loader, which a resume does not reproduce anyway.
 CHANGEABLE_AT_RESUME = frozenset({
     "epochs", "data_dir", "download", "device", "compile", "compile_mode", "channels_last", "workers", "threads",
-    "log_every", "report_after", "progress", "tensorboard", "plot", "export",
+    "log_every", "report_after", "progress", "tensorboard", "plot", "export", "dry_run",
 })
 
 
@@ -96,6 +96,10 @@ class TrainConfig:
     stem: str = _f("cifar", "cifar: 3x3 stride-1 conv, no max-pool; imagenet: torchvision's stem")
     formulation: str = _f("fast", "fast (same function, cheaper) or faithful (module for module as published)")
     width: float = _f(1.0, "channel multiplier of the network (for small demos)")
+    student_width: int = _f(0, "channels of the students' path and heads (0: W, the published network; smaller "
+                            "is cheaper, see the cost line)")
+    student_levels: str = _f("3,2,1", "which students exist: a non-empty subset of 3,2,1 (3: the deepest; 1: the "
+                             "finest and costliest), e.g. 3,2")
     epochs: int = _f(200, "number of epochs (a larger value at --resume extends a run)")
     batch_size: int = _f(128, "GLOBAL batch size, summed over all processes")
     opt: str = _f("sgd", "optimizer: sgd (momentum, Nesterov) or adamw (decoupled weight decay; fused on CUDA)")
@@ -164,6 +168,8 @@ class TrainConfig:
     tensorboard: bool | None = _f(None, "write TensorBoard events under RUN_DIR/tb (default: when tensorboard is "
                                   "installed; --tensorboard says once when it is not)")
     plot: bool = _f(True, "draw RUN_DIR/curves.png at the end")
+    dry_run: bool = _f(False, "build the data and the network, print the cost line (the students' "
+                       "multiply-accumulates against the backbone's) and exit without training")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -225,6 +231,8 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     # 8x8 images; its operations are tiny: one thread beats two on 2 cores, by far when other work shares them.
     "digits": dict(image_size=8, val_image_size=8, val_resize=8, threads=1),
     "folder": dict(image_size=0, val_image_size=0, val_resize=0),
+    # 32x32 images held on the device (the loader ignores the sizes; the cost line and the start-up line use them).
+    **{name: dict(image_size=32, val_image_size=32, val_resize=32) for name in ("cifar10", "cifar100")},
     # 28x28 images held on the device (the loader ignores the sizes); tiny operations, as the digits'.
     **{name: dict(image_size=28, val_image_size=28, val_resize=28, threads=1) for name in ("fashion-mnist", "mnist")},
 }
@@ -723,6 +731,9 @@ def validate(cfg: TrainConfig, origin: dict[str, str] | None = None) -> None:
             raise ConfigError(f"{flag(name)}: must be >= 8 pixels, got {size}"
                               + (" (0: from the folder's images)" if folder else ""))
     _check_folder_options(cfg)
+    if cfg.student_width < 0:
+        raise ConfigError(f"--student-width: must be >= 0 (0: W, the published network), got {cfg.student_width}")
+    student_levels(cfg)
     from teskd_fast.train.archs import check_timm_arch
 
     check_timm_arch(cfg)
@@ -765,6 +776,18 @@ def _check_optimizer_options(cfg: TrainConfig) -> None:
         raise ConfigError(f"--ema-decay: must be in [0, 1) (0: off), got {cfg.ema_decay}")
     if cfg.export == "ema" and cfg.ema_decay == 0:
         raise ConfigError("--export ema needs an EMA: give --ema-decay (e.g. 0.9998)")
+
+
+def student_levels(cfg: TrainConfig) -> tuple[int, ...]:
+    """``--student-levels`` as a tuple of levels, deepest first (:class:`ConfigError` unless a subset of 3,2,1)."""
+    from teskd_fast.models.teskd import check_student_levels
+
+    text = str(cfg.student_levels).replace(" ", "")
+    try:
+        return check_student_levels([int(v) for v in text.split(",")])
+    except ValueError:
+        raise ConfigError(f"--student-levels: expected a non-empty subset of 3,2,1 separated by commas (e.g. 3,2), "
+                          f"got {cfg.student_levels!r}") from None
 
 
 def loss_fields() -> tuple[str, ...]:

@@ -414,7 +414,8 @@ class Trainer:
                 out = self.forward_model(images)
             heads = [out] if isinstance(out, torch.Tensor) else [out.logits] + _student_list(out.student_logits)
             if acc is None:
-                acc = EvalAccumulator(head_names(len(heads) - 1), self.env.device)
+                acc = EvalAccumulator(head_names(len(heads) - 1, getattr(self.raw_model, "student_levels", None)),
+                                      self.env.device)
             acc.update(heads, target)
         if acc is None:
             raise RuntimeError("the validation loader gave no batch")
