@@ -587,7 +587,8 @@ def folder_defaults(values: dict[str, Any], given: set[str]) -> list[str]:
         values["val_resize"] = round(values["val_image_size"] * 256 / 224)
     if "stem" not in given:
         values["stem"] = "imagenet" if values["image_size"] >= 128 else "cifar"
-        notes.append(f"stem {values['stem']} (for {values['image_size']} px images; set --stem to choose)")
+        if not str(values.get("arch", "")).startswith("timm/"):  # --stem applies to the torchvision ResNets only
+            notes.append(f"stem {values['stem']} (for {values['image_size']} px images; set --stem to choose)")
     return notes
 
 
