@@ -160,3 +160,22 @@ def test_a_folder_run_of_a_timm_model_is_not_told_of_a_stem(tmp_path):
         notes = folder_defaults(values, set())
         assert any(n.startswith("image size ") for n in notes), notes
         assert any(n.startswith("stem ") for n in notes) == said, (arch, notes)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
+def test_a_named_pipe_among_the_images_does_not_hang_the_measure_of_the_image_size(tmp_path):
+    # The folder's image size is read from its images' headers before anything else: a FIFO named like an image
+    # (no writer) must be skipped, not opened in a blocking read that hangs teskd-train before its first line.
+    import threading
+
+    from teskd_fast.train.config import _median_side
+
+    root = _small_jpeg_folder(tmp_path / "f")
+    os.mkfifo(root / "train" / "a" / "0fifo.jpg")  # sorts first: among the images measured
+    result = []
+    worker = threading.Thread(target=lambda: result.append(_median_side(root / "train")), daemon=True)
+    worker.start()
+    worker.join(30)
+    assert not worker.is_alive(), "the measure of the image size hangs on a named pipe"
+    side, measured = result[0]
+    assert measured == 12 and 40 <= side <= 64, result

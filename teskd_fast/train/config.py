@@ -601,7 +601,7 @@ def _median_side(split: Path, limit: int = 256) -> tuple[int, int]:
 
     from PIL import Image
 
-    from teskd_fast.data.folder import index_image_folder
+    from teskd_fast.data.folder import index_image_folder, open_regular
 
     index = index_image_folder(split)
     n = len(index.samples)
@@ -609,7 +609,8 @@ def _median_side(split: Path, limit: int = 256) -> tuple[int, int]:
     sides = []
     for i in picks:
         try:
-            with Image.open(index.path(i)) as image:
+            # Regular files only, opened without blocking: a named pipe among the images must not hang the run.
+            with open_regular(index.path(i)) as f, Image.open(f) as image:
                 sides.append(min(image.size))
         except (OSError, ValueError, Image.DecompressionBombError):
             continue
