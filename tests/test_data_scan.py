@@ -204,3 +204,23 @@ def test_a_class_folder_without_a_good_image_is_a_finding_the_loaders_agree_with
     assert [p for p, _ in scan_image_folder(root, workers=1).empty_classes] == [str(spoilt)]
     with pytest.raises(DatasetNotFoundError, match=re.escape(str(spoilt)) + " has no readable image"):
         imagenet_loaders(root, batch_size=2, backend="torchvision", device="cpu", workers=0)
+
+
+def test_a_class_folder_of_png_images_is_said_to_be_readable_by_torchvision_and_dali(tmp_path):
+    # The EMPTY line of a class whose images all decode, as PNG, must not say "the loaders refuse it": only nvjpeg
+    # does, and the torchvision loader trains on it after the scan as before.
+    from PIL import Image
+
+    root = make_image_folder(tmp_path / "data", np.random.default_rng(7), per_class=1)
+    pngs = root / "val" / CLASSES[2]
+    for path in list(pngs.iterdir()):
+        Image.open(path).convert("RGB").save(path.with_suffix(".png"), format="PNG")
+        path.unlink()
+    report = scan_image_folder(root, workers=1)
+    assert [p for p, _ in report.empty_classes] == [str(pngs)]
+    reason = report.empty_classes[0][1]
+    assert "loaders refuse it" not in reason, reason
+    assert "PNG images" in reason and "the torchvision and DALI loaders read them" in reason, reason
+    assert "nvjpeg loader refuses the folder" in reason and "--allow-png" in reason, reason
+    _, val = imagenet_loaders(root, batch_size=2, backend="torchvision", device="cpu", workers=0)
+    assert sum(len(y) for _, y in val) == sum(1 for d in (root / "val").iterdir() for _ in d.iterdir())

@@ -147,3 +147,35 @@ def test_eval_only_of_a_run_folder_evaluates_its_best_pt(tmp_path, capsys):
         main(["--eval-only", str(empty)])
     err = capsys.readouterr().err
     assert e.value.code == 1 and "holds none of best.pt, last.pt, teacher.safetensors, teacher.pt" in err
+
+
+def test_a_folder_run_of_a_timm_model_is_not_told_of_a_stem(tmp_path):
+    # --stem applies to the torchvision ResNets only: a timm run on a folder must not print "from the data: stem".
+    from teskd_fast.train.config import folder_defaults
+
+    root = _small_jpeg_folder(tmp_path / "f")
+    for arch, said in (("resnet18", True), ("timm/convnext_atto", False)):
+        values = {"dataset": "folder", "data_dir": str(root), "arch": arch, "image_size": 0, "val_image_size": 0,
+                  "val_resize": 0}
+        notes = folder_defaults(values, set())
+        assert any(n.startswith("image size ") for n in notes), notes
+        assert any(n.startswith("stem ") for n in notes) == said, (arch, notes)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
+def test_a_named_pipe_among_the_images_does_not_hang_the_measure_of_the_image_size(tmp_path):
+    # The folder's image size is read from its images' headers before anything else: a FIFO named like an image
+    # (no writer) must be skipped, not opened in a blocking read that hangs teskd-train before its first line.
+    import threading
+
+    from teskd_fast.train.config import _median_side
+
+    root = _small_jpeg_folder(tmp_path / "f")
+    os.mkfifo(root / "train" / "a" / "0fifo.jpg")  # sorts first: among the images measured
+    result = []
+    worker = threading.Thread(target=lambda: result.append(_median_side(root / "train")), daemon=True)
+    worker.start()
+    worker.join(30)
+    assert not worker.is_alive(), "the measure of the image size hangs on a named pipe"
+    side, measured = result[0]
+    assert measured == 12 and 40 <= side <= 64, result

@@ -118,6 +118,7 @@ def test_init_reproduces_the_plain_models_logits_at_step_0(tmp_path, source, cap
                 assert "its classifier has 1000 classes, this run 10: a new classifier" in capsys.readouterr().err
             else:
                 torch.testing.assert_close(got, plain(x), rtol=0, atol=1e-12)
+                assert f"--init {path}: the teacher loaded (" in capsys.readouterr().out
 
 
 def test_init_names_the_mismatched_keys(tmp_path):

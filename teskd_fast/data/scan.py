@@ -167,6 +167,7 @@ def scan_image_folder(root, workers=None, cache=None, write_cache=True, formats=
     bad = []
     found = {s: [0] * len(c) for s, c in listing.items()}
     good = {s: [0] * len(c) for s, c in listing.items()}
+    other = {s: [[] for _ in c] for s, c in listing.items()}  # decodable, of a format not in ``formats`` (PNG)
     for (split, rel, label, size, mtime), path, (fmt, reason) in zip(jobs, paths, reasons):
         found[split][label] += 1
         entries[split].append([rel, label, fmt, size, mtime])
@@ -177,11 +178,21 @@ def scan_image_folder(root, workers=None, cache=None, write_cache=True, formats=
             good[split][label] += 1
         else:
             bad.append((path, reason))
+            if fmt is not None:
+                other[split][label].append(fmt)
     empty = []
     for split, classes in listing.items():
         for label, name in enumerate(classes):
             if good[split][label] == 0:
-                n = found[split][label]
+                n, m = found[split][label], len(other[split][label])
+                if m:  # the torchvision and DALI loaders read these files: only nvjpeg refuses the folder
+                    fmts = sorted(set(other[split][label]))
+                    accept = " (accept them with `teskd-scan --allow-png`)" if fmts == ["PNG"] else ""
+                    empty.append((str(split_dirs[split] / name),
+                                  f"class folder with no {' or '.join(formats)} image ({m} of its {n} file(s) are "
+                                  f"{' or '.join(fmts)} images); the torchvision and DALI loaders read them, the "
+                                  f"nvjpeg loader refuses the folder{accept}"))
+                    continue
                 what = f"no good image (its {n} file(s) are bad)" if n else \
                     f"no image file (extensions {', '.join(IMG_EXTENSIONS)})"
                 empty.append((str(split_dirs[split] / name), f"class folder with {what}; the loaders refuse it: "

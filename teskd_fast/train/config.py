@@ -611,7 +611,8 @@ def folder_defaults(values: dict[str, Any], given: set[str]) -> list[str]:
         values["val_resize"] = round(values["val_image_size"] * 256 / 224)
     if "stem" not in given:
         values["stem"] = "imagenet" if values["image_size"] >= 128 else "cifar"
-        notes.append(f"stem {values['stem']} (for {values['image_size']} px images; set --stem to choose)")
+        if not str(values.get("arch", "")).startswith("timm/"):  # --stem applies to the torchvision ResNets only
+            notes.append(f"stem {values['stem']} (for {values['image_size']} px images; set --stem to choose)")
     return notes
 
 
@@ -624,7 +625,7 @@ def _median_side(split: Path, limit: int = 256) -> tuple[int, int]:
 
     from PIL import Image
 
-    from teskd_fast.data.folder import index_image_folder
+    from teskd_fast.data.folder import index_image_folder, open_regular
 
     index = index_image_folder(split)
     n = len(index.samples)
@@ -632,7 +633,8 @@ def _median_side(split: Path, limit: int = 256) -> tuple[int, int]:
     sides = []
     for i in picks:
         try:
-            with Image.open(index.path(i)) as image:
+            # Regular files only, opened without blocking: a named pipe among the images must not hang the run.
+            with open_regular(index.path(i)) as f, Image.open(f) as image:
                 sides.append(min(image.size))
         except (OSError, ValueError, Image.DecompressionBombError):
             continue

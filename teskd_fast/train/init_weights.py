@@ -128,5 +128,8 @@ def load_teacher_init(model: nn.Module, path: str, say=print) -> list[str]:
         head = next(k for k in fresh if k.endswith("weight"))
         say(f"teskd-train: --init {path}: its classifier has {given[head][0]} classes, this run "
             f"{expected[head].shape[0]}: a new classifier ({', '.join(fresh)})", file=sys.stderr)
+    else:  # a successful --init is said too: nothing else on screen shows the weights were used
+        say(f"teskd-train: --init {path}: the teacher loaded ({len(state)} tensors, classifier included); "
+            "the students start fresh")
     return fresh
 
