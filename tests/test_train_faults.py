@@ -225,6 +225,7 @@ def _children(pid):
         return [int(p) for p in f.read().split()]
 
 
+@pytest.mark.slow
 def test_torchrun_restart_resumes_from_last_pt(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--max-restarts",
