@@ -162,8 +162,8 @@ def _truncate_in_second_epoch(root, seed, batch, prefetched):
     return path
 
 
-@pytest.mark.parametrize("loader,workers", [("torchvision", 0), ("torchvision", 1),
-                                            pytest.param("dali", 1, marks=needs_dali)])
+@pytest.mark.parametrize("loader,workers", [("torchvision", 0), pytest.param("torchvision", 1, marks=pytest.mark.slow),
+                                            pytest.param("dali", 1, marks=[needs_dali, pytest.mark.slow])])
 def test_a_truncated_jpeg_met_in_training_stops_with_its_name_and_keeps_last_pt(tmp_path, loader, workers):
     from PIL import Image
 
@@ -238,7 +238,8 @@ def test_eval_only_of_a_file_of_another_kind_says_what_it_expected(tmp_path, con
 
 @pytest.mark.parametrize("arch,width,phrases", [
     # The demo's teacher is a quarter-width ResNet-18; a ResNet-34's has more blocks, a narrower one other shapes.
-    ("resnet34", 0.25, ["96 unexpected key(s) ['layer1.2.bn1.bias'", "(96 in all)"]),
+    pytest.param("resnet34", 0.25, ["96 unexpected key(s) ['layer1.2.bn1.bias'", "(96 in all)"],
+                 marks=pytest.mark.slow),
     ("resnet18", 0.125, ["shapes do not fit", "conv1.weight: (8, 3, 3, 3) given, (16, 3, 3, 3) expected"]),
 ])
 def test_eval_only_of_a_state_dict_of_another_network_names_the_mismatch_briefly(tmp_path, arch, width, phrases):

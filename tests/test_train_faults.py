@@ -206,6 +206,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_a_rank_that_cannot_join_its_group_is_exit_4_not_a_configuration_error(tmp_path):
     # Rank 1 of 2 with nobody listening at MASTER_ADDR:MASTER_PORT: was exit 2, the status of a bad flag.
     port = _free_port()
