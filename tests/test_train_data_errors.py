@@ -131,8 +131,9 @@ def _setup(case, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["imagenet-missing-root", "imagenet-empty-class-folder", "cifar-missing-root",
-                                  "cifar-missing-file", "cifar-corrupt-file", "cifar-archive-cut-in-half",
-                                  "cifar-file-without-data"])
+                                  *[pytest.param(c, marks=pytest.mark.slow) for c in (
+                                      "cifar-missing-file", "cifar-archive-cut-in-half", "cifar-file-without-data")],
+                                  "cifar-corrupt-file"])
 def test_dataset_errors_give_the_message_and_exit_status_1(case, tmp_path):
     argv, path, phrase = _setup(case, tmp_path)
     done = _command(argv, tmp_path)
@@ -223,8 +224,8 @@ def _teacher_state_dict(arch, width):
 
 @pytest.mark.parametrize("content,holds", [
     ({"epoch": 3, "weights": [1.0]}, "a dict with keys ['epoch', 'weights']"),
-    ([1, 2, 3], "a list of 3 items"),
-    (torch.zeros(3, 4), "a tensor of shape (3, 4)"),
+    pytest.param([1, 2, 3], "a list of 3 items", marks=pytest.mark.slow),
+    pytest.param(torch.zeros(3, 4), "a tensor of shape (3, 4)", marks=pytest.mark.slow),
 ])
 def test_eval_only_of_a_file_of_another_kind_says_what_it_expected(tmp_path, content, holds):
     path = tmp_path / "x.pt"

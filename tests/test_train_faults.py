@@ -110,6 +110,7 @@ def _tmpfs(folder, size):
         subprocess.run(["umount", "-l", str(folder)], check=False)
 
 
+@pytest.mark.slow
 def test_a_full_disk_is_exit_4_naming_it_and_last_pt_stays(run, tmp_path):
     with _tmpfs(tmp_path / "small", "8m") as disk:
         out = disk / "run"
