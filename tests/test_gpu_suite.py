@@ -77,6 +77,7 @@ def test_the_dry_run_skips_every_collected_test(tmp_path):
     assert done.returncode == 0 and "1 skipped" in done.stdout and "--dry-run: collected" in done.stdout, done.stdout
 
 
+@pytest.mark.slow
 def test_install_falls_back_to_the_source_tree_when_pip_fails(tmp_path):
     # A constraints file that does not exist: pip refuses to install anything.
     env = {**os.environ, "PIP_CONSTRAINT": str(tmp_path / "missing.txt")}

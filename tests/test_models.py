@@ -100,8 +100,8 @@ CASES = [
     ("resnet18", "imagenet", (224, 224), 0.125),
     ("resnet18", "imagenet", (200, 200), 0.125),
     ("resnet50", "cifar", (32, 32), 0.125),
-    ("resnet50", "cifar", (40, 56), 0.125),
-    ("resnet50", "imagenet", (224, 224), 0.0625),
+    pytest.param("resnet50", "cifar", (40, 56), 0.125, marks=pytest.mark.slow),
+    pytest.param("resnet50", "imagenet", (224, 224), 0.0625, marks=pytest.mark.slow),
     ("resnet50", "imagenet", (200, 200), 0.0625),
 ]
 

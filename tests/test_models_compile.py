@@ -51,7 +51,7 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("formulation", ["fast", "faithful"])
+@pytest.mark.parametrize("formulation", ["fast", pytest.param("faithful", marks=pytest.mark.slow)])
 def test_fullgraph_no_recompile_across_steps_and_modes(formulation):
     model = tiny(formulation)
     # aot_eager: the same Dynamo graph capture and AOT autograd as inductor, without code generation.
@@ -90,6 +90,7 @@ def test_compiled_train_step_matches_eager():
         assert_close(b.double(), twin_buffers[name].double(), torch.float32, f"buffer {name}")
 
 
+@pytest.mark.slow
 def test_bf16_autocast_compiles_and_trains():
     model = tiny()
     compiled = teskd_fast.compile_model(model, backend="aot_eager")
@@ -106,6 +107,7 @@ def test_bf16_autocast_compiles_and_trains():
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
+@pytest.mark.slow
 def test_inductor_fullgraph_train_step_matches_eager():
     model, twin = tiny(), tiny()
     twin.load_state_dict(model.state_dict())
@@ -150,7 +152,7 @@ def test_einops_rearrangements_add_no_graph_break_and_no_recompile():
     assert_close(got, torch.nn.functional.conv2d(x, weight, bias, stride=4), torch.float32, "patch conv")
 
 
-@pytest.mark.parametrize("formulation", ["fast", "faithful"])
+@pytest.mark.parametrize("formulation", ["fast", pytest.param("faithful", marks=pytest.mark.slow)])
 def test_compiled_model_refuses_bad_input_with_the_networks_own_error(formulation):
     from torch._dynamo.utils import counters
 
@@ -168,7 +170,7 @@ def test_compiled_model_refuses_bad_input_with_the_networks_own_error(formulatio
     assert unique_graphs() == 1 and not counters["graph_break"], (unique_graphs(), dict(counters["graph_break"]))
 
 
-@pytest.mark.parametrize("formulation", ["fast", "faithful"])
+@pytest.mark.parametrize("formulation", ["fast", pytest.param("faithful", marks=pytest.mark.slow)])
 def test_compiled_model_checks_the_batch_given_by_name(formulation):
     # compiled(x=bad) skipped the eager check, and Dynamo reported an "Observed exception" instead.
     compiled = teskd_fast.compile_model(tiny(formulation), backend="aot_eager")
@@ -189,6 +191,7 @@ def test_export_teacher_takes_the_compiled_module():
         assert torch.equal(teacher(x), teskd_fast.export_teacher(model)(x))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["test_convnext", "test_efficientnet", "regnetx_002", "resnet10t"])
 def test_wrapped_timm_models_compile_to_one_graph_per_mode(name):
     """ConvNeXt, EfficientNet, RegNet and ResNet-D: forward_intermediates and the model's own head, no graph break,

@@ -95,8 +95,9 @@ def test_strided_pointwise_weight_gradients_are_right_on_every_dispatch(dispatch
     assert float(out) < 1e-5, f"weight gradient off by {float(out):.3g} (relative) with the {dispatch} dispatch"
 
 
-@pytest.mark.parametrize("dispatch", sorted(DISPATCHES))
-@pytest.mark.parametrize("stem,size", [("cifar", 32), ("imagenet", 224)])
+# The hang (AVX2, 32 px) in the fast tier; the machine's own dispatch and the 224 px crash in the slow tier.
+@pytest.mark.parametrize("dispatch", ["avx2", pytest.param("native", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("stem,size", [("cifar", 32), pytest.param("imagenet", 224, marks=pytest.mark.slow)])
 def test_tiny_fast_network_trains_on_every_dispatch(dispatch, stem, size):
     # The reproduction: six SGD steps of the TESKD loss on a width-1/16 channels-last network. Before the
     # way around it hung (AVX2, 32 px) or crashed (AVX2 and AVX-512, 224 px).

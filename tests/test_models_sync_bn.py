@@ -87,6 +87,7 @@ def two_processes(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MOMENTA)
 def test_two_processes_use_the_global_batch_statistics(two_processes, name):
     momentum = MOMENTA[name]

@@ -23,6 +23,8 @@ FAMILIES = {
     "swin": ("swin_tiny_patch4_window7_224", SWIN),
     "edgenext": ("edgenext_xx_small", {}),
 }
+# The slowest float64 checks (deep float64 networks): the slow tier (docs/testing.md).
+SLOW_FLOAT64 = {"edgenext", "efficientnet", "regnet"}
 
 
 def plain(family, num_classes=5):
@@ -30,7 +32,8 @@ def plain(family, num_classes=5):
     return timm.create_model(name, num_classes=num_classes, pretrained=False, **kwargs)
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", [pytest.param(f, marks=pytest.mark.slow) if f in SLOW_FLOAT64 else f
+                                    for f in sorted(FAMILIES)])
 def test_fast_equals_faithful_float64_on_timm_backbones(family):
     """Outputs, every parameter gradient and every BatchNorm statistic of both formulations, in float64."""
     backbone = plain(family)

@@ -83,6 +83,7 @@ def test_kernels_import_nothing_from_the_layers_above():
     assert out.stdout.strip() == "[]"
 
 
+@pytest.mark.slow
 def test_triton_kernels_compile_for_h100_without_register_spills():
     """Compile the kernels ahead of time for sm_90 (no GPU needed; the interpreter does not type-check), in every
     configuration the launcher can pick, and read ptxas' report: no register may spill."""

@@ -37,6 +37,7 @@ def _evaluations(run):
     ]
 
 
+@pytest.mark.slow
 def test_partial_batches_compile_no_graph_of_their_own(tmp_path, monkeypatch):
     from torch._dynamo.utils import counters
 
@@ -167,6 +168,7 @@ def _sigterm_worker(rank, world_size, port, out):
     assert status == 128 + signal.SIGTERM, status
 
 
+@pytest.mark.slow
 def test_a_mid_epoch_resume_with_another_process_count_is_refused(tmp_path, capsys):
     out = tmp_path / "run"
     mp.start_processes(_sigterm_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True, start_method="spawn")

@@ -270,6 +270,7 @@ def test_a_missing_dataset_exits_1_before_any_training(tmp_path, capsys):
 # End to end.
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_in_the_second_run(finished, tmp_path):
     out = tmp_path / "killed"
     # A real SIGKILL during the second run (baseline, seed 27): after its first epoch's row, at its next step
@@ -384,6 +385,7 @@ def test_baseline_starts_from_the_teskd_teacher_and_sees_the_same_data(tmp_path)
     assert not torch.allclose(teachers["teskd-seed27"]["conv1.weight"], teachers["teskd-seed28"]["conv1.weight"])
 
 
+@pytest.mark.slow
 def test_torchrun_runs_each_run_on_all_ranks_one_after_another(tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -401,6 +403,7 @@ def test_torchrun_runs_each_run_on_all_ranks_one_after_another(tmp_path):
     assert all(r["epochs"] == 2 for r in report["runs"])
 
 
+@pytest.mark.slow
 def test_a_run_killed_during_its_final_export_is_finished_without_training(tmp_path):
     # A real SIGKILL in the first run's last step: its teacher exported, its curves not yet drawn. Before, its
     # summary.json (written first) made it "finished": curves.png stayed missing for good.

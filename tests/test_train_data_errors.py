@@ -131,8 +131,9 @@ def _setup(case, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["imagenet-missing-root", "imagenet-empty-class-folder", "cifar-missing-root",
-                                  "cifar-missing-file", "cifar-corrupt-file", "cifar-archive-cut-in-half",
-                                  "cifar-file-without-data"])
+                                  *[pytest.param(c, marks=pytest.mark.slow) for c in (
+                                      "cifar-missing-file", "cifar-archive-cut-in-half", "cifar-file-without-data")],
+                                  "cifar-corrupt-file"])
 def test_dataset_errors_give_the_message_and_exit_status_1(case, tmp_path):
     argv, path, phrase = _setup(case, tmp_path)
     done = _command(argv, tmp_path)
@@ -162,8 +163,8 @@ def _truncate_in_second_epoch(root, seed, batch, prefetched):
     return path
 
 
-@pytest.mark.parametrize("loader,workers", [("torchvision", 0), ("torchvision", 1),
-                                            pytest.param("dali", 1, marks=needs_dali)])
+@pytest.mark.parametrize("loader,workers", [("torchvision", 0), pytest.param("torchvision", 1, marks=pytest.mark.slow),
+                                            pytest.param("dali", 1, marks=[needs_dali, pytest.mark.slow])])
 def test_a_truncated_jpeg_met_in_training_stops_with_its_name_and_keeps_last_pt(tmp_path, loader, workers):
     from PIL import Image
 
@@ -223,8 +224,8 @@ def _teacher_state_dict(arch, width):
 
 @pytest.mark.parametrize("content,holds", [
     ({"epoch": 3, "weights": [1.0]}, "a dict with keys ['epoch', 'weights']"),
-    ([1, 2, 3], "a list of 3 items"),
-    (torch.zeros(3, 4), "a tensor of shape (3, 4)"),
+    pytest.param([1, 2, 3], "a list of 3 items", marks=pytest.mark.slow),
+    pytest.param(torch.zeros(3, 4), "a tensor of shape (3, 4)", marks=pytest.mark.slow),
 ])
 def test_eval_only_of_a_file_of_another_kind_says_what_it_expected(tmp_path, content, holds):
     path = tmp_path / "x.pt"
@@ -238,7 +239,8 @@ def test_eval_only_of_a_file_of_another_kind_says_what_it_expected(tmp_path, con
 
 @pytest.mark.parametrize("arch,width,phrases", [
     # The demo's teacher is a quarter-width ResNet-18; a ResNet-34's has more blocks, a narrower one other shapes.
-    ("resnet34", 0.25, ["96 unexpected key(s) ['layer1.2.bn1.bias'", "(96 in all)"]),
+    pytest.param("resnet34", 0.25, ["96 unexpected key(s) ['layer1.2.bn1.bias'", "(96 in all)"],
+                 marks=pytest.mark.slow),
     ("resnet18", 0.125, ["shapes do not fit", "conv1.weight: (8, 3, 3, 3) given, (16, 3, 3, 3) expected"]),
 ])
 def test_eval_only_of_a_state_dict_of_another_network_names_the_mismatch_briefly(tmp_path, arch, width, phrases):

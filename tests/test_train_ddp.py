@@ -67,6 +67,7 @@ def _worker(rank, world_size, port, out_dir):
             json.dump({k: v for k, v in metrics.items() if isinstance(v, float)}, f)
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_equal_one_process_on_the_whole_batch(tmp_path, monkeypatch):
     mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
     ddp_state = torch.load(tmp_path / "ddp_state.pt")
@@ -88,6 +89,7 @@ def test_two_gloo_processes_equal_one_process_on_the_whole_batch(tmp_path, monke
         assert abs(ddp[key] - single[key]) < 1e-6, key
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_through_the_cli(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -127,6 +129,7 @@ def _cli_worker(rank, world_size, port, out_dir):
         json.dump({"status": status, "alive": alive, "group": torch.distributed.is_initialized()}, f)
 
 
+@pytest.mark.slow
 def test_a_finished_rank_holds_no_process_group_when_the_command_returns(tmp_path):
     # Left to the interpreter's exit, the trainer (kept by a reference cycle) freed DDP and its gloo group there,
     # and a finished rank sometimes aborted: "terminate called without an active exception", exit -6.
@@ -136,6 +139,7 @@ def test_a_finished_rank_holds_no_process_group_when_the_command_returns(tmp_pat
         assert result == {"status": 0, "alive": [], "group": False}, (rank, result)
 
 
+@pytest.mark.slow
 def test_sync_bn_across_cpu_processes_is_refused_before_any_work(tmp_path):
     # SyncBatchNorm has no CPU path: without this check, step 1 ended in a traceback.
     out = tmp_path / "run"

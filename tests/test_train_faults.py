@@ -110,6 +110,7 @@ def _tmpfs(folder, size):
         subprocess.run(["umount", "-l", str(folder)], check=False)
 
 
+@pytest.mark.slow
 def test_a_full_disk_is_exit_4_naming_it_and_last_pt_stays(run, tmp_path):
     with _tmpfs(tmp_path / "small", "8m") as disk:
         out = disk / "run"
@@ -206,6 +207,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_a_rank_that_cannot_join_its_group_is_exit_4_not_a_configuration_error(tmp_path):
     # Rank 1 of 2 with nobody listening at MASTER_ADDR:MASTER_PORT: was exit 2, the status of a bad flag.
     port = _free_port()
@@ -225,6 +227,7 @@ def _children(pid):
         return [int(p) for p in f.read().split()]
 
 
+@pytest.mark.slow
 def test_torchrun_restart_resumes_from_last_pt(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--max-restarts",

@@ -120,15 +120,26 @@ def test_baseline_starts_from_the_teskd_teacher_weights():
     _same_state(teskd_fast.export_teacher(t).state_dict(), b.state_dict())
 
 
-@pytest.mark.parametrize("data, stop_step", [("digits", 3), ("digits", 5), ("cifar100", 5)],
+@pytest.fixture(scope="module")
+def digits_reference(tmp_path_factory):
+    """The uninterrupted 3-epoch digits run that both digits resume cases compare with, trained once."""
+    ref = tmp_path_factory.mktemp("digits") / "ref"
+    assert main(["--epochs", "3"] + FAST + ["--out", str(ref)]) == 0
+    return ref
+
+
+@pytest.mark.parametrize("data, stop_step", [("digits", 3), ("digits", 5),
+                                              pytest.param("cifar100", 5, marks=pytest.mark.slow)],
                          ids=["digits-between-epochs", "digits-mid-epoch", "cifar100-mid-epoch"])
-def test_exact_resume_after_sigterm(data, stop_step, tmp_path, monkeypatch, capsys):
+def test_exact_resume_after_sigterm(data, stop_step, tmp_path, monkeypatch, capsys, request):
     argv = ["--epochs", "3"] + FAST
     if data == "cifar100":
         _write_cifar100(tmp_path)
         argv += CIFAR + ["--data-dir", str(tmp_path)]
-    ref = tmp_path / "ref"
-    assert main(argv + ["--out", str(ref)]) == 0
+        ref = tmp_path / "ref"
+        assert main(argv + ["--out", str(ref)]) == 0
+    else:
+        ref = request.getfixturevalue("digits_reference")
 
     run = tmp_path / "run"
     with monkeypatch.context() as m:
@@ -148,6 +159,7 @@ def test_exact_resume_after_sigterm(data, stop_step, tmp_path, monkeypatch, caps
     assert torch.equal(torch.load(ref / "teacher.pt")["fc.weight"], torch.load(run / "teacher.pt")["fc.weight"])
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_command_writes_last_pt_and_resume_finishes(tmp_path):
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "teskd_fast.train", "--epochs", "40", "--out", str(run)] + FAST

@@ -210,6 +210,7 @@ def _inode(path: Path) -> int | None:
         return None
 
 
+@pytest.mark.slow
 def test_sigkill_at_any_moment_then_resume_leaves_one_row_per_epoch(tmp_path):
     run, epochs = tmp_path / "run", 5
     flags = ["--epochs", str(epochs)] + FAST
@@ -241,6 +242,7 @@ def test_sigkill_at_any_moment_then_resume_leaves_one_row_per_epoch(tmp_path):
     assert not list(run.glob(".*.tmp"))
 
 
+@pytest.mark.slow
 def test_a_second_run_on_a_folder_in_use_is_refused_until_the_first_dies(tmp_path, capsys):
     run = tmp_path / "run"
     first = _start("--epochs", "300", "--out", str(run), *FAST)

@@ -145,6 +145,7 @@ def test_init_of_a_torchvision_resnet_teacher(tmp_path):
         torch.testing.assert_close(model.teacher_forward(x), plain(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
