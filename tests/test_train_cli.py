@@ -179,3 +179,14 @@ def test_a_named_pipe_among_the_images_does_not_hang_the_measure_of_the_image_si
     assert not worker.is_alive(), "the measure of the image size hangs on a named pipe"
     side, measured = result[0]
     assert measured == 12 and 40 <= side <= 64, result
+
+
+def test_eval_only_of_a_resumed_runs_checkpoint(tmp_path, capsys):
+    """A resumed run's last.pt records its --resume; --eval-only of it evaluates it (it was refused as a resume
+    combined with --eval-only)."""
+    out = tmp_path / "run"
+    assert main(["--out", str(out), "--no-progress", "--no-tensorboard", *TINY]) == 0
+    assert main(["--resume", str(out), "--epochs", "2", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["--eval-only", str(out / "last.pt"), "--device", "cpu", "--threads", "1"]) == 0
+    assert "Evaluation of" in capsys.readouterr().out

@@ -169,7 +169,8 @@ def _eval_config(overrides: dict[str, Any]) -> tuple[TrainConfig, dict[str, Any]
         overrides = {**overrides, "eval_only": str(path)}
     ckpt, metadata = read_weights(path)
     if isinstance(ckpt, dict) and ckpt.get("format") == CHECKPOINT_FORMAT:
-        cfg = resolve(overrides, base=ckpt["config"])
+        # A resumed run's checkpoint records its --resume: evaluating it is not resuming it.
+        cfg = resolve(overrides, base={**ckpt["config"], "resume": ""})
         return cfg, ckpt, path.parent
     if not _is_state_dict(ckpt):
         raise ValueError(f"--eval-only {path}: expected a teskd-train checkpoint (last.pt, best.pt) or a teacher.pt "
