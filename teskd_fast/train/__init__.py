@@ -15,13 +15,7 @@
 - :mod:`~teskd_fast.train.stats`: mean, standard deviation, Student's t intervals of paired differences.
 """
 
+from teskd_fast.train.cli import main
 from teskd_fast.train.config import PRESETS, TrainConfig
 
 __all__ = ["PRESETS", "TrainConfig", "main"]
-
-
-def main(argv=None) -> int:
-    """Run ``teskd-train`` with ``argv`` (default: the command line); returns the exit status."""
-    from teskd_fast.train.cli import main as _main
-
-    return _main(argv)

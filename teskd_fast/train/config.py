@@ -17,13 +17,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import math
+import statistics
 import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+import yaml
+
+from teskd_fast.train.archs import ArchChoices, timm_defaults, timm_name
+from teskd_fast.train.schedule import SCHEDULES
 
 METHODS = ("teskd", "baseline")
 
@@ -37,12 +44,11 @@ def choices() -> dict[str, tuple[str, ...]]:
     formulations from :data:`teskd_fast.models.factory.FORMULATIONS`, schedules from
     :data:`teskd_fast.train.schedule.SCHEDULES`. The ``teskd-train`` choices and :func:`validate` read this.
     """
+    # Imported here, not at the top: these registries' modules load torch, which the configuration does not need.
     from teskd_fast.data.catalog import DATASETS
     from teskd_fast.data.imagenet import LOADER_BACKENDS
     from teskd_fast.models.factory import FORMULATIONS
     from teskd_fast.models.resnet import ARCHS, STEMS
-    from teskd_fast.train.archs import ArchChoices
-    from teskd_fast.train.schedule import SCHEDULES
 
     return {
         "method": METHODS,
@@ -403,8 +409,6 @@ _SYNONYMS = {"learning_rate": "lr", "batch": "batch_size", "wd": "weight_decay",
 
 def _suggestion(key: str) -> str | None:
     """The field an unknown key probably means (spelt as the key is: kebab-case or snake_case), or None."""
-    import difflib
-
     name = key.replace("-", "_")
     close = [_SYNONYMS[name]] if name in _SYNONYMS else difflib.get_close_matches(name, _field_names(), n=1, cutoff=0.6)
     return (_flag(close[0])[2:] if "-" in key else close[0]) if close else None
@@ -446,8 +450,6 @@ def named_fields(mapping: dict[Any, Any], where: str) -> tuple[dict[str, Any], d
 def safe_load_unique(text: str) -> Any:
     """``yaml.safe_load`` that refuses a mapping with a key twice (``yaml.YAMLError`` naming the key and its line),
     which PyYAML otherwise takes silently, the last value winning."""
-    import yaml
-
     class UniqueKeyLoader(yaml.SafeLoader):
         def construct_mapping(self, node, deep=False):
             seen = set()
@@ -469,8 +471,6 @@ def load_yaml(path: str, labels: dict[str, str] | None = None) -> dict[str, Any]
         path: the file.
         labels: filled with field -> how a message names its key in the file (for :func:`resolve`'s ``origin``).
     """
-    import yaml
-
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"--config: no such file: {p}")
@@ -539,8 +539,6 @@ def resolve(overrides: dict[str, Any], base: dict[str, Any] | None = None,
         values = {k: v for k, v in base.items() if k in names}
     values.update(overrides)
     values = {k: _coerce(k, v, origin.get(k)) for k, v in values.items()}
-    from teskd_fast.train.archs import timm_defaults, timm_name
-
     if timm_name(str(values.get("arch", ""))) is not None and base is None:
         timm_defaults(values, overrides)
     notes: list[str] = []
@@ -566,7 +564,7 @@ def folder_defaults(values: dict[str, Any], given: set[str]) -> list[str]:
     Returns:
         one line per value taken from the data (empty for any other dataset).
     """
-    from teskd_fast.data import DatasetError
+    from teskd_fast.data import DatasetError  # here: the data package loads torch (see choices)
 
     if dataset_kind(values.get("dataset", "")) != "folder":
         return []
@@ -596,9 +594,7 @@ def _median_side(split: Path, limit: int = 256) -> tuple[int, int]:
 
     Raises the data package's :class:`~teskd_fast.data.DatasetError` when the folder is not there (or its index
     refuses it)."""
-    import statistics
-
-    from PIL import Image
+    from PIL import Image  # here: an image folder's defaults only (the data package loads torch, see choices)
 
     from teskd_fast.data.folder import index_image_folder
 
@@ -707,8 +703,6 @@ def validate(cfg: TrainConfig, origin: dict[str, str] | None = None) -> None:
             raise ConfigError(f"{flag(name)}: must be >= 8 pixels, got {size}"
                               + (" (0: from the folder's images)" if folder else ""))
     _check_folder_options(cfg)
-    from teskd_fast.train.archs import check_timm_arch
-
     check_timm_arch(cfg)
     if cfg.val_resize < cfg.val_image_size:
         raise ConfigError(f"{flag('val_resize')} ({cfg.val_resize}) must be >= --val-image-size "
@@ -720,6 +714,26 @@ def validate(cfg: TrainConfig, origin: dict[str, str] | None = None) -> None:
         raise ConfigError("--resume and --eval-only cannot be combined")
     if not 0 <= cfg.seed < 2**64:  # torch.manual_seed's range (and the data's SeedSequence keys)
         raise ConfigError(f"{flag('seed')}: must be in [0, 2**64), got {cfg.seed}")
+
+
+def check_timm_arch(cfg: TrainConfig) -> None:
+    """Raise :class:`ConfigError` when ``--arch timm/NAME`` cannot be built: timm missing, no such model, or a
+    ResNet-only ``--width``."""
+    arch = cfg.arch
+    name = timm_name(arch)
+    if name is None:
+        return
+    try:
+        import timm
+    except ImportError:
+        raise ConfigError(f"--arch {arch}: needs timm, an optional dependency: pip install timm") from None
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
+        raise ConfigError(f"--arch {arch}: timm has no model {name!r}"
+                          + (f" (similar: {', '.join(close)})" if close else ""))
+    if cfg.width != 1.0:
+        raise ConfigError(f"--width {cfg.width:g}: the width factor applies to the torchvision ResNets; for "
+                          f"{arch} choose a smaller timm model instead")
 
 
 def _check_folder_options(cfg: TrainConfig) -> None:
@@ -737,7 +751,7 @@ def _check_folder_options(cfg: TrainConfig) -> None:
 def loss_fields() -> tuple[str, ...]:
     """The fields that are options of the loss: those named as a field of
     :class:`teskd_fast.loss.options.LossOptions` (a new loss option becomes a flag by a field of that name here)."""
-    from teskd_fast.loss.options import LossOptions
+    from teskd_fast.loss.options import LossOptions  # here: the loss package loads torch (see choices)
 
     names = {f.name for f in fields(TrainConfig)}
     return tuple(name for name in LossOptions._fields if name in names)
@@ -746,7 +760,7 @@ def loss_fields() -> tuple[str, ...]:
 def _check_loss_options(cfg: TrainConfig, flag: Callable[[str], str] = _flag) -> None:
     """The loss's own check of its options (LossOptions.checked, the only one of their types and ranges), its error
     as a ConfigError naming the flag."""
-    from teskd_fast.loss.options import LossOptions
+    from teskd_fast.loss.options import LossOptions  # here: loads torch (see choices)
 
     for name in loss_fields():
         try:
