@@ -35,7 +35,7 @@ TIMING = {"train_time", "eval_time", "epoch_time", "images_per_s", "resumed_mid_
 
 def _same_rows(a, b):
     assert len(a) == len(b)
-    for ra, rb in zip(a, b):
+    for ra, rb in zip(a, b, strict=True):
         ka = {k: v for k, v in ra.items() if k not in TIMING}
         kb = {k: v for k, v in rb.items() if k not in TIMING}
         assert ka == kb
@@ -142,7 +142,7 @@ def test_exact_resume_after_sigterm(data, stop_step, tmp_path, monkeypatch, caps
 
     a, b = load_checkpoint(ref / "last.pt"), load_checkpoint(run / "last.pt")
     _same_state(a["model"], b["model"])
-    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True):
         assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
     _same_rows(read_metrics(ref), read_metrics(run))
     assert torch.equal(torch.load(ref / "teacher.pt")["fc.weight"], torch.load(run / "teacher.pt")["fc.weight"])

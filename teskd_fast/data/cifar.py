@@ -217,7 +217,7 @@ def load_cifar(root, dataset="cifar100", download=False) -> dict[str, Any]:
     for split in ("train", "test"):
         arrays = [_split_arrays(batches[name], _member_name(source, name), layout["labels"], layout["classes"])
                   for name in layout[split]]
-        out[split] = tuple(torch.from_numpy(np.concatenate(a)) for a in zip(*arrays))
+        out[split] = tuple(torch.from_numpy(np.concatenate(a)) for a in zip(*arrays, strict=True))
     return out
 
 

@@ -237,7 +237,7 @@ class FastTESKDNet(TESKDNet):
             t = fuse[2](fuse[1](F.conv2d(u, w_a + w_b) + F.conv2d(lateral, w_a)))
             levels.append(t)
         features = []
-        for t, head in zip(levels, self.heads()):
+        for t, head in zip(levels, self.heads(), strict=True):
             k = head[0].kernel_size
             h = patch_conv(fit(t, (k[0] * size4[0], k[1] * size4[1])), head[0].weight, head[0].bias)
             h = head[5](head[4](head[3](head[2](head[1](h)))))

@@ -172,7 +172,7 @@ class TESKDNet(nn.Module):
         self.fuse_1 = nn.Sequential(*conv_bn_relu(2 * width, width))
         self.fuse_2 = nn.Sequential(*conv_bn_relu(2 * width, width))
         self.fuse_3 = nn.Sequential(*conv_bn_relu(2 * width, width))
-        for level, k in zip((1, 2, 3), kernels):
+        for level, k in zip((1, 2, 3), kernels, strict=True):
             head = conv_bn_relu(width, width, k, stride=k, bias=True) + conv_bn_relu(width, width, bias=True)
             setattr(self, f"downsample{level}", nn.Sequential(*head))
         self.fc_b3 = nn.Linear(width, num_classes)
@@ -252,7 +252,7 @@ class TESKDNet(nn.Module):
             t = fuse(torch.cat((u + lateral, u), dim=1))
             levels.append(t)
         logits, features = [], []
-        for t, head, fc in zip(levels, self.heads(), (self.fc_b3, self.fc_b2, self.fc_b1)):
+        for t, head, fc in zip(levels, self.heads(), (self.fc_b3, self.fc_b2, self.fc_b1), strict=True):
             k = head[0].kernel_size
             h = head(fit(t, (k[0] * size4[0], k[1] * size4[1])))
             f = torch.flatten(self.avgpool(h), 1)

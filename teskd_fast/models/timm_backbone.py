@@ -9,6 +9,8 @@ width, so the feature loss compares like with like. The model is kept whole, so 
 timm model (:func:`teskd_fast.export_teacher`).
 """
 
+import itertools
+
 import torch.nn as nn
 
 # torchvision classifiers other than the ResNets, and the timm models to use instead (same architectures).
@@ -66,7 +68,7 @@ def timm_levels(model) -> tuple[list[int], list[int], int]:
     if len(info) < LEVELS:
         raise ValueError(f"{name} gives {len(info)} feature level(s) (channels {channels}, strides {strides}); TESKD "
                          f"needs {LEVELS} (ConvNeXt, EfficientNet, MobileNetV3, RegNet, ResNet, Swin, ... have them)")
-    if any(b <= a for a, b in zip(strides, strides[1:])) or any(strides[-1] % s for s in strides):
+    if any(b <= a for a, b in itertools.pairwise(strides)) or any(strides[-1] % s for s in strides):
         raise ValueError(f"{name}: its last {LEVELS} feature levels have strides {strides}; TESKD needs increasing "
                          "strides that divide the last one (a pyramid: ConvNeXt, EfficientNet, RegNet, ResNet, "
                          "Swin, ...). Plain ViTs keep one stride and are not supported")

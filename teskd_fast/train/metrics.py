@@ -83,7 +83,7 @@ class TrainAccumulator:
         out["_images"] = sums[n + 1]
         # The processes that trained the epoch: device hours are its time times them (teskd-compare's cost).
         out["processes"] = world_size
-        bad_steps = {name: int(b) for name, b in zip(["loss"] + self.parts, bad) if b < NO_STEP}
+        bad_steps = {name: int(b) for name, b in zip(["loss"] + self.parts, bad, strict=True) if b < NO_STEP}
         out["_nonfinite"] = bad_steps
         return out
 

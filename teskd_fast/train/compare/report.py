@@ -233,7 +233,7 @@ def summarise(cmp: Comparison, results: list[dict[str, Any]], left_out: list[dic
             adjusted = holm(ps)
         else:
             ps = adjusted = [math.nan] * len(others)
-        for a, d, p, p_holm in zip(others, diffs, ps, adjusted):
+        for a, d, p, p_holm in zip(others, diffs, ps, adjusted, strict=True):
             row = _comparison(d, p, p_holm, paired[a])
             comparisons[a][key] = {**row, "verdict": verdict_words(ref, a, row) if key == PRIMARY else NOT_TESTED}
     hours = {a: methods[a]["device_hours"] for a in cmp.arms if "device_hours" in methods[a]}
