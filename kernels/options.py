@@ -16,9 +16,8 @@ weighs each. It lives with the kernels, the lowest layer (``teskd_fast.loss.opti
 
 import math
 import numbers
+import sys
 from typing import NamedTuple
-
-import torch
 
 
 class Range(NamedTuple):
@@ -78,7 +77,10 @@ PART_WEIGHTS: dict[str, str] = {"ce": "ce_weight", "kd": "kd_weight", "feat": "f
 
 def _plain(name, value):
     """A 0-d tensor or numpy scalar as the Python number it holds; anything else as it is."""
-    if isinstance(value, torch.Tensor):
+    # A tensor exists only once torch is imported: the specification itself does not load torch (the training
+    # configuration reads its defaults without it).
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(value, torch.Tensor):
         if value.dim() != 0:
             raise TypeError(f"{name}: expected a number or a 0-d tensor, got a tensor of shape {tuple(value.shape)}")
         return value.item()

@@ -29,6 +29,7 @@ from typing import Any
 
 import yaml
 
+from teskd_fast.kernels.options import SPEC, LossOptions
 from teskd_fast.train.archs import ArchChoices, timm_defaults, timm_name
 from teskd_fast.train.schedule import SCHEDULES
 
@@ -83,6 +84,12 @@ def _f(default, help, **kw):
     return field(default=default, metadata={"help": help, **kw})
 
 
+def _loss_option(name: str):
+    """The field of the loss option ``name``: its default and help are the specification's (kernels/options.py)."""
+    option = next(o for o in SPEC if o.name == name)
+    return _f(option.default, option.help)
+
+
 @dataclass
 class TrainConfig:
     """Everything a training run depends on. Every field is a ``--flag`` of ``teskd-train``."""
@@ -111,11 +118,11 @@ class TrainConfig:
     lr_milestones: tuple[float, ...] = _f((0.5, 0.75), "multistep milestones as fractions of --epochs")
     lr_gamma: float = _f(0.1, "multistep decay factor")
     warmup_epochs: float = _f(0.0, "linear warm-up from 0, per step, over this many epochs")
-    temperature: float = _f(4.0, "distillation temperature T")
-    ce_weight: float = _f(0.2, "alpha: weight of the cross-entropy of every head")
-    kd_weight: float = _f(0.8, "beta: weight of the teacher-to-student KL divergence")
-    feat_weight: float = _f(1e-7, "gamma: weight of the feature loss (a sum over batch and channels)")
-    label_smoothing: float = _f(0.0, "label smoothing of the cross-entropy")
+    temperature: float = _loss_option("temperature")
+    ce_weight: float = _loss_option("ce_weight")
+    kd_weight: float = _loss_option("kd_weight")
+    feat_weight: float = _loss_option("feat_weight")
+    label_smoothing: float = _loss_option("label_smoothing")
     cutmix_alpha: float = _f(0.0, "CutMix: Beta(alpha, alpha) of the kept area, per batch on the device (0: off)")
     cutmix_prob: float = _f(0.5, "CutMix: the probability that a batch is mixed (with --cutmix-alpha > 0)")
     image_size: int = _f(224, "training image size: a folder's crop (final size when progressive; a folder's "
@@ -165,17 +172,17 @@ class TrainConfig:
         return d
 
 
+# The published recipes. Their loss is the loss's defaults (kernels/options.py SPEC), not repeated here
+# (tests/test_train_config.py checks the resolved presets against the paper's values).
 _CIFAR = dict(
     dataset="cifar100", stem="cifar", epochs=200, batch_size=128, lr=0.1, momentum=0.9, nesterov=True,
     weight_decay=5e-4, bn_weight_decay=True, schedule="multistep", lr_milestones=(0.5, 0.75), lr_gamma=0.1,
-    warmup_epochs=0.0, temperature=4.0, ce_weight=0.2, kd_weight=0.8, feat_weight=1e-7, label_smoothing=0.0,
-    seed=27,
+    warmup_epochs=0.0, seed=27,
 )
 _IMAGENET = dict(
     dataset="imagenet", stem="imagenet", epochs=90, batch_size=256, lr=0.1, momentum=0.9, nesterov=False,
     weight_decay=1e-4, bn_weight_decay=True, schedule="multistep", lr_milestones=(1 / 3, 2 / 3), lr_gamma=0.1,
-    warmup_epochs=0.0, temperature=4.0, ce_weight=0.2, kd_weight=0.8, feat_weight=1e-7, label_smoothing=0.0,
-    image_size=224, image_size_start=0, val_image_size=224, val_resize=256, seed=27,
+    warmup_epochs=0.0, image_size=224, image_size_start=0, val_image_size=224, val_resize=256, seed=27,
 )
 # Our own short ImageNet recipe (not the paper's), after published fast ResNet-18 anchors (docs/method.md):
 # progressive 160 -> 192 px, label smoothing 0.1, no weight decay on BN and biases, a 2-epoch warm-up then a
@@ -751,7 +758,6 @@ def _check_folder_options(cfg: TrainConfig) -> None:
 def loss_fields() -> tuple[str, ...]:
     """The fields that are options of the loss: those named as a field of
     :class:`teskd_fast.loss.options.LossOptions` (a new loss option becomes a flag by a field of that name here)."""
-    from teskd_fast.loss.options import LossOptions  # here: the loss package loads torch (see choices)
 
     names = {f.name for f in fields(TrainConfig)}
     return tuple(name for name in LossOptions._fields if name in names)
@@ -760,7 +766,6 @@ def loss_fields() -> tuple[str, ...]:
 def _check_loss_options(cfg: TrainConfig, flag: Callable[[str], str] = _flag) -> None:
     """The loss's own check of its options (LossOptions.checked, the only one of their types and ranges), its error
     as a ConfigError naming the flag."""
-    from teskd_fast.loss.options import LossOptions  # here: loads torch (see choices)
 
     for name in loss_fields():
         try:
