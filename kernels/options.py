@@ -73,6 +73,11 @@ PARTS: tuple[str, ...] = ("ce", "kd", "feat")
 """The loss's parts, in the order of every backend's ``parts`` tensor (the unweighted terms)."""
 PART_WEIGHTS: dict[str, str] = {"ce": "ce_weight", "kd": "kd_weight", "feat": "feat_weight"}
 """The option that weighs each part: ``total = sum(options[PART_WEIGHTS[p]] * parts[p] for p in PARTS)``."""
+SUMMED_PARTS: frozenset[str] = frozenset({"feat"})
+"""The parts that are a sum over the batch, not a mean (the feature loss): over several processes, the global
+batch's value is the sum of theirs."""
+if set(PART_WEIGHTS) != set(PARTS) or not SUMMED_PARTS <= set(PARTS):
+    raise RuntimeError("kernels/options.py: PART_WEIGHTS and SUMMED_PARTS must name parts of PARTS")
 
 
 def _plain(name, value):

@@ -261,3 +261,18 @@ def test_a_restarted_group_without_out_is_refused(tmp_path, capsys, monkeypatch)
         main(["--epochs", "1"])
     assert info.value.code == 2
     assert "without --out the first attempt's run folder cannot be found" in capsys.readouterr().err
+
+
+def test_a_summed_part_is_scaled_back_to_the_global_batch():
+    """Over processes the per-batch means of a part are averaged, except a part that is a sum over the batch
+    (SUMMED_PARTS: the feature loss), whose global-batch value is the processes' sum."""
+    from teskd_fast.loss.options import PARTS, SUMMED_PARTS
+    from teskd_fast.train.metrics import TrainAccumulator
+
+    acc = TrainAccumulator(list(PARTS), torch.device("cpu"))
+    parts = {p: torch.tensor(float(i + 1)) for i, p in enumerate(PARTS)}
+    acc.update(torch.tensor(0), torch.tensor(10.0), parts, torch.eye(2), torch.tensor([0, 1]))
+    out = acc.unpack(acc.packed().tolist(), world_size=4)
+    assert SUMMED_PARTS == {"feat"}
+    assert {p: out[f"train_{p}"] for p in PARTS} == {p: (i + 1) * (4 if p in SUMMED_PARTS else 1)
+                                                     for i, p in enumerate(PARTS)}

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from teskd_fast.loss.options import SUMMED_PARTS
+
 # Steps index into this sentinel when no step went non-finite.
 NO_STEP = 2**62
 
@@ -30,7 +32,7 @@ class TrainAccumulator:
     ``update`` never synchronises the host with the device; ``read`` does, once.
 
     Args:
-        parts: names of the loss parts (``["ce", "kd", "feat"]`` or ``["ce"]``).
+        parts: names of the loss parts (:data:`teskd_fast.loss.options.PARTS`, or ``["ce"]`` for the baseline).
         device: where the sums live.
     """
 
@@ -68,16 +70,16 @@ class TrainAccumulator:
         """Turn a (reduced) :meth:`packed` vector into per-epoch means.
 
         The sums over batches are divided by the number of batches; with several processes the vector was
-        summed over them, and so were the batch counts, so the means are over all processes' batches. The
-        feature loss is a sum over the batch: its global-batch value is the sum over processes, so its mean
-        is multiplied back by ``world_size``.
+        summed over them, and so were the batch counts, so the means are over all processes' batches. A part that
+        is a sum over the batch (``SUMMED_PARTS``, the feature loss) has the sum over processes as its global-batch
+        value, so its mean is multiplied back by ``world_size``.
         """
         n = 1 + len(self.parts)
         sums, bad = vec[: n + 3], vec[n + 3 :]
         batches = max(sums[n + 2], 1.0)
         out: dict[str, Any] = {"train_loss": sums[0] / batches}
         for i, p in enumerate(self.parts):
-            scale = world_size if p == "feat" else 1
+            scale = world_size if p in SUMMED_PARTS else 1
             out[f"train_{p}"] = sums[1 + i] / batches * scale
         out["train_top1_teacher"] = 100.0 * sums[n] / max(sums[n + 1], 1.0)
         out["_images"] = sums[n + 1]
