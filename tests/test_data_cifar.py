@@ -327,5 +327,3 @@ def test_cpu_batches_leave_the_thread_count_alone(cifar100, channels_last, monke
             whole = make(*(p[k * 40 : (k + 1) * 40] for p in plan))
             assert torch.equal(x, whole) and x.is_contiguous(memory_format=fmt)
             assert torch.equal(y, loader.labels[plan[0][k * 40 : (k + 1) * 40]])
-    with pytest.warns(DeprecationWarning, match="cpu_threads"):
-        CifarLoader(torch.zeros(4, 3, 32, 32, dtype=torch.uint8), torch.zeros(4), device="cpu", cpu_threads=1)
