@@ -322,3 +322,18 @@ def test_a_checkpoint_whose_weights_do_not_fit_is_named(runs, tmp_path, capsys):
     assert main(["--resume", str(run), "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert f"{run / 'last.pt'} does not fit the model" in err and "layer1.0.conv1.weight: (3, 3) given" in err
+
+
+def test_a_checkpoint_older_than_the_oldest_release_is_refused_in_one_line(runs, tmp_path, capsys):
+    """A last.pt without the epochs' metrics rows (written before teskd_fast 0.1) is refused with one line and
+    exit status 1, not resumed with guessed metrics."""
+    old = tmp_path / "old"
+    shutil.copytree(runs["finished"], old)
+    ckpt = load_checkpoint(old / "last.pt")
+    del ckpt["metrics"]
+    torch.save(ckpt, old / "last.pt")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["--resume", str(old), "--epochs", "3"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 1 and len(err) == 1 and "older than teskd_fast 0.1" in err[0], err

@@ -176,13 +176,10 @@ class MetricsLog:
         rows: the rows of the epochs already finished (a resumed checkpoint's): the files are rewritten to hold
             exactly these, whatever they held (rows logged after that checkpoint are dropped, rows missing from
             the files, because the process was killed between writing the checkpoint and logging, come back;
-            their TensorBoard scalars are written again too).
-        keep_epochs: without ``rows`` (a checkpoint of an earlier version), the files' rows with ``epoch`` up to
-            this are kept and the others dropped.
+            their TensorBoard scalars are written again too). None: the files' rows are kept.
     """
 
-    def __init__(self, run_dir: Path, tensorboard: bool | None = None, rows: list[dict[str, Any]] | None = None,
-                 keep_epochs: int | None = None):
+    def __init__(self, run_dir: Path, tensorboard: bool | None = None, rows: list[dict[str, Any]] | None = None):
         self.run_dir = Path(run_dir)
         self.jsonl = self.run_dir / "metrics.jsonl"
         self.csv = self.run_dir / "metrics.csv"
@@ -190,7 +187,7 @@ class MetricsLog:
         if rows is not None:
             self.rows = list(rows)
         else:
-            self.rows = [r for r in logged if keep_epochs is None or r.get("epoch", 0) <= keep_epochs]
+            self.rows = logged
         self._rewrite()
         self.tb = None
         if tensorboard is not False:

@@ -134,8 +134,8 @@ class Trainer:
         self.acc = TrainAccumulator(self.parts, dev)
         self._epoch_elapsed = 0.0
         self._acc_state: dict[str, torch.Tensor] | None = None
-        # The metrics row of every finished epoch; None for a checkpoint of an earlier version (without them).
-        self.history: list[dict[str, Any]] | None = []
+        # The metrics row of every finished epoch.
+        self.history: list[dict[str, Any]] = []
         if resume is not None:
             self._load(resume)
 
@@ -176,7 +176,7 @@ class Trainer:
             "accumulator": self._acc_state if self.position else None,
             "epoch_elapsed": self._epoch_elapsed if self.position else 0.0,
             "best": dict(self.best),
-            "metrics": list(self.history or []),
+            "metrics": list(self.history),
         }
 
     def _load(self, ckpt: dict[str, Any]) -> None:
@@ -200,7 +200,7 @@ class Trainer:
             self.scaler.load_state_dict(ckpt["scaler"])
         self.epoch, self.position, self.step = ckpt["epoch"], ckpt["position"], ckpt["step"]
         self.best = dict(ckpt["best"])
-        self.history = list(ckpt["metrics"]) if "metrics" in ckpt else None
+        self.history = list(ckpt["metrics"])
         if self.position and ckpt.get("accumulator") is not None:
             # The saved sums are already reduced over the processes: rank 0 carries them, the others start at
             # zero, and the epoch's final all-reduce gives the same totals for any number of processes.
@@ -391,9 +391,8 @@ class Trainer:
         cfg = self.cfg
         log = None
         if self.env.is_main:
-            # The files get exactly the checkpoint's rows (an earlier version's checkpoint has none: the files'
-            # rows up to its epoch are kept).
-            log = MetricsLog(self.run_dir, tensorboard=cfg.tensorboard, rows=self.history, keep_epochs=self.epoch)
+            # The files get exactly the checkpoint's rows.
+            log = MetricsLog(self.run_dir, tensorboard=cfg.tensorboard, rows=self.history)
             self.history = list(log.rows)
             repair_best(self.run_dir, self.epoch, self.position, self.best)
         try:
