@@ -276,3 +276,66 @@ def test_a_summed_part_is_scaled_back_to_the_global_batch():
     assert SUMMED_PARTS == {"feat"}
     assert {p: out[f"train_{p}"] for p in PARTS} == {p: (i + 1) * (4 if p in SUMMED_PARTS else 1)
                                                      for i, p in enumerate(PARTS)}
+
+
+# --- a run told to stop while it waits on its data ------------------------------------------------------------
+
+_BLOCKING_RUN = """
+import sys, time
+from teskd_fast.train import cli, trainer
+
+real = trainer.build_data
+
+
+class Blocking:
+    # The real loader for its first batch, then a wait for data that never comes (a hung file system).
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __iter__(self):
+        batches = iter(self.inner)
+        yield next(batches)
+        print("waiting", flush=True)
+        while True:
+            time.sleep(0.05)
+
+
+def build_data(*args, **kwargs):
+    train, val, classes = real(*args, **kwargs)
+    return Blocking(train), val, classes
+
+
+trainer.build_data = build_data
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_a_second_sigterm_stops_a_run_that_waits_on_its_data(tmp_path):
+    """The first SIGTERM asks the run to stop after its step, which waits on a loader that never gives its batch;
+    the second abandons the wait: exit status 143, one line, within a bound, the previous last.pt kept."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-c", _BLOCKING_RUN, *FAST, "--epochs", "1", "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
+    try:
+        for line in proc.stdout:  # the start line, then the first step's wait for its second batch
+            if line.strip() == "waiting":
+                break
+        proc.send_signal(signal.SIGTERM)
+        with pytest.raises(subprocess.TimeoutExpired):
+            proc.wait(timeout=1.0)  # the first SIGTERM only asks: the wait goes on
+        proc.send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        status = proc.wait(timeout=30)
+        waited = time.monotonic() - t0
+    finally:
+        proc.kill()
+        stdout, stderr = proc.communicate()
+    assert status == 128 + signal.SIGTERM and waited < 10, (status, waited, stderr[-2000:])
+    _one_line(stderr, "teskd-train: abandoned")
+    assert "Traceback" not in stderr and "SIGTERM received" in stdout

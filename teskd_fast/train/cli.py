@@ -269,7 +269,7 @@ def _run(cfg: TrainConfig, ckpt: dict[str, Any] | None, run_dir: Path, held: con
     from teskd_fast.train import distributed as D
     from teskd_fast.train.checkpoint import CheckpointError
     from teskd_fast.train.runfolder import RunLock
-    from teskd_fast.train.trainer import Interrupted, NonFiniteLoss, Trainer
+    from teskd_fast.train.trainer import Abandoned, Interrupted, NonFiniteLoss, Trainer
 
     try:
         if not cfg.eval_only and not cfg.resume:
@@ -339,12 +339,13 @@ def _run(cfg: TrainConfig, ckpt: dict[str, Any] | None, run_dir: Path, held: con
         saved = f"; {last} holds the last saved state" if not cfg.eval_only and last.exists() else ""
         print(f"teskd-train: {_os_error_message(e, run_dir)}{saved}", file=sys.stderr)
         return OUTSIDE
-    except KeyboardInterrupt:
-        # A second Ctrl-C: the step in flight is abandoned and last.pt is the one of the previous save.
+    except KeyboardInterrupt as e:
+        # A second SIGTERM or Ctrl-C (trainer.Abandoned), or a Ctrl-C before the trainer's handler: the step in
+        # flight, or the wait for its data, is abandoned and last.pt is the one of the previous save.
         last = run_dir / "last.pt"
         saved = f"; {last} holds the last saved state" if not cfg.eval_only and last.exists() else ""
         print(f"\nteskd-train: abandoned{saved}", file=sys.stderr)
-        return INTERRUPTED
+        return stopped_by(e.signum) if isinstance(e, Abandoned) else INTERRUPTED
     finally:
         # The DDP wrapper holds the process group. Drop the trainer here so that cleanup() destroys both while
         # the interpreter is alive: left to the exit, gloo's threads could abort a finished rank (see cleanup).

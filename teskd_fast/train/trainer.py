@@ -82,6 +82,15 @@ class Interrupted(RuntimeError):
         self.signum = signum
 
 
+class Abandoned(KeyboardInterrupt):
+    """A second SIGTERM or Ctrl-C: the run stops at once, wherever it is (a step, a wait for data that does not
+    come), and last.pt stays the one of the previous save. ``signum`` is the second signal's number."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
 def _student_list(student_logits) -> list[torch.Tensor]:
     if isinstance(student_logits, torch.Tensor):
         return list(student_logits.unbind(0))
@@ -222,13 +231,15 @@ class Trainer:
     # Signals.
 
     def _handler(self, signum, frame):
-        if self._stop_signal is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+        # The first signal only asks: the run stops after the step in flight, writing last.pt. A step waiting on
+        # data that never comes (a hung file system, a stuck loader) would wait on: the second signal abandons it.
+        if self._stop_signal is not None:
+            raise Abandoned(signum)
         self._stop_signal = signum
         if self.env.is_main:
             name = signal.Signals(signum).name
             print(f"\nteskd-train: {name} received: finishing this step, then writing last.pt "
-                  "(Ctrl-C again to abandon)", flush=True)
+                  f"({name} or Ctrl-C again to abandon it)", flush=True)
 
     @contextlib.contextmanager
     def _signals(self):
