@@ -248,7 +248,7 @@ def test_torchrun_restart_resumes_from_last_pt(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, stderr[-4000:]
     # The restarted group resumed (was: "already holds a run", exit 2 on every rank).
-    assert stderr.count("torchrun restarted the workers (restart 1): resuming") == 1, stderr[-4000:]
+    assert stderr.count("under torchrun (restart 1 of this node), ") == 1, stderr[-4000:]
     assert stdout.count("teskd-train: resuming") == 1, stdout
     assert [r["epoch"] for r in read_metrics(out)] == [1, 2, 3]
     assert load_checkpoint(out / "last.pt")["epoch"] == 3

@@ -39,9 +39,10 @@ A run that stops before training starts (exit 1 or 2) leaves no run folder behin
 and the network are built.
 
 Elastic restarts: when ``torchrun --max-restarts N`` restarts a failed worker group, each worker runs the same
-command line again (``TORCHELASTIC_RESTART_COUNT`` > 0). If its ``--out`` folder then holds a last.pt, the run
-resumes from it exactly as ``--resume`` would, with the same checks; without ``--out`` (a default folder is named
-after its start time) a restarted group cannot find its run and is refused (exit 2).
+command line again. Under torchrun, an ``--out`` folder that holds a last.pt is resumed exactly as ``--resume``
+would, with the same checks (another run's last.pt is refused, exit 2), whatever this node's
+``TORCHELASTIC_RESTART_COUNT``, so that all nodes of a group decide alike; without ``--out`` (a default folder is
+named after its start time) a restarted group cannot find its run and is refused (exit 2).
 """
 
 from __future__ import annotations
@@ -118,21 +119,31 @@ def _resolve_args(argv: list[str] | None, held: contextlib.ExitStack) -> _Resolv
 
 
 def _restarted_run(overrides: dict[str, Any]) -> bool:
-    """True when torchrun restarted this worker group and its run folder holds a last.pt to resume from."""
+    """True when torchrun runs this command and its ``--out`` folder holds a last.pt: an earlier attempt's (a
+    restarted worker group), which the run resumes; :func:`_resume_config` refuses it when it is another run's.
+
+    Every node decides from the run folder and the command line alone, which all nodes share, not from its own
+    ``TORCHELASTIC_RESTART_COUNT``: in a multi-node job a node whose agent did not restart (or joined anew) has
+    count 0 while its peers resume. No attempt of this job can have written the last.pt it finds: the processes
+    all pass here before the process group forms, and no step runs before it does.
+    """
     from teskd_fast.train.distributed import launch_rank
 
-    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    if not restart.isdigit() or int(restart) == 0:
-        return False
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if restart is None:
+        return False  # not under torchrun
     if not overrides.get("out"):
-        raise RunFolderRefused(f"torchrun restarted the workers (TORCHELASTIC_RESTART_COUNT={restart}), but without "
-                               "--out the first attempt's run folder cannot be found (its name holds its start "
-                               "time): resume it with --resume RUN_DIR, and give --out to jobs that may restart")
+        if restart.isdigit() and int(restart) > 0:
+            raise RunFolderRefused(f"torchrun restarted the workers (TORCHELASTIC_RESTART_COUNT={restart}), but "
+                                   "without --out the first attempt's run folder cannot be found (its name holds "
+                                   "its start time): resume it with --resume RUN_DIR, and give --out to jobs that "
+                                   "may restart")
+        return False
     if not (Path(overrides["out"]) / "last.pt").is_file():
         return False  # nothing saved yet: the run starts again
     if launch_rank() == 0:
-        print(f"teskd-train: torchrun restarted the workers (restart {restart}): resuming {overrides['out']} from "
-              "its last.pt", file=sys.stderr, flush=True)
+        print(f"teskd-train: under torchrun (restart {restart} of this node), {overrides['out']} holds a last.pt: "
+              "resuming from it", file=sys.stderr, flush=True)
     return True
 
 
