@@ -174,7 +174,7 @@ def test_sigterm_to_the_command_writes_last_pt_and_resume_finishes(tmp_path):
 def test_resume_with_more_epochs_extends_a_finished_run(tmp_path):
     run = tmp_path / "run"
     assert main(["--epochs", "1", "--out", str(run)] + FAST) == 0
-    # A checkpoint of an earlier version also held the schedule's settings: resuming ignores them.
+    # Keys a resume does not know are ignored: here settings of the schedule, which follows the config alone.
     old = load_checkpoint(run / "last.pt")
     torch.save({**old, "schedule": {"kind": "cosine", "epochs": 1, "steps_per_epoch": 3}}, run / "last.pt")
     assert main(["--resume", str(run), "--epochs", "2", "--no-progress"]) == 0
