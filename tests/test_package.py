@@ -69,6 +69,22 @@ def test_import_is_light():
     assert out.stdout.strip() == "[]"
 
 
+def test_the_training_configuration_loads_without_torch():
+    """``teskd-train --help`` and a configuration check need no torch: the configuration reads the loss's
+    specification (kernels/options.py) and the registries of the layers above it only when it needs them."""
+    out = _run(
+        """
+        import sys
+        import teskd_fast.train.config as c
+        assert c.TrainConfig().temperature == 4.0
+        print(sorted(m for m in ("torch", "teskd_fast.models", "teskd_fast.loss") if m in sys.modules))
+        """,
+        cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"
+
+
 def test_kernels_import_nothing_from_the_layers_above():
     """kernels/ is the lowest layer: importing every kernel module loads no other part of teskd_fast."""
     out = _run(
