@@ -1,7 +1,8 @@
 """teskd_fast.train: the ``teskd-train`` command and its parts.
 
 - :mod:`~teskd_fast.train.config`: :class:`TrainConfig`, the presets, the generated argparse flags;
-- :mod:`~teskd_fast.train.cli`: the command itself (flags to config, exit statuses);
+- :mod:`~teskd_fast.train.cli`: the command itself (flags to config);
+- :mod:`~teskd_fast.train.exit_status`: the exit statuses of ``teskd-train`` and ``teskd-compare``;
 - :mod:`~teskd_fast.train.build`: the dataset check, loaders, model, loss and optimiser built from a config;
 - :mod:`~teskd_fast.train.schedule`: the learning-rate schedule and progressive resizing;
 - :mod:`~teskd_fast.train.trainer`: :class:`Trainer` (epochs, evaluation, checkpoints, signals, exact resume);
