@@ -14,6 +14,10 @@ Groups:
   <= 3.3x of it). All three under teskd-train's backend settings (``teskd_fast.device.configure_backends``).
   Skipped without CUDA.
 
+- ``models-student-cost-r18-<32|224>-<cpu|cuda>``: ResNet-18's TESKD step over the plain step at student widths
+  512, 256, 128 and levels 3,2,1 and 3,2, beside the students' MACs over the backbone's (:func:`student_cost_table`,
+  interleaved rounds; ``python bench/bench_models.py 32 224`` prints the CPU tables as JSON). CUDA: marked gpu.
+
 Set ``TESKD_BENCH_ROUNDS`` to change the number of timed steps (default 5).
 """
 
@@ -273,3 +277,84 @@ def test_cuda_train_step(benchmark, provider):
         shape=[256, 3, 224, 224],
         **backends,
     )
+
+
+# The student-cost table (issue 30): widths x level sets of ResNet-18, TESKD step over the plain step.
+STUDENT_WIDTHS = (512, 256, 128)
+STUDENT_LEVEL_SETS = ((3, 2, 1), (3, 2))
+# image side -> (stem, CPU batch, CUDA batch)
+STUDENT_SIZES = {32: ("cifar", 32, 256), 224: ("imagenet", 4, 128)}
+
+
+def student_cost_table(device, size, rounds=ROUNDS, autocast=None):
+    """TESKD step / plain step of ResNet-18 at every student width and level set, beside the MAC ratio.
+
+    Every network is built first; then each round times one step of every network in turn (plain first), so that
+    a shared machine's load falls on all of them alike, and each ratio is of medians from the same rounds.
+
+    Returns:
+        ``{"plain_ms": float, "rows": [{"width", "levels", "students_over_backbone_macs", "step_ms",
+        "step_over_plain"}, ...]}``.
+    """
+    stem, cpu_batch, cuda_batch = STUDENT_SIZES[size]
+    batch = cuda_batch if torch.device(device).type == "cuda" else cpu_batch
+    torch.manual_seed(0)
+    x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 100, (batch,), device=device)
+    plain = plain_resnet18(100, stem).to(device, memory_format=torch.channels_last)
+    steps = {"plain": make_step(plain, x, y, autocast=autocast)}
+    macs = {}
+    for width in STUDENT_WIDTHS:
+        for levels in STUDENT_LEVEL_SETS:
+            model = teskd_fast.create_model("resnet18", 100, stem=stem, student_width=width, student_levels=levels)
+            macs[width, levels] = teskd_fast.cost(model, size).ratio
+            model = model.to(device)
+            steps[width, levels] = make_step(model, x, y, autocast=autocast)
+    times = {key: [] for key in steps}
+    for step in steps.values():
+        step()  # warm-up
+        step()
+    for _ in range(rounds):
+        for key, step in steps.items():
+            start = time.perf_counter()
+            step()
+            sync(device)
+            times[key].append(time.perf_counter() - start)
+    medians = {key: statistics.median(t) for key, t in times.items()}
+    rows = [{"width": w, "levels": ",".join(map(str, lv)), "students_over_backbone_macs": round(macs[w, lv], 2),
+             "step_ms": round(medians[w, lv] * 1e3, 1), "step_over_plain": round(medians[w, lv] / medians["plain"], 2)}
+            for (w, lv) in macs]
+    return {"plain_ms": round(medians["plain"] * 1e3, 1), "batch": batch, "rows": rows}
+
+
+@pytest.mark.parametrize("size", sorted(STUDENT_SIZES))
+def test_student_cost_cpu(benchmark, size):
+    """``models-student-cost-r18-<size>-cpu``: the whole table in one timed call (its rows in extra_info)."""
+    group = f"models-student-cost-r18-{size}-cpu"
+    result = {}
+    benchmark.pedantic(lambda: result.update(student_cost_table("cpu", size)), rounds=1, iterations=1)
+    record(benchmark, group, "table", "cpu", baseline=True, load_average=os.getloadavg(), **result)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("size", sorted(STUDENT_SIZES))
+def test_student_cost_cuda(benchmark, size):
+    """``models-student-cost-r18-<size>-cuda``: as on the CPU, bf16 autocast, eager (the GPU suite)."""
+    group = f"models-student-cost-r18-{size}-cuda"
+    result = {}
+    configure_backends("cuda")
+    benchmark.pedantic(lambda: result.update(student_cost_table("cuda", size, autocast=torch.bfloat16)), rounds=1,
+                       iterations=1)
+    record(benchmark, group, "table", "cuda", baseline=True, **result)
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    torch.set_num_threads(int(os.environ.get("TESKD_BENCH_THREADS", "2")))
+    for side in [int(a) for a in sys.argv[1:]] or sorted(STUDENT_SIZES):
+        before = os.getloadavg()
+        table = student_cost_table("cpu", side)
+        print(json.dumps({"size": side, "load_before": before, "load_after": os.getloadavg(), **table}), flush=True)

@@ -18,6 +18,7 @@ __all__ = [
     "export_teacher",
     "load_teacher",
     "compile_model",
+    "cost",
     "data",
     "__version__",
 ]
@@ -32,6 +33,7 @@ _LAZY = {
     "export_teacher": "teskd_fast.models",
     "load_teacher": "teskd_fast.train.teacher_files",
     "compile_model": "teskd_fast.models",
+    "cost": "teskd_fast.models",
 }
 
 

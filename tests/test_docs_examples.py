@@ -56,9 +56,14 @@ _reference = teskd_fast.create_model("resnet18", num_classes=100, stem="cifar", 
 torch.save({"module." + k: v for k, v in _reference.state_dict().items()}, "reference_checkpoint.pth")
 """
 TEACHER_PT = """
+import os
 import timm
 import torch
-torch.save(timm.create_model("convnext_atto", num_classes=10).state_dict(), "teacher.pt")
+from safetensors.torch import save_file
+os.makedirs("RUN")
+_state = timm.create_model("convnext_atto", num_classes=10).state_dict()
+torch.save(_state, "RUN/teacher.pt")
+save_file({k: v.contiguous() for k, v in _state.items()}, "RUN/teacher.safetensors")
 """
 
 SETUP = {
@@ -68,6 +73,7 @@ SETUP = {
     "docs/networks.md#0": OFFICIAL_CHECKPOINT,
     "docs/backbones.md#0": IMAGES,
     "docs/backbones.md#1": TEACHER_PT,
+    "docs/networks.md#1": IMAGES + "import timm\ntimm_model = timm.create_model('resnet18', num_classes=100)\n",
 }
 SUBSTITUTE = {
     # The same family, a tenth of the cost.
@@ -80,6 +86,9 @@ SKIPPED = {
     "README.md#2": "needs the CIFAR-100 files, an ImageNet folder, DALI and CUDA (the loaders' own tests run them)",
     "docs/data.md#0": "needs the CIFAR-100 files and CUDA (tests/test_data_cifar.py runs the loader)",
     "docs/data.md#1": "needs an ImageNet folder, DALI and CUDA (tests/test_data_imagenet.py runs the loaders)",
+    "docs/data.md#2": "needs an ImageNet folder, DALI and CUDA (tests/test_data_imagenet.py runs the loaders)",
+    "docs/your-own-data.md#0": "trains for two epochs: tests/test_train_fit.py::test_the_docs_example_runs_as_written "
+    "runs it as written (slow tier)",
 }
 
 

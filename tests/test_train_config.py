@@ -214,11 +214,11 @@ def test_a_datasets_defaults_apply_to_that_dataset_only(tmp_path):
     default = TrainConfig()
     assert cifar.preset == "none"
     assert (cifar.image_size, cifar.threads, cifar.width, cifar.lr, cifar.epochs) == (
-        default.image_size, 0, 1.0, default.lr, default.epochs)
+        32, 0, 1.0, default.lr, default.epochs)
     # A preset asked for by name keeps its recipe on another dataset, not its dataset's values.
     asked = resolve({"preset": "digits-demo", "dataset": "cifar100"})
     assert (asked.width, asked.lr, asked.epochs) == (0.25, 0.05, 20)
-    assert (asked.image_size, asked.threads) == (default.image_size, 0)
+    assert (asked.image_size, asked.threads) == (32, 0)
     assert set(DATASET_DEFAULTS["digits"]) <= DATASET_FIELDS
     # On its own dataset a preset applies whole; imagenet is the folder dataset's other name.
     assert resolve({"preset": "imagenet-resnet18", "dataset": "folder"}).image_size == 224

@@ -2,6 +2,7 @@
 compilation and export of the teacher for deployment."""
 
 from .compile import compile_model
+from .cost import COST_LIMIT, ModelCost, StudentCost, StudentCostWarning, cost
 from .deploy import export_teacher
 from .factory import create_model, wrap
 from .fast import FastTESKDNet, patch_conv
@@ -10,6 +11,11 @@ from .teskd import TESKDNet
 
 __all__ = [
     "ARCHS",
+    "COST_LIMIT",
+    "ModelCost",
+    "StudentCost",
+    "StudentCostWarning",
+    "cost",
     "FastTESKDNet",
     "TESKDNet",
     "build_resnet",

@@ -16,7 +16,7 @@ Equivalences used (all exact in real arithmetic; the tests compare both formulat
   BatchNorm is then a per-channel affine map, which commutes with the bilinear resize (its weights sum to 1):
   ``relu(bn(resize(y))) == relu(resize(a * y + b))``. Running statistics are updated as ``nn.BatchNorm2d`` does
   (unbiased variance, momentum or cumulative average, ``num_batches_tracked``).
-- The three student linears are one batched matmul, giving student logits and features as stacked
+- The K student linears are one batched matmul, giving student logits and features as stacked
   ``[K, B, C]`` / ``[K, B, W]`` tensors.
 - Channels-last memory format throughout (``create_model`` converts the network; :meth:`forward` the input): 1x1
   convs become plain GEMMs, and BatchNorm, ReLU and the bilinear resize run their vectorised channels-last kernels.
@@ -215,36 +215,39 @@ class FastTESKDNet(TESKDNet):
     """The TESKD network of :class:`TESKDNet` (same modules, same state_dict), computed the cheap way.
 
     See the module docstring for the equivalences. Student logits and features come out stacked, deepest first:
-    ``[3, B, C]`` and ``[3, B, W]``.
+    ``[K, B, C]`` and ``[K, B, W]`` (K = ``len(student_levels)``).
     """
 
     formulation = "fast"
 
     input_format = torch.channels_last
 
-    def students(self, stages) -> tuple[torch.Tensor, torch.Tensor]:
-        width = self.width
+    def students(self, stages, levels=None) -> tuple[torch.Tensor, torch.Tensor]:
+        levels = self.student_levels if levels is None else levels
+        width = self.student_width
         size4 = stages[3].shape[-2:]
         t = self.laterals[3](stages[3])
-        levels = []
-        for i, fuse in ((2, self.fuse_3), (1, self.fuse_2), (0, self.fuse_1)):
-            lateral = self.laterals[i](stages[i])
-            up = self.upsample[i]
+        path = {}
+        for level in range(3, min(levels) - 1, -1):
+            lateral = self.laterals[level - 1](stages[level - 1])
+            up = self.upsample[level - 1]
             # 1x1 conv at the coarse resolution, then BatchNorm as an affine map, then the resize, then ReLU.
             u = resize_bn_relu(F.conv2d(t, up[1].weight), up[2], lateral.shape[-2:])
+            fuse = getattr(self, f"fuse_{level}")
             w_a, w_b = fuse[0].weight.split(width, dim=1)
             # fuse(concat(u + l, u)) without the concat: (W_a + W_b) u + W_a l.
             t = fuse[2](fuse[1](F.conv2d(u, w_a + w_b) + F.conv2d(lateral, w_a)))
-            levels.append(t)
+            path[level] = t
         features = []
-        for t, head in zip(levels, self.heads(), strict=True):
+        for level in levels:
+            head = getattr(self, f"downsample{level}")
             k = head[0].kernel_size
-            h = patch_conv(fit(t, (k[0] * size4[0], k[1] * size4[1])), head[0].weight, head[0].bias)
+            h = patch_conv(fit(path[level], (k[0] * size4[0], k[1] * size4[1])), head[0].weight, head[0].bias)
             h = head[5](head[4](head[3](head[2](head[1](h)))))
             features.append(h.mean(dim=(2, 3)))
-        features = rearrange(features, "k b w -> k b w")  # the three heads stacked, deepest first
-        fcs = (self.fc_b3, self.fc_b2, self.fc_b1)
+        features = rearrange(features, "k b w -> k b w")  # the heads stacked, deepest first
+        fcs = [getattr(self, f"fc_b{level}") for level in levels]
         weight = rearrange([fc.weight for fc in fcs], "k c w -> k w c")
         bias = rearrange([fc.bias for fc in fcs], "k c -> k 1 c")
-        logits = torch.baddbmm(bias, features, weight)  # [3, B, C]
+        logits = torch.baddbmm(bias, features, weight)  # [K, B, C]
         return logits, features

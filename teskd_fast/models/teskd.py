@@ -1,4 +1,9 @@
-"""TESKD networks: a teacher backbone plus three students on an FPN-like top-down path (docs/method.md, "Network").
+"""TESKD networks: a teacher backbone plus students on an FPN-like top-down path (docs/method.md, "Network").
+
+The published network has three students (levels 3, 2, 1), every student module W wide. ``student_levels`` keeps
+any non-empty subset of them (the top-down path stops at the finest level asked for) and ``student_width`` sets
+the width of the students' path and heads; each student's last 1x1 conv maps that width back to W, the teacher
+feature's, so that the loss compares like with like. The defaults are the published network exactly.
 
 ``TESKDNet`` is the ``faithful`` formulation: the reference's modules, called module by module. ``FastTESKDNet``
 (``formulation="fast"``) has the very same modules and parameters (identical state_dict) and computes the same
@@ -18,9 +23,38 @@ import torch.nn.functional as F
 from teskd_fast.outputs import TESKDOutput
 
 from .resnet import stage_channels
-from .timm_backbone import is_timm_classifier, prepare_classifier, timm_levels
+from .timm_backbone import classify, is_timm_classifier, prepare_classifier, timm_levels
 
 RESNET_MODULES = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
+# The students of the published network, deepest first: level i sits on stage i (its head has kernel s4 / s_i).
+STUDENT_LEVELS = (3, 2, 1)
+
+
+def check_num_classes(num_classes) -> None:
+    """Raise a ValueError unless ``num_classes`` is an int >= 2 (the TESKD loss needs two classes at least)."""
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"num_classes must be an int >= 2 (the TESKD loss's cross-entropy and distillation need "
+                         f"two classes at least), got {num_classes!r}")
+
+
+def check_student_levels(levels) -> tuple[int, ...]:
+    """``levels`` as a tuple, deepest first; a ValueError unless it is a non-empty set of levels among 3, 2, 1."""
+    try:
+        given = tuple(levels)
+    except TypeError:
+        given = None
+    if (not given or any(isinstance(v, bool) or not isinstance(v, int) for v in given)
+            or not set(given) <= set(STUDENT_LEVELS) or len(set(given)) != len(given)):
+        raise ValueError(f"student_levels must be a non-empty subset of {STUDENT_LEVELS} without repeats (level 3: "
+                         f"the deepest student, on stage 3; level 1: the finest, on stage 1), got {levels!r}")
+    return tuple(sorted(given, reverse=True))
+
+
+def check_student_width(width) -> int | None:
+    """``width`` (None: W); a ValueError unless it is None or a positive int."""
+    if width is not None and (isinstance(width, bool) or not isinstance(width, int) or width < 1):
+        raise ValueError(f"student_width must be a positive int (None: W, the published network), got {width!r}")
+    return width
 
 
 class ResizeTo(nn.Module):
@@ -64,7 +98,9 @@ def check_image_batch(x, channels, dtype) -> None:
         raise TypeError(f"expected {want}, got {_dtype_name(x.dtype)} of shape {list(x.shape)}: convert the images "
                         f"to {_dtype_name(dtype)} (and normalise them) first")
     # Autocast casts float32 / bfloat16 / float16 operands to its dtype, never float64 ones.
-    cast = torch.is_autocast_enabled(x.device.type) and torch.float64 not in (x.dtype, dtype)
+    # (A meta tensor, shapes only, as teskd_fast.cost may count with, has no autocast.)
+    cast = (x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)
+            and torch.float64 not in (x.dtype, dtype))
     if x.dtype != dtype and not cast:
         raise TypeError(f"expected {want}, got {_dtype_name(x.dtype)} of shape {list(x.shape)}: the input's dtype "
                         "must be the network's (or, for float32 / bfloat16 / float16, run under torch.autocast)")
@@ -102,7 +138,7 @@ def fit(x, size) -> torch.Tensor:
 
 
 class TESKDNet(nn.Module):
-    """A teacher backbone with three TESKD students, in the reference's formulation (``formulation="faithful"``).
+    """A teacher backbone with TESKD students, in the reference's formulation (``formulation="faithful"``).
 
     Build it with :func:`teskd_fast.create_model` or :func:`teskd_fast.wrap`. The teacher is the backbone with its
     head (global average pool, ``fc``); the students (``laterals``, ``upsample``, ``fuse_*``, ``downsample*``,
@@ -120,19 +156,26 @@ class TESKDNet(nn.Module):
         strides: the stages' strides relative to the input (e.g. (4, 8, 16, 32)); the student head at level i has
             kernel and stride s4 / s_i. Read from a ResNet or a timm classifier when None.
         fc: the teacher's linear (``W -> num_classes``); a new one when None (none for a timm classifier).
-        width: W, the students' width (None: c4; a timm classifier's pre-logits width).
+        width: W, the teacher feature's width (None: c4; a timm classifier's pre-logits width).
+        student_width: the width of the students' top-down path and heads (laterals, up blocks, fuse blocks, the
+            k x k head conv); each head's last 1x1 conv maps it to W. None: W, the published network.
+        student_levels: which students exist, any non-empty subset of (3, 2, 1) (3: the deepest, on stage 3);
+            the top-down path stops at the finest level asked for. Modules of absent levels do not exist (their
+            ``laterals`` / ``upsample`` slots hold None); the others keep the published names.
 
     Shapes:
-        x: ``[B, 3, H, W]``; teacher logits ``[B, C]``, student logits K = 3 ``[B, C]`` (deepest first),
-        features ``[B, W]`` (W, the width of every student module: c4, or a timm head's pre-logits width).
+        x: ``[B, 3, H, W]``; teacher logits ``[B, C]``, student logits K = len(student_levels) ``[B, C]`` (deepest
+        first), features ``[B, W]`` (W: c4, or a timm head's pre-logits width).
     """
 
     formulation = "faithful"
 
-    def __init__(self, backbone, num_classes, channels=None, strides=None, fc=None, width=None) -> None:
+    def __init__(self, backbone, num_classes, channels=None, strides=None, fc=None, width=None, student_width=None,
+                 student_levels=STUDENT_LEVELS) -> None:
         super().__init__()
-        if not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        check_num_classes(num_classes)
+        student_width = check_student_width(student_width)
+        levels = check_student_levels(student_levels)
         from torchvision.models import ResNet
 
         if isinstance(backbone, ResNet):
@@ -166,18 +209,26 @@ class TESKDNet(nn.Module):
             self.fc = fc if fc is not None else nn.Linear(width, num_classes)
             if self.fc.in_features != width or self.fc.out_features != num_classes:
                 raise ValueError(f"teacher fc must map {width} -> {num_classes}, got {self.fc}")
-        # The students, created after the backbone: PyTorch's default initialisation, as in the reference.
-        self.laterals = nn.ModuleList(nn.Sequential(*conv_bn_relu(c, width)) for c in channels)
-        self.upsample = nn.ModuleList(nn.Sequential(ResizeTo(), *conv_bn_relu(width, width)) for _ in range(3))
-        self.fuse_1 = nn.Sequential(*conv_bn_relu(2 * width, width))
-        self.fuse_2 = nn.Sequential(*conv_bn_relu(2 * width, width))
-        self.fuse_3 = nn.Sequential(*conv_bn_relu(2 * width, width))
+        self.student_width = sw = student_width or width
+        self.student_levels = levels
+        # The students, created after the backbone: PyTorch's default initialisation, as in the reference, in its
+        # order. The top-down path reaches the finest level asked for; slots of the levels below hold None.
+        finest = min(levels)
+        self.laterals = nn.ModuleList(nn.Sequential(*conv_bn_relu(c, sw)) if i + 1 >= finest else None
+                                      for i, c in enumerate(channels))
+        self.upsample = nn.ModuleList(nn.Sequential(ResizeTo(), *conv_bn_relu(sw, sw)) if j + 1 >= finest else None
+                                      for j in range(3))
+        for level in (1, 2, 3):
+            if level >= finest:
+                setattr(self, f"fuse_{level}", nn.Sequential(*conv_bn_relu(2 * sw, sw)))
         for level, k in zip((1, 2, 3), kernels, strict=True):
-            head = conv_bn_relu(width, width, k, stride=k, bias=True) + conv_bn_relu(width, width, bias=True)
-            setattr(self, f"downsample{level}", nn.Sequential(*head))
-        self.fc_b3 = nn.Linear(width, num_classes)
-        self.fc_b2 = nn.Linear(width, num_classes)
-        self.fc_b1 = nn.Linear(width, num_classes)
+            if level in levels:
+                # The last 1x1 conv maps the students' width back to W, the teacher feature's.
+                head = conv_bn_relu(sw, sw, k, stride=k, bias=True) + conv_bn_relu(sw, width, bias=True)
+                setattr(self, f"downsample{level}", nn.Sequential(*head))
+        for level in STUDENT_LEVELS:
+            if level in levels:
+                setattr(self, f"fc_b{level}", nn.Linear(width, num_classes))
 
     def check_input(self, x) -> None:
         """Raise a ValueError / TypeError unless ``x`` is an image batch this network takes (see
@@ -232,40 +283,46 @@ class TESKDNet(nn.Module):
             # head run once more only where timm's head dropout, drop_rate > 0, sits between the two).
             feature = self.backbone.forward_head(final, pre_logits=True)
             classifier = self.backbone.get_classifier()
-            logits = self.backbone.forward_head(final) if self.head_dropout else classifier(feature)
+            logits = self.backbone.forward_head(final) if self.head_dropout else classify(classifier, feature)
         else:
             feature = torch.flatten(self.avgpool(stages[3]), 1)
             logits = self.fc(feature)
         student_logits, student_features = self.students(stages)
         return TESKDOutput(logits, student_logits, feature, student_features)
 
-    def students(self, stages) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
-        """Student logits and features (levels 3, 2, 1) from the stage outputs, module by module as the reference."""
-        s1, s2, s3, s4 = stages
-        t = self.laterals[3](s4)
-        size4 = s4.shape[-2:]
-        levels = []
-        for i, fuse in ((2, self.fuse_3), (1, self.fuse_2), (0, self.fuse_1)):
-            lateral = self.laterals[i](stages[i])
-            up = self.upsample[i]
+    def students(self, stages, levels=None) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """Student logits and features from the stage outputs, deepest first, module by module as the reference.
+
+        ``levels``: the students to compute (default: all of ``student_levels``; any of them, deepest first): the
+        top-down path stops at the finest. :func:`teskd_fast.cost` counts each student's work this way.
+        """
+        levels = self.student_levels if levels is None else levels
+        size4 = stages[3].shape[-2:]
+        t = self.laterals[3](stages[3])
+        path = {}
+        for level in range(3, min(levels) - 1, -1):
+            lateral = self.laterals[level - 1](stages[level - 1])
+            up = self.upsample[level - 1]
             u = up[3](up[2](up[1](up[0](t, lateral.shape[-2:]))))
-            t = fuse(torch.cat((u + lateral, u), dim=1))
-            levels.append(t)
+            t = getattr(self, f"fuse_{level}")(torch.cat((u + lateral, u), dim=1))
+            path[level] = t
         logits, features = [], []
-        for t, head, fc in zip(levels, self.heads(), (self.fc_b3, self.fc_b2, self.fc_b1), strict=True):
+        for level in levels:
+            head = getattr(self, f"downsample{level}")
             k = head[0].kernel_size
-            h = head(fit(t, (k[0] * size4[0], k[1] * size4[1])))
+            h = head(fit(path[level], (k[0] * size4[0], k[1] * size4[1])))
             f = torch.flatten(self.avgpool(h), 1)
             features.append(f)
-            logits.append(fc(f))
+            logits.append(getattr(self, f"fc_b{level}")(f))
         return tuple(logits), tuple(features)
 
-    def heads(self) -> tuple[nn.Sequential, nn.Sequential, nn.Sequential]:
-        """The student heads for levels 3, 2, 1 (``downsample3``, ``downsample2``, ``downsample1``)."""
-        return (self.downsample3, self.downsample2, self.downsample1)
+    def heads(self) -> tuple[nn.Sequential, ...]:
+        """The student heads, deepest first (``downsample3``, ``downsample2``, ``downsample1`` of those present)."""
+        return tuple(getattr(self, f"downsample{level}") for level in self.student_levels)
 
     def extra_repr(self) -> str:
-        return f"formulation={self.formulation!r}, kind={self.kind!r}, channels={self.channels}, width={self.width}"
+        return (f"formulation={self.formulation!r}, kind={self.kind!r}, channels={self.channels}, width={self.width}, "
+                f"student_width={self.student_width}, student_levels={self.student_levels}")
 
     def load_official_state_dict(self, state_dict) -> "TESKDNet":
         """Load a checkpoint of the published reference implementation, strictly.

@@ -6,12 +6,15 @@ strides), and the teacher's logits and feature come from the model's own head: `
 pre_logits=True)`` is the teacher feature (the pre-logits, ``head_hidden_size`` wide: 1280 for EfficientNet-B0, 1024
 for MobileNetV3 after its ``conv_head``), its classifier gives the logits. The student width W is that pre-logits
 width, so the feature loss compares like with like. The model is kept whole, so the deployed teacher is the very
-timm model (:func:`teskd_fast.export_teacher`).
+timm model (:func:`teskd_fast.export_teacher`). A classifier that is a 1x1 conv (timm's ``use_conv`` heads: DLA, DPN)
+is applied to the pre-logits as the linear map it is.
 """
 
 import itertools
 
+import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 # torchvision classifiers other than the ResNets, and the timm models to use instead (same architectures).
 TORCHVISION_EQUIVALENTS = {
@@ -77,8 +80,29 @@ def timm_levels(model) -> tuple[list[int], list[int], int]:
 
 
 def prepare_classifier(model, num_classes) -> nn.Module:
-    """``model`` with ``num_classes`` outputs (its classifier reset when it has another count), checked for TESKD."""
+    """``model`` with ``num_classes`` outputs (its classifier reset when it has another count), checked for TESKD.
+
+    Raises:
+        ValueError: the model's classifier is neither a module on the pre-logits ``[B, W]`` (a linear) nor a 1x1
+            conv (naming the model and the classifier).
+    """
     timm_levels(model)
     if getattr(model, "num_classes", None) != num_classes:
         model.reset_classifier(num_classes)
+    classifier = model.get_classifier()
+    if isinstance(classifier, (tuple, list)) or (
+            isinstance(classifier, nn.Conv2d) and (classifier.kernel_size != (1, 1) or classifier.groups != 1)):
+        raise ValueError(f"{model_name(model)}: its classifier ({classifier}) is not a linear map of the pre-logits "
+                         "features (a linear or a 1x1 conv); TESKD takes the teacher's logits from it")
     return model
+
+
+def classify(classifier, feature) -> torch.Tensor:
+    """``classifier`` (the timm model's, from ``get_classifier()``) on the pre-logits ``feature`` ``[B, W]``.
+
+    A 1x1 conv classifier (DLA, DPN: timm's ``use_conv`` heads, which run on ``[B, W, 1, 1]``) is the linear map
+    of its ``[O, W]`` weight: the same logits ``[B, O]`` as the model's own head.
+    """
+    if isinstance(classifier, nn.Conv2d):
+        return F.linear(feature, classifier.weight.flatten(1), classifier.bias)
+    return classifier(feature)

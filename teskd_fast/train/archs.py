@@ -30,7 +30,11 @@ def timm_name(arch: str) -> str | None:
 
 def timm_defaults(values: dict[str, Any], overrides: dict[str, Any]) -> None:
     """A preset's ResNet-only values, for a timm backbone: width 1 (a timm model has no width factor) and, on the
-    8x8 digits, images resized to :data:`TIMM_DIGITS_SIZE` (stride-32 features would be empty), unless given."""
+    8x8 digits, images resized to :data:`TIMM_DIGITS_SIZE` (stride-32 features would be empty), unless given; and
+    the optimiser settings of the model's family (:mod:`teskd_fast.train.recipes`), unless given."""
+    from teskd_fast.train.recipes import apply_recipe
+
+    apply_recipe(timm_name(values["arch"]), values, overrides)
     if "width" not in overrides:
         values["width"] = 1.0
     if values.get("dataset") == "digits":

@@ -20,7 +20,7 @@ from teskd_fast.data.imagenet import backend_problem
 from teskd_fast.data.protocol import Loader
 from teskd_fast.train import distributed as D
 from teskd_fast.train.archs import timm_name
-from teskd_fast.train.config import ConfigError, TrainConfig, loss_fields
+from teskd_fast.train.config import ConfigError, TrainConfig, loss_fields, student_levels
 from teskd_fast.train.schedule import image_size_at
 
 
@@ -108,6 +108,7 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
     import teskd_fast
 
     torch.manual_seed(cfg.seed)
+    students = dict(student_width=cfg.student_width or None, student_levels=student_levels(cfg))
     name = timm_name(cfg.arch)
     if name is not None:
         import timm
@@ -115,15 +116,17 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
         model = timm.create_model(name, num_classes=num_classes, pretrained=False)
         info = dict(getattr(model, "pretrained_cfg", None) or {})
         if cfg.method != "baseline":
+            # The students' cost is reported (and warned about) at the run's image size, by the command.
             try:
-                model = teskd_fast.wrap(model, num_classes, formulation=cfg.formulation)
+                model = teskd_fast.wrap(model, num_classes, formulation=cfg.formulation, check_cost=False,
+                                          **students)
             except (TypeError, ValueError) as e:
                 # wrap()'s refusal of a model TESKD cannot take (a plain ViT, a head it cannot split): a bad --arch.
                 raise ConfigError(f"--arch {cfg.arch}: {e}") from None
         check_runs_at_size(model, cfg, info)
     else:
         model = teskd_fast.create_model(cfg.arch, num_classes, stem=cfg.stem, formulation=cfg.formulation,
-                                        width=cfg.width)
+                                        width=cfg.width, **students)
         if cfg.method == "baseline":
             model = teskd_fast.export_teacher(model)
     if cfg.init and not cfg.resume:
@@ -219,7 +222,9 @@ def build_criterion(cfg: TrainConfig, world_size: int) -> Callable:
 
 
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
-    """One group with weight decay; with ``bn_weight_decay=False`` BatchNorm weights and biases go without."""
+    """One group with weight decay; with ``bn_weight_decay=False`` norm weights, biases and every other 1-D
+    parameter go without (timm's rule: ``param_groups_weight_decay``, which also excludes every ``ndim <= 1``
+    tensor, LayerNorm's and layer scales included)."""
     if cfg.bn_weight_decay:
         return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": cfg.weight_decay}]
     decay, no_decay = [], []
@@ -228,7 +233,7 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
             if not p.requires_grad:
                 continue
             is_norm = isinstance(module, nn.modules.batchnorm._NormBase)
-            (no_decay if is_norm or name == "bias" else decay).append(p)
+            (no_decay if is_norm or name == "bias" or p.ndim <= 1 else decay).append(p)
     return [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -276,5 +281,12 @@ def _stay_fused(optimizer: torch.optim.SGD) -> None:
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """SGD with (Nesterov) momentum over :func:`param_groups` (fused, see :func:`sgd`)."""
+    """``--opt``'s optimiser over :func:`param_groups`: SGD with (Nesterov) momentum (fused, see :func:`sgd`), or
+    AdamW (:func:`teskd_fast.train.optim.adamw`)."""
+    if cfg.opt == "adamw":
+        from teskd_fast.train.optim import adamw
+
+        device = next(model.parameters()).device
+        return adamw(param_groups(model, cfg), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                     weight_decay=cfg.weight_decay, device=device)
     return sgd(param_groups(model, cfg), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)

@@ -56,6 +56,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from teskd_fast.train.archs import timm_name
 from teskd_fast.train.config import ConfigError, TrainConfig, build_parser, check_files, load_yaml, resolve
 from teskd_fast.train.exit_status import CONFIG, DATA, DONE, INTERRUPTED, NONFINITE, OUTSIDE, stopped_by
 from teskd_fast.train.runfolder import RunFolderRefused
@@ -309,6 +310,9 @@ def _run(cfg: TrainConfig, ckpt: dict[str, Any] | None, run_dir: Path, held: con
                 return CONFIG
         # A new run folder is made once the data and the network are built: a run that cannot start leaves none.
         trainer = Trainer(cfg, run_dir, env, resume=ckpt)
+        cost = _print_cost(trainer.raw_model, cfg) if env.is_main else None
+        if cfg.dry_run:
+            return DONE
         if new_run:
             if lock is None:
                 _make_run_folder(run_dir)
@@ -319,6 +323,10 @@ def _run(cfg: TrainConfig, ckpt: dict[str, Any] | None, run_dir: Path, held: con
         if env.is_main:
             try:
                 _write_config(cfg, run_dir)
+                if cost is not None:
+                    from teskd_fast.train.checkpoint import atomic_write_text
+
+                    atomic_write_text(run_dir / "cost.json", json.dumps(cost, indent=2) + "\n")
             except OSError as e:
                 raise _folder_error(run_dir, e) from None
         D.barrier(env)
@@ -367,8 +375,6 @@ def _run(cfg: TrainConfig, ckpt: dict[str, Any] | None, run_dir: Path, held: con
 def _start_line(cfg: TrainConfig, trainer, env, run_dir: Path, ckpt: dict[str, Any] | None) -> str:
     """What a user checks at a glance before a run goes on: the data, the network, the recipe, where it runs. The
     values a folder's images gave (:func:`teskd_fast.train.config.folder_defaults`) come first, one line each."""
-    from teskd_fast.train.archs import timm_name
-
     notes = "".join(f"teskd-train: from the data: {note}\n" for note in getattr(cfg, "notes", ()))
     what = "resuming" if ckpt else "training"
     at = f" from epoch {trainer.epoch + 1}, batch {trainer.position}" if ckpt else ""
@@ -386,6 +392,17 @@ def _start_line(cfg: TrainConfig, trainer, env, run_dir: Path, ckpt: dict[str, A
             f"classes, image size {size}{at} | {cfg.epochs} epochs, global batch {cfg.batch_size} over "
             f"{env.world_size} process(es), lr {cfg.lr:g} ({cfg.schedule}){preset} | device {env.device}, precision "
             f"{trainer.precision}, compile {'on' if trainer.compiled else 'off'} | run folder {run_dir}")
+
+
+def _print_cost(model: Any, cfg: TrainConfig) -> dict[str, Any]:
+    """Print the cost line (and the warning, when the students cost more than the limit); return the report."""
+    from teskd_fast.models.cost import cost_report
+
+    report = cost_report(model, cfg.image_size)
+    print(f"teskd-train: {report['line']}", flush=True)
+    if report["warning"]:
+        print(f"teskd-train: warning: {cfg.arch}: {report['warning']}", file=sys.stderr, flush=True)
+    return report
 
 
 def _os_error_message(e: OSError, run_dir: Path) -> str:
@@ -421,6 +438,11 @@ def _evaluate_only(cfg: TrainConfig, ckpt: dict[str, Any], run_dir: Path, env) -
         print(f"teskd-train: --eval-only {cfg.eval_only}: {e} ({hint})", file=sys.stderr)
         return DATA
     trainer.raw_model.load_state_dict(state)
+    # The EMA teacher is evaluated too when the checkpoint holds one (a training checkpoint of an --ema-decay run).
+    if trainer.ema is not None and not teacher_sd and ckpt.get("ema") is not None:
+        trainer.ema.load_state_dict(ckpt["ema"])
+    else:
+        trainer.ema = None
     metrics = trainer.evaluate()
     if env.is_main:
         print_evaluation(metrics, cfg.eval_only, cfg.dataset, trainer.num_classes)

@@ -62,6 +62,8 @@ def choices() -> dict[str, tuple[str, ...]]:
         "precision": ("auto", "bf16", "fp16", "fp32"),
         "loader": ("auto", *LOADER_BACKENDS),
         "folder_augment": ("auto", "rrc", "pad-crop"),
+        "opt": ("sgd", "adamw"),
+        "export": ("raw", "ema"),
         "arch": ArchChoices(ARCHS),
     }
 
@@ -74,7 +76,7 @@ def choices() -> dict[str, tuple[str, ...]]:
 # the random crops of the torchvision ImageNet loader, which a resume does not reproduce anyway.
 CHANGEABLE_AT_RESUME = frozenset({
     "epochs", "data_dir", "download", "device", "compile", "compile_mode", "channels_last", "workers", "threads",
-    "log_every", "report_after", "progress", "tensorboard", "plot",
+    "log_every", "report_after", "progress", "tensorboard", "plot", "export", "dry_run",
 })
 
 
@@ -107,13 +109,27 @@ class TrainConfig:
     stem: str = _f("cifar", "cifar: 3x3 stride-1 conv, no max-pool; imagenet: torchvision's stem")
     formulation: str = _f("fast", "fast (same function, cheaper) or faithful (module for module as published)")
     width: float = _f(1.0, "channel multiplier of the network (for small demos)")
+    student_width: int = _f(0, "channels of the students' path and heads (0: W, the published network; smaller "
+                            "is cheaper, see the cost line)")
+    student_levels: str = _f("3,2,1", "which students exist: a non-empty subset of 3,2,1 (3: the deepest; 1: the "
+                             "finest and costliest), e.g. 3,2")
     epochs: int = _f(200, "number of epochs (a larger value at --resume extends a run)")
     batch_size: int = _f(128, "GLOBAL batch size, summed over all processes")
+    opt: str = _f("sgd", "optimizer: sgd (momentum, Nesterov) or adamw (decoupled weight decay; fused on CUDA)")
     lr: float = _f(0.1, "peak learning rate for the global batch")
     momentum: float = _f(0.9, "SGD momentum")
     nesterov: bool = _f(True, "Nesterov momentum")
     weight_decay: float = _f(5e-4, "weight decay")
-    bn_weight_decay: bool = _f(True, "apply weight decay to BatchNorm weights and all biases too")
+    bn_weight_decay: bool = _f(True, "apply weight decay to norm weights, biases and every 1-D parameter too "
+                               "(default: on for sgd, off for adamw, as timm does)")
+    betas: tuple[float, ...] = _f((0.9, 0.999), "AdamW beta1 beta2")
+    eps: float = _f(1e-8, "AdamW epsilon")
+    accum_steps: int = _f(1, "micro-batches per optimizer step (gradient accumulation; --batch-size is the "
+                          "micro-batch, the step sees accum_steps x batch_size images)")
+    clip_grad: float = _f(0.0, "clip the global gradient norm to this value before each step (0: off)")
+    ema_decay: float = _f(0.0, "EMA of the teacher's weights with this decay, warmed up as timm's ModelEmaV3 "
+                          "(0: off)")
+    export: str = _f("raw", "teacher.pt from the raw teacher or its EMA (ema needs --ema-decay)")
     schedule: str = _f("multistep", "multistep (x lr_gamma at milestones), cosine or linear (to zero)")
     lr_milestones: tuple[float, ...] = _f((0.5, 0.75), "multistep milestones as fractions of --epochs")
     lr_gamma: float = _f(0.1, "multistep decay factor")
@@ -165,10 +181,13 @@ class TrainConfig:
     tensorboard: bool | None = _f(None, "write TensorBoard events under RUN_DIR/tb (default: when tensorboard is "
                                   "installed; --tensorboard says once when it is not)")
     plot: bool = _f(True, "draw RUN_DIR/curves.png at the end")
+    dry_run: bool = _f(False, "build the data and the network, print the cost line (the students' "
+                       "multiply-accumulates against the backbone's) and exit without training")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["lr_milestones"] = list(self.lr_milestones)
+        d["betas"] = list(self.betas)
         return d
 
 
@@ -225,6 +244,8 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     # 8x8 images; its operations are tiny: one thread beats two on 2 cores, by far when other work shares them.
     "digits": dict(image_size=8, val_image_size=8, val_resize=8, threads=1),
     "folder": dict(image_size=0, val_image_size=0, val_resize=0),
+    # 32x32 images held on the device (the loader ignores the sizes; the cost line and the start-up line use them).
+    **{name: dict(image_size=32, val_image_size=32, val_resize=32) for name in ("cifar10", "cifar100")},
     # 28x28 images held on the device (the loader ignores the sizes); tiny operations, as the digits'.
     **{name: dict(image_size=28, val_image_size=28, val_resize=28, threads=1) for name in ("fashion-mnist", "mnist")},
 }
@@ -548,6 +569,9 @@ def resolve(overrides: dict[str, Any], base: dict[str, Any] | None = None,
     values = {k: _coerce(k, v, origin.get(k)) for k, v in values.items()}
     if timm_name(str(values.get("arch", ""))) is not None and base is None:
         timm_defaults(values, overrides)
+    if base is None and values.get("opt") == "adamw" and "bn_weight_decay" not in overrides:
+        # timm's rule for every optimizer it builds: no weight decay on norm weights, biases and 1-D parameters.
+        values["bn_weight_decay"] = False
     notes: list[str] = []
     if base is None:
         notes = folder_defaults(values, given=set(overrides) | set(preset))
@@ -710,6 +734,9 @@ def validate(cfg: TrainConfig, origin: dict[str, str] | None = None) -> None:
             raise ConfigError(f"{flag(name)}: must be >= 8 pixels, got {size}"
                               + (" (0: from the folder's images)" if folder else ""))
     _check_folder_options(cfg)
+    if cfg.student_width < 0:
+        raise ConfigError(f"--student-width: must be >= 0 (0: W, the published network), got {cfg.student_width}")
+    student_levels(cfg)
     check_timm_arch(cfg)
     if cfg.val_resize < cfg.val_image_size:
         raise ConfigError(f"{flag('val_resize')} ({cfg.val_resize}) must be >= --val-image-size "
@@ -717,6 +744,7 @@ def validate(cfg: TrainConfig, origin: dict[str, str] | None = None) -> None:
     dev = cfg.device
     if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
         raise ConfigError(f"{flag('device')}: expected auto, cpu, cuda or cuda:N, got {dev!r}")
+    _check_optimizer_options(cfg)
     if cfg.resume and cfg.eval_only:
         raise ConfigError("--resume and --eval-only cannot be combined")
     if not 0 <= cfg.seed < 2**64:  # torch.manual_seed's range (and the data's SeedSequence keys)
@@ -753,6 +781,34 @@ def _check_folder_options(cfg: TrainConfig) -> None:
         raise ConfigError("--norm-from-data computes the mean and std: drop --norm-mean and --norm-std, or it")
     if scale and (len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1):
         raise ConfigError(f"--crop-scale: two area fractions MIN MAX with 0 < MIN <= MAX <= 1, got {list(scale)}")
+
+
+def _check_optimizer_options(cfg: TrainConfig) -> None:
+    """--opt's own flags, --accum-steps, --clip-grad, --ema-decay and --export."""
+    if len(cfg.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.betas):
+        raise ConfigError(f"--betas: two numbers in [0, 1), got {' '.join(f'{b:g}' for b in cfg.betas)}")
+    if not cfg.eps > 0:
+        raise ConfigError(f"--eps: must be > 0, got {cfg.eps}")
+    if cfg.accum_steps < 1:
+        raise ConfigError(f"--accum-steps: must be >= 1, got {cfg.accum_steps}")
+    if cfg.clip_grad < 0:
+        raise ConfigError(f"--clip-grad: must be >= 0 (0: off), got {cfg.clip_grad}")
+    if not 0.0 <= cfg.ema_decay < 1.0:
+        raise ConfigError(f"--ema-decay: must be in [0, 1) (0: off), got {cfg.ema_decay}")
+    if cfg.export == "ema" and cfg.ema_decay == 0:
+        raise ConfigError("--export ema needs an EMA: give --ema-decay (e.g. 0.9998)")
+
+
+def student_levels(cfg: TrainConfig) -> tuple[int, ...]:
+    """``--student-levels`` as a tuple of levels, deepest first (:class:`ConfigError` unless a subset of 3,2,1)."""
+    from teskd_fast.models.teskd import check_student_levels
+
+    text = str(cfg.student_levels).replace(" ", "")
+    try:
+        return check_student_levels([int(v) for v in text.split(",")])
+    except ValueError:
+        raise ConfigError(f"--student-levels: expected a non-empty subset of 3,2,1 separated by commas (e.g. 3,2), "
+                          f"got {cfg.student_levels!r}") from None
 
 
 def loss_fields() -> tuple[str, ...]:

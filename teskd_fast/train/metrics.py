@@ -21,9 +21,10 @@ from teskd_fast.loss.options import SUMMED_PARTS
 NO_STEP = 2**62
 
 
-def head_names(num_students: int) -> list[str]:
-    """Names of the heads in output order: teacher, then students deepest first (levels 3, 2, 1)."""
-    return ["teacher"] + [f"student{num_students - k}" for k in range(num_students)]
+def head_names(num_students: int, levels: tuple[int, ...] | None = None) -> list[str]:
+    """Names of the heads in output order: teacher, then students deepest first (``levels``; default 3, 2, 1)."""
+    levels = levels if levels is not None else tuple(range(num_students, 0, -1))
+    return ["teacher"] + [f"student{level}" for level in levels]
 
 
 class TrainAccumulator:

@@ -3,7 +3,8 @@
 What it trains is built by :mod:`.build`, its learning rate comes from :mod:`.schedule`, what it reports is
 written by :mod:`.report`.
 
-Exact resume. A checkpoint holds the model, optimiser, grad-scaler and every RNG state, the number of
+Exact resume. A checkpoint holds the model, optimiser, grad-scaler, the teacher's EMA (``--ema-decay``), the
+gradients of an unfinished accumulation (``--accum-steps``) and every RNG state, the number of
 finished epochs, the global step, the position inside the current epoch together with the epoch's running
 sums, and the metrics row of every finished epoch. The rows make the checkpoint the one record of the run: a
 resume rewrites metrics.jsonl / metrics.csv to exactly its rows, so a process killed after writing last.pt
@@ -57,6 +58,7 @@ from teskd_fast.train.checkpoint import (
     set_rng_state,
 )
 from teskd_fast.train.config import ConfigError, TrainConfig
+from teskd_fast.train.ema import TeacherEMA
 from teskd_fast.train.metrics import (
     NO_STEP,
     EvalAccumulator,
@@ -67,6 +69,7 @@ from teskd_fast.train.metrics import (
     read_metrics,
 )
 from teskd_fast.train.mix import build_mix, labels
+from teskd_fast.train.optim import Accumulation, grads_state, load_grads_state, optimizer_step
 from teskd_fast.train.schedule import LRSchedule, image_size_at
 
 
@@ -105,11 +108,16 @@ class Trainer:
         run_dir: the run folder (created).
         env: the process's place in the job (from :func:`teskd_fast.train.distributed.setup`).
         resume: a checkpoint dict to continue from, or None.
-        on_step: called after every optimiser step as ``on_step(trainer)`` (progress hooks, tests).
+        on_step: called after every micro-batch as ``on_step(trainer)`` (progress hooks, tests).
+        model: the network to train instead of the config's (:func:`teskd_fast.train.fit`): a TESKD network, or
+            for ``method="baseline"`` the plain model; on ``env.device``.
+        data: ``(train_loader, val_loader, num_classes)`` instead of the config's dataset: loaders with
+            ``set_epoch(epoch, start_batch=...)`` and ``len`` (:class:`teskd_fast.train.api.EpochLoader`).
     """
 
     def __init__(self, cfg: TrainConfig, run_dir: Path, env: D.DistEnv, resume: dict | None = None,
-                 on_step: Callable[[Trainer], None] | None = None):
+                 on_step: Callable[[Trainer], None] | None = None, model: nn.Module | None = None,
+                 data: tuple[Any, Any, int] | None = None):
         self.cfg, self.run_dir, self.env, self.on_step = cfg, Path(run_dir), env, on_step
         check_batches(cfg, env, resume)
         check_device_options(cfg, env)
@@ -121,21 +129,34 @@ class Trainer:
         self.channels_last = cfg.channels_last if cfg.channels_last is not None else dev.type == "cuda"
         self.compiled = use_compile(cfg, env)
 
-        check_dataset(cfg)
-        self.train_loader, self.val_loader, self.num_classes = build_data(cfg, env, self.channels_last)
-        self.model = build_model(cfg, self.num_classes).to(dev)
+        if data is None:
+            check_dataset(cfg)
+            data = build_data(cfg, env, self.channels_last)
+        self.train_loader, self.val_loader, self.num_classes = data
+        self.model = (model if model is not None else build_model(cfg, self.num_classes)).to(dev)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         if cfg.sync_bn and env.distributed:
             self.model = D.convert_sync_batchnorm(self.model)
         self.raw_model = self.model
-        self.criterion, self.mix = build_criterion(cfg, env.world_size), build_mix(cfg, env.rank)
+        # The feature term is a sum over the batch: weighted by the processes and the micro-batches of a step, so
+        # that the step's loss is the global large batch's (optim.Accumulation divides every loss by accum_steps).
+        self.criterion = build_criterion(cfg, env.world_size * cfg.accum_steps)
+        self.mix = build_mix(cfg, env.rank)
         self.optimizer = build_optimizer(self.raw_model, cfg)
+        self.params = list(self.raw_model.parameters())
         self.scaler = torch.amp.GradScaler(dev.type) if self.precision == "fp16" else None
-        self.steps_per_epoch = train_steps(self.train_loader, cfg, env)
+        self.accum = Accumulation(cfg.accum_steps)
+        batches = train_steps(self.train_loader, cfg, env)
+        # Micro-batches per epoch (the loader's positions); the optimiser steps updates_per_epoch times.
+        self.steps_per_epoch = self.accum.micro_batches(batches)
         if self.steps_per_epoch < 1:
-            raise ConfigError(f"the training set gives no batch of {cfg.batch_size // env.world_size} per process")
-        self.schedule = LRSchedule(cfg, self.steps_per_epoch)
+            raise ConfigError(f"the training set gives {batches} batch(es) of {cfg.batch_size // env.world_size} "
+                              f"per process, fewer than --accum-steps {cfg.accum_steps}" if batches else
+                              f"the training set gives no batch of {cfg.batch_size // env.world_size} per process")
+        self.updates_per_epoch = self.accum.updates(batches)
+        self.schedule = LRSchedule(cfg, self.updates_per_epoch)
+        self.ema = TeacherEMA(self.raw_model, cfg.ema_decay) if cfg.ema_decay > 0 else None
 
         self.epoch, self.position, self.step = 0, 0, 0
         self.best = {"top1": -1.0, "epoch": 0}
@@ -183,6 +204,9 @@ class Trainer:
             "position": self.position,
             "step": self.step,
             "accumulator": self._acc_state if self.position else None,
+            # Inside an accumulation: the gradients of its micro-batches so far (tensors in a list).
+            "grads": grads_state(self.params) if self.accum.pending(self.position) else None,
+            "ema": self.ema.state_dict() if self.ema is not None else None,
             "epoch_elapsed": self._epoch_elapsed if self.position else 0.0,
             "best": dict(self.best),
             "metrics": list(self.history),
@@ -216,6 +240,14 @@ class Trainer:
             if self.env.is_main:
                 self.acc.load_state_dict(ckpt["accumulator"])
             self._epoch_elapsed = ckpt.get("epoch_elapsed", 0.0)
+        if self.accum.pending(self.position):
+            if ckpt.get("grads") is None:
+                raise CheckpointError(f"{source} was saved inside a gradient accumulation without its gradients")
+            load_grads_state(self.params, ckpt["grads"])
+        if self.ema is not None:
+            if ckpt.get("ema") is None:
+                raise CheckpointError(f"{source} holds no EMA of the teacher (saved without --ema-decay)")
+            self.ema.load_state_dict(ckpt["ema"])
         if self.position >= self.steps_per_epoch:
             raise ConfigError(f"checkpoint position {self.position} is past this config's epoch of "
                              f"{self.steps_per_epoch} steps")
@@ -274,20 +306,23 @@ class Trainer:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
 
-    def train_step(self, images: torch.Tensor, target: torch.Tensor, step_tensor: torch.Tensor) -> None:
-        """One optimiser step on this process's batch; the loss and its parts are summed on the device."""
+    def train_step(self, images: torch.Tensor, target: torch.Tensor, step_tensor: torch.Tensor,
+                   i: int | None = None) -> None:
+        """One micro-batch (``i``-th of the epoch) on this process's batch: its gradient is added, and after the
+        last micro-batch of an accumulation (every one with ``--accum-steps 1``) the optimiser steps, clipping
+        first with ``--clip-grad``, and the teacher's EMA follows. The loss and its parts are summed on the
+        device, unscaled."""
+        i = self.position if i is None else i
         with self._autocast():
             out = self.forward_model(images)
             logits = out if isinstance(out, torch.Tensor) else out.logits
             loss, parts = self.criterion(out, target)
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            loss.backward()
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        scaled = loss * self.accum.scale if self.accum.steps > 1 else loss
+        (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+        if self.accum.is_step(i):
+            optimizer_step(self.optimizer, self.scaler, self.params, self.cfg.clip_grad)
+            if self.ema is not None:
+                self.ema.update(self.epoch * self.updates_per_epoch + (i + 1) // self.accum.steps)
         self.acc.update(step_tensor, loss, parts, logits, labels(target))
 
     def _nonfinite_message(self, bad: dict[str, int]) -> str:
@@ -328,8 +363,8 @@ class Trainer:
         try:
             for batch in loader:
                 images, target = self.mix(*batch, self.epoch, i)
-                self._set_lr(self.schedule(self.epoch, i))
-                self.train_step(images, target, step_ids[i])
+                self._set_lr(self.schedule(self.epoch, i // self.accum.steps))
+                self.train_step(images, target, step_ids[i], i)
                 i += 1
                 self.step += 1
                 self.position = i
@@ -372,7 +407,7 @@ class Trainer:
             raise Interrupted(
                 f"teskd-train: stopped by {name} at epoch {self.epoch + 1}, batch {self.position}/{steps}; "
                 f"last.pt written. Continue with: teskd-train --resume {self.run_dir}", signum)
-        metrics["lr"] = self.schedule(self.epoch, steps - 1)
+        metrics["lr"] = self.schedule(self.epoch, self.updates_per_epoch - 1)
         metrics["train_time"] = self._epoch_elapsed
         metrics["images_per_s"] = metrics.pop("_images") / max(self._epoch_elapsed, 1e-9)
         if start:
@@ -390,12 +425,29 @@ class Trainer:
                 out = self.forward_model(images)
             heads = [out] if isinstance(out, torch.Tensor) else [out.logits] + _student_list(out.student_logits)
             if acc is None:
-                acc = EvalAccumulator(head_names(len(heads) - 1), self.env.device)
+                acc = EvalAccumulator(head_names(len(heads) - 1, getattr(self.raw_model, "student_levels", None)),
+                                      self.env.device)
             acc.update(heads, target)
         if acc is None:
             raise RuntimeError("the validation loader gave no batch")
         vec = D.all_reduce(acc.packed(), self.env, "sum")
-        return acc.unpack(vec.tolist())
+        metrics = acc.unpack(vec.tolist())
+        if self.ema is not None:
+            metrics.update(self.evaluate_ema(loader))
+        return metrics
+
+    @torch.no_grad()
+    def evaluate_ema(self, loader=None) -> dict[str, float]:
+        """The EMA teacher's top-1 / top-5 and loss on the validation set: ``val_top1_teacher_ema``, ..."""
+        loader = loader if loader is not None else self.val_loader
+        acc = EvalAccumulator(["teacher"], self.env.device)
+        for images, target in loader:
+            with self._autocast():
+                logits = self.ema.teacher_forward(images)
+            acc.update([logits], target)
+        out = acc.unpack(D.all_reduce(acc.packed(), self.env, "sum").tolist())
+        return {"val_top1_teacher_ema": out["val_top1_teacher"], "val_top5_teacher_ema": out["val_top5_teacher"],
+                "val_loss_teacher_ema": out["val_loss_teacher"]}
 
     def fit(self) -> dict[str, Any]:
         """Train to ``cfg.epochs``, evaluating, logging and checkpointing every epoch; return the summary."""
@@ -458,5 +510,7 @@ class Trainer:
         return summary
 
     def export_teacher(self) -> Path:
-        """RUN_DIR/teacher.pt: the plain torchvision teacher's state_dict; teacher.json says how to build it."""
-        return report.export_teacher(self.raw_model, self.cfg, self.num_classes, self.run_dir)
+        """RUN_DIR/teacher.pt: the plain teacher's state_dict (the raw teacher's, or with ``--export ema`` its
+        EMA's); teacher.json says how to build it."""
+        model = self.ema.module if self.cfg.export == "ema" and self.ema is not None else self.raw_model
+        return report.export_teacher(model, self.cfg, self.num_classes, self.run_dir)

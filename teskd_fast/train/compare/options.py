@@ -29,6 +29,9 @@ BUILTIN_ARMS: dict[str, dict[str, Any]] = {
     "label-smoothing": {"method": "baseline", "label_smoothing": 0.1},
     "cutmix": {"method": "baseline", **CUTMIX},
     "teskd+cutmix": {"method": "teskd", **CUTMIX},
+    # A cheaper TESKD: students 128 wide, the two deepest levels (ResNet-18 at 32 px: 0.048x the backbone's
+    # multiply-accumulates against the published students' 2.2x; docs/networks.md).
+    "teskd-lite": {"method": "teskd", "student_width": 128, "student_levels": "3,2"},
 }
 DEFAULT_ARMS = ("teskd", "baseline")
 # An arm's name is its run folders' prefix (<arm>-seed<S>).
