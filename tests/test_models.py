@@ -62,9 +62,15 @@ def flat_outputs(out):
     return [out.logits, *out.student_logits, out.feature, *out.student_features]
 
 
+def output_names(model):
+    """The names of :func:`flat_outputs`, for the network's students (``student_levels``, deepest first)."""
+    levels = getattr(model, "student_levels", (3, 2, 1))
+    return ["logits", *(f"student{k}" for k in levels), "feature", *(f"feature{k}" for k in levels)]
+
+
 def check_pair(faithful, fast, x, dtype, scale=1.0):
     """Outputs and parameter gradients in train mode, running statistics after the step, outputs in eval mode."""
-    names = ["logits", "student3", "student2", "student1", "feature", "feature3", "feature2", "feature1"]
+    names = output_names(faithful)
     for model in (faithful, fast):
         model.train()
         model.zero_grad(set_to_none=True)
@@ -117,7 +123,7 @@ def test_fast_float32_against_float64_oracle():
     oracle, fast = pair("resnet18", 5, "cifar", 0.25, torch.float64)
     fast = fast.float()
     x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
-    names = ["logits", "student3", "student2", "student1", "feature", "feature3", "feature2", "feature1"]
+    names = output_names(oracle)
     oracle.train(), fast.train()
     outs_a, outs_b = flat_outputs(oracle(x)), flat_outputs(fast(x.float()))
     upstream = [torch.randn_like(o) for o in outs_a]
