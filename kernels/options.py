@@ -16,9 +16,8 @@ weighs each. It lives with the kernels, the lowest layer (``teskd_fast.loss.opti
 
 import math
 import numbers
+import sys
 from typing import NamedTuple
-
-import torch
 
 
 class Range(NamedTuple):
@@ -74,11 +73,19 @@ PARTS: tuple[str, ...] = ("ce", "kd", "feat")
 """The loss's parts, in the order of every backend's ``parts`` tensor (the unweighted terms)."""
 PART_WEIGHTS: dict[str, str] = {"ce": "ce_weight", "kd": "kd_weight", "feat": "feat_weight"}
 """The option that weighs each part: ``total = sum(options[PART_WEIGHTS[p]] * parts[p] for p in PARTS)``."""
+SUMMED_PARTS: frozenset[str] = frozenset({"feat"})
+"""The parts that are a sum over the batch, not a mean (the feature loss): over several processes, the global
+batch's value is the sum of theirs."""
+if set(PART_WEIGHTS) != set(PARTS) or not SUMMED_PARTS <= set(PARTS):
+    raise RuntimeError("kernels/options.py: PART_WEIGHTS and SUMMED_PARTS must name parts of PARTS")
 
 
 def _plain(name, value):
     """A 0-d tensor or numpy scalar as the Python number it holds; anything else as it is."""
-    if isinstance(value, torch.Tensor):
+    # A tensor exists only once torch is imported: the specification itself does not load torch (the training
+    # configuration reads its defaults without it).
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(value, torch.Tensor):
         if value.dim() != 0:
             raise TypeError(f"{name}: expected a number or a 0-d tensor, got a tensor of shape {tuple(value.shape)}")
         return value.item()

@@ -89,9 +89,9 @@ def _teskd_fwd_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_B: tl.constexpr,
 ):
-    # Offsets in 64 bits: K * B * C or K * B * D elements may exceed 2^31. The loops are while loops: Triton 3.6's
-    # interpreter cannot take a scalar argument as a range() bound (a 1-element array, which NumPy 2.4 will not
-    # convert to an int); compiled, both lower to the same loop.
+    # Offsets in 64 bits: K * B * C or K * B * D elements may exceed 2^31. The loops are while loops: Triton's
+    # interpreter (the CPU tests) passes a scalar argument as a 1-element array, which NumPy will not convert to a
+    # range() bound; compiled, both lower to the same loop.
     i_b = tl.program_id(0).to(tl.int64)
     o_k = tl.arange(0, BLOCK_K).to(tl.int64)
     m_k = o_k < K
@@ -261,8 +261,8 @@ def _teskd_bwd_kernel(g_ptr, x_ptr, y_ptr, N1, x2_ptr, y2_ptr, N2, P1, BLOCK: tl
         tl.store(y2_ptr + o, (b_x * g).to(y2_ptr.dtype.element_ty), mask=m)
 
 
-# (BLOCK_K, BLOCK_C) pairs whose code spills registers on sm_90 with 4 and with 8 warps, under Triton 3.6 or 3.8
-# (ptxas' report): they take the next smaller class tile. And the pairs that spill with 8 warps only.
+# (BLOCK_K, BLOCK_C) pairs whose code spills registers on sm_90 with 4 and with 8 warps under a supported Triton
+# release (ptxas' report): they take the next smaller class tile. And the pairs that spill with 8 warps only.
 _SPILLING_TILES = {(1, 1024), (2, 1024), (8, 64), (32, 128)}
 _FOUR_WARPS = {(4, 32), (4, 128), (16, 32)}
 
@@ -275,9 +275,9 @@ def launch_config(K, B, C, D) -> tuple[int, int, int, int, int]:
     values (at least 16 a student), the reductions over the batch 32 x num_warps rows. The configuration depends on
     K and C alone (a part-masked feature or batch tile costs little), so that the set of configurations is small
     enough for tests/test_package.py to compile every one for K <= 32 under each Triton release and assert that
-    none spills registers. These bounds come from ptxas' reports for sm_90: 8192-value logit tiles and 1024-value
-    feature tiles spilled with Triton 3.8, and Triton 3.6's code spills in the pairs of ``_SPILLING_TILES`` and
-    ``_FOUR_WARPS`` where 3.8's did not. Their speed on a GPU is not measured yet.
+    none spills registers. These bounds come from ptxas' reports for sm_90: larger logit tiles (8192 values) and
+    feature tiles (1024 values) spill, and so do the pairs of ``_SPILLING_TILES`` and ``_FOUR_WARPS`` under one of
+    the supported Triton releases. Their speed on a GPU is not measured yet.
     """
     BLOCK_K = triton.next_power_of_2(K)
     BLOCK_C = max(16, min(triton.next_power_of_2(C), MAX_TILE // BLOCK_K))

@@ -119,7 +119,7 @@ def test_layout_and_dtype_options(cifar100, channels_last, dtype):
     base, _ = cifar100
     ref, ref_test = cifar_loaders(base, batch_size=50, device="cpu", seed=3)
     alt, alt_test = cifar_loaders(base, batch_size=50, device="cpu", seed=3, channels_last=channels_last, dtype=dtype)
-    for (x, y), (xa, ya) in zip(list(ref) + list(ref_test), list(alt) + list(alt_test)):
+    for (x, y), (xa, ya) in zip(list(ref) + list(ref_test), list(alt) + list(alt_test), strict=True):
         assert xa.dtype == dtype and xa.shape == x.shape and torch.equal(y, ya)
         assert xa.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         assert_close(xa.float(), x.double(), dtype, "same batch in another format")
@@ -173,13 +173,13 @@ def test_order_is_seeded_and_resumable(cifar100):
         return list(train)
 
     a, b = run(27, 0), run(27, 0)
-    assert all(torch.equal(x, xb) and torch.equal(y, yb) for (x, y), (xb, yb) in zip(a, b))
+    assert all(torch.equal(x, xb) and torch.equal(y, yb) for (x, y), (xb, yb) in zip(a, b, strict=True))
     assert not torch.equal(a[0][0], run(28, 0)[0][0])
     assert not torch.equal(a[0][0], run(27, 1)[0][0])
     # One pass advances the epoch; a loader resumed from a mid-epoch state yields exactly the rest.
     train, _ = cifar_loaders(base, batch_size=50, device="cpu", seed=27)
     first = list(train)
-    assert train.epoch == 1 and all(torch.equal(x, xa) for (x, _), (xa, _) in zip(first, a))
+    assert train.epoch == 1 and all(torch.equal(x, xa) for (x, _), (xa, _) in zip(first, a, strict=True))
     it = iter(train)
     head = [next(it) for _ in range(2)]
     state = train.state_dict()
@@ -189,7 +189,7 @@ def test_order_is_seeded_and_resumable(cifar100):
     resumed.load_state_dict(state)
     tail = list(resumed)
     assert len(head) + len(tail) == len(full) == len(train)
-    for (x, y), (xf, yf) in zip(head + tail, full):
+    for (x, y), (xf, yf) in zip(head + tail, full, strict=True):
         assert torch.equal(x, xf) and torch.equal(y, yf)
     assert resumed.epoch == 2 and resumed.position == 0
     with pytest.raises(ValueError, match="batch_size"):
@@ -219,7 +219,7 @@ def test_archive_and_folder_and_cifar10(cifar100, tmp_path):
     folder_train, folder_test = cifar_loaders(base, batch_size=64, device="cpu")
     tar_train, tar_test = cifar_loaders(base / "archive", batch_size=64, device="cpu")
     direct, _ = cifar_loaders(base / "archive" / "cifar-100-python.tar.gz", batch_size=64, device="cpu")
-    for (x, y), (xt, yt), (xd, _) in zip(folder_train, tar_train, direct):
+    for (x, y), (xt, yt), (xd, _) in zip(folder_train, tar_train, direct, strict=True):
         assert torch.equal(x, xt) and torch.equal(y, yt) and torch.equal(x, xd)
     raw = _make_cifar(tmp_path, "cifar10", np.random.default_rng(1))
     for root in (tmp_path, tmp_path / "archive"):
@@ -305,7 +305,7 @@ def test_cuda_matches_cpu(cifar100):
     base, _ = cifar100
     cpu, _ = cifar_loaders(base, batch_size=64, device="cpu", seed=9)
     gpu, _ = cifar_loaders(base, batch_size=64, device="cuda", seed=9)
-    for (x, y), (xg, yg) in zip(cpu, gpu):
+    for (x, y), (xg, yg) in zip(cpu, gpu, strict=True):
         assert xg.is_cuda and torch.equal(y, yg.cpu())
         assert_close(xg, x.double(), torch.float32, "same batch on the GPU")
 
@@ -327,5 +327,3 @@ def test_cpu_batches_leave_the_thread_count_alone(cifar100, channels_last, monke
             whole = make(*(p[k * 40 : (k + 1) * 40] for p in plan))
             assert torch.equal(x, whole) and x.is_contiguous(memory_format=fmt)
             assert torch.equal(y, loader.labels[plan[0][k * 40 : (k + 1) * 40]])
-    with pytest.warns(DeprecationWarning, match="cpu_threads"):
-        CifarLoader(torch.zeros(4, 3, 32, 32, dtype=torch.uint8), torch.zeros(4), device="cpu", cpu_threads=1)

@@ -91,7 +91,7 @@ def test_nvjpeg_worker_decodes_cmyk_as_the_torchvision_loader(mixed_folder):
     assert [d.dim() for d, _, _ in items] == [3 if m == "CMYK" else 1 for m in modes]
     data, labels, idx = _collate(items)
     images = loader._decode(data, idx)
-    for img, path, mode, d in zip(images, paths, modes, data):
+    for img, path, mode, d in zip(images, paths, modes, data, strict=True):
         ref = _pil_rgb(path)
         assert img.shape == ref.shape and img.dtype == torch.uint8
         if mode == "CMYK":
@@ -125,7 +125,7 @@ def _corrupted_rounds(decode, data, idx, ref, rounds):
         out = decode(data, idx)
         torch.cuda.synchronize()
         expected = torch.tensor([7 * r.numel() for r in ref])
-        ok = torch.equal(sums.cpu(), expected) and all(torch.equal(o.cpu(), r) for o, r in zip(out, ref))
+        ok = torch.equal(sums.cpu(), expected) and all(torch.equal(o.cpu(), r) for o, r in zip(out, ref, strict=True))
         bad += not ok
         del out, stall, sums
     return bad
@@ -150,7 +150,7 @@ def nvjpeg_race(folder, rounds=20):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         cpu = [decode_jpeg(d, mode=ImageReadMode.RGB) for d in data]
-        for r, c in zip(ref, cpu):
+        for r, c in zip(ref, cpu, strict=True):
             assert r.shape == c.shape and (r.float() - c.float()).abs().mean() < NVJPEG_VS_CPU
         ordered = _corrupted_rounds(loader._decode, data, idx, ref, rounds)
         bare = _corrupted_rounds(lambda d, _: decode_jpeg(d, mode=ImageReadMode.RGB, device="cuda"), data, idx, ref,
@@ -246,13 +246,13 @@ def test_dali_reuses_its_pipeline_with_the_documented_order(labelled):
     loader.set_epoch(4, start_batch=2)
     rest = list(loader)
     assert len(rest) == len(full) - 2 == 3
-    assert all(torch.equal(x, xr) and torch.equal(y, yr) for (x, y), (xr, yr) in zip(full[2:], rest))
+    assert all(torch.equal(x, xr) and torch.equal(y, yr) for (x, y), (xr, yr) in zip(full[2:], rest, strict=True))
     # A pass left after one batch, then a full one: the full epoch again, on the same pipeline.
     loader.set_epoch(4)
     next(iter(loader))
     loader.set_epoch(4)
     again = list(loader)
-    assert all(torch.equal(x, xa) and torch.equal(y, ya) for (x, y), (xa, ya) in zip(full, again))
+    assert all(torch.equal(x, xa) and torch.equal(y, ya) for (x, y), (xa, ya) in zip(full, again, strict=True))
     assert len(again) == len(full) and loader.pipelines_built == 2
 
 
@@ -269,7 +269,7 @@ def test_dali_crops_follow_seed_epoch_rank_batch(tmp_path):
     same = [x for x, _ in nvjpeg]
     nvjpeg.set_epoch(1)
     other = [x for x, _ in nvjpeg]
-    for a, b, c in zip(dali, same, other):
+    for a, b, c in zip(dali, same, other, strict=True):
         # Normalised units (std ~ 1): resampling differs by ~0.005 on average, another crop by ~0.5.
         assert (a - b).abs().mean() < 0.05 < 0.2 < (a - c).abs().mean()
 

@@ -123,7 +123,7 @@ def test_dali_options_progressive_resize_and_resume(folder):
     train.set_epoch(1, start_batch=2)
     rest = [y for _, y in train]
     assert len(rest) == len(full) - 2
-    assert all(torch.equal(a, b) for a, b in zip(rest, full[2:]))
+    assert all(torch.equal(a, b) for a, b in zip(rest, full[2:], strict=True))
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +161,7 @@ def test_nvjpeg_code_path_on_cpu_decoder(folder):
     assert all(x.shape[1:] == (3, 32, 32) and (x >= LOW - 1e-4).all() and (x <= HIGH + 1e-4).all() for x, _ in first)
     # Per-batch seeds: a resumed epoch reproduces the remaining batches exactly.
     loader.set_epoch(0, start_batch=1)
-    for (x, y), (xr, yr) in zip(first[1:], loader):
+    for (x, y), (xr, yr) in zip(first[1:], loader, strict=True):
         assert torch.equal(x, xr) and torch.equal(y, yr)
 
 

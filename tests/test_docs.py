@@ -213,7 +213,7 @@ def test_an_unknown_flag_is_found():
     problems = flag_problems_in("README.md", text)
     expected = ["--no-such-flag", "--bogus-after-continuation", "'jpeg'", "--seeds", "'fp17'", "--nope"]
     assert len(problems) == len(expected), problems
-    for problem, word in zip(problems, expected):
+    for problem, word in zip(problems, expected, strict=True):
         assert word in problem, (problem, word)
     # On the training page a paragraph that names no command is about teskd-train.
     assert flag_problems_in("training.md", "Then `--warmup-epochs` and `--made-up`.\n") == [

@@ -159,7 +159,7 @@ def test_step_benchmark_takes_teskd_trains_step():
     assert all(group["fused"] for group in step.optimizer.param_groups)
     before = [p.detach().clone() for p in model.parameters()]
     step()
-    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
     plain = bench_models.make_step(model, x, y, plain_sgd=True)
     assert not any(group["fused"] for group in plain.optimizer.param_groups)
     # The GPU profile builds its step with the same builder.

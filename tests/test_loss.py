@@ -916,6 +916,24 @@ def _flag_mismatches(spec):
             and (flags[o.name].default != o.default or flags[o.name].metadata["help"] != o.help)]  # fmt: skip
 
 
+def _checked_call_mismatches(spec):
+    """The options of ``spec`` that ``teskd_loss`` does not pass on to ``LossOptions.checked`` as ``name=name`` (its
+    parameter of that name), and the keywords it passes that are no option: its call lists them by hand."""
+    import ast
+    import inspect
+    import textwrap
+
+    from teskd_fast.loss import api
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(api.teskd_loss)))
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
+             and n.func.attr == "checked" and getattr(n.func.value, "id", None) == "LossOptions"]
+    assert len(calls) == 1, "teskd_loss checks its options in one LossOptions.checked call"
+    passed = {k.arg for k in calls[0].keywords if isinstance(k.value, ast.Name) and k.value.id == k.arg}
+    names = {o.name for o in spec}
+    return sorted(names - passed) + sorted({k.arg for k in calls[0].keywords} - names)
+
+
 def test_every_boundary_declares_the_specifications_options():
     from teskd_fast.kernels import teskd_loss_cpu as cpu_kernel
     from teskd_fast.loss import api
@@ -930,6 +948,7 @@ def test_every_boundary_declares_the_specifications_options():
     assert cpu_kernel._Options._fields_ == cpu_kernel.struct_fields(SPEC)
     assert {name for name, _ in cpu_kernel._Options._fields_[6:]} == set(LossOptions._fields)
     api.check_signature(SPEC)
+    assert _checked_call_mismatches(SPEC) == []
     if TRITON_OK or importlib.util.find_spec("triton") is not None:
         from teskd_fast.kernels import teskd_loss as triton_host
 
@@ -969,6 +988,7 @@ def test_a_new_option_is_carried_or_refused_by_name_at_every_boundary():
 
     with pytest.raises(RuntimeError, match=r"the option new_weight .* is not a keyword"):
         api.check_signature(spec)
+    assert _checked_call_mismatches(spec) == ["new_weight"]
     assert _docs_option_mismatches(spec) == ["new_weight"]
     if TRITON_OK or importlib.util.find_spec("triton") is not None:
         from teskd_fast.kernels import teskd_loss as triton_host

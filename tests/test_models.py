@@ -62,17 +62,23 @@ def flat_outputs(out):
     return [out.logits, *out.student_logits, out.feature, *out.student_features]
 
 
+def output_names(model):
+    """The names of :func:`flat_outputs`, for the network's students (``student_levels``, deepest first)."""
+    levels = getattr(model, "student_levels", (3, 2, 1))
+    return ["logits", *(f"student{k}" for k in levels), "feature", *(f"feature{k}" for k in levels)]
+
+
 def check_pair(faithful, fast, x, dtype, scale=1.0):
     """Outputs and parameter gradients in train mode, running statistics after the step, outputs in eval mode."""
-    names = ["logits", "student3", "student2", "student1", "feature", "feature3", "feature2", "feature1"]
+    names = output_names(faithful)
     for model in (faithful, fast):
         model.train()
         model.zero_grad(set_to_none=True)
     outs_a, outs_b = flat_outputs(faithful(x)), flat_outputs(fast(x))
     upstream = [torch.randn_like(o) for o in outs_a]
-    sum((o * g).sum() for o, g in zip(outs_a, upstream)).backward()
-    sum((o * g).sum() for o, g in zip(outs_b, upstream)).backward()
-    for name, a, b in zip(names, outs_b, outs_a):
+    sum((o * g).sum() for o, g in zip(outs_a, upstream, strict=True)).backward()
+    sum((o * g).sum() for o, g in zip(outs_b, upstream, strict=True)).backward()
+    for name, a, b in zip(names, outs_b, outs_a, strict=True):
         assert_close(a, b, dtype, f"train {name}", scale)
     params_b = dict(fast.named_parameters())
     for name, p in faithful.named_parameters():
@@ -87,7 +93,7 @@ def check_pair(faithful, fast, x, dtype, scale=1.0):
     faithful.eval()
     fast.eval()
     with torch.no_grad():
-        for name, a, b in zip(names, flat_outputs(fast(x)), flat_outputs(faithful(x))):
+        for name, a, b in zip(names, flat_outputs(fast(x)), flat_outputs(faithful(x)), strict=True):
             assert_close(a, b, dtype, f"eval {name}", scale)
 
 
@@ -117,13 +123,13 @@ def test_fast_float32_against_float64_oracle():
     oracle, fast = pair("resnet18", 5, "cifar", 0.25, torch.float64)
     fast = fast.float()
     x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
-    names = ["logits", "student3", "student2", "student1", "feature", "feature3", "feature2", "feature1"]
+    names = output_names(oracle)
     oracle.train(), fast.train()
     outs_a, outs_b = flat_outputs(oracle(x)), flat_outputs(fast(x.float()))
     upstream = [torch.randn_like(o) for o in outs_a]
-    sum((o * g).sum() for o, g in zip(outs_a, upstream)).backward()
-    sum((o * g.float()).sum() for o, g in zip(outs_b, upstream)).backward()
-    for name, a, b in zip(names, outs_b, outs_a):
+    sum((o * g).sum() for o, g in zip(outs_a, upstream, strict=True)).backward()
+    sum((o * g.float()).sum() for o, g in zip(outs_b, upstream, strict=True)).backward()
+    for name, a, b in zip(names, outs_b, outs_a, strict=True):
         # Sums of 64-1024 products, rounded in float32.
         assert_close(a, b, torch.float32, f"train {name}", scale=10.0)
     # Gradients as one vector: BatchNorm backward over 4 images amplifies float32 rounding, and a ReLU input
@@ -132,11 +138,11 @@ def test_fast_float32_against_float64_oracle():
     grads_a = torch.cat([p.grad.flatten() for p in oracle.parameters()])
     grads_b = torch.cat([p.grad.flatten() for p in fast.parameters()])
     assert_rms_close(grads_b, grads_a, torch.float32, "gradients", scale=3000.0)
-    for (name, a), b in zip(oracle.named_buffers(), fast.buffers()):
+    for (name, a), b in zip(oracle.named_buffers(), fast.buffers(), strict=True):
         assert_close(b, a, torch.float32, f"buffer {name}", scale=10.0)
     oracle.eval(), fast.eval()
     with torch.no_grad():
-        for name, a, b in zip(names, flat_outputs(fast(x.float())), flat_outputs(oracle(x))):
+        for name, a, b in zip(names, flat_outputs(fast(x.float())), flat_outputs(oracle(x)), strict=True):
             assert_close(a, b, torch.float32, f"eval {name}", scale=10.0)
 
 
@@ -349,7 +355,7 @@ def test_wrap_torchvision_reproduces_create_model(formulation):
     wrapped.load_official_state_dict(reference.state_dict())
     x = torch.randn(2, 3, 32, 32)
     reference.train(), wrapped.train()
-    for a, b in zip(flat_outputs(wrapped(x)), flat_outputs(reference(x))):
+    for a, b in zip(flat_outputs(wrapped(x)), flat_outputs(reference(x)), strict=True):
         assert torch.equal(a, b)
     wrapped.eval()
     teacher = teskd_fast.export_teacher(wrapped)
@@ -501,7 +507,7 @@ def test_interpolation_statistics_are_built_once():
     from teskd_fast.models.fast import interpolation_matrix, resize_statistics
 
     first = resize_statistics(7, 14, torch.float32, torch.device("cpu"))
-    assert all(a is b for a, b in zip(first, resize_statistics(7, 14, torch.float32, torch.device("cpu"))))
+    assert all(a is b for a, b in zip(first, resize_statistics(7, 14, torch.float32, torch.device("cpu")), strict=True))
     a = interpolation_matrix(7, 14, torch.float64, "cpu")
     col, gram = resize_statistics(7, 14, torch.float64, torch.device("cpu"))
     assert_close(col, a.sum(0), torch.float64, "column sums")

@@ -90,7 +90,7 @@ def test_export_is_the_timm_model_itself(family):
     teacher = teskd_fast.export_teacher(model)
     fresh = plain(family).double().eval()
     assert type(teacher) is type(fresh) and not teacher.training
-    assert all(type(m) is type(n) for m, n in zip(teacher.modules(), fresh.modules()))
+    assert all(type(m) is type(n) for m, n in zip(teacher.modules(), fresh.modules(), strict=True))
     fresh.load_state_dict(teacher.state_dict(), strict=True)
     with torch.no_grad():
         expected = model(x).logits

@@ -1,5 +1,6 @@
 """Packaging: kernels install as ``teskd_fast.kernels``, the import is light, the kernels build for an H100."""
 
+import ast
 import os
 import subprocess
 import sys
@@ -61,6 +62,22 @@ def test_import_is_light():
         import sys, teskd_fast
         heavy = [m for m in ("triton", "nvidia.dali", "teskd_fast.kernels", "teskd_fast.models") if m in sys.modules]
         print(heavy)
+        """,
+        cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"
+
+
+def test_the_training_configuration_loads_without_torch():
+    """``teskd-train --help`` and a configuration check need no torch: the configuration reads the loss's
+    specification (kernels/options.py) and the registries of the layers above it only when it needs them."""
+    out = _run(
+        """
+        import sys
+        import teskd_fast.train.config as c
+        assert c.TrainConfig().temperature == 4.0
+        print(sorted(m for m in ("torch", "teskd_fast.models", "teskd_fast.loss") if m in sys.modules))
         """,
         cwd=ROOT,
     )
@@ -158,3 +175,112 @@ def test_triton_kernels_compile_for_h100_without_register_spills():
     assert out.stdout.strip().endswith("ok")
     spills = [line for line in out.stdout.splitlines() if line.startswith("SPILL")]
     assert not spills, "register spills on sm_90:\n" + "\n".join(spills)
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(ROOT).with_suffix("")
+    parts = ["teskd_fast", *rel.parts] if rel.parts[0] == "kernels" else list(rel.parts)  # kernels installs there
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """Every module of the package -> the package's modules it imports (at module level or inside a function).
+
+    ``from P import N`` depends on ``P.N`` when that is a module, else on ``P`` (a name ``P/__init__.py`` defines
+    or re-exports). The parent packages that Python initialises before any submodule are not edges: every import
+    runs them, and a package's ``__init__`` importing its own submodules is no cycle of the code's design (a module
+    that takes a name the ``__init__`` re-exports does depend on the ``__init__``: import it from where it is
+    defined). An import under ``if TYPE_CHECKING:`` never runs: it names a type for the reader, not a layer.
+    """
+    files = [p for p in (ROOT / "teskd_fast").rglob("*.py") if "kernels" not in p.relative_to(ROOT).parts[1:2]]
+    modules = {_module_name(p): p for p in [*files, *(ROOT / "kernels").rglob("*.py")]}
+    graph = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        deps = set()
+        tree = ast.parse(path.read_text(), str(path))
+        for block in ast.walk(tree):
+            if isinstance(block, ast.If) and ast.unparse(block.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING"):
+                block.body = []
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(up + ([base] if base else []))
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
+            else:
+                continue
+            deps.update(t for t in targets if t in modules and t != name)
+        graph[name] = deps
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan's algorithm, iterative)."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+    for root in graph:
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            v, children = work[-1]
+            w = next(children, None)
+            if w is not None:
+                if w not in index:
+                    index[w] = low[w] = len(index)
+                    stack.append(w)
+                    on_stack.add(w)
+                    work.append((w, iter(sorted(graph[w]))))
+                elif w in on_stack:
+                    low[v] = min(low[v], index[w])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[v])
+            if low[v] == index[v]:
+                component = []
+                while True:
+                    w = stack.pop()
+                    on_stack.discard(w)
+                    component.append(w)
+                    if w == v:
+                        break
+                if len(component) > 1:
+                    found.append(sorted(component))
+    return found
+
+
+def _one_cycle(graph: dict[str, set[str]], component: list[str]) -> list[str]:
+    """A shortest path back to the component's first module, through the component: the cycle to show."""
+    start, members = component[0], set(component)
+    paths = {start: [start]}
+    queue = [start]
+    for v in queue:
+        for w in sorted(graph[v] & members):
+            if w == start:
+                return paths[v] + [start]
+            if w not in paths:
+                paths[w] = paths[v] + [w]
+                queue.append(w)
+    return component
+
+
+def test_no_import_cycle_inside_the_package():
+    """The package's modules import in one direction: no cycle, including imports placed inside functions (an
+    import moved into a function hides a cycle from Python, not from the reader)."""
+    graph = _import_graph()
+    assert "teskd_fast.kernels.options" in graph and "teskd_fast.train.config" in graph
+    cycles = [" -> ".join(_one_cycle(graph, c)) for c in _cycles(graph)]
+    assert not cycles, "import cycles inside the package:\n" + "\n".join(cycles)
+
+
+def test_the_cycle_check_sees_a_cycle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _one_cycle({"a": {"b"}, "b": {"a", "c"}, "c": {"a"}}, ["a", "b", "c"]) == ["a", "b", "a"]
+    assert _cycles({"a": {"b"}, "b": set()}) == []

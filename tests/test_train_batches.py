@@ -67,7 +67,7 @@ def test_partial_batches_compile_no_graph_of_their_own(tmp_path, monkeypatch):
         if v.is_floating_point():
             assert_close(v, expected[k].double(), torch.float32, name=k)
     eager.raw_model.load_state_dict(compiled.raw_model.state_dict())
-    for got, want in zip(compiled_evals, _evaluations(eager)):
+    for got, want in zip(compiled_evals, _evaluations(eager), strict=True):
         for key, value in want.items():
             assert abs(got[key] - value) <= 1e-6 * max(1.0, abs(value)), key
 

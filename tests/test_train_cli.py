@@ -2,6 +2,7 @@
 before its first checkpoint, and what a run's files and log look like (modes, progress bar, messages)."""
 
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -190,3 +191,36 @@ def test_eval_only_of_a_resumed_runs_checkpoint(tmp_path, capsys):
     capsys.readouterr()
     assert main(["--eval-only", str(out / "last.pt"), "--device", "cpu", "--threads", "1"]) == 0
     assert "Evaluation of" in capsys.readouterr().out
+
+
+def _entries(pattern, text):
+    """{status: the entry's text} for each match of ``pattern`` (groups: status, text), whitespace collapsed."""
+    return {int(m.group(1)): " ".join(m.group(2).split()) for m in re.finditer(pattern, text, re.S | re.M)}
+
+
+def test_the_exit_status_table_is_the_one_the_docstrings_and_docs_give():
+    """teskd-train's and teskd-compare's statuses: each docstring and docs table lists exactly the statuses of
+    exit_status's table (and 128 + signal), each entry starting with the table's meaning."""
+    from teskd_fast.train import cli, compare, exit_status
+
+    root = Path(__file__).resolve().parents[1]
+    train_doc = cli.__doc__.split("Exit status", 1)[1].split("\n\n", 2)[1]
+    training_md = (root / "docs" / "training.md").read_text().split("## Exit status", 1)[1].split("\n## ", 1)[0]
+    compare_doc = compare.__doc__.split("Exit status:", 1)[1].split("\n\n", 1)[0]
+    comparing_md = (root / "docs" / "comparing.md").read_text().split("## Exit status", 1)[1].split("\n## ", 1)[0]
+    sources = {
+        "teskd-train's docstring": (exit_status.TRAIN, _entries(r"^- (\d+): (.*?)(?=^- |\Z)", train_doc + "\n"),
+                                    train_doc),
+        "docs/training.md": (exit_status.TRAIN, _entries(r"^\| (\d+) \| (.*?) \|$", training_md), training_md),
+        "teskd-compare's docstring": (exit_status.COMPARE, _entries(r"(?:^|; )(\d+) (.*?)(?=; \d+ |\Z)",
+                                                                    " ".join(compare_doc.split())), compare_doc),
+        "docs/comparing.md": (exit_status.COMPARE, _entries(r"(?:^|; )(\d+) (.*?)(?=; \d+ |\Z)",
+                                                            " ".join(comparing_md.split())), comparing_md),
+    }
+    for where, (table, entries, text) in sources.items():
+        entries.pop(exit_status.SIGNAL_BASE, None)  # "128 + signal", checked below
+        assert sorted(entries) == sorted(s.code for s in table.values()), (where, sorted(entries))
+        for status in table.values():
+            entry = entries[status.code]
+            assert entry.lower().startswith(status.meaning.lower()), (where, status, entry)
+        assert f"{exit_status.SIGNAL_BASE} + signal" in " ".join(text.split()), where

@@ -364,7 +364,7 @@ def test_baseline_starts_from_the_teskd_teacher_and_sees_the_same_data(tmp_path)
              "--warmup-epochs", "0", "--width", "0.125", "--no-progress", "--no-tensorboard", "--no-plot",
              "--device", "cpu"]
     cmp = parse(flags + ["--seeds", "2", "--out", str(out)])
-    for teskd, base in zip(cmp.runs[::2], cmp.runs[1::2]):
+    for teskd, base in zip(cmp.runs[::2], cmp.runs[1::2], strict=True):
         a, b = teskd.cfg.to_dict(), base.cfg.to_dict()
         assert {k for k in a if a[k] != b[k]} == {"method", "out"} and a["seed"] == teskd.seed == base.seed
     assert main(flags + ["--seeds", "2", "--out", str(out)]) == 0

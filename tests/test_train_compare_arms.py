@@ -123,7 +123,7 @@ def _check_report_against_run_folders(out, report):
         adjusted = holm([paired_p_value(d) for d in diffs])
         assert all(-100 <= report["comparisons"][a][key]["low"] <= report["comparisons"][a][key]["high"] <= 100
                    for a in others)
-        for a, d, p in zip(others, diffs, adjusted):
+        for a, d, p in zip(others, diffs, adjusted, strict=True):
             got = report["comparisons"][a][key]
             assert got["mean"] == pytest.approx(d.mean) and got["low"] == pytest.approx(d.low, nan_ok=True)
             if key == "teacher_top1_best_after":

@@ -241,3 +241,16 @@ def test_a_folder_of_small_images_gets_its_size_from_the_images(tmp_path):
     out = tmp_path / "run"
     assert main(["--dataset", "folder", "--data-dir", str(tmp_path / "nowhere"), "--out", str(out)]) == 1
     assert not out.exists()
+
+
+@pytest.mark.parametrize("preset", ["cifar100-resnet18", "imagenet-resnet18", "none"])
+def test_the_published_recipes_loss_is_the_specifications_defaults(preset):
+    """The paper's loss (T 4, alpha 0.2, beta 0.8, gamma 1e-7, no label smoothing) is written once, as the
+    defaults of kernels/options.py's SPEC, and the published presets resolve to it."""
+    from teskd_fast.kernels.options import SPEC
+
+    cfg = resolve({"preset": preset})
+    paper = dict(temperature=4.0, ce_weight=0.2, kd_weight=0.8, feat_weight=1e-7, label_smoothing=0.0)
+    assert {name: getattr(cfg, name) for name in paper} == paper
+    assert {o.name: o.default for o in SPEC if o.name in paper} == paper
+    assert not set(paper) & set(PRESETS[preset]), "a preset spells the loss's defaults again"

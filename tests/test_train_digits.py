@@ -37,7 +37,7 @@ def test_shift_augmentation_is_a_bounded_zero_filled_translation():
     (xa, _), (xp, _) = next(iter(loader)), next(iter(plain))
     padded = F.pad(xp, (1, 1, 1, 1))
     shifts = []
-    for a, p in zip(xa, padded):
+    for a, p in zip(xa, padded, strict=True):
         found = [(dy, dx) for dy in range(3) for dx in range(3) if torch.equal(a, p[:, dy : dy + 8, dx : dx + 8])]
         assert found, "every augmented image is its original shifted by at most 1 pixel"
         shifts.append(found[0])
@@ -49,14 +49,14 @@ def test_seeded_order_and_exact_start_batch():
     train.set_epoch(2)
     epoch2 = _all(train)
     train.set_epoch(2)
-    assert all(torch.equal(a[0], b[0]) for a, b in zip(epoch2, _all(train)))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(epoch2, _all(train), strict=True))
     train.set_epoch(3)
     assert not torch.equal(epoch2[0][1], _all(train)[0][1])
     # Starting at batch 7 gives exactly the rest of the epoch, augmentation included.
     train.set_epoch(2, start_batch=7)
     tail = _all(train)
     assert len(tail) == len(epoch2) - 7
-    for (xa, ya), (xb, yb) in zip(tail, epoch2[7:]):
+    for (xa, ya), (xb, yb) in zip(tail, epoch2[7:], strict=True):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
     state = train.state_dict()
     assert state["epoch"] == 3 and state["position"] == 0

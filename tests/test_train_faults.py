@@ -251,7 +251,7 @@ def test_torchrun_restart_resumes_from_last_pt(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, stderr[-4000:]
     # The restarted group resumed (was: "already holds a run", exit 2 on every rank).
-    assert stderr.count("torchrun restarted the workers (restart 1): resuming") == 1, stderr[-4000:]
+    assert stderr.count("under torchrun (restart 1 of this node), ") == 1, stderr[-4000:]
     assert stdout.count("teskd-train: resuming") == 1, stdout
     assert [r["epoch"] for r in read_metrics(out)] == [1, 2, 3]
     assert load_checkpoint(out / "last.pt")["epoch"] == 3
@@ -264,3 +264,81 @@ def test_a_restarted_group_without_out_is_refused(tmp_path, capsys, monkeypatch)
         main(["--epochs", "1"])
     assert info.value.code == 2
     assert "without --out the first attempt's run folder cannot be found" in capsys.readouterr().err
+
+
+def test_a_summed_part_is_scaled_back_to_the_global_batch():
+    """Over processes the per-batch means of a part are averaged, except a part that is a sum over the batch
+    (SUMMED_PARTS: the feature loss), whose global-batch value is the processes' sum."""
+    from teskd_fast.loss.options import PARTS, SUMMED_PARTS
+    from teskd_fast.train.metrics import TrainAccumulator
+
+    acc = TrainAccumulator(list(PARTS), torch.device("cpu"))
+    parts = {p: torch.tensor(float(i + 1)) for i, p in enumerate(PARTS)}
+    acc.update(torch.tensor(0), torch.tensor(10.0), parts, torch.eye(2), torch.tensor([0, 1]))
+    out = acc.unpack(acc.packed().tolist(), world_size=4)
+    assert SUMMED_PARTS == {"feat"}
+    assert {p: out[f"train_{p}"] for p in PARTS} == {p: (i + 1) * (4 if p in SUMMED_PARTS else 1)
+                                                     for i, p in enumerate(PARTS)}
+
+
+# --- a run told to stop while it waits on its data ------------------------------------------------------------
+
+_BLOCKING_RUN = """
+import sys, time
+from teskd_fast.train import cli, trainer
+
+real = trainer.build_data
+
+
+class Blocking:
+    # The real loader for its first batch, then a wait for data that never comes (a hung file system).
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __iter__(self):
+        batches = iter(self.inner)
+        yield next(batches)
+        print("waiting", flush=True)
+        while True:
+            time.sleep(0.05)
+
+
+def build_data(*args, **kwargs):
+    train, val, classes = real(*args, **kwargs)
+    return Blocking(train), val, classes
+
+
+trainer.build_data = build_data
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_a_second_sigterm_stops_a_run_that_waits_on_its_data(tmp_path):
+    """The first SIGTERM asks the run to stop after its step, which waits on a loader that never gives its batch;
+    the second abandons the wait: exit status 143, one line, within a bound, the previous last.pt kept."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-c", _BLOCKING_RUN, *FAST, "--epochs", "1", "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
+    try:
+        for line in proc.stdout:  # the start line, then the first step's wait for its second batch
+            if line.strip() == "waiting":
+                break
+        proc.send_signal(signal.SIGTERM)
+        with pytest.raises(subprocess.TimeoutExpired):
+            proc.wait(timeout=1.0)  # the first SIGTERM only asks: the wait goes on
+        proc.send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        status = proc.wait(timeout=30)
+        waited = time.monotonic() - t0
+    finally:
+        proc.kill()
+        stdout, stderr = proc.communicate()
+    assert status == 128 + signal.SIGTERM and waited < 10, (status, waited, stderr[-2000:])
+    _one_line(stderr, "teskd-train: abandoned")
+    assert "Traceback" not in stderr and "SIGTERM received" in stdout

@@ -52,7 +52,7 @@ def test_mixed_target_loss_float64_against_the_plain_composition(backend, B, C, 
     la, pa = teskd_loss(*ref[:2], a, *ref[2:], backend="reference", return_parts=True, **options)
     lb, pb = teskd_loss(*ref[:2], b, *ref[2:], backend="reference", return_parts=True, **options)
     want = _grads(lam * la + (1 - lam) * lb, ref, grad_out)
-    for name, g, w in zip(["total", "grad teacher", "grad students", "grad student features"], got, want):
+    for name, g, w in zip(["total", "grad teacher", "grad students", "grad student features"], got, want, strict=True):
         assert_close(g, w, torch.float64, f"{backend} {name}", scale=10)
     assert_close(parts["ce"], lam * pa["ce"] + (1 - lam) * pb["ce"], torch.float64, "ce part", scale=10)
     for part in ("kd", "feat"):

@@ -44,7 +44,7 @@ def _run(make, params, grads, scaler=None):
     for step, step_grads in enumerate(grads):
         for group in optimizer.param_groups:
             group["lr"] = 0.1 * 0.8**step
-        for p, grad in zip(params, step_grads):
+        for p, grad in zip(params, step_grads, strict=True):
             p.grad = grad.clone() if scaler is None else scaler.scale(grad.clone())
         if scaler is None:
             optimizer.step()
@@ -68,7 +68,7 @@ def test_fused_sgd_makes_the_plain_step(dtype, foreach):
     ours = _params(dtype)
     optimizer = _run(_fused, ours, grads)
     assert all(g["fused"] for g in optimizer.param_groups)
-    for i, (a, b) in enumerate(zip(ours, plain)):
+    for i, (a, b) in enumerate(zip(ours, plain, strict=True)):
         if dtype == torch.float64:
             torch.testing.assert_close(a, b, atol=1e-12, rtol=0, msg=f"parameter {i}")
         else:
@@ -88,7 +88,7 @@ def test_scaler_skipped_steps_leave_the_fused_optimizer_as_the_plain_one(dtype):
     # The fused optimiser reads found_inf itself: GradScaler.step never reads it on the host.
     assert optimizer._step_supports_amp_scaling
     assert scaler.get_scale() == plain_scaler.get_scale() == 2.0**8
-    for i, (a, b) in enumerate(zip(ours, plain)):
+    for i, (a, b) in enumerate(zip(ours, plain, strict=True)):
         assert torch.isfinite(a).all(), f"parameter {i}"
         assert_close(a, b.double(), dtype, name=f"parameter {i}")
         assert torch.isfinite(optimizer.state[a]["momentum_buffer"]).all(), f"momentum buffer {i}"
@@ -98,7 +98,7 @@ def test_first_step_skipped_keeps_zero_momentum():
     params = _params(torch.float32)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     optimizer = _run(_fused, params, _grads(1, torch.float32, overflow=(0,)), scaler)
-    for p, before in zip(params, _params(torch.float32)):
+    for p, before in zip(params, _params(torch.float32), strict=True):
         assert torch.equal(p, before)
         assert torch.equal(optimizer.state[p]["momentum_buffer"], torch.zeros_like(p))
 
@@ -120,11 +120,11 @@ def test_a_plain_state_dict_loads_into_the_fused_optimizer():
     for step, step_grads in enumerate(grads):
         for group in optimizer.param_groups:
             group["lr"] = 0.1 * 0.8**step
-        for p, grad in zip(ours, step_grads):
+        for p, grad in zip(ours, step_grads, strict=True):
             p.grad = scaler.scale(grad.clone())
         scaler.step(optimizer)
         scaler.update()
-    for a, b in zip(ours, plain):
+    for a, b in zip(ours, plain, strict=True):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
 
 
@@ -161,7 +161,7 @@ def test_cuda_fp16_scaler_fused_matches_plain_without_host_sync():
             loss = loss * float("inf")
         scaler.scale(loss).backward()
         # The same (scaled) gradients for the plain optimiser: only the optimisers differ.
-        for p, q in zip(net.parameters(), twin):
+        for p, q in zip(net.parameters(), twin, strict=True):
             q.grad = p.grad.clone()
         torch.cuda.set_sync_debug_mode("error")
         try:
@@ -176,7 +176,7 @@ def test_cuda_fp16_scaler_fused_matches_plain_without_host_sync():
     # The first step was skipped (and maybe others, alike for both); later ones were taken.
     assert scaler.get_scale() == plain_scaler.get_scale() <= 2.0**15
     assert not torch.equal(twin[0], start)
-    for i, (p, q) in enumerate(zip(net.parameters(), twin)):
+    for i, (p, q) in enumerate(zip(net.parameters(), twin, strict=True)):
         assert_close(p, q.double(), torch.float32, name=f"parameter {i}")
     # The check can fail: the plain optimiser's scaler.step reads found_inf on the host.
     for q in twin:

@@ -35,7 +35,7 @@ TIMING = {"train_time", "eval_time", "epoch_time", "images_per_s", "resumed_mid_
 
 def _same_rows(a, b):
     assert len(a) == len(b)
-    for ra, rb in zip(a, b):
+    for ra, rb in zip(a, b, strict=True):
         ka = {k: v for k, v in ra.items() if k not in TIMING}
         kb = {k: v for k, v in rb.items() if k not in TIMING}
         assert ka == kb
@@ -153,7 +153,7 @@ def test_exact_resume_after_sigterm(data, stop_step, tmp_path, monkeypatch, caps
 
     a, b = load_checkpoint(ref / "last.pt"), load_checkpoint(run / "last.pt")
     _same_state(a["model"], b["model"])
-    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True):
         assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
     _same_rows(read_metrics(ref), read_metrics(run))
     assert torch.equal(torch.load(ref / "teacher.pt")["fc.weight"], torch.load(run / "teacher.pt")["fc.weight"])
@@ -186,7 +186,7 @@ def test_sigterm_to_the_command_writes_last_pt_and_resume_finishes(tmp_path):
 def test_resume_with_more_epochs_extends_a_finished_run(tmp_path):
     run = tmp_path / "run"
     assert main(["--epochs", "1", "--out", str(run)] + FAST) == 0
-    # A checkpoint of an earlier version also held the schedule's settings: resuming ignores them.
+    # Keys a resume does not know are ignored: here settings of the schedule, which follows the config alone.
     old = load_checkpoint(run / "last.pt")
     torch.save({**old, "schedule": {"kind": "cosine", "epochs": 1, "steps_per_epoch": 3}}, run / "last.pt")
     assert main(["--resume", str(run), "--epochs", "2", "--no-progress"]) == 0

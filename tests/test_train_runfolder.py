@@ -324,3 +324,33 @@ def test_a_checkpoint_whose_weights_do_not_fit_is_named(runs, tmp_path, capsys):
     assert main(["--resume", str(run), "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert f"{run / 'last.pt'} does not fit the model" in err and "layer1.0.conv1.weight: (3, 3) given" in err
+
+
+def test_a_checkpoint_older_than_the_oldest_release_is_refused_in_one_line(runs, tmp_path, capsys):
+    """A last.pt without the epochs' metrics rows (written before teskd_fast 0.1) is refused with one line and
+    exit status 1, not resumed with guessed metrics."""
+    old = tmp_path / "old"
+    shutil.copytree(runs["finished"], old)
+    ckpt = load_checkpoint(old / "last.pt")
+    del ckpt["metrics"]
+    torch.save(ckpt, old / "last.pt")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["--resume", str(old), "--epochs", "3"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 1 and len(err) == 1 and "older than teskd_fast 0.1" in err[0], err
+
+
+def test_under_torchrun_a_folder_with_this_runs_last_pt_resumes_whatever_the_restart_count(runs, tmp_path, capsys,
+                                                                                           monkeypatch):
+    """A multi-node restart can leave a node's TORCHELASTIC_RESTART_COUNT at 0 while its peers' is 1: the node
+    resumes all the same (the folder's last.pt decides), and another run's last.pt is refused naming the field."""
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    folder = tmp_path / "mid_epoch"
+    shutil.copytree(runs["mid_epoch"], folder)
+    with pytest.raises(SystemExit) as e:
+        main(["--epochs", "3", "--lr", "0.2", "--out", str(folder)] + FAST)
+    assert e.value.code == 2 and "lr" in capsys.readouterr().err
+    assert main(["--epochs", "3", "--out", str(folder)] + FAST) == 0
+    assert "holds a last.pt: resuming from it" in capsys.readouterr().err
+    assert [r["epoch"] for r in read_metrics(folder)] == [1, 2, 3]

@@ -9,7 +9,6 @@ flip folded into its indices), one conversion and one multiply-add: no per-image
 import io
 import pickle
 import tarfile
-import warnings
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -217,7 +216,7 @@ def load_cifar(root, dataset="cifar100", download=False) -> dict[str, Any]:
     for split in ("train", "test"):
         arrays = [_split_arrays(batches[name], _member_name(source, name), layout["labels"], layout["classes"])
                   for name in layout[split]]
-        out[split] = tuple(torch.from_numpy(np.concatenate(a)) for a in zip(*arrays))
+        out[split] = tuple(torch.from_numpy(np.concatenate(a)) for a in zip(*arrays, strict=True))
     return out
 
 
@@ -251,9 +250,6 @@ class CifarLoader(EpochState):
             equal in size (the epoch is cut to a multiple of world_size); evaluation shards cover the split.
         channels_last: batches in channels_last memory format (the shape stays [B, 3, 32, 32]).
         dtype: float32, bfloat16 or float16 output (normalised in float32, rounded once).
-        cpu_threads: accepted for compatibility and ignored (it used to set torch's intra-op thread count
-            around every CPU batch). A CPU batch is now made in chunks of ``CPU_CHUNK`` images whose ops each run
-            on the calling thread, whatever ``torch.get_num_threads()`` is, and the process's setting is untouched.
         pad: the training crop's zero padding (CIFAR: 4). flip: horizontal flips with p = 0.5 in training.
         out_channels: channels of the batches; a single-channel split is repeated to 3 (normalised first, with
             one mean and std): every network of the package takes 3 channels. None: the split's own.
@@ -269,11 +265,8 @@ class CifarLoader(EpochState):
 
     def __init__(self, images, labels, *, batch_size=128, train=True, device=None, seed=27, drop_last=False,
                  rank=0, world_size=1, channels_last=False, dtype=torch.float32, mean=CIFAR_MEAN, std=CIFAR_STD,
-                 classes=None, cpu_threads=None, pad=PAD, flip=True, out_channels=None):
+                 classes=None, pad=PAD, flip=True, out_channels=None):
         check_sharding(batch_size, rank, world_size)
-        if cpu_threads is not None:
-            warnings.warn("CifarLoader(cpu_threads=...) has no effect any more: CPU batches are made on the calling "
-                          "thread without changing torch's thread count", DeprecationWarning, stacklevel=2)
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] not in (1, 3):
             raise ValueError(f"images must be uint8 [N, C, H, W] with C 1 or 3 (CIFAR: [N, 3, 32, 32]), got "
                              f"{images.dtype} {tuple(images.shape)}")

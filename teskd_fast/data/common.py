@@ -123,7 +123,7 @@ def normalize_constants(mean, std, device, dtype=torch.float32, dim=4) -> tuple[
     """``(scale, bias)`` with ``x * scale + bias == (x / 255 - mean) / std``, shaped to broadcast on channel dim 1."""
     shape = (1, -1) + (1,) * (dim - 2)
     scale = torch.tensor([1.0 / (255.0 * s) for s in std], device=device, dtype=dtype).view(shape)
-    bias = torch.tensor([-m / s for m, s in zip(mean, std)], device=device, dtype=dtype).view(shape)
+    bias = torch.tensor([-m / s for m, s in zip(mean, std, strict=True)], device=device, dtype=dtype).view(shape)
     return scale, bias
 
 

@@ -196,7 +196,7 @@ class _PassFeed:
         indices, keys, reads = self._ahead if self._ahead is not None else self._submit(next(self._batches))
         following = next(self._batches, None)
         self._ahead = None if following is None else self._submit(following)
-        files, sizes = zip(*(r.result() for r in reads))
+        files, sizes = zip(*(r.result() for r in reads), strict=True)
         # Batches of equal-shape samples go as one array each, with the batch as the outer dimension.
         labels = np.array([[self.index.samples[i][1]] for i in indices], np.int32)
         if not self.train:

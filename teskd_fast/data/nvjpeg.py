@@ -84,7 +84,7 @@ class _FileBytes(torch.utils.data.Dataset):
 
 
 def _collate(batch):
-    data, labels, idx = zip(*batch)
+    data, labels, idx = zip(*batch, strict=True)
     return list(data), torch.tensor(labels, dtype=torch.int64), list(idx)
 
 
@@ -119,7 +119,7 @@ class NvjpegImageLoader(ImageLoaderBase):
                 # torchvision 0.29 marks its image codecs deprecated in favour of TorchCodec; they still work.
                 warnings.simplefilter("ignore", DeprecationWarning)
                 decoded = self._decode_ordered([data[n] for n in todo], [idx[n] for n in todo])
-            for n, img in zip(todo, decoded):
+            for n, img in zip(todo, decoded, strict=True):
                 images[n] = img
         return images
 
@@ -167,7 +167,7 @@ class NvjpegImageLoader(ImageLoaderBase):
                           "counted in the loader's decode_fallbacks and cpu_decoded_images, without a warning",
                           RuntimeWarning, stacklevel=2)
         out = []
-        for d, i in zip(data, idx):
+        for d, i in zip(data, idx, strict=True):
             try:
                 out.append(decode_jpeg(d, mode=ImageReadMode.RGB, device=self.decode_device))
                 continue
@@ -186,14 +186,14 @@ class NvjpegImageLoader(ImageLoaderBase):
         out = torch.empty(len(images), 3, s, s, device=self.decode_device)
         if self.augment == "pad-crop":
             p = pad_of(s)
-            for n, (img, (dy, dx, flip)) in enumerate(zip(images, pad_crops(len(images), s, rng))):
+            for n, (img, (dy, dx, flip)) in enumerate(zip(images, pad_crops(len(images), s, rng), strict=True)):
                 img = F.interpolate(img[None].float(), size=(s, s), mode="bilinear", antialias=True,
                                     align_corners=False)
                 crop = F.pad(img, (p, p, p, p))[0, :, dy : dy + s, dx : dx + s]
                 out[n] = crop.flip(-1) if flip else crop
             return out
         crops = train_crops([img.shape[1:] for img in images], rng, self.crop_scale)
-        for n, (img, (top, left, h, w, flip)) in enumerate(zip(images, crops)):
+        for n, (img, (top, left, h, w, flip)) in enumerate(zip(images, crops, strict=True)):
             crop = img[None, :, top : top + h, left : left + w].float()
             crop = F.interpolate(crop, size=(s, s), mode="bilinear", antialias=True, align_corners=False)
             out[n] = crop[0].flip(-1) if flip else crop[0]

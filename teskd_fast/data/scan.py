@@ -168,7 +168,7 @@ def scan_image_folder(root, workers=None, cache=None, write_cache=True, formats=
     found = {s: [0] * len(c) for s, c in listing.items()}
     good = {s: [0] * len(c) for s, c in listing.items()}
     other = {s: [[] for _ in c] for s, c in listing.items()}  # decodable, of a format not in ``formats`` (PNG)
-    for (split, rel, label, size, mtime), path, (fmt, reason) in zip(jobs, paths, reasons):
+    for (split, rel, label, size, mtime), path, (fmt, reason) in zip(jobs, paths, reasons, strict=True):
         found[split][label] += 1
         entries[split].append([rel, label, fmt, size, mtime])
         if fmt is not None:

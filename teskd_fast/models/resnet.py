@@ -67,7 +67,7 @@ def build_resnet(arch: str, num_classes: int, stem: str = "imagenet", width: flo
         net.conv1 = nn.Conv2d(3, inplanes, kernel_size=3, stride=1, padding=1, bias=False)
         net.maxpool = nn.Identity()
     net.bn1 = nn.BatchNorm2d(inplanes)
-    for i, (planes, blocks) in enumerate(zip((64, 128, 256, 512), layers)):
+    for i, (planes, blocks) in enumerate(zip((64, 128, 256, 512), layers, strict=True)):
         stage = _stage(block, inplanes, _scaled(planes, width), blocks, 1 if i == 0 else 2, groups, width_per_group)
         setattr(net, f"layer{i + 1}", stage)
         inplanes = _scaled(planes, width) * block.expansion

@@ -221,7 +221,7 @@ class TESKDNet(nn.Module):
         for level in (1, 2, 3):
             if level >= finest:
                 setattr(self, f"fuse_{level}", nn.Sequential(*conv_bn_relu(2 * sw, sw)))
-        for level, k in zip((1, 2, 3), kernels):
+        for level, k in zip((1, 2, 3), kernels, strict=True):
             if level in levels:
                 # The last 1x1 conv maps the students' width back to W, the teacher feature's.
                 head = conv_bn_relu(sw, sw, k, stride=k, bias=True) + conv_bn_relu(sw, width, bias=True)

@@ -10,6 +10,8 @@ timm model (:func:`teskd_fast.export_teacher`). A classifier that is a 1x1 conv 
 is applied to the pre-logits as the linear map it is.
 """
 
+import itertools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -69,7 +71,7 @@ def timm_levels(model) -> tuple[list[int], list[int], int]:
     if len(info) < LEVELS:
         raise ValueError(f"{name} gives {len(info)} feature level(s) (channels {channels}, strides {strides}); TESKD "
                          f"needs {LEVELS} (ConvNeXt, EfficientNet, MobileNetV3, RegNet, ResNet, Swin, ... have them)")
-    if any(b <= a for a, b in zip(strides, strides[1:])) or any(strides[-1] % s for s in strides):
+    if any(b <= a for a, b in itertools.pairwise(strides)) or any(strides[-1] % s for s in strides):
         raise ValueError(f"{name}: its last {LEVELS} feature levels have strides {strides}; TESKD needs increasing "
                          "strides that divide the last one (a pyramid: ConvNeXt, EfficientNet, RegNet, ResNet, "
                          "Swin, ...). Plain ViTs keep one stride and are not supported")

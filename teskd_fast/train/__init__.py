@@ -1,7 +1,8 @@
 """teskd_fast.train: the ``teskd-train`` command and its parts.
 
 - :mod:`~teskd_fast.train.config`: :class:`TrainConfig`, the presets, the generated argparse flags;
-- :mod:`~teskd_fast.train.cli`: the command itself (flags to config, exit statuses);
+- :mod:`~teskd_fast.train.cli`: the command itself (flags to config);
+- :mod:`~teskd_fast.train.exit_status`: the exit statuses of ``teskd-train`` and ``teskd-compare``;
 - :mod:`~teskd_fast.train.build`: the dataset check, loaders, model, loss and optimiser built from a config;
 - :mod:`~teskd_fast.train.schedule`: the learning-rate schedule and progressive resizing;
 - :mod:`~teskd_fast.train.trainer`: :class:`Trainer` (epochs, evaluation, checkpoints, signals, exact resume);
@@ -18,6 +19,7 @@
 - :mod:`~teskd_fast.train.stats`: mean, standard deviation, Student's t intervals of paired differences.
 """
 
+from teskd_fast.train.cli import main
 from teskd_fast.train.config import PRESETS, TrainConfig
 
 __all__ = ["PRESETS", "TrainConfig", "fit", "main"]
@@ -30,10 +32,3 @@ def __getattr__(name):
 
         return fit
     raise AttributeError(f"module 'teskd_fast.train' has no attribute {name!r}")
-
-
-def main(argv=None) -> int:
-    """Run ``teskd-train`` with ``argv`` (default: the command line); returns the exit status."""
-    from teskd_fast.train.cli import main as _main
-
-    return _main(argv)

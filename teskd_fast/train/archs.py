@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from teskd_fast.train.config import ConfigError, TrainConfig
-
 TIMM_PREFIX = "timm/"
 # Digits are 8x8: a timm backbone (stride-32 features, stems that refuse tiny inputs) sees them resized to this.
 TIMM_DIGITS_SIZE = 32
@@ -17,7 +15,8 @@ TIMM_DIGITS_SIZE = 32
 
 class ArchChoices(tuple):
     """The ``--arch`` names: the ResNet registry's (listed, iterated) and any ``timm/NAME`` (accepted: argparse
-    and :func:`validate` ask ``in``; whether timm has NAME is :func:`check_timm_arch`'s business)."""
+    and :func:`teskd_fast.train.config.validate` ask ``in``; whether timm has NAME is
+    :func:`teskd_fast.train.config.check_timm_arch`'s business)."""
 
     def __contains__(self, name) -> bool:
         return tuple.__contains__(self, name) or (isinstance(name, str) and name.startswith(TIMM_PREFIX)
@@ -27,26 +26,6 @@ class ArchChoices(tuple):
 def timm_name(arch: str) -> str | None:
     """``NAME`` for ``--arch timm/NAME``, else None."""
     return arch[len(TIMM_PREFIX):] if arch.startswith(TIMM_PREFIX) else None
-
-
-def check_timm_arch(cfg: TrainConfig) -> None:
-    """Raise :class:`ConfigError` when ``--arch timm/NAME`` cannot be built: timm missing, no such model, or a
-    ResNet-only ``--width``."""
-    arch = cfg.arch
-    name = timm_name(arch)
-    if name is None:
-        return
-    try:
-        import timm
-    except ImportError:
-        raise ConfigError(f"--arch {arch}: needs timm, an optional dependency: pip install timm") from None
-    if not timm.is_model(name):
-        close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
-        raise ConfigError(f"--arch {arch}: timm has no model {name!r}"
-                          + (f" (similar: {', '.join(close)})" if close else ""))
-    if cfg.width != 1.0:
-        raise ConfigError(f"--width {cfg.width:g}: the width factor applies to the torchvision ResNets; for "
-                          f"{arch} choose a smaller timm model instead")
 
 
 def timm_defaults(values: dict[str, Any], overrides: dict[str, Any]) -> None:

@@ -37,7 +37,7 @@ def check_batches(cfg: TrainConfig, env: D.DistEnv, resume: dict[str, Any] | Non
                           "process (BatchNorm normalises a batch by its own statistics); use "
                           f"--batch-size {2 * w} or more")
     sums = resume.get("accumulator") if resume and resume.get("position") else None
-    saved = sums.get("world_size") if isinstance(sums, dict) else None  # None: between epochs, or an older version
+    saved = sums.get("world_size") if isinstance(sums, dict) else None  # None: saved between epochs
     if saved is not None and saved != w:
         raise ConfigError(
             f"last.pt was saved inside epoch {resume['epoch'] + 1} (batch {resume['position']}) by {saved} "

@@ -1,8 +1,7 @@
 """Atomic checkpoints, the random-number-generator states an exact resume needs, and the run's last.pt.
 
 A training checkpoint (``last.pt``, ``best.pt``) is a dict with ``"format": CHECKPOINT_FORMAT``; its other keys
-are written by :meth:`teskd_fast.train.trainer.Trainer.state`. Keys a loader does not know are ignored, so
-checkpoints of earlier versions (which also held a ``"schedule"`` entry, and no ``"metrics"`` rows) still resume.
+are written by :meth:`teskd_fast.train.trainer.Trainer.state`. Keys a loader does not know are ignored.
 
 A checkpoint holds only tensors, numbers, strings, lists and dicts (the NumPy RNG state too, see
 :func:`rng_state`), and is read with PyTorch's restricted unpickler (:func:`teskd_fast.serialization.load_torch`):
@@ -332,4 +331,9 @@ def load_resume(run_dir: str | Path) -> dict[str, Any]:
     ckpt = load_checkpoint(path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"--resume {run_dir}: {path} is not a teskd-train checkpoint")
+    if "metrics" not in ckpt:
+        # Checkpoints hold every finished epoch's metrics row since before teskd_fast 0.1 (the oldest release
+        # whose checkpoints resume); one without them is refused rather than resumed with its files' rows guessed.
+        raise ValueError(f"--resume {run_dir}: {path} was written by a teskd-train older than teskd_fast 0.1 (it "
+                         "holds no metrics rows) and cannot be resumed; start a new run")
     return ckpt

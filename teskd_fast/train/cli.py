@@ -13,16 +13,17 @@ A run folder is used by one training process at a time (:mod:`.runfolder`): a se
 resume continues the same run: a last.pt of another run, or a flag that changes what the run computes (any but
 those in :data:`teskd_fast.train.config.CHANGEABLE_AT_RESUME`), is refused before any work.
 
-Exit status (every failure prints one ``teskd-train: ...`` line naming the file, folder or flag; no traceback):
+Exit status (:mod:`.exit_status`; every failure prints one ``teskd-train: ...`` line naming the file, folder or flag;
+no traceback):
 
 - 0: done.
-- 1: a missing or unusable dataset (any :class:`teskd_fast.data.DatasetError`, whether the check before the run
-  or a loader during it found it, e.g. an image that cannot be decoded: last.pt then holds the last finished
-  epoch), or a checkpoint that is missing, corrupt, of another kind (``--eval-only`` takes a teskd-train
-  checkpoint or a teacher.pt / teacher.safetensors state_dict, or a run folder for its best.pt), refused because
-  loading it would run code (:mod:`teskd_fast.serialization`: last.pt, best.pt, the --eval-only file) or that does
-  not fit the network.
-- 2: a bad flag value or configuration, found before any work: an unknown or invalid value (of a flag, or of a
+- 1: missing or unusable data, or an unusable checkpoint: a dataset (any :class:`teskd_fast.data.DatasetError`,
+  whether the check before the run or a loader during it found it, e.g. an image that cannot be decoded: last.pt
+  then holds the last finished epoch), or a checkpoint that is missing, corrupt, of another kind (``--eval-only``
+  takes a teskd-train checkpoint or a teacher.pt / teacher.safetensors state_dict, or a run folder for its best.pt),
+  refused because loading it would run code (:mod:`teskd_fast.serialization`: last.pt, best.pt, the --eval-only
+  file) or that does not fit the network.
+- 2: a bad flag or configuration, found before any work: an unknown or invalid value (of a flag, or of a
   ``--config`` file's key, named as that key; an ``--init`` file missing, empty, refused as above, or not the
   teacher's weights included), an ``--arch`` that ``wrap()`` refuses or that cannot run at the run's image size,
   ``--loader nvjpeg`` without CUDA or ``--loader dali`` without DALI, an ``--out`` folder that cannot be created or
@@ -38,9 +39,10 @@ A run that stops before training starts (exit 1 or 2) leaves no run folder behin
 and the network are built.
 
 Elastic restarts: when ``torchrun --max-restarts N`` restarts a failed worker group, each worker runs the same
-command line again (``TORCHELASTIC_RESTART_COUNT`` > 0). If its ``--out`` folder then holds a last.pt, the run
-resumes from it exactly as ``--resume`` would, with the same checks; without ``--out`` (a default folder is named
-after its start time) a restarted group cannot find its run and is refused (exit 2).
+command line again. Under torchrun, an ``--out`` folder that holds a last.pt is resumed exactly as ``--resume``
+would, with the same checks (another run's last.pt is refused, exit 2), whatever this node's
+``TORCHELASTIC_RESTART_COUNT``, so that all nodes of a group decide alike; without ``--out`` (a default folder is
+named after its start time) a restarted group cannot find its run and is refused (exit 2).
 """
 
 from __future__ import annotations
@@ -54,7 +56,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from teskd_fast.train.archs import timm_name
 from teskd_fast.train.config import ConfigError, TrainConfig, build_parser, check_files, load_yaml, resolve
+from teskd_fast.train.exit_status import CONFIG, DATA, DONE, INTERRUPTED, NONFINITE, OUTSIDE, stopped_by
 from teskd_fast.train.runfolder import RunFolderRefused
 
 
@@ -102,36 +106,45 @@ def _resolve_args(argv: list[str] | None, held: contextlib.ExitStack) -> _Resolv
     except RunFolderRefused as e:
         # Not a misspelt flag: the message alone, without the usage text.
         print(f"teskd-train: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(CONFIG) from None
     except ConfigError as e:
-        parser.error(str(e))
-        raise  # parser.error exits; this line is never reached
+        parser.error(str(e))  # exits with status 2 (CONFIG), the usage text above the message
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         # A missing or foreign checkpoint for --resume / --eval-only.
         print(f"teskd-train: {e}", file=sys.stderr)
-        raise SystemExit(1) from None
+        raise SystemExit(DATA) from None
     except OSError as e:
         # The resumed folder's lock file cannot be written (a full disk): nothing has run.
         print(f"teskd-train: {_os_error_message(e, Path(overrides.get('resume') or '.'))}", file=sys.stderr)
-        raise SystemExit(4) from None
+        raise SystemExit(OUTSIDE) from None
 
 
 def _restarted_run(overrides: dict[str, Any]) -> bool:
-    """True when torchrun restarted this worker group and its run folder holds a last.pt to resume from."""
+    """True when torchrun runs this command and its ``--out`` folder holds a last.pt: an earlier attempt's (a
+    restarted worker group), which the run resumes; :func:`_resume_config` refuses it when it is another run's.
+
+    Every node decides from the run folder and the command line alone, which all nodes share, not from its own
+    ``TORCHELASTIC_RESTART_COUNT``: in a multi-node job a node whose agent did not restart (or joined anew) has
+    count 0 while its peers resume. No attempt of this job can have written the last.pt it finds: the processes
+    all pass here before the process group forms, and no step runs before it does.
+    """
     from teskd_fast.train.distributed import launch_rank
 
-    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    if not restart.isdigit() or int(restart) == 0:
-        return False
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if restart is None:
+        return False  # not under torchrun
     if not overrides.get("out"):
-        raise RunFolderRefused(f"torchrun restarted the workers (TORCHELASTIC_RESTART_COUNT={restart}), but without "
-                               "--out the first attempt's run folder cannot be found (its name holds its start "
-                               "time): resume it with --resume RUN_DIR, and give --out to jobs that may restart")
+        if restart.isdigit() and int(restart) > 0:
+            raise RunFolderRefused(f"torchrun restarted the workers (TORCHELASTIC_RESTART_COUNT={restart}), but "
+                                   "without --out the first attempt's run folder cannot be found (its name holds "
+                                   "its start time): resume it with --resume RUN_DIR, and give --out to jobs that "
+                                   "may restart")
+        return False
     if not (Path(overrides["out"]) / "last.pt").is_file():
         return False  # nothing saved yet: the run starts again
     if launch_rank() == 0:
-        print(f"teskd-train: torchrun restarted the workers (restart {restart}): resuming {overrides['out']} from "
-              "its last.pt", file=sys.stderr, flush=True)
+        print(f"teskd-train: under torchrun (restart {restart} of this node), {overrides['out']} holds a last.pt: "
+              "resuming from it", file=sys.stderr, flush=True)
     return True
 
 
@@ -269,22 +282,22 @@ def _run(cfg: TrainConfig, ckpt: dict[str, Any] | None, run_dir: Path, held: con
     from teskd_fast.train import distributed as D
     from teskd_fast.train.checkpoint import CheckpointError
     from teskd_fast.train.runfolder import RunLock
-    from teskd_fast.train.trainer import Interrupted, NonFiniteLoss, Trainer
+    from teskd_fast.train.trainer import Abandoned, Interrupted, NonFiniteLoss, Trainer
 
     try:
         if not cfg.eval_only and not cfg.resume:
             _check_run_folder(run_dir)
     except ConfigError as e:
         print(f"teskd-train: error: {e}", file=sys.stderr)
-        return 2
+        return CONFIG
     try:
         env = D.setup(cfg.device)
     except D.DistributedSetupError as e:
         print(f"teskd-train: {e}", file=sys.stderr)
-        return 4
+        return OUTSIDE
     except RuntimeError as e:
         print(f"teskd-train: {e}", file=sys.stderr)
-        return 2
+        return CONFIG
     trainer = None
     try:
         if cfg.eval_only:
@@ -295,18 +308,18 @@ def _run(cfg: TrainConfig, ckpt: dict[str, Any] | None, run_dir: Path, held: con
             # An existing folder: refused now if another run holds it (naming that run) or has saved there.
             lock = held.enter_context(RunLock(run_dir))
             if _holds_a_run(run_dir):
-                return 2
+                return CONFIG
         # A new run folder is made once the data and the network are built: a run that cannot start leaves none.
         trainer = Trainer(cfg, run_dir, env, resume=ckpt)
         cost = _print_cost(trainer.raw_model, cfg) if env.is_main else None
         if cfg.dry_run:
-            return 0
+            return DONE
         if new_run:
             if lock is None:
                 _make_run_folder(run_dir)
                 lock = held.enter_context(RunLock(run_dir))
                 if _holds_a_run(run_dir):  # another run started there meanwhile and saved
-                    return 2
+                    return CONFIG
             lock.remove_stale_temporaries()
         if env.is_main:
             try:
@@ -321,7 +334,7 @@ def _run(cfg: TrainConfig, ckpt: dict[str, Any] | None, run_dir: Path, held: con
         if env.is_main:
             print(_start_line(cfg, trainer, env, run_dir, ckpt), flush=True)
         trainer.fit()
-        return 0
+        return DONE
     except DatasetError as e:
         # Whatever only reading the data reveals (an empty class folder, a missing or corrupt CIFAR file, an
         # undecodable image): the data package's message, no traceback. A run stopped by it keeps the last.pt
@@ -330,28 +343,29 @@ def _run(cfg: TrainConfig, ckpt: dict[str, Any] | None, run_dir: Path, held: con
         last = run_dir / "last.pt"
         saved = f"; {last} holds the last saved state" if trainer is not None and last.exists() else ""
         print(f"teskd-train: {e}{saved}", file=sys.stderr)
-        return 1
+        return DATA
     except (CheckpointError, ConfigError, NonFiniteLoss) as e:
         # An unusable checkpoint 1, a configuration only the built run reveals 2, a non-finite loss 3.
-        status = 2 if isinstance(e, ConfigError) else 3 if isinstance(e, NonFiniteLoss) else 1
-        print(f"teskd-train: {'error: ' if status == 2 else ''}{e}", file=sys.stderr)
+        status = CONFIG if isinstance(e, ConfigError) else NONFINITE if isinstance(e, NonFiniteLoss) else DATA
+        print(f"teskd-train: {'error: ' if status == CONFIG else ''}{e}", file=sys.stderr)
         return status
     except Interrupted as e:
         if env.is_main:
             print(str(e), file=sys.stderr)
-        return 128 + int(e.signum)
+        return stopped_by(e.signum)
     except OSError as e:
         # A write to the run folder failed (checkpoints, metrics, exports: the data's errors are DatasetErrors).
         last = run_dir / "last.pt"
         saved = f"; {last} holds the last saved state" if not cfg.eval_only and last.exists() else ""
         print(f"teskd-train: {_os_error_message(e, run_dir)}{saved}", file=sys.stderr)
-        return 4
-    except KeyboardInterrupt:
-        # A second Ctrl-C: the step in flight is abandoned and last.pt is the one of the previous save.
+        return OUTSIDE
+    except KeyboardInterrupt as e:
+        # A second SIGTERM or Ctrl-C (trainer.Abandoned), or a Ctrl-C before the trainer's handler: the step in
+        # flight, or the wait for its data, is abandoned and last.pt is the one of the previous save.
         last = run_dir / "last.pt"
         saved = f"; {last} holds the last saved state" if not cfg.eval_only and last.exists() else ""
         print(f"\nteskd-train: abandoned{saved}", file=sys.stderr)
-        return 130
+        return stopped_by(e.signum) if isinstance(e, Abandoned) else INTERRUPTED
     finally:
         # The DDP wrapper holds the process group. Drop the trainer here so that cleanup() destroys both while
         # the interpreter is alive: left to the exit, gloo's threads could abort a finished rank (see cleanup).
@@ -362,8 +376,6 @@ def _run(cfg: TrainConfig, ckpt: dict[str, Any] | None, run_dir: Path, held: con
 def _start_line(cfg: TrainConfig, trainer, env, run_dir: Path, ckpt: dict[str, Any] | None) -> str:
     """What a user checks at a glance before a run goes on: the data, the network, the recipe, where it runs. The
     values a folder's images gave (:func:`teskd_fast.train.config.folder_defaults`) come first, one line each."""
-    from teskd_fast.train.archs import timm_name
-
     notes = "".join(f"teskd-train: from the data: {note}\n" for note in getattr(cfg, "notes", ()))
     what = "resuming" if ckpt else "training"
     at = f" from epoch {trainer.epoch + 1}, batch {trainer.position}" if ckpt else ""
@@ -425,7 +437,7 @@ def _evaluate_only(cfg: TrainConfig, ckpt: dict[str, Any], run_dir: Path, env) -
         hint = (f"the teacher.json written beside a teacher.pt, or {flags}, say which network it is"
                 if teacher_sd else "a training checkpoint fits the flags it was trained with")
         print(f"teskd-train: --eval-only {cfg.eval_only}: {e} ({hint})", file=sys.stderr)
-        return 1
+        return DATA
     trainer.raw_model.load_state_dict(state)
     # The EMA teacher is evaluated too when the checkpoint holds one (a training checkpoint of an --ema-decay run).
     if trainer.ema is not None and not teacher_sd and ckpt.get("ema") is not None:
@@ -435,7 +447,7 @@ def _evaluate_only(cfg: TrainConfig, ckpt: dict[str, Any], run_dir: Path, env) -
     metrics = trainer.evaluate()
     if env.is_main:
         print_evaluation(metrics, cfg.eval_only, cfg.dataset, trainer.num_classes)
-    return 0
+    return DONE
 
 
 if __name__ == "__main__":

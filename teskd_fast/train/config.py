@@ -17,13 +17,21 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import math
+import statistics
 import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+import yaml
+
+from teskd_fast.kernels.options import SPEC, LossOptions
+from teskd_fast.train.archs import ArchChoices, timm_defaults, timm_name
+from teskd_fast.train.schedule import SCHEDULES
 
 METHODS = ("teskd", "baseline")
 
@@ -37,12 +45,11 @@ def choices() -> dict[str, tuple[str, ...]]:
     formulations from :data:`teskd_fast.models.factory.FORMULATIONS`, schedules from
     :data:`teskd_fast.train.schedule.SCHEDULES`. The ``teskd-train`` choices and :func:`validate` read this.
     """
+    # Imported here, not at the top: these registries' modules load torch, which the configuration does not need.
     from teskd_fast.data.catalog import DATASETS
     from teskd_fast.data.imagenet import LOADER_BACKENDS
     from teskd_fast.models.factory import FORMULATIONS
     from teskd_fast.models.resnet import ARCHS, STEMS
-    from teskd_fast.train.archs import ArchChoices
-    from teskd_fast.train.schedule import SCHEDULES
 
     return {
         "method": METHODS,
@@ -77,6 +84,12 @@ def _f(default, help, **kw):
     if isinstance(default, (list, tuple)):
         return field(default_factory=lambda d=tuple(default): d, metadata={"help": help, **kw})
     return field(default=default, metadata={"help": help, **kw})
+
+
+def _loss_option(name: str):
+    """The field of the loss option ``name``: its default and help are the specification's (kernels/options.py)."""
+    option = next(o for o in SPEC if o.name == name)
+    return _f(option.default, option.help)
 
 
 @dataclass
@@ -121,11 +134,11 @@ class TrainConfig:
     lr_milestones: tuple[float, ...] = _f((0.5, 0.75), "multistep milestones as fractions of --epochs")
     lr_gamma: float = _f(0.1, "multistep decay factor")
     warmup_epochs: float = _f(0.0, "linear warm-up from 0, per step, over this many epochs")
-    temperature: float = _f(4.0, "distillation temperature T")
-    ce_weight: float = _f(0.2, "alpha: weight of the cross-entropy of every head")
-    kd_weight: float = _f(0.8, "beta: weight of the teacher-to-student KL divergence")
-    feat_weight: float = _f(1e-7, "gamma: weight of the feature loss (a sum over batch and channels)")
-    label_smoothing: float = _f(0.0, "label smoothing of the cross-entropy")
+    temperature: float = _loss_option("temperature")
+    ce_weight: float = _loss_option("ce_weight")
+    kd_weight: float = _loss_option("kd_weight")
+    feat_weight: float = _loss_option("feat_weight")
+    label_smoothing: float = _loss_option("label_smoothing")
     cutmix_alpha: float = _f(0.0, "CutMix: Beta(alpha, alpha) of the kept area, per batch on the device (0: off)")
     cutmix_prob: float = _f(0.5, "CutMix: the probability that a batch is mixed (with --cutmix-alpha > 0)")
     image_size: int = _f(224, "training image size: a folder's crop (final size when progressive; a folder's "
@@ -178,17 +191,17 @@ class TrainConfig:
         return d
 
 
+# The published recipes. Their loss is the loss's defaults (kernels/options.py SPEC), not repeated here
+# (tests/test_train_config.py checks the resolved presets against the paper's values).
 _CIFAR = dict(
     dataset="cifar100", stem="cifar", epochs=200, batch_size=128, lr=0.1, momentum=0.9, nesterov=True,
     weight_decay=5e-4, bn_weight_decay=True, schedule="multistep", lr_milestones=(0.5, 0.75), lr_gamma=0.1,
-    warmup_epochs=0.0, temperature=4.0, ce_weight=0.2, kd_weight=0.8, feat_weight=1e-7, label_smoothing=0.0,
-    seed=27,
+    warmup_epochs=0.0, seed=27,
 )
 _IMAGENET = dict(
     dataset="imagenet", stem="imagenet", epochs=90, batch_size=256, lr=0.1, momentum=0.9, nesterov=False,
     weight_decay=1e-4, bn_weight_decay=True, schedule="multistep", lr_milestones=(1 / 3, 2 / 3), lr_gamma=0.1,
-    warmup_epochs=0.0, temperature=4.0, ce_weight=0.2, kd_weight=0.8, feat_weight=1e-7, label_smoothing=0.0,
-    image_size=224, image_size_start=0, val_image_size=224, val_resize=256, seed=27,
+    warmup_epochs=0.0, image_size=224, image_size_start=0, val_image_size=224, val_resize=256, seed=27,
 )
 # Our own short ImageNet recipe (not the paper's), after published fast ResNet-18 anchors (docs/method.md):
 # progressive 160 -> 192 px, label smoothing 0.1, no weight decay on BN and biases, a 2-epoch warm-up then a
@@ -424,8 +437,6 @@ _SYNONYMS = {"learning_rate": "lr", "batch": "batch_size", "wd": "weight_decay",
 
 def _suggestion(key: str) -> str | None:
     """The field an unknown key probably means (spelt as the key is: kebab-case or snake_case), or None."""
-    import difflib
-
     name = key.replace("-", "_")
     close = [_SYNONYMS[name]] if name in _SYNONYMS else difflib.get_close_matches(name, _field_names(), n=1, cutoff=0.6)
     return (_flag(close[0])[2:] if "-" in key else close[0]) if close else None
@@ -467,8 +478,6 @@ def named_fields(mapping: dict[Any, Any], where: str) -> tuple[dict[str, Any], d
 def safe_load_unique(text: str) -> Any:
     """``yaml.safe_load`` that refuses a mapping with a key twice (``yaml.YAMLError`` naming the key and its line),
     which PyYAML otherwise takes silently, the last value winning."""
-    import yaml
-
     class UniqueKeyLoader(yaml.SafeLoader):
         def construct_mapping(self, node, deep=False):
             seen = set()
@@ -490,8 +499,6 @@ def load_yaml(path: str, labels: dict[str, str] | None = None) -> dict[str, Any]
         path: the file.
         labels: filled with field -> how a message names its key in the file (for :func:`resolve`'s ``origin``).
     """
-    import yaml
-
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"--config: no such file: {p}")
@@ -560,8 +567,6 @@ def resolve(overrides: dict[str, Any], base: dict[str, Any] | None = None,
         values = {k: v for k, v in base.items() if k in names}
     values.update(overrides)
     values = {k: _coerce(k, v, origin.get(k)) for k, v in values.items()}
-    from teskd_fast.train.archs import timm_defaults, timm_name
-
     if timm_name(str(values.get("arch", ""))) is not None and base is None:
         timm_defaults(values, overrides)
     if base is None and values.get("opt") == "adamw" and "bn_weight_decay" not in overrides:
@@ -590,7 +595,7 @@ def folder_defaults(values: dict[str, Any], given: set[str]) -> list[str]:
     Returns:
         one line per value taken from the data (empty for any other dataset).
     """
-    from teskd_fast.data import DatasetError
+    from teskd_fast.data import DatasetError  # here: the data package loads torch (see choices)
 
     if dataset_kind(values.get("dataset", "")) != "folder":
         return []
@@ -621,9 +626,7 @@ def _median_side(split: Path, limit: int = 256) -> tuple[int, int]:
 
     Raises the data package's :class:`~teskd_fast.data.DatasetError` when the folder is not there (or its index
     refuses it)."""
-    import statistics
-
-    from PIL import Image
+    from PIL import Image  # here: an image folder's defaults only (the data package loads torch, see choices)
 
     from teskd_fast.data.folder import index_image_folder, open_regular
 
@@ -736,8 +739,6 @@ def validate(cfg: TrainConfig, origin: dict[str, str] | None = None) -> None:
     if cfg.student_width < 0:
         raise ConfigError(f"--student-width: must be >= 0 (0: W, the published network), got {cfg.student_width}")
     student_levels(cfg)
-    from teskd_fast.train.archs import check_timm_arch
-
     check_timm_arch(cfg)
     if cfg.val_resize < cfg.val_image_size:
         raise ConfigError(f"{flag('val_resize')} ({cfg.val_resize}) must be >= --val-image-size "
@@ -750,6 +751,26 @@ def validate(cfg: TrainConfig, origin: dict[str, str] | None = None) -> None:
         raise ConfigError("--resume and --eval-only cannot be combined")
     if not 0 <= cfg.seed < 2**64:  # torch.manual_seed's range (and the data's SeedSequence keys)
         raise ConfigError(f"{flag('seed')}: must be in [0, 2**64), got {cfg.seed}")
+
+
+def check_timm_arch(cfg: TrainConfig) -> None:
+    """Raise :class:`ConfigError` when ``--arch timm/NAME`` cannot be built: timm missing, no such model, or a
+    ResNet-only ``--width``."""
+    arch = cfg.arch
+    name = timm_name(arch)
+    if name is None:
+        return
+    try:
+        import timm
+    except ImportError:
+        raise ConfigError(f"--arch {arch}: needs timm, an optional dependency: pip install timm") from None
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
+        raise ConfigError(f"--arch {arch}: timm has no model {name!r}"
+                          + (f" (similar: {', '.join(close)})" if close else ""))
+    if cfg.width != 1.0:
+        raise ConfigError(f"--width {cfg.width:g}: the width factor applies to the torchvision ResNets; for "
+                          f"{arch} choose a smaller timm model instead")
 
 
 def _check_folder_options(cfg: TrainConfig) -> None:
@@ -795,7 +816,6 @@ def student_levels(cfg: TrainConfig) -> tuple[int, ...]:
 def loss_fields() -> tuple[str, ...]:
     """The fields that are options of the loss: those named as a field of
     :class:`teskd_fast.loss.options.LossOptions` (a new loss option becomes a flag by a field of that name here)."""
-    from teskd_fast.loss.options import LossOptions
 
     names = {f.name for f in fields(TrainConfig)}
     return tuple(name for name in LossOptions._fields if name in names)
@@ -804,7 +824,6 @@ def loss_fields() -> tuple[str, ...]:
 def _check_loss_options(cfg: TrainConfig, flag: Callable[[str], str] = _flag) -> None:
     """The loss's own check of its options (LossOptions.checked, the only one of their types and ranges), its error
     as a ConfigError naming the flag."""
-    from teskd_fast.loss.options import LossOptions
 
     for name in loss_fields():
         try:

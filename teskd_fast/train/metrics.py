@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from teskd_fast.loss.options import SUMMED_PARTS
+
 # Steps index into this sentinel when no step went non-finite.
 NO_STEP = 2**62
 
@@ -31,7 +33,7 @@ class TrainAccumulator:
     ``update`` never synchronises the host with the device; ``read`` does, once.
 
     Args:
-        parts: names of the loss parts (``["ce", "kd", "feat"]`` or ``["ce"]``).
+        parts: names of the loss parts (:data:`teskd_fast.loss.options.PARTS`, or ``["ce"]`` for the baseline).
         device: where the sums live.
     """
 
@@ -69,22 +71,22 @@ class TrainAccumulator:
         """Turn a (reduced) :meth:`packed` vector into per-epoch means.
 
         The sums over batches are divided by the number of batches; with several processes the vector was
-        summed over them, and so were the batch counts, so the means are over all processes' batches. The
-        feature loss is a sum over the batch: its global-batch value is the sum over processes, so its mean
-        is multiplied back by ``world_size``.
+        summed over them, and so were the batch counts, so the means are over all processes' batches. A part that
+        is a sum over the batch (``SUMMED_PARTS``, the feature loss) has the sum over processes as its global-batch
+        value, so its mean is multiplied back by ``world_size``.
         """
         n = 1 + len(self.parts)
         sums, bad = vec[: n + 3], vec[n + 3 :]
         batches = max(sums[n + 2], 1.0)
         out: dict[str, Any] = {"train_loss": sums[0] / batches}
         for i, p in enumerate(self.parts):
-            scale = world_size if p == "feat" else 1
+            scale = world_size if p in SUMMED_PARTS else 1
             out[f"train_{p}"] = sums[1 + i] / batches * scale
         out["train_top1_teacher"] = 100.0 * sums[n] / max(sums[n + 1], 1.0)
         out["_images"] = sums[n + 1]
         # The processes that trained the epoch: device hours are its time times them (teskd-compare's cost).
         out["processes"] = world_size
-        bad_steps = {name: int(b) for name, b in zip(["loss"] + self.parts, bad) if b < NO_STEP}
+        bad_steps = {name: int(b) for name, b in zip(["loss"] + self.parts, bad, strict=True) if b < NO_STEP}
         out["_nonfinite"] = bad_steps
         return out
 
@@ -175,13 +177,10 @@ class MetricsLog:
         rows: the rows of the epochs already finished (a resumed checkpoint's): the files are rewritten to hold
             exactly these, whatever they held (rows logged after that checkpoint are dropped, rows missing from
             the files, because the process was killed between writing the checkpoint and logging, come back;
-            their TensorBoard scalars are written again too).
-        keep_epochs: without ``rows`` (a checkpoint of an earlier version), the files' rows with ``epoch`` up to
-            this are kept and the others dropped.
+            their TensorBoard scalars are written again too). None: the files' rows are kept.
     """
 
-    def __init__(self, run_dir: Path, tensorboard: bool | None = None, rows: list[dict[str, Any]] | None = None,
-                 keep_epochs: int | None = None):
+    def __init__(self, run_dir: Path, tensorboard: bool | None = None, rows: list[dict[str, Any]] | None = None):
         self.run_dir = Path(run_dir)
         self.jsonl = self.run_dir / "metrics.jsonl"
         self.csv = self.run_dir / "metrics.csv"
@@ -189,7 +188,7 @@ class MetricsLog:
         if rows is not None:
             self.rows = list(rows)
         else:
-            self.rows = [r for r in logged if keep_epochs is None or r.get("epoch", 0) <= keep_epochs]
+            self.rows = logged
         self._rewrite()
         self.tb = None
         if tensorboard is not False:

@@ -66,8 +66,9 @@ def finished(run_dir: Path, epochs: int) -> bool:
         return False
     if not isinstance(summary, dict) or summary.get("epochs") != epochs:
         return False
-    # A summary.json of an earlier version, written before the teacher's files, lists none.
-    listed = summary.get("outputs", ["teacher.pt", "teacher.json"])
+    listed = summary.get("outputs")
+    if not isinstance(listed, list):
+        return False
     return all((run_dir / name).is_file() for name in listed)
 
 
@@ -124,7 +125,7 @@ def print_summary(summary: dict[str, Any], run_dir: Path) -> None:
     folder."""
     final = summary["final"]
     heads = [k[len("top1_"):] for k in final if k.startswith("top1_")]
-    # The dataset (a summary of an earlier version has only the preset).
+    # The dataset (a summary.json of teskd_fast 0.1 names only the preset).
     what = summary.get("dataset", summary["preset"])
     if summary.get("dataset") and summary["preset"] not in ("none", summary["dataset"]):
         what += f", preset {summary['preset']}"

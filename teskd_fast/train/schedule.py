@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from teskd_fast.train.config import TrainConfig
+if TYPE_CHECKING:  # the configuration imports this module (its --schedule choices): a type name only, never run
+    from teskd_fast.train.config import TrainConfig
 
 
 class LRSchedule:

@@ -154,7 +154,7 @@ def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float 
         raise ValueError("paired_difference: no pairs")
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"paired_difference: confidence must be in (0, 1), got {confidence}")
-    diffs = [x - y for x, y in zip(a, b)]
+    diffs = [x - y for x, y in zip(a, b, strict=True)]
     n, m, s = len(diffs), mean(diffs), std(diffs)
     if n < 2:
         return PairedDifference(n, m, math.nan, math.nan, math.nan, confidence, math.nan, math.nan)

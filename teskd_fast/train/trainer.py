@@ -85,6 +85,15 @@ class Interrupted(RuntimeError):
         self.signum = signum
 
 
+class Abandoned(KeyboardInterrupt):
+    """A second SIGTERM or Ctrl-C: the run stops at once, wherever it is (a step, a wait for data that does not
+    come), and last.pt stays the one of the previous save. ``signum`` is the second signal's number."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
 def _student_list(student_logits) -> list[torch.Tensor]:
     if isinstance(student_logits, torch.Tensor):
         return list(student_logits.unbind(0))
@@ -155,8 +164,8 @@ class Trainer:
         self.acc = TrainAccumulator(self.parts, dev)
         self._epoch_elapsed = 0.0
         self._acc_state: dict[str, torch.Tensor] | None = None
-        # The metrics row of every finished epoch; None for a checkpoint of an earlier version (without them).
-        self.history: list[dict[str, Any]] | None = []
+        # The metrics row of every finished epoch.
+        self.history: list[dict[str, Any]] = []
         if resume is not None:
             self._load(resume)
 
@@ -200,7 +209,7 @@ class Trainer:
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "epoch_elapsed": self._epoch_elapsed if self.position else 0.0,
             "best": dict(self.best),
-            "metrics": list(self.history or []),
+            "metrics": list(self.history),
         }
 
     def _load(self, ckpt: dict[str, Any]) -> None:
@@ -224,7 +233,7 @@ class Trainer:
             self.scaler.load_state_dict(ckpt["scaler"])
         self.epoch, self.position, self.step = ckpt["epoch"], ckpt["position"], ckpt["step"]
         self.best = dict(ckpt["best"])
-        self.history = list(ckpt["metrics"]) if "metrics" in ckpt else None
+        self.history = list(ckpt["metrics"])
         if self.position and ckpt.get("accumulator") is not None:
             # The saved sums are already reduced over the processes: rank 0 carries them, the others start at
             # zero, and the epoch's final all-reduce gives the same totals for any number of processes.
@@ -254,13 +263,15 @@ class Trainer:
     # Signals.
 
     def _handler(self, signum, frame):
-        if self._stop_signal is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+        # The first signal only asks: the run stops after the step in flight, writing last.pt. A step waiting on
+        # data that never comes (a hung file system, a stuck loader) would wait on: the second signal abandons it.
+        if self._stop_signal is not None:
+            raise Abandoned(signum)
         self._stop_signal = signum
         if self.env.is_main:
             name = signal.Signals(signum).name
             print(f"\nteskd-train: {name} received: finishing this step, then writing last.pt "
-                  "(Ctrl-C again to abandon)", flush=True)
+                  f"({name} or Ctrl-C again to abandon it)", flush=True)
 
     @contextlib.contextmanager
     def _signals(self):
@@ -443,9 +454,8 @@ class Trainer:
         cfg = self.cfg
         log = None
         if self.env.is_main:
-            # The files get exactly the checkpoint's rows (an earlier version's checkpoint has none: the files'
-            # rows up to its epoch are kept).
-            log = MetricsLog(self.run_dir, tensorboard=cfg.tensorboard, rows=self.history, keep_epochs=self.epoch)
+            # The files get exactly the checkpoint's rows.
+            log = MetricsLog(self.run_dir, tensorboard=cfg.tensorboard, rows=self.history)
             self.history = list(log.rows)
             repair_best(self.run_dir, self.epoch, self.position, self.best)
         try:

@@ -45,7 +45,7 @@ may change. A different ``--seeds`` adds seeds (or reports over the first N); th
 Under ``torchrun`` every process runs this command: each run uses all ranks, one run after another, and only
 rank 0 writes files. OUT must be on a filesystem every rank sees (as ``teskd-train --resume`` needs).
 
-Exit status: 0 done; 1 a missing dataset, a run folder that cannot be read, or a report that leaves a run out
+Exit status: 0 done; 1 missing data, an unreadable run folder, or a report that leaves a run out
 (unfinished, or metrics cut short, unreadable or not finite: the report is written over the other runs and names
 it); 2 a bad flag, an arm whose runs' command line teskd-train would refuse, or a changed configuration; 3 a
 non-finite loss; 128 + signal number when a run was stopped (rerun the command to continue).
@@ -64,6 +64,7 @@ import time
 from teskd_fast.train.compare.options import CompareError, Comparison, Run, build_compare_parser, parse
 from teskd_fast.train.compare.report import read_run, render_markdown, summarise, write_report
 from teskd_fast.train.compare.runs import check_command_lines, check_configuration, execute, write_record
+from teskd_fast.train.exit_status import DATA, DONE, INTERRUPTED
 
 __all__ = [
     "CompareError",
@@ -87,9 +88,9 @@ def _left_out_status(report: dict) -> int:
     """1 when the report left a run out (unfinished, or metrics that cannot be used), else 0."""
     if report["left_out"]:
         print(f"teskd-compare: the report leaves out {len(report['left_out'])} run(s) (see above and the end of "
-              "compare.md); exit status 1", file=sys.stderr)
-        return 1
-    return 0
+              f"compare.md); exit status {DATA}", file=sys.stderr)
+        return DATA
+    return DONE
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         if cmp.report_only:
-            return _left_out_status(write_report(cmp)) if is_main else 0
+            return _left_out_status(write_report(cmp)) if is_main else DONE
         check_configuration(cmp)
         check_command_lines(cmp)
         if is_main:
@@ -117,9 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         # OUT not writable, a file where a folder should be, a disk full.
         print(f"teskd-compare: {e}", file=sys.stderr)
-        return 1
+        return DATA
     except KeyboardInterrupt:
         print("\nteskd-compare: interrupted; run the same command again to continue", file=sys.stderr)
-        return 130
+        return INTERRUPTED
     print(f"teskd-compare: {len(cmp.runs)} runs in {cmp.out}; this invocation took {time.perf_counter() - t0:.0f} s")
-    return 0
+    return DONE

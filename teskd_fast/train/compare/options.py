@@ -54,7 +54,8 @@ def arm_label(arm: str) -> str:
 
 
 class CompareError(RuntimeError):
-    """A run folder that cannot be used; ``status`` is the exit status (1: unreadable, 2: configuration)."""
+    """A run folder that cannot be used; ``status`` is the exit status (:mod:`teskd_fast.train.exit_status`: DATA
+    unreadable, CONFIG a changed configuration)."""
 
     def __init__(self, message: str, status: int):
         super().__init__(message)
@@ -284,8 +285,7 @@ def parse(argv: list[str] | None) -> Comparison:
         seeds = tuple(base.seed + i for i in range(n_seeds))
         runs = make_runs(out, overrides, arms, seeds)
     except ConfigError as e:
-        parser.error(str(e))
-        raise  # parser.error exits; never reached
+        parser.error(str(e))  # exits with status 2 (exit_status.CONFIG)
     return Comparison(out, base, seeds, runs, tuple(_strip_compare_flags(argv)), arms)
 
 

@@ -21,20 +21,23 @@ def plot_report(report: dict[str, Any], results: list[dict[str, Any]], path: Pat
     fig, axes = plt.subplots(1, 3, figsize=(18, 4.8))
     colors = plt.get_cmap("tab10").colors
     arms = [a["arm"] for a in report["arms"]]
-    for arm, color in zip(arms, colors):
+    for i, arm in enumerate(arms):
+        color = colors[i % len(colors)]  # more arms than colours: the colours repeat, no arm is left out
         rows = [r for r in results if r["arm"] == arm]
         if not rows:
             continue  # every run of the arm left out of the report
         curves = [r["curve"] for r in rows]
         epochs = min(len(c) for c in curves)
         x = list(range(1, epochs + 1))
-        mu = [mean(c) for c in zip(*curves)][:epochs]
-        sd = [std(c) if len(curves) > 1 else 0.0 for c in zip(*curves)][:epochs]
+        # The seeds' curves may differ in length (a run stopped early): up to the shortest.
+        mu = [mean(c) for c in zip(*curves, strict=False)][:epochs]
+        sd = [std(c) if len(curves) > 1 else 0.0 for c in zip(*curves, strict=False)][:epochs]
         name = arm_label(arm)
         for ax, lo in ((axes[0], 0), (axes[1], epochs // 2)):
             ax.plot(x[lo:], mu[lo:], color=color, lw=2, label=f"{name}: mean of {len(curves)} seeds")
             if len(curves) > 1:
-                ax.fill_between(x[lo:], [a - b for a, b in zip(mu, sd)][lo:], [a + b for a, b in zip(mu, sd)][lo:],
+                band = list(zip(mu, sd, strict=True))[lo:]
+                ax.fill_between(x[lo:], [a - b for a, b in band], [a + b for a, b in band],
                                 color=color, alpha=0.2, lw=0)
         # Right: each seed's last-epoch top-1 at its time, and the arm's mean with its 95% interval.
         times = [r["time_s"] for r in rows]

@@ -12,6 +12,7 @@ from teskd_fast.train.checkpoint import atomic_write_text
 from teskd_fast.train.compare.options import NOT_COMPARED, CompareError, Comparison, Run, arm_label, config_record
 from teskd_fast.train.compare.plot import plot_report
 from teskd_fast.train.config import METHODS, TrainConfig, config_differences, resolve
+from teskd_fast.train.exit_status import DATA
 from teskd_fast.train.metrics import read_metrics
 from teskd_fast.train.report import finished
 from teskd_fast.train.stats import clip, has_spread, holm, mean, mean_interval, paired_difference, paired_p_value, std
@@ -72,17 +73,17 @@ def read_run(run: Run, after: int | None = None) -> dict[str, Any]:
     try:
         rows = read_metrics(run.folder)
     except (OSError, ValueError) as e:
-        raise CompareError(str(e), 1) from None  # it names the file
+        raise CompareError(str(e), DATA) from None  # it names the file
     epochs = [r.get("epoch") for r in rows]
     if epochs != list(range(1, run.cfg.epochs + 1)):
-        raise CompareError(f"{path} holds epochs {epochs}, not 1..{run.cfg.epochs}; the run folder is incomplete", 1)
+        raise CompareError(f"{path} holds epochs {epochs}, not 1..{run.cfg.epochs}; the run folder is incomplete", DATA)
     for r in rows:
         used = [k for k in r if k.startswith("val_top1_") or k in ("epoch_time", "train_time", "images_per_s",
                                                                      "processes")]
         for key in {"val_top1_teacher", *used}:
             if not _number(r.get(key)):
                 raise CompareError(f"{path}: epoch {r['epoch']}: {key} is {r.get(key)!r}, not a finite number; the "
-                                   "run's figures are not used", 1)
+                                   "run's figures are not used", DATA)
     if after is None:
         after = round(run.cfg.report_after * run.cfg.epochs)
     # The reference's rule, as teskd-train's summary.json: the best teacher top-1 after epoch `after`.
@@ -233,7 +234,7 @@ def summarise(cmp: Comparison, results: list[dict[str, Any]], left_out: list[dic
             adjusted = holm(ps)
         else:
             ps = adjusted = [math.nan] * len(others)
-        for a, d, p, p_holm in zip(others, diffs, ps, adjusted):
+        for a, d, p, p_holm in zip(others, diffs, ps, adjusted, strict=True):
             row = _comparison(d, p, p_holm, paired[a])
             comparisons[a][key] = {**row, "verdict": verdict_words(ref, a, row) if key == PRIMARY else NOT_TESTED}
     hours = {a: methods[a]["device_hours"] for a in cmp.arms if "device_hours" in methods[a]}

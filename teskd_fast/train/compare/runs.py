@@ -17,6 +17,7 @@ from teskd_fast.train.compare.options import (
     config_record,
 )
 from teskd_fast.train.config import ConfigError, TrainConfig, build_parser, config_differences, load_yaml, resolve
+from teskd_fast.train.exit_status import CONFIG, DATA, DONE
 from teskd_fast.train.report import finished
 from teskd_fast.train.runfolder import complete_config, read_config_yaml
 
@@ -25,7 +26,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         return read_config_yaml(path)
     except RuntimeError as e:
-        raise CompareError(str(e), 1) from None
+        raise CompareError(str(e), DATA) from None
 
 
 def check_configuration(cmp: Comparison) -> None:
@@ -56,7 +57,7 @@ def check_configuration(cmp: Comparison) -> None:
         raise CompareError(
             f"{cmp.out} holds a comparison made with another configuration; the fields that differ (stored -> "
             "now):\n  " + "\n  ".join(refusals)
-            + "\nRerun with the flags it was started with to continue it, or choose another --out.", 2)
+            + "\nRerun with the flags it was started with to continue it, or choose another --out.", CONFIG)
 
 
 def write_record(cmp: Comparison) -> None:
@@ -108,14 +109,14 @@ def check_command_lines(cmp: Comparison) -> None:
             cfg = _parse_train_argv(argv)
         except ConfigError as e:
             raise CompareError(f"{where}: its teskd-train command line is refused: {e}\n  the command line: "
-                               f"{' '.join(argv)}", 2) from None
+                               f"{' '.join(argv)}", CONFIG) from None
         diffs = config_differences(run.cfg.to_dict(), cfg.to_dict())
         if diffs:
             raise CompareError(f"{where}: its teskd-train command line gives another configuration than the "
-                               f"comparison's (comparison -> command line): {'; '.join(diffs)}", 2)
+                               f"comparison's (comparison -> command line): {'; '.join(diffs)}", CONFIG)
         if cfg.init and run_state(run) == "new" and not Path(cfg.init).is_file():
             what = "a folder" if Path(cfg.init).is_dir() else "no such file"
-            raise CompareError(f"{where}: --init {cfg.init}: {what} (a state_dict or checkpoint file)", 2)
+            raise CompareError(f"{where}: --init {cfg.init}: {what} (a state_dict or checkpoint file)", CONFIG)
 
 
 def _change(change: dict[str, Any]) -> str:
@@ -143,10 +144,10 @@ def _execute(cmp: Comparison, is_main: bool, train_main) -> int:
         try:
             status = train_main(train_argv(cmp, run, state))
         except SystemExit as e:
-            status = e.code if isinstance(e.code, int) else 2
+            status = e.code if isinstance(e.code, int) else CONFIG
         if status:
             if is_main:
                 print(f"teskd-compare: the run in {run.folder} stopped with status {status}; the finished runs are "
                       "kept: run the same command again to continue", file=sys.stderr)
             return status
-    return 0
+    return DONE
