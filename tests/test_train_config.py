@@ -162,7 +162,8 @@ def test_yaml_values_are_type_checked_and_named_by_the_files_key(tmp_path, capsy
         main(["--config", str(yml)])
     assert e.value.code == 2
     err = capsys.readouterr().err
-    line = err.strip().splitlines()[-1]
+    assert len(err.strip().splitlines()) == 1, err  # one line: not argparse's usage text above it
+    line = err.strip()
     assert f"{yml}: " in line and "Traceback" not in err, err
     for phrase in phrases:
         assert phrase in line, (phrase, line)

@@ -108,7 +108,9 @@ def _resolve_args(argv: list[str] | None, held: contextlib.ExitStack) -> _Resolv
         print(f"teskd-train: error: {e}", file=sys.stderr)
         raise SystemExit(CONFIG) from None
     except ConfigError as e:
-        parser.error(str(e))  # exits with status 2 (CONFIG), the usage text above the message
+        # One line (argparse's usage text is 40 lines of flags above it, and the value is named already).
+        print(f"teskd-train: error: {e}", file=sys.stderr)
+        raise SystemExit(CONFIG) from None
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         # A missing or foreign checkpoint for --resume / --eval-only.
         print(f"teskd-train: {e}", file=sys.stderr)
