@@ -255,3 +255,12 @@ def test_the_published_recipes_loss_is_the_specifications_defaults(preset):
     assert {name: getattr(cfg, name) for name in paper} == paper
     assert {o.name: o.default for o in SPEC if o.name in paper} == paper
     assert not set(paper) & set(PRESETS[preset]), "a preset spells the loss's defaults again"
+
+
+def test_a_warm_up_shorter_than_a_step_never_overshoots_the_peak_lr():
+    from teskd_fast.train.schedule import LRSchedule
+
+    cfg = resolve({"lr": 0.1, "epochs": 4, "warmup_epochs": 0.1, "schedule": "cosine"})
+    sched = LRSchedule(cfg, steps_per_epoch=5)  # the warm-up is half a step
+    lrs = [sched(e, s) for e in range(4) for s in range(5)]
+    assert max(lrs) <= 0.1 and lrs[0] == 0.1

@@ -28,7 +28,8 @@ class LRSchedule:
         cfg, n = self.cfg, self.steps_per_epoch
         t = epoch + step_in_epoch / n
         if cfg.warmup_epochs > 0 and t < cfg.warmup_epochs:
-            return cfg.lr * (epoch * n + step_in_epoch + 1) / (cfg.warmup_epochs * n)
+            # At most the peak: a warm-up shorter than one step would otherwise overshoot it.
+            return cfg.lr * min(1.0, (epoch * n + step_in_epoch + 1) / (cfg.warmup_epochs * n))
         frac = (t - cfg.warmup_epochs) / max(cfg.epochs - cfg.warmup_epochs, 1e-9)
         return cfg.lr * SCHEDULES[cfg.schedule](cfg, epoch, min(max(frac, 0.0), 1.0))
 
