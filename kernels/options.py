@@ -74,10 +74,12 @@ PARTS: tuple[str, ...] = ("ce", "kd", "feat")
 PART_WEIGHTS: dict[str, str] = {"ce": "ce_weight", "kd": "kd_weight", "feat": "feat_weight"}
 """The option that weighs each part: ``total = sum(options[PART_WEIGHTS[p]] * parts[p] for p in PARTS)``."""
 SUMMED_PARTS: frozenset[str] = frozenset({"feat"})
+BASELINE_PARTS: tuple[str, ...] = ("ce",)
+"""The parts of the baseline's plain cross-entropy loss (the teacher's CE alone)."""
 """The parts that are a sum over the batch, not a mean (the feature loss): over several processes, the global
 batch's value is the sum of theirs."""
-if set(PART_WEIGHTS) != set(PARTS) or not SUMMED_PARTS <= set(PARTS):
-    raise RuntimeError("kernels/options.py: PART_WEIGHTS and SUMMED_PARTS must name parts of PARTS")
+if set(PART_WEIGHTS) != set(PARTS) or not SUMMED_PARTS <= set(PARTS) or not set(BASELINE_PARTS) <= set(PARTS):
+    raise RuntimeError("kernels/options.py: PART_WEIGHTS, SUMMED_PARTS and BASELINE_PARTS must name parts of PARTS")
 
 
 def _plain(name, value):

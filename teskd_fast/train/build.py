@@ -18,6 +18,7 @@ from torch import nn
 from teskd_fast.data.catalog import LoaderRequest, dataset_spec
 from teskd_fast.data.imagenet import backend_problem
 from teskd_fast.data.protocol import Loader
+from teskd_fast.loss.options import BASELINE_PARTS
 from teskd_fast.train import distributed as D
 from teskd_fast.train.archs import timm_name
 from teskd_fast.train.config import ConfigError, TrainConfig, loss_fields, student_levels
@@ -205,7 +206,8 @@ def build_criterion(cfg: TrainConfig, world_size: int) -> Callable:
     if cfg.method == "baseline":
         def criterion(logits, target):
             loss = F.cross_entropy(logits.float(), target, label_smoothing=cfg.label_smoothing)
-            return loss, {"ce": loss.detach()}
+            (part,) = BASELINE_PARTS
+            return loss, {part: loss.detach()}
     else:
         from teskd_fast import TESKDLoss
 

@@ -33,7 +33,8 @@ class TrainAccumulator:
     ``update`` never synchronises the host with the device; ``read`` does, once.
 
     Args:
-        parts: names of the loss parts (:data:`teskd_fast.loss.options.PARTS`, or ``["ce"]`` for the baseline).
+        parts: names of the loss parts (:data:`teskd_fast.loss.options.PARTS`, or ``BASELINE_PARTS``
+            for the baseline).
         device: where the sums live.
     """
 

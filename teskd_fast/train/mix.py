@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from teskd_fast.data.common import MIX_STREAM, numpy_generator
+from teskd_fast.loss.options import BASELINE_PARTS
 from teskd_fast.train.config import TrainConfig
 
 
@@ -100,5 +101,6 @@ def with_mixed_targets(criterion: Callable, cfg: TrainConfig) -> Callable:
         logits = out.float()
         loss = lam * F.cross_entropy(logits, a, label_smoothing=cfg.label_smoothing) \
             + (1.0 - lam) * F.cross_entropy(logits, b, label_smoothing=cfg.label_smoothing)
-        return loss, {"ce": loss.detach()}
+        (part,) = BASELINE_PARTS
+        return loss, {part: loss.detach()}
     return mixed

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from teskd_fast.device import configure_backends
-from teskd_fast.loss.options import PARTS
+from teskd_fast.loss.options import BASELINE_PARTS, PARTS
 from teskd_fast.train import distributed as D
 from teskd_fast.train import report
 from teskd_fast.train.batches import EagerTails, check_batches, train_steps
@@ -160,7 +160,7 @@ class Trainer:
 
         self.epoch, self.position, self.step = 0, 0, 0
         self.best = {"top1": -1.0, "epoch": 0}
-        self.parts = ["ce"] if cfg.method == "baseline" else list(PARTS)
+        self.parts = list(BASELINE_PARTS if cfg.method == "baseline" else PARTS)
         self.acc = TrainAccumulator(self.parts, dev)
         self._epoch_elapsed = 0.0
         self._acc_state: dict[str, torch.Tensor] | None = None
