@@ -196,7 +196,7 @@ def test_verdicts_need_three_seeds_and_a_spread_and_intervals_stay_in_range(tmp_
     assert "| baseline | 0.0017 | 65.33 ± 1.15 | +0.0000 | -34.33 | – (the extra time is within its noise) |" in md
     # The recipe every arm shares, printed.
     assert ("lr 0.1 (global batch 128), schedule multistep (x0.1 at 0.5, 0.75 of the epochs), SGD momentum 0.9 "
-            "Nesterov, weight decay 0.0005, label smoothing 0, 4 epochs, image size 224, test 224 (resized to 256)"
+            "Nesterov, weight decay 0.0005, label smoothing 0, 4 epochs, image size 32, test 32"
             in md)
     assert "teacher (best after epoch 3, chosen on the test set) (ours; the published code's measure)" in md
 
