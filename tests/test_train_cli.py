@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from folders import small_jpeg_folder
 
 from teskd_fast.train.cli import main
 
@@ -16,21 +17,6 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = ["--device", "cpu", "--epochs", "1", "--steps-per-epoch", "1", "--width", "0.0625", "--threads", "1",
         "--no-plot"]
 
-
-def _small_jpeg_folder(root, classes=("a", "b", "c", "d"), per_class=3, sides=(40, 64), seed=0):
-    """An ImageFolder tree of small JPEGs (each side drawn in ``sides``), written with Pillow."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    for split in ("train", "val"):
-        for c in classes:
-            folder = root / split / c
-            folder.mkdir(parents=True)
-            for i in range(per_class):
-                w, h = rng.integers(sides[0], sides[1] + 1, 2)
-                Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"{i}.jpg")
-    return root
 
 
 def _umask_027():
@@ -42,7 +28,7 @@ def folder_run(tmp_path_factory):
     """A run on a folder of 40-64 px JPEGs with nothing but the dataset given (and the tiny sizes), its output
     a file (not a terminal), under umask 027."""
     tmp = tmp_path_factory.mktemp("folder-run")
-    root = _small_jpeg_folder(tmp / "f")
+    root = small_jpeg_folder(tmp / "f")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "teskd_fast.train", "--dataset", "folder", "--data-dir", str(root), "--batch-size",
            "4", "--loader", "torchvision", "--workers", "0", "--out", str(tmp / "run"), *TINY]
@@ -154,7 +140,7 @@ def test_a_folder_run_of_a_timm_model_is_not_told_of_a_stem(tmp_path):
     # --stem applies to the torchvision ResNets only: a timm run on a folder must not print "from the data: stem".
     from teskd_fast.train.config import folder_defaults
 
-    root = _small_jpeg_folder(tmp_path / "f")
+    root = small_jpeg_folder(tmp_path / "f")
     for arch, said in (("resnet18", True), ("timm/convnext_atto", False)):
         values = {"dataset": "folder", "data_dir": str(root), "arch": arch, "image_size": 0, "val_image_size": 0,
                   "val_resize": 0}
@@ -171,7 +157,7 @@ def test_a_named_pipe_among_the_images_does_not_hang_the_measure_of_the_image_si
 
     from teskd_fast.train.config import _median_side
 
-    root = _small_jpeg_folder(tmp_path / "f")
+    root = small_jpeg_folder(tmp_path / "f")
     os.mkfifo(root / "train" / "a" / "0fifo.jpg")  # sorts first: among the images measured
     result = []
     worker = threading.Thread(target=lambda: result.append(_median_side(root / "train")), daemon=True)

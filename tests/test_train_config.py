@@ -3,6 +3,7 @@
 import math
 
 import pytest
+from folders import small_jpeg_folder
 
 from teskd_fast.train.cli import main
 from teskd_fast.train.config import PRESETS, ConfigError, TrainConfig, build_parser, resolve
@@ -121,21 +122,6 @@ def test_yaml_syntax_error_is_a_configuration_error(tmp_path, capsys):
     assert "not valid YAML" in err and str(yml) in err and "Traceback" not in err
 
 
-def _small_jpeg_folder(root, classes=("a", "b", "c", "d"), per_class=3, sides=(40, 64), seed=0):
-    """An ImageFolder tree of small JPEGs (each side drawn in ``sides``), written with Pillow."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    for split in ("train", "val"):
-        for c in classes:
-            folder = root / split / c
-            folder.mkdir(parents=True)
-            for i in range(per_class):
-                w, h = rng.integers(sides[0], sides[1] + 1, 2)
-                Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"{i}.jpg")
-    return root
-
 
 @pytest.mark.parametrize("yaml_text, phrases", [
     # A YAML boolean is not a number (it trained at lr 1.0).
@@ -226,7 +212,7 @@ def test_a_datasets_defaults_apply_to_that_dataset_only(tmp_path):
 
 
 def test_a_folder_of_small_images_gets_its_size_from_the_images(tmp_path):
-    root = _small_jpeg_folder(tmp_path / "f")
+    root = small_jpeg_folder(tmp_path / "f")
     for name in ("folder", "imagenet"):
         cfg = resolve({"dataset": name, "data_dir": str(root)})
         assert 40 <= cfg.image_size <= 64 and cfg.image_size % 8 == 0, cfg.image_size
