@@ -28,6 +28,7 @@ def _pytest(args, cwd, **env):
                           capture_output=True, text=True, env={**os.environ, **env}, timeout=300)
 
 
+@pytest.mark.slow  # several seconds of subprocesses or compiles (docs/testing.md, tiers)
 @no_cuda_rule
 def test_every_test_that_skips_without_cuda_is_marked_gpu():
     done = _pytest(["tests", "--collect-only", "-q"], REPO, TESKD_CHECK_GPU_MARKERS="1")
@@ -54,6 +55,7 @@ def test_other_skip():
 '''
 
 
+@pytest.mark.slow  # several seconds of subprocesses or compiles (docs/testing.md, tiers)
 @no_cuda_rule
 def test_the_marker_rule_fails_an_unmarked_cuda_skip(tmp_path):
     shutil.copy(REPO / "tests" / "conftest.py", tmp_path / "conftest.py")
@@ -70,6 +72,7 @@ def test_the_marker_rule_fails_an_unmarked_cuda_skip(tmp_path):
     assert "test_static_marked" not in static.stdout.split("gpu marker rule")[-1]
 
 
+@pytest.mark.slow  # several seconds of subprocesses or compiles (docs/testing.md, tiers)
 def test_the_dry_run_skips_every_collected_test(tmp_path):
     shutil.copy(REPO / "tests" / "conftest.py", tmp_path / "conftest.py")
     (tmp_path / "test_rule.py").write_text("def test_fails():\n    raise AssertionError\n")
@@ -182,6 +185,7 @@ def test_quick():
 '''
 
 
+@pytest.mark.slow  # several seconds of subprocesses or compiles (docs/testing.md, tiers)
 def test_the_suites_timeout_wins_over_a_modules_timeout_marker(tmp_path):
     # The module's 300 s marker would override --timeout; the suite's TESKD_GPU_TEST_TIMEOUT overrides it for
     # gpu-marked tests, so a hung CUDA test fails with its stack after the suite's limit.
@@ -206,6 +210,7 @@ time.sleep(120)
 '''
 
 
+@pytest.mark.slow  # several seconds of subprocesses or compiles (docs/testing.md, tiers)
 def test_e2e_stage_kills_a_stuck_run_and_reports_what_it_has(tmp_path, capfd):
     import suite_e2e
 

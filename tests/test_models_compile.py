@@ -51,7 +51,8 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("formulation", ["fast", pytest.param("faithful", marks=pytest.mark.slow)])
+@pytest.mark.slow  # a cold compile of the network, train and eval (docs/testing.md, tiers)
+@pytest.mark.parametrize("formulation", ["fast", "faithful"])
 def test_fullgraph_no_recompile_across_steps_and_modes(formulation):
     model = tiny(formulation)
     # aot_eager: the same Dynamo graph capture and AOT autograd as inductor, without code generation.
@@ -69,6 +70,7 @@ def test_fullgraph_no_recompile_across_steps_and_modes(formulation):
     )
 
 
+@pytest.mark.slow  # several seconds of subprocesses or compiles (docs/testing.md, tiers)
 def test_compiled_train_step_matches_eager():
     model = tiny()
     twin = tiny()

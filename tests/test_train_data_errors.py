@@ -187,6 +187,7 @@ def test_a_truncated_jpeg_met_in_training_stops_with_its_name_and_keeps_last_pt(
     assert not list(run.glob("*.tmp")) and not (run / "teacher.pt").exists()
 
 
+@pytest.mark.slow  # several seconds of subprocesses or compiles (docs/testing.md, tiers)
 def test_loader_nvjpeg_without_cuda_is_a_configuration_error(tmp_path):
     root = _image_folder(tmp_path / "imagenet")
     argv = ["--preset", "imagenet-resnet18", "--data-dir", str(root), "--loader", "nvjpeg", *SMALL_IMAGES]
@@ -199,6 +200,7 @@ def test_loader_nvjpeg_without_cuda_is_a_configuration_error(tmp_path):
         _refused(done, 2, "--loader nvjpeg", "no CUDA device", "--loader torchvision")
 
 
+@pytest.mark.slow  # several seconds of subprocesses or compiles (docs/testing.md, tiers)
 def test_an_out_folder_under_a_regular_file_is_refused_before_any_work(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")

@@ -102,6 +102,7 @@ def runs(tmp_path_factory):
     return folders
 
 
+@pytest.mark.slow  # several seconds of subprocesses or compiles (docs/testing.md, tiers)
 def test_resume_refuses_another_runs_checkpoint_and_changed_fields(runs, tmp_path, capsys):
     # Through the command: (run folder to copy, flags after --resume FOLDER, what the message must say).
     cases = {
@@ -142,6 +143,7 @@ def test_resume_refuses_another_runs_checkpoint_and_changed_fields(runs, tmp_pat
         assert _snapshot(folders[name]) == before[name], name
 
 
+@pytest.mark.slow  # several seconds of subprocesses or compiles (docs/testing.md, tiers)
 def test_resume_accepts_the_changeable_flags_and_removes_stale_temporaries(runs, tmp_path):
     run = _copy(runs["finished"], tmp_path / "run")
     stale = [run / name for name in (".last.pt.k2j3x9ab.tmp", ".best.pt.0q1w2e3r.tmp", ".teacher.pt.zz81hq0a.tmp",
