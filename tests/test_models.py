@@ -385,7 +385,8 @@ def test_wrap_timm_features_model_trains_one_step():
     assert any(k.startswith("backbone.") for k in changed) and any(k.startswith("fc_b1") for k in changed)
 
 
-@pytest.mark.parametrize("arch", sorted(ARCHS))
+@pytest.mark.parametrize("arch", [pytest.param(a, marks=pytest.mark.slow) if a in ("resnet101", "wide_resnet50_2")
+                                  else a for a in sorted(ARCHS)])
 def test_every_arch_builds_and_runs(arch):
     width = 0.25 if arch == "resnext50_32x4d" else 0.125
     for formulation in ("faithful", "fast"):

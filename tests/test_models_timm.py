@@ -24,7 +24,7 @@ FAMILIES = {
     "edgenext": ("edgenext_xx_small", {}),
 }
 # The slowest float64 checks (deep float64 networks): the slow tier (docs/testing.md).
-SLOW_FLOAT64 = {"edgenext", "efficientnet", "regnet"}
+SLOW_FLOAT64 = {"edgenext", "efficientnet", "regnet", "resnet-d"}
 
 
 def plain(family, num_classes=5):

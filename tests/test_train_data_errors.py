@@ -132,8 +132,8 @@ def _setup(case, tmp_path):
 
 @pytest.mark.parametrize("case", ["imagenet-missing-root", "imagenet-empty-class-folder", "cifar-missing-root",
                                   *[pytest.param(c, marks=pytest.mark.slow) for c in (
-                                      "cifar-missing-file", "cifar-archive-cut-in-half", "cifar-file-without-data")],
-                                  "cifar-corrupt-file"])
+                                      "cifar-missing-file", "cifar-archive-cut-in-half", "cifar-file-without-data",
+                                      "cifar-corrupt-file")]])
 def test_dataset_errors_give_the_message_and_exit_status_1(case, tmp_path):
     argv, path, phrase = _setup(case, tmp_path)
     done = _command(argv, tmp_path)
